@@ -1,0 +1,161 @@
+//! The hypervisor interface: `Hypervisor` → `Vm` → `Vcpu::run()` → `VmExit`.
+//!
+//! Everything above this crate (boot code, devices, the VMM) talks to these traits and to the
+//! backend-neutral state types in [`state`]; no KVM type leaves this crate. Backends:
+//! [`kvm`] (hardware-assisted, VT-x / AMD-V through `/dev/kvm`).
+
+pub mod host;
+pub mod kvm;
+pub mod state;
+
+use std::sync::Arc;
+
+pub use state::{
+    CpuidEntry, DescriptorTable, FpuState, LapicState, MpState, Msr, Regs, Segment, Sregs,
+    VcpuState,
+};
+
+/// Guest physical memory as every backend and device sees it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Errors of the hypervisor layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend is not available on this host (e.g. no `/dev/kvm`); the text says how to fix it.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A hypervisor call failed.
+    #[error("{op}: {source}")]
+    Call {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest stopped in a way the backend cannot continue from.
+    #[error("vCPU {vcpu}: {reason}")]
+    GuestFailure { vcpu: u32, reason: String },
+    /// A request the backend does not support.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn call(op: &'static str, e: impl Into<std::io::Error>) -> Self {
+        Error::Call {
+            op,
+            source: e.into(),
+        }
+    }
+}
+
+/// Where a vCPU's port-I/O and MMIO accesses go. The VMM's device bus implements this; a
+/// backend calls it from inside [`Vcpu::run`] for every access that leaves the CPU.
+pub trait IoHandler: Sync {
+    /// An `IN` from `port`; `data.len()` is the access size (1, 2 or 4).
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// An `OUT` to `port`.
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// A read of guest-physical `addr` that is not RAM.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// A write of guest-physical `addr` that is not RAM.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Why [`Vcpu::run`] returned. Port I/O and MMIO do not appear here: they are handled through
+/// the [`IoHandler`] while the vCPU runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The vCPU executed `HLT` and the backend does not wait for interrupts itself.
+    Hlt,
+    /// Triple fault or equivalent: the platform resets (SDM Vol. 3A §6.15, "shutdown").
+    Shutdown,
+    /// The guest asked the platform for a reset through a hypervisor system event.
+    Reset,
+    /// The guest asked the platform to power off through a hypervisor system event.
+    PowerOff,
+    /// [`Kicker::kick`] was called (or a signal arrived): the caller decides what to do next.
+    Interrupted,
+}
+
+/// What a VM is created with.
+#[derive(Debug, Clone)]
+pub struct VmParams {
+    /// Number of vCPUs that will be created.
+    pub vcpus: u32,
+    /// Guest-physical base of four reserved, non-RAM pages that the backend may use for itself
+    /// (KVM on Intel: the real-mode TSS and the identity-map page). `arch` picks the address.
+    pub private_pages: u64,
+}
+
+/// A hypervisor backend.
+pub trait Hypervisor: Send + Sync {
+    /// Short name, as given to `--accel`.
+    fn name(&self) -> &'static str;
+    /// The largest number of vCPUs a VM may have on this backend.
+    fn max_vcpus(&self) -> u32;
+    /// Create an empty VM with its interrupt controllers and timer.
+    fn create_vm(&self, params: &VmParams) -> Result<Arc<dyn Vm>>;
+}
+
+/// An MSI message (PCI Local Bus Spec 3.0 §6.8; Intel SDM Vol. 3A §11.11).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
+/// A virtual machine: memory, interrupt routing, vCPUs.
+pub trait Vm: Send + Sync {
+    /// Make the guest RAM regions of `mem` visible to the guest.
+    fn set_memory(&self, mem: &GuestMemory) -> Result<()>;
+    /// CPUID leaves the backend can offer (before per-vCPU adjustment by `arch`).
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// Create vCPU `id` (also its initial APIC ID).
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// An interrupt line into the interrupt controllers (a GSI: ISA IRQ 0–15, IOAPIC 16–23).
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// Deliver an MSI.
+    fn signal_msi(&self, msi: MsiMessage) -> Result<()>;
+}
+
+/// One interrupt input pin, as a device sees it.
+pub trait IrqLine: Send + Sync {
+    /// Drive the line high or low.
+    fn set_level(&self, level: bool);
+    /// An edge: raise and lower the line.
+    fn pulse(&self) {
+        self.set_level(true);
+        self.set_level(false);
+    }
+}
+
+/// Makes a running [`Vcpu::run`] return [`VmExit::Interrupted`] soon; callable from any thread.
+pub trait Kicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// A virtual CPU. `run` executes guest code until something the caller must see happens.
+pub trait Vcpu: Send {
+    fn id(&self) -> u32;
+    /// Run the guest; port I/O and MMIO go to `io`.
+    fn run(&mut self, io: &dyn IoHandler) -> Result<VmExit>;
+    /// A handle that interrupts `run` from another thread.
+    fn kicker(&self) -> Arc<dyn Kicker>;
+
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<Sregs>;
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()>;
+    fn fpu(&self) -> Result<FpuState>;
+    fn set_fpu(&mut self, fpu: &FpuState) -> Result<()>;
+    /// Read the MSRs named by `indices`; absent ones are left out of the answer.
+    fn msrs(&self, indices: &[u32]) -> Result<Vec<Msr>>;
+    fn set_msrs(&mut self, msrs: &[Msr]) -> Result<()>;
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()>;
+    fn lapic(&self) -> Result<LapicState>;
+    fn set_lapic(&mut self, lapic: &LapicState) -> Result<()>;
+    fn mp_state(&self) -> Result<MpState>;
+    fn set_mp_state(&mut self, state: MpState) -> Result<()>;
+}
