@@ -5,11 +5,13 @@
 //! [`kvm`] (hardware-assisted, VT-x / AMD-V through `/dev/kvm`).
 
 pub mod host;
+pub mod irqchip;
 pub mod kvm;
 pub mod state;
 
 use std::sync::Arc;
 
+pub use irqchip::{CpuEvent, GuestClock, UserIrqChip};
 pub use state::{
     CpuidEntry, DescriptorTable, FpuState, LapicState, MpState, Msr, Regs, Segment, Sregs,
     VcpuState,
@@ -80,10 +82,13 @@ pub enum VmExit {
 }
 
 /// What a VM is created with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct VmParams {
     /// Number of vCPUs that will be created.
     pub vcpus: u32,
+    /// The userspace interrupt controllers, for backends that have none in the kernel
+    /// ([`Hypervisor::needs_user_irqchip`]); `None` otherwise.
+    pub user_irqchip: Option<Arc<dyn UserIrqChip>>,
     /// Guest-physical base of four reserved, non-RAM pages that the backend may use for itself
     /// (KVM on Intel: the real-mode TSS and the identity-map page). `arch` picks the address.
     pub private_pages: u64,
@@ -95,6 +100,11 @@ pub trait Hypervisor: Send + Sync {
     fn name(&self) -> &'static str;
     /// The largest number of vCPUs a VM may have on this backend.
     fn max_vcpus(&self) -> u32;
+    /// True when the VMM must supply the interrupt controllers, PIT included, as devices
+    /// (`VmParams::user_irqchip`); false when the backend has them built in.
+    fn needs_user_irqchip(&self) -> bool {
+        false
+    }
     /// Create an empty VM with its interrupt controllers and timer.
     fn create_vm(&self, params: &VmParams) -> Result<Arc<dyn Vm>>;
 }
