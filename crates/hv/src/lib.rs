@@ -6,6 +6,7 @@
 
 pub mod host;
 pub mod irqchip;
+pub mod emu;
 pub mod kvm;
 pub mod state;
 

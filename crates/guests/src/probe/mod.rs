@@ -1,0 +1,1 @@
+//! Bare-metal probe guests assembled in Rust.

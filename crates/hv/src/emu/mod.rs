@@ -1,0 +1,1 @@
+//! The software x86-64 CPU backend.
