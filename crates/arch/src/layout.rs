@@ -6,7 +6,7 @@
 //! 0x0000_0500                         boot GDT (64-bit entry)
 //! 0x0000_0520                         boot IDT (empty)
 //! 0x0000_7000                         zero page (struct boot_params)
-//! 0x0000_9000 - 0x0000_bfff           boot page tables: PML4, PDPT, PD (identity, first 1 GiB)
+//! 0x0000_9000 - 0x0000_efff           boot page tables: PML4, PDPT, 4 PDs (identity, first 4 GiB)
 //! 0x0002_0000                         kernel command line (up to 64 KiB)
 //! 0x0009_fc00 - 0x000f_ffff           reserved: EBDA, VGA hole, BIOS area
 //! 0x000e_0000                           RSDP and the other ACPI tables (inside the reserved area)
@@ -31,10 +31,12 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// The zero page (`struct boot_params`, Linux boot protocol).
 pub const ZERO_PAGE_START: u64 = 0x7000;
-/// Boot page tables: PML4, then PDPT, then one PD.
+/// Boot page tables: PML4, then PDPT, then `BOOT_PD_COUNT` page directories.
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
+/// Page directories of 2 MiB pages: identity-map the first 4 GiB.
+pub const BOOT_PD_COUNT: u64 = 4;
 /// Initial stack pointer for the boot CPU (grows down below the zero page).
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Kernel command line.
@@ -121,6 +123,17 @@ pub fn pci_mmio64_start(mem_size: u64) -> u64 {
     ram_end.next_multiple_of(1 << 30)
 }
 
+// The fixed regions must not overlap: checked at compile time.
+const _: () = {
+    assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
+    assert!(PDE_START + BOOT_PD_COUNT * 0x1000 <= CMDLINE_START);
+    assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(LAPIC_START + 0x1000 <= HV_PRIVATE_START);
+    assert!(HV_PRIVATE_START + HV_PRIVATE_SIZE <= MMIO_HOLE_END);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,16 +149,5 @@ mod tests {
         let r = ram_ranges(5 << 30);
         assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
         assert_eq!(pci_mmio64_start(5 << 30), 6 << 30);
-    }
-
-    #[test]
-    fn fixed_regions_do_not_overlap() {
-        assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
-        assert!(PDE_START + 0x1000 <= CMDLINE_START);
-        assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
-        assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-        assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
-        assert!(LAPIC_START + 0x1000 <= HV_PRIVATE_START);
-        assert!(HV_PRIVATE_START + HV_PRIVATE_SIZE <= MMIO_HOLE_END);
     }
 }

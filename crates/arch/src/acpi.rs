@@ -1,0 +1,273 @@
+//! ACPI tables (ACPI 6.4): RSDP → XSDT → FADT (hardware-reduced, with sleep control/status and
+//! reset registers), DSDT, MADT. Built with `acpi_tables` and written into the BIOS area.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vireo_hv::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout;
+
+const OEM_ID: [u8; 6] = *b"VIREO ";
+const OEM_TABLE_ID: [u8; 8] = *b"VIREOVM ";
+const OEM_REVISION: u32 = 1;
+/// IA-PC boot architecture flags (ACPI 6.4 §5.2.9.3): legacy devices, 8042, no VGA.
+const IAPC_BOOT_ARCH: u16 = (1 << 0) | (1 << 1) | (1 << 2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ACPI tables need {0} bytes, more than the space reserved for them")]
+    TooLarge(usize),
+    #[error("writing ACPI tables: {0}")]
+    Write(String),
+}
+
+/// A platform device described in the DSDT.
+pub struct LegacyDevices {
+    pub serial: bool,
+    pub i8042: bool,
+    pub rtc: bool,
+}
+
+impl Default for LegacyDevices {
+    fn default() -> Self {
+        LegacyDevices {
+            serial: true,
+            i8042: true,
+            rtc: true,
+        }
+    }
+}
+
+fn bytes_of(table: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    table.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT: `\_S5` and the legacy devices with their resources, so the guest finds them by
+/// PNP ID.
+pub fn dsdt(devices: &LegacyDevices) -> Vec<u8> {
+    let mut body: Vec<u8> = Vec::new();
+    // \_S5: SLP_TYPa, SLP_TYPb, reserved, reserved (ACPI 6.4 §7.4.2).
+    let s5 = layout::ACPI_S5_SLP_TYP;
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5, &s5, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
+
+    let com1_io = aml::IO::new(layout::COM1_PORT, layout::COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, layout::COM1_IRQ);
+    let com1_crs = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = aml::EISAName::new("PNP0501");
+    let com1_name_hid = aml::Name::new("_HID".into(), &com1_hid);
+    let com1_name_uid = aml::Name::new("_UID".into(), &1u8);
+    let com1_name_crs = aml::Name::new("_CRS".into(), &com1_crs);
+    let com1 = aml::Device::new(
+        "COM1".into(),
+        vec![&com1_name_hid, &com1_name_uid, &com1_name_crs],
+    );
+
+    let kbd_data = aml::IO::new(layout::I8042_DATA_PORT, layout::I8042_DATA_PORT, 1, 1);
+    let kbd_cmd = aml::IO::new(layout::I8042_COMMAND_PORT, layout::I8042_COMMAND_PORT, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, 1);
+    let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = aml::EISAName::new("PNP0303");
+    let kbd_name_hid = aml::Name::new("_HID".into(), &kbd_hid);
+    let kbd_name_crs = aml::Name::new("_CRS".into(), &kbd_crs);
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_name_hid, &kbd_name_crs]);
+
+    let rtc_io = aml::IO::new(layout::CMOS_PORT, layout::CMOS_PORT, 1, 2);
+    let rtc_irq = aml::Interrupt::new(true, true, false, false, layout::RTC_IRQ);
+    let rtc_crs = aml::ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid = aml::EISAName::new("PNP0B00");
+    let rtc_name_hid = aml::Name::new("_HID".into(), &rtc_hid);
+    let rtc_name_crs = aml::Name::new("_CRS".into(), &rtc_crs);
+    let rtc = aml::Device::new("RTC_".into(), vec![&rtc_name_hid, &rtc_name_crs]);
+
+    let mut children: Vec<&dyn Aml> = Vec::new();
+    if devices.serial {
+        children.push(&com1);
+    }
+    if devices.i8042 {
+        children.push(&kbd);
+    }
+    if devices.rtc {
+        children.push(&rtc);
+    }
+    aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
+
+    let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    sdt.append_slice(&body);
+    sdt.as_slice().to_vec()
+}
+
+/// The FADT of a hardware-reduced platform.
+pub fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let io_byte = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port as u64,
+        )
+    };
+    let mut b = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    b.reset_reg = io_byte(layout::ACPI_RESET_PORT);
+    b.reset_value = layout::ACPI_RESET_VALUE;
+    b.sleep_control_reg = io_byte(layout::ACPI_SLEEP_CONTROL_PORT);
+    b.sleep_status_reg = io_byte(layout::ACPI_SLEEP_STATUS_PORT);
+    b.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    b.hypervisor_vendor_identity = u64::from_le_bytes(*b"VIREOVMM").into();
+    bytes_of(&b.finalize())
+}
+
+/// The MADT: one enabled local APIC per vCPU (APIC ID = vCPU index), one IOAPIC at GSI 0.
+pub fn madt(vcpus: u32) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(layout::LAPIC_START as u32),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(
+            id as u8,
+            id as u8,
+            EnabledStatus::Enabled,
+        ));
+    }
+    madt.add_structure(IoApic::new(0, layout::IOAPIC_START as u32, 0));
+    bytes_of(&madt)
+}
+
+/// Build all tables and write them at `layout::ACPI_START`; returns the RSDP address.
+pub fn write_tables(mem: &GuestMemory, vcpus: u32, devices: &LegacyDevices) -> Result<u64, Error> {
+    let rsdp_addr = layout::ACPI_START;
+    let mut next = rsdp_addr + Rsdp::len() as u64;
+    let mut place = |len: usize| {
+        let at = next.next_multiple_of(16);
+        next = at + len as u64;
+        at
+    };
+    let dsdt = dsdt(devices);
+    let dsdt_addr = place(dsdt.len());
+    let fadt = fadt(dsdt_addr);
+    let fadt_addr = place(fadt.len());
+    let madt = madt(vcpus);
+    let madt_addr = place(madt.len());
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes_of(&xsdt);
+    let xsdt_addr = place(xsdt.len());
+    if next > layout::BIOS_END {
+        return Err(Error::TooLarge((next - rsdp_addr) as usize));
+    }
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    for (addr, bytes) in [
+        (rsdp_addr, &rsdp),
+        (dsdt_addr, &dsdt),
+        (fadt_addr, &fadt),
+        (madt_addr, &madt),
+        (xsdt_addr, &xsdt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| Error::Write(e.to_string()))?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checksum_ok(t: &[u8]) -> bool {
+        t.iter().fold(0u8, |a, &b| a.wrapping_add(b)) == 0
+    }
+
+    fn table_at(mem: &GuestMemory, addr: u64) -> Vec<u8> {
+        let mut hdr = [0u8; 8];
+        mem.read_slice(&mut hdr, GuestAddress(addr)).unwrap();
+        let len = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]) as usize;
+        let mut t = vec![0u8; len];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        t
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn tables_chain_and_checksum() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let rsdp_addr = write_tables(&mem, 4, &LegacyDevices::default()).unwrap();
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, GuestAddress(rsdp_addr)).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]));
+        assert!(checksum_ok(&rsdp));
+        let xsdt = table_at(&mem, u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert!(checksum_ok(&xsdt));
+        let fadt = table_at(&mem, u64_at(&xsdt, 36));
+        assert_eq!(&fadt[..4], b"FACP");
+        assert!(checksum_ok(&fadt));
+        // Flags at offset 112: hardware-reduced and reset register supported.
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0);
+        assert_ne!(flags & (1 << 10), 0);
+        // Reset register GAS at 116: I/O space, port 0x602; value at 128.
+        assert_eq!(fadt[116], 1);
+        assert_eq!(u64_at(&fadt, 120), layout::ACPI_RESET_PORT as u64);
+        assert_eq!(fadt[128], layout::ACPI_RESET_VALUE);
+        // X_DSDT at 140.
+        let dsdt = table_at(&mem, u64_at(&fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(checksum_ok(&dsdt));
+        let madt = table_at(&mem, u64_at(&xsdt, 44));
+        assert_eq!(&madt[..4], b"APIC");
+        assert!(checksum_ok(&madt));
+        // Count local APIC structures (type 0, length 8) after the 44-byte header.
+        let mut off = 44;
+        let mut lapics = 0;
+        while off + 2 <= madt.len() {
+            if madt[off] == 0 {
+                lapics += 1;
+            }
+            off += madt[off + 1] as usize;
+        }
+        assert_eq!(lapics, 4);
+    }
+
+    #[test]
+    fn dsdt_names_s5_and_devices() {
+        let d = dsdt(&LegacyDevices::default());
+        let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
+        assert!(has(b"_S5_"));
+        assert!(has(b"COM1"));
+        assert!(has(b"PS2K"));
+        assert!(has(b"RTC_"));
+    }
+
+    #[test]
+    fn many_vcpus_fit() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        write_tables(&mem, 255, &LegacyDevices::default()).unwrap();
+    }
+}
