@@ -261,9 +261,8 @@ impl KvmVcpu {
         let base = run as *mut kvm_run as *mut u8;
         // SAFETY: the kernel places `count * size` data bytes at `data_offset` inside the kvm_run
         // mapping (which is at least one page and fully mapped for the vCPU's lifetime).
-        let data = unsafe {
-            std::slice::from_raw_parts_mut(base.add(pio.data_offset as usize), total)
-        };
+        let data =
+            unsafe { std::slice::from_raw_parts_mut(base.add(pio.data_offset as usize), total) };
         for chunk in data.chunks_mut(size.max(1)) {
             if pio.direction as u32 == kvm_bindings::KVM_EXIT_IO_IN {
                 io.pio_read(pio.port, chunk);

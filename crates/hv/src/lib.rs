@@ -4,9 +4,9 @@
 //! backend-neutral state types in [`state`]; no KVM type leaves this crate. Backends:
 //! [`kvm`] (hardware-assisted, VT-x / AMD-V through `/dev/kvm`).
 
+pub mod emu;
 pub mod host;
 pub mod irqchip;
-pub mod emu;
 pub mod kvm;
 pub mod state;
 
