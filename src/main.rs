@@ -1,1 +1,52 @@
-fn main() {}
+//! `vireo`: the command-line front end. It parses flags into a `VmConfig`, sets up the
+//! terminal and signals, and hands over to `vireo-vmm`.
+
+mod console;
+mod run;
+mod signals;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// vireo: a small hypervisor for Linux guests (KVM or software emulation).
+#[derive(Parser)]
+#[command(name = "vireo", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM with its serial console on this terminal.
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            console::restore_terminal();
+            eprintln!("vireo: error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Logs go to stderr; `VIREO_LOG` takes a `tracing` filter (default: warnings and errors).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+}

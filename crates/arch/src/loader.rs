@@ -78,6 +78,30 @@ const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 /// allocate without bound).
 const MAX_UNPACKED: usize = 1 << 30;
 
+/// Check, cheaply and before anything is built, that `path` is a kernel vireo can load: an
+/// ELF file or a bzImage with the 64-bit boot protocol.
+pub fn check_kernel(path: &Path) -> Result<()> {
+    let name = path.display().to_string();
+    let read_err = |source| Error::Read {
+        path: name.clone(),
+        source,
+    };
+    let mut head = Vec::with_capacity(1024);
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(1024)
+        .read_to_end(&mut head)
+        .map_err(read_err)?;
+    if head.starts_with(ELF_MAGIC) {
+        return Ok(());
+    }
+    let header = parse_setup_header(&head).ok_or_else(|| Error::NotAKernel { path: name.clone() })?;
+    if header.version < 0x20c || header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::Not64Bit { path: name });
+    }
+    Ok(())
+}
+
 /// Load the kernel at `path` into `mem`.
 pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel> {
     let name = path.display().to_string();
@@ -368,6 +392,22 @@ mod tests {
         let img = fake_bzimage(&payload, XLF_KERNEL_64);
         let h = parse_setup_header(&img).unwrap();
         assert_eq!(unpack_payload(&img, &h, "k").unwrap().unwrap(), inner);
+    }
+
+    #[test]
+    fn check_kernel_reads_only_the_header() {
+        let dir = std::env::temp_dir().join(format!("vireo-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk");
+        std::fs::write(&junk, vec![0x42u8; 5000]).unwrap();
+        assert!(matches!(check_kernel(&junk), Err(Error::NotAKernel { .. })));
+        let img = dir.join("bz");
+        std::fs::write(&img, fake_bzimage(&[0u8; 16], XLF_KERNEL_64)).unwrap();
+        check_kernel(&img).unwrap();
+        std::fs::write(&img, fake_bzimage(&[0u8; 16], 0)).unwrap();
+        assert!(matches!(check_kernel(&img), Err(Error::Not64Bit { .. })));
+        assert!(matches!(check_kernel(&dir.join("missing")), Err(Error::Read { .. })));
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -1,1 +1,155 @@
 //! Bare-metal probe guests assembled in Rust.
+//!
+//! A probe is a tiny x86-64 program (a few KiB) packaged as an ELF64 executable that exercises
+//! one exit path of a VMM and reports over COM1 in fixed, parseable lines (each ending in `\n`).
+//! It has two entries reaching the same code:
+//! - `e_entry`, the 64-bit entry (Linux boot protocol style, what vireo uses): long mode, paging
+//!   with an identity map of at least the first 1 GiB, flat 64-bit CS, interrupts off; no stack
+//!   needed (RSI = zero page is ignored);
+//! - the PVH entry from the Xen `XEN_ELFNOTE_PHYS32_ENTRY` note (QEMU `-kernel`, Firecracker,
+//!   Cloud Hypervisor): 32-bit protected mode, paging off.
+//!
+//! Either way the probe installs its own page tables (identity map of 4 GiB in 2 MiB pages, the
+//! MMIO hole uncached), GDT, IDT (every exception prints
+//! `vireo-probe: exception <vector> error=<hex> rip=<hex>` and powers off) and stack.
+//!
+//! Output of each probe ([`Probe`]); numbers are decimal unless marked hex (lower case,
+//! zero-padded to the width shown):
+//!
+//! | probe | lines |
+//! |---|---|
+//! | `Hello` | `vireo-probe: hello` |
+//! | `FirstByte` | `!` before anything else at either entry, then as `Hello` |
+//! | `UnknownIo` | `unknown-io: pio8=ff pio16=ffff pio32=ffffffff mmio32=ffffffff` (what was read) |
+//! | `PowerOff` | `poweroff` |
+//! | `AcpiReset` / `I8042Reset` | `acpi-reset` / `i8042-reset`, then `still-running` if no reset |
+//! | `Smp` | `cpu <apic id> bsp`, per AP `cpu <cpuid apic id> <lapic apic id>`, `cpus <n>` |
+//! | `CmosTime` | `rtc: 2026-11-29 09:19:20` |
+//! | `UserMode` | `user: cpl=3 result=<16 hex digits>`, `user: back in ring 0` |
+//! | `PioLoop` etc. | `S`, then `n` accesses, `E` |
+//!
+//! After its output a probe powers off the [`Platform`]'s way (except the reset probes, which
+//! halt if the reset did not happen), then halts with interrupts off.
+
+mod asm;
+mod boot;
+mod elf;
+mod memory;
+mod probes;
+
+pub use memory::LOAD_ADDR;
+
+/// The line of the `Hello` and `FirstByte` probes.
+pub const HELLO_LINE: &str = "vireo-probe: hello\n";
+/// The byte `FirstByte` writes first.
+pub const FIRST_BYTE: u8 = b'!';
+/// Port the `UnknownIo` probe reads (and writes).
+pub const UNKNOWN_IO_PORT: u16 = probes::UNKNOWN_PORT;
+/// MMIO address the `UnknownIo` probe reads (and writes), 32 bits wide.
+pub const UNKNOWN_IO_MMIO_ADDR: u64 = probes::UNKNOWN_MMIO_ADDR;
+
+/// Start value and multiplier of the user-mode probe's loop (see [`user_mode_expected`]).
+const USER_MODE_SEED: u64 = 0x243f_6a88_85a3_08d3;
+const USER_MODE_MULTIPLIER: u64 = 0x5851_f42d_4c95_7f2d;
+
+/// A probe guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// Prints [`HELLO_LINE`] and powers off.
+    Hello,
+    /// For the start-up benchmark: writes [`FIRST_BYTE`] to COM1 as the very first instruction
+    /// at both entries, then behaves as `Hello`.
+    FirstByte,
+    /// Reads port 0x1234 (8/16/32-bit) and 32-bit MMIO at 0xd000_0000, writes both, prints what
+    /// it read.
+    UnknownIo,
+    /// Prints `poweroff` and powers off.
+    PowerOff,
+    /// Prints `acpi-reset` and writes the platform's ACPI reset register.
+    AcpiReset,
+    /// Prints `i8042-reset` and pulses the CPU reset line through the i8042 (command 0xfe).
+    I8042Reset,
+    /// Starts all APs with INIT-SIPI-SIPI; every CPU reports its APIC IDs.
+    Smp,
+    /// Reads the CMOS RTC.
+    CmosTime,
+    /// Runs `n` iterations of a loop in ring 3 and returns to ring 0 through the #GP of a ring-3 `hlt`.
+    UserMode { n: u32 },
+    /// `n` times `out dx, al` to `port` between the `S` and `E` lines.
+    PioLoop { n: u32, port: u16 },
+    /// `n` times `in al, dx` from `port`.
+    PioReadLoop { n: u32, port: u16 },
+    /// `n` times a 32-bit write to `addr` (must be below 4 GiB, the probe's identity map; other
+    /// addresses fault and the probe reports the exception).
+    MmioLoop { n: u32, addr: u64 },
+    /// `n` times a 32-bit read from `addr` (below 4 GiB).
+    MmioReadLoop { n: u32, addr: u64 },
+}
+
+/// How a probe powers off and resets: the registers differ between VMMs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Platform {
+    /// vireo (and Cloud Hypervisor): ACPI hardware-reduced sleep control register at 0x600
+    /// (S5 = `0x34`), reset register 0x602 (`vireo_arch::layout`).
+    #[default]
+    Vireo,
+    /// QEMU `-M q35`: ICH9 PM1a_CNT at 0x604 (SLP_TYP 0, SLP_EN), reset control register 0xcf9.
+    QemuQ35,
+    /// Firecracker: no ACPI power-off; powering off is an i8042 reset, which ends the VMM.
+    Firecracker,
+}
+
+/// Why a probe could not be built. Every probe is built by the unit tests, so these mean a bug
+/// in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("assembling the probe failed: {0}")]
+    Assemble(#[from] iced_x86::IcedError),
+    #[error("the probe image is {size} bytes, more than the {max} its layout allows")]
+    TooLarge { size: usize, max: usize },
+    #[error("the probe's layout did not converge")]
+    Layout,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+/// Builds `probe` for `platform` as ELF64 bytes.
+pub fn try_build_for(probe: &Probe, platform: Platform) -> Result<Vec<u8>, ProbeError> {
+    let image = boot::build_image(probe, platform)?;
+    tracing::debug!(?probe, ?platform, bytes = image.len(), "built probe");
+    Ok(image)
+}
+
+/// Builds `probe` for `platform`.
+///
+/// # Panics
+/// Only on a bug in the probe assembler (every probe variant is built by the unit tests); use
+/// [`try_build_for`] to get the error instead.
+pub fn build_for(probe: &Probe, platform: Platform) -> Vec<u8> {
+    match try_build_for(probe, platform) {
+        Ok(image) => image,
+        Err(e) => panic!("probe {probe:?} failed to build: {e}"),
+    }
+}
+
+/// Builds `probe` for vireo ([`Platform::Vireo`]) as ELF64 bytes.
+///
+/// # Panics
+/// As [`build_for`].
+pub fn build(probe: &Probe) -> Vec<u8> {
+    build_for(probe, Platform::Vireo)
+}
+
+/// The `result` the `UserMode { n }` probe prints: `n` rounds, counting `i` down from `n` to 1,
+/// of `x = x * M + i; x ^= x >> 29` (wrapping) from a fixed seed.
+pub fn user_mode_expected(n: u32) -> u64 {
+    let mut x = USER_MODE_SEED;
+    for i in (1..=u64::from(n)).rev() {
+        x = x.wrapping_mul(USER_MODE_MULTIPLIER).wrapping_add(i);
+        x ^= x >> 29;
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+//! `VmConfig`: the one description of a VM, shared by the CLI, config files and the API.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The most vCPUs vireo gives a VM (APIC IDs must fit the xAPIC's 8 bits and the MADT's
+/// processor entries).
+pub const MAX_VCPUS: u32 = 254;
+
+/// Which `hv` backend runs the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware-assisted virtualization through `/dev/kvm`.
+    Kvm,
+    /// vireo's software x86-64 CPU.
+    Emu,
+    /// KVM when it is usable and hardware-backed, otherwise the emulator.
+    #[default]
+    Auto,
+}
+
+impl FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "emu" => Ok(Accel::Emu),
+            "auto" => Ok(Accel::Auto),
+            other => Err(format!(
+                "unknown accelerator '{other}': use kvm, emu or auto"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Emu => "emu",
+            Accel::Auto => "auto",
+        })
+    }
+}
+
+/// A size in bytes, written like `256M`, `2G`, `512K` or `1073741824B`; a bare number means
+/// MiB (as QEMU's `-m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("invalid size '{s}': use a number with a unit, like 256M or 2G");
+        let t = s.trim();
+        let t = t
+            .strip_suffix("iB")
+            .or_else(|| t.strip_suffix("ib"))
+            .unwrap_or(t);
+        let (digits, shift) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => {
+                let shift = match c.to_ascii_uppercase() {
+                    'B' => 0,
+                    'K' => 10,
+                    'M' => 20,
+                    'G' => 30,
+                    'T' => 40,
+                    _ => return Err(bad()),
+                };
+                (&t[..i], shift)
+            }
+            _ => (t, 20),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        n.checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size '{s}' is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if b >= 1 << shift && b % (1 << shift) == 0 {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}B")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: bzImage or ELF.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// Guest RAM.
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    #[serde(default)]
+    pub accel: Accel,
+    /// On a guest reset, exit instead of restarting the VM.
+    #[serde(default)]
+    pub no_reboot: bool,
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize(256 << 20)
+}
+
+/// A configuration that cannot work, with what to do about it.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("--cpus {given} is more than {max}, the most this host's {backend} backend supports")]
+    TooManyCpus {
+        given: u32,
+        max: u32,
+        backend: &'static str,
+    },
+    #[error("--memory {given} is less than the minimum of {min}")]
+    TooLittleMemory { given: ByteSize, min: ByteSize },
+    #[error("--memory {given} is more than this host's {host} of RAM; use a smaller size")]
+    TooMuchMemory { given: ByteSize, host: ByteSize },
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: default_cpus(),
+            memory: default_memory(),
+            accel: Accel::default(),
+            no_reboot: false,
+        }
+    }
+
+    /// Check the values that do not depend on the backend.
+    pub fn validate(&self, host_memory: u64) -> Result<(), ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        if self.cpus > MAX_VCPUS {
+            return Err(ConfigError::TooManyCpus {
+                given: self.cpus,
+                max: MAX_VCPUS,
+                backend: "vireo",
+            });
+        }
+        let min = vireo_arch::layout::MIN_MEMORY;
+        if self.memory.0 < min {
+            return Err(ConfigError::TooLittleMemory {
+                given: self.memory,
+                min: ByteSize(min),
+            });
+        }
+        if host_memory > 0 && self.memory.0 > host_memory {
+            return Err(ConfigError::TooMuchMemory {
+                given: self.memory,
+                host: ByteSize(host_memory & !((1 << 20) - 1)),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Total RAM of the host (`MemTotal` in /proc/meminfo); 0 if unknown.
+pub fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| parse_meminfo_total(&m))
+        .unwrap_or(0)
+}
+
+fn parse_meminfo_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("256M".parse::<ByteSize>().unwrap(), ByteSize(256 << 20));
+        assert_eq!("2G".parse::<ByteSize>().unwrap(), ByteSize(2 << 30));
+        assert_eq!("2g".parse::<ByteSize>().unwrap(), ByteSize(2 << 30));
+        assert_eq!("512K".parse::<ByteSize>().unwrap(), ByteSize(512 << 10));
+        assert_eq!("1GiB".parse::<ByteSize>().unwrap(), ByteSize(1 << 30));
+        assert_eq!("4096B".parse::<ByteSize>().unwrap(), ByteSize(4096));
+        assert_eq!("128".parse::<ByteSize>().unwrap(), ByteSize(128 << 20));
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        for s in [
+            "",
+            "M",
+            "12X",
+            "-5M",
+            "1.5G",
+            "abc",
+            "99999999999999999999G",
+            "5 M",
+        ] {
+            let e = s.parse::<ByteSize>().unwrap_err();
+            assert!(e.contains(s) || e.contains("too large"), "{s}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_display_round_trip() {
+        for s in ["256M", "2G", "5G", "512K", "1T", "1000B"] {
+            assert_eq!(s.parse::<ByteSize>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn config_json_round_trip_and_unknown_fields() {
+        let mut c = VmConfig::new("/k");
+        c.cpus = 4;
+        c.memory = ByteSize(5 << 30);
+        let j = serde_json::to_string(&c).unwrap();
+        assert!(j.contains("\"5G\""));
+        assert_eq!(serde_json::from_str::<VmConfig>(&j).unwrap(), c);
+        let e = serde_json::from_str::<VmConfig>(r#"{"kernel":"/k","cpu":2}"#).unwrap_err();
+        assert!(e.to_string().contains("cpu"));
+    }
+
+    #[test]
+    fn validation() {
+        let mut c = VmConfig::new("/k");
+        assert!(c.validate(1 << 34).is_ok());
+        c.cpus = 0;
+        assert_eq!(c.validate(1 << 34), Err(ConfigError::NoCpus));
+        c.cpus = 300;
+        assert!(matches!(
+            c.validate(1 << 34),
+            Err(ConfigError::TooManyCpus { .. })
+        ));
+        c.cpus = 1;
+        c.memory = ByteSize(1 << 20);
+        assert!(matches!(
+            c.validate(1 << 34),
+            Err(ConfigError::TooLittleMemory { .. })
+        ));
+        c.memory = ByteSize(1 << 40);
+        let e = c.validate(1 << 34).unwrap_err();
+        assert!(e.to_string().contains("16G"), "{e}");
+    }
+
+    #[test]
+    fn accel_names() {
+        assert_eq!("kvm".parse::<Accel>().unwrap(), Accel::Kvm);
+        assert!("xen"
+            .parse::<Accel>()
+            .unwrap_err()
+            .contains("kvm, emu or auto"));
+    }
+
+    #[test]
+    fn meminfo_parse() {
+        assert_eq!(
+            parse_meminfo_total("MemTotal:       24531200 kB\nMemFree: 1 kB\n"),
+            Some(24531200 * 1024)
+        );
+        assert_eq!(parse_meminfo_total("nothing"), None);
+    }
+
+    #[test]
+    fn host_memory_is_known() {
+        assert!(host_memory() > 0);
+    }
+}
