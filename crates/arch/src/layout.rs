@@ -6,7 +6,7 @@
 //! 0x0000_0500                         boot GDT (64-bit entry)
 //! 0x0000_0520                         boot IDT (empty)
 //! 0x0000_7000                         zero page (struct boot_params)
-//! 0x0000_9000 - 0x0000_efff           boot page tables: PML4, PDPT, 4 PDs (identity, first 4 GiB)
+//! 0x0000_9000 - 0x0000_efff           boot page tables: PML4, PDPT, PD (identity, first 1 GiB)
 //! 0x0002_0000                         kernel command line (up to 64 KiB)
 //! 0x0009_fc00 - 0x000f_ffff           reserved: EBDA, VGA hole, BIOS area
 //! 0x000e_0000                           RSDP and the other ACPI tables (inside the reserved area)
@@ -35,8 +35,10 @@ pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
-/// Page directories of 2 MiB pages: identity-map the first 4 GiB.
-pub const BOOT_PD_COUNT: u64 = 4;
+/// Page directories of 2 MiB pages: identity-map the first 1 GiB (enough for the 64-bit
+/// entry; the kernel builds its own tables at once). More costs start-up time on shadow-paging
+/// hosts such as KVM-PVM, which populate the whole map on the first entry.
+pub const BOOT_PD_COUNT: u64 = 1;
 /// Initial stack pointer for the boot CPU (grows down below the zero page).
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Kernel command line.

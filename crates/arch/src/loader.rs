@@ -95,7 +95,8 @@ pub fn check_kernel(path: &Path) -> Result<()> {
     if head.starts_with(ELF_MAGIC) {
         return Ok(());
     }
-    let header = parse_setup_header(&head).ok_or_else(|| Error::NotAKernel { path: name.clone() })?;
+    let header =
+        parse_setup_header(&head).ok_or_else(|| Error::NotAKernel { path: name.clone() })?;
     if header.version < 0x20c || header.xloadflags & XLF_KERNEL_64 == 0 {
         return Err(Error::Not64Bit { path: name });
     }
@@ -406,7 +407,10 @@ mod tests {
         check_kernel(&img).unwrap();
         std::fs::write(&img, fake_bzimage(&[0u8; 16], 0)).unwrap();
         assert!(matches!(check_kernel(&img), Err(Error::Not64Bit { .. })));
-        assert!(matches!(check_kernel(&dir.join("missing")), Err(Error::Read { .. })));
+        assert!(matches!(
+            check_kernel(&dir.join("missing")),
+            Err(Error::Read { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 
