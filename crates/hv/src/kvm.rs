@@ -26,7 +26,7 @@ use crate::{
 
 /// The KVM hypervisor (`/dev/kvm`).
 pub struct KvmHypervisor {
-    kvm: Kvm,
+    kvm: Arc<Kvm>,
 }
 
 impl KvmHypervisor {
@@ -46,7 +46,7 @@ impl KvmHypervisor {
                 "/dev/kvm speaks KVM API version {version}, vireo needs 12"
             )));
         }
-        Ok(KvmHypervisor { kvm })
+        Ok(KvmHypervisor { kvm: Arc::new(kvm) })
     }
 }
 
@@ -79,6 +79,9 @@ impl Hypervisor for KvmHypervisor {
             .kvm
             .create_vm()
             .map_err(|e| Error::call("KVM_CREATE_VM", e))?;
+        // Memory first: once the irqchip and PIT exist, every memslot change waits for an
+        // SRCU grace period.
+        register_memory(&fd, &params.memory)?;
         fd.set_tss_address(params.private_pages as usize + 0x1000)
             .map_err(|e| Error::call("KVM_SET_TSS_ADDR", e))?;
         fd.set_identity_map_address(params.private_pages)
@@ -92,50 +95,48 @@ impl Hypervisor for KvmHypervisor {
         };
         fd.create_pit2(pit)
             .map_err(|e| Error::call("KVM_CREATE_PIT2", e))?;
-        let cpuid = self
-            .kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", e))?;
-        let msr_list = self
-            .kvm
-            .get_msr_index_list()
-            .map_err(|e| Error::call("KVM_GET_MSR_INDEX_LIST", e))?;
         Ok(Arc::new(KvmVm {
+            _memory: params.memory.clone(),
             fd: Arc::new(fd),
-            cpuid: cpuid.as_slice().iter().map(cpuid_from_kvm).collect(),
-            msr_list: msr_list.as_slice().to_vec(),
+            kvm: self.kvm.clone(),
         }))
     }
 }
 
+fn register_memory(fd: &VmFd, mem: &GuestMemory) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mmap owned by `mem`; the VM keeps a clone of `mem`, so
+        // the mapping outlives the memslot. KVM only accesses it on the guest's behalf.
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(())
+}
+
 /// A KVM virtual machine.
 pub struct KvmVm {
+    /// Keeps the guest RAM mapped for as long as KVM may touch it.
+    _memory: GuestMemory,
     fd: Arc<VmFd>,
-    cpuid: Vec<CpuidEntry>,
-    #[allow(dead_code)]
-    msr_list: Vec<u32>,
+    /// The system fd, for KVM_GET_SUPPORTED_CPUID (asked when needed: it takes about a
+    /// millisecond, and the VMM overlaps it with memory registration).
+    kvm: Arc<Kvm>,
 }
 
 impl Vm for KvmVm {
-    fn set_memory(&self, mem: &GuestMemory) -> Result<()> {
-        for (slot, region) in mem.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `mem`, which the caller keeps alive for
-            // as long as the VM exists; KVM only accesses it on the guest's behalf.
-            unsafe { self.fd.set_user_memory_region(region_desc) }
-                .map_err(|e| Error::call("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
-        Ok(())
-    }
-
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
-        Ok(self.cpuid.clone())
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::call("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(cpuid.as_slice().iter().map(cpuid_from_kvm).collect())
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

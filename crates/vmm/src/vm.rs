@@ -179,16 +179,28 @@ impl Vmm {
     fn boot_once(&self) -> Result<StopReason, Error> {
         let cfg = &self.config;
         let mem = create_memory(cfg)?;
-        let vm = self.hypervisor.create_vm(&VmParams {
+        let params = VmParams {
+            memory: mem.clone(),
             vcpus: cfg.cpus,
             user_irqchip: None,
             private_pages: layout::HV_PRIVATE_START,
+        };
+        // Creating the VM waits on the kernel (milliseconds on some hosts); load the guest
+        // into memory meanwhile.
+        let (vm, entry) = std::thread::scope(|s| {
+            let creating = std::thread::Builder::new()
+                .name("create-vm".into())
+                .spawn_scoped(s, || self.hypervisor.create_vm(&params))
+                .map_err(Error::Thread)?;
+            let entry = load_guest(cfg, &mem);
+            let vm = creating
+                .join()
+                .unwrap_or_else(|_| Err(vireo_hv::Error::Unsupported("VM creation".into())))?;
+            Ok::<_, Error>((vm, entry?))
         })?;
-        vm.set_memory(&mem)?;
-        let entry = load_guest(cfg, &mem)?;
-        let bus = Arc::new(self.create_devices(vm.as_ref())?);
+        let bus = self.create_devices(vm.as_ref())?;
         let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;
-        let reason = self.run_vcpus(vcpus, bus);
+        let reason = self.run_vcpus(vcpus, Arc::new(bus));
         *lock(&self.handle.0.serial) = None;
         // Tear-down order: vCPUs (joined in run_vcpus), then the VM, then guest memory.
         drop(vm);
