@@ -10,6 +10,9 @@ use vireo_vmm::{ExitReason, StopReason, Vmm};
 
 use crate::{console, signals};
 
+/// Exit status when the guest kernel panics.
+pub const EXIT_GUEST_PANIC: u8 = 2;
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Guest kernel: a bzImage or an ELF vmlinux. Without it, vireo boots its default guest
@@ -124,6 +127,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     console::restore_terminal();
     match result? {
         ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(ExitCode::SUCCESS),
+        ExitReason::Panic => {
+            eprintln!("vireo: the guest kernel panicked");
+            Ok(ExitCode::from(EXIT_GUEST_PANIC))
+        }
         ExitReason::Signal(sig) => Ok(ExitCode::from(128u8.wrapping_add(sig as u8))),
     }
 }

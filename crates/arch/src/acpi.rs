@@ -34,6 +34,7 @@ pub struct LegacyDevices {
     pub serial: bool,
     pub i8042: bool,
     pub rtc: bool,
+    pub pvpanic: bool,
 }
 
 impl Default for LegacyDevices {
@@ -42,6 +43,7 @@ impl Default for LegacyDevices {
             serial: true,
             i8042: true,
             rtc: true,
+            pvpanic: true,
         }
     }
 }
@@ -78,7 +80,7 @@ pub fn dsdt(devices: &LegacyDevices) -> Vec<u8> {
 
     let kbd_data = aml::IO::new(layout::I8042_DATA_PORT, layout::I8042_DATA_PORT, 1, 1);
     let kbd_cmd = aml::IO::new(layout::I8042_COMMAND_PORT, layout::I8042_COMMAND_PORT, 1, 1);
-    let kbd_irq = aml::Interrupt::new(true, true, false, false, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, layout::KBD_IRQ);
     let kbd_crs = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
     let kbd_hid = aml::EISAName::new("PNP0303");
     let kbd_name_hid = aml::Name::new("_HID".into(), &kbd_hid);
@@ -93,6 +95,13 @@ pub fn dsdt(devices: &LegacyDevices) -> Vec<u8> {
     let rtc_name_crs = aml::Name::new("_CRS".into(), &rtc_crs);
     let rtc = aml::Device::new("RTC_".into(), vec![&rtc_name_hid, &rtc_name_crs]);
 
+    let pvp_io = aml::IO::new(layout::PVPANIC_PORT, layout::PVPANIC_PORT, 1, 1);
+    let pvp_crs = aml::ResourceTemplate::new(vec![&pvp_io]);
+    let pvp_hid = "QEMU0001";
+    let pvp_name_hid = aml::Name::new("_HID".into(), &pvp_hid);
+    let pvp_name_crs = aml::Name::new("_CRS".into(), &pvp_crs);
+    let pvp = aml::Device::new("PEVT".into(), vec![&pvp_name_hid, &pvp_name_crs]);
+
     let mut children: Vec<&dyn Aml> = Vec::new();
     if devices.serial {
         children.push(&com1);
@@ -102,6 +111,9 @@ pub fn dsdt(devices: &LegacyDevices) -> Vec<u8> {
     }
     if devices.rtc {
         children.push(&rtc);
+    }
+    if devices.pvpanic {
+        children.push(&pvp);
     }
     aml::Scope::new("\\_SB_".into(), children).to_aml_bytes(&mut body);
 
@@ -263,6 +275,7 @@ mod tests {
         assert!(has(b"COM1"));
         assert!(has(b"PS2K"));
         assert!(has(b"RTC_"));
+        assert!(has(b"QEMU0001"));
     }
 
     #[test]

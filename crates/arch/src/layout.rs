@@ -22,7 +22,8 @@
 //! ```
 //!
 //! Port I/O: 0x3f8 COM1 (IRQ 4), 0x60/0x64 i8042, 0x70/0x71 CMOS/RTC (IRQ 8), 0x40-0x43 and
-//! 0x61 PIT, 0x20/0xa0 PIC, 0x600-0x602 ACPI sleep control/status and reset registers,
+//! 0x61 PIT, 0x20/0xa0 PIC, 0x505 pvpanic, 0x600-0x602 ACPI sleep control/status and reset
+//! registers,
 //! 0xcf8/0xcfc PCI configuration mechanism #1.
 
 /// Start of the boot GDT.
@@ -82,6 +83,9 @@ pub const COM1_IRQ: u32 = 4;
 /// i8042 data and command/status ports.
 pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// i8042 keyboard and auxiliary (mouse) interrupts.
+pub const KBD_IRQ: u32 = 1;
+pub const AUX_IRQ: u32 = 12;
 /// CMOS/RTC index and data ports.
 pub const CMOS_PORT: u16 = 0x70;
 pub const RTC_IRQ: u32 = 8;
@@ -96,6 +100,8 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// SLP_EN bit of the sleep control register.
 pub const ACPI_SLP_EN: u8 = 1 << 5;
+/// pvpanic port (ACPI `QEMU0001`).
+pub const PVPANIC_PORT: u16 = 0x505;
 /// PCI configuration mechanism #1 address and data ports.
 pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xcf8;
 pub const PCI_CONFIG_DATA_PORT: u16 = 0xcfc;

@@ -18,6 +18,8 @@ pub enum PlatformEvent {
     PowerOff,
     /// Reset: the i8042 reset line was pulsed or the ACPI reset value was written.
     Reset,
+    /// The guest kernel panicked (pvpanic).
+    Panic,
 }
 
 /// Where devices report [`PlatformEvent`]s. The VMM passes a closure that stops the VM.

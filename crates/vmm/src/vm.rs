@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vireo_arch::{acpi, boot, cpu, cpuid, layout, loader};
-use vireo_devices::legacy::{AcpiPm, Cmos, Serial, I8042};
+use vireo_devices::legacy::{AcpiPm, Cmos, PvPanic, Serial, I8042};
 use vireo_devices::{EventSink, IoBus, PlatformEvent};
 use vireo_hv::{GuestMemory, Hypervisor, Kicker, Vcpu, Vm, VmExit, VmParams};
 use vm_memory::GuestAddress;
@@ -19,6 +19,7 @@ use crate::Error;
 pub enum StopReason {
     PowerOff,
     Reset,
+    Panic,
     Signal(i32),
     ConsoleQuit,
     Failure(String),
@@ -31,6 +32,8 @@ pub enum ExitReason {
     PowerOff,
     /// The guest reset and `no_reboot` was set.
     Reset,
+    /// The guest kernel panicked (reported through pvpanic).
+    Panic,
     /// SIGINT/SIGTERM.
     Signal(i32),
     /// The user quit from the console.
@@ -169,6 +172,7 @@ impl Vmm {
                     tracing::info!("guest reset: restarting the VM");
                     self.handle.clear_reset();
                 }
+                StopReason::Panic => return Ok(ExitReason::Panic),
                 StopReason::Signal(s) => return Ok(ExitReason::Signal(s)),
                 StopReason::ConsoleQuit => return Ok(ExitReason::ConsoleQuit),
                 StopReason::Failure(e) => return Err(Error::Guest(e)),
@@ -215,6 +219,7 @@ impl Vmm {
             handle.stop(match e {
                 PlatformEvent::PowerOff => StopReason::PowerOff,
                 PlatformEvent::Reset => StopReason::Reset,
+                PlatformEvent::Panic => StopReason::Panic,
             })
         });
         let mut bus = IoBus::new();
@@ -230,7 +235,11 @@ impl Vmm {
             .insert(
                 layout::I8042_DATA_PORT as u64,
                 5,
-                Arc::new(Mutex::new(I8042::new(events.clone()))),
+                Arc::new(Mutex::new(
+                    I8042::new(events.clone())
+                        .with_kbd_irq(vm.irq_line(layout::KBD_IRQ)?)
+                        .with_aux_irq(vm.irq_line(layout::AUX_IRQ)?),
+                )),
             )
             .map_err(|e| dev_err(&e))?;
         let mem = self.config.memory.0;
@@ -249,10 +258,17 @@ impl Vmm {
                 layout::ACPI_SLEEP_CONTROL_PORT as u64,
                 3,
                 Arc::new(Mutex::new(AcpiPm::new(
-                    events,
+                    events.clone(),
                     layout::ACPI_S5_SLP_TYP,
                     layout::ACPI_RESET_VALUE,
                 ))),
+            )
+            .map_err(|e| dev_err(&e))?;
+        bus.pio
+            .insert(
+                layout::PVPANIC_PORT as u64,
+                1,
+                Arc::new(Mutex::new(PvPanic::new(events))),
             )
             .map_err(|e| dev_err(&e))?;
         Ok(bus)

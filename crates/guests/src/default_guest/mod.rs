@@ -55,6 +55,8 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
+    "pvpanic",
+    "pvpanic-mmio",
 ];
 
 /// The base kernel command line for the default guest on a PC-like machine with a 16550 at
