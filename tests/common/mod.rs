@@ -33,10 +33,17 @@ pub fn kvm_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// Say that (part of) a test is skipped and why. Written straight to stderr so that the test
+/// harness's output capture does not hide it.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIP {test}: {why}");
+}
+
 /// Skip (return true, printing why) unless KVM is usable.
 pub fn skip_without_kvm(test: &str) -> bool {
     if let Some(why) = kvm_unusable() {
-        eprintln!("SKIP {test}: {why}");
+        skip(test, &why);
         return true;
     }
     false
@@ -48,9 +55,10 @@ pub fn skip_without_full_kvm(test: &str) -> bool {
         return true;
     }
     if kvm_is_pvm() && std::env::var("VIREO_TEST_FULL_KVM").as_deref() != Ok("1") {
-        eprintln!(
-            "SKIP {test}: this host's KVM is KVM-PVM, where guest kernels take minutes; \
-             set VIREO_TEST_FULL_KVM=1 to run it anyway"
+        skip(
+            test,
+            "this host's KVM is KVM-PVM, where guest kernels take minutes; \
+             set VIREO_TEST_FULL_KVM=1 to run it on KVM anyway",
         );
         return true;
     }
@@ -99,7 +107,10 @@ impl Outcome {
     /// Assert no panic message and no timeout.
     pub fn assert_clean(&self) {
         assert!(!self.timed_out, "timed out\n{self}");
-        assert!(!self.stderr.contains("panicked"), "vireo panicked\n{self}");
+        assert!(
+            !self.stderr.contains("panicked at"),
+            "vireo panicked\n{self}"
+        );
     }
 }
 

@@ -27,7 +27,10 @@ fn ensure_or_skip(cache: &Path) -> Option<DefaultGuest> {
         Err(
             e @ (Error::ToolMissing { .. } | Error::ResolveKernel { .. } | Error::Download { .. }),
         ) => {
-            eprintln!("SKIPPED: cannot fetch the default guest's packages here: {e}");
+            let _ = std::io::Write::write_fmt(
+                &mut std::io::stderr(),
+                format_args!("SKIP: cannot fetch the default guest's packages here: {e}\n"),
+            );
             let _ = fs::remove_dir_all(cache);
             None
         }
@@ -216,7 +219,10 @@ fn boots_under_qemu_and_runs_the_command() {
         .output()
         .is_err()
     {
-        eprintln!("SKIPPED: qemu-system-x86_64 not installed");
+        let _ = std::io::Write::write_fmt(
+            &mut std::io::stderr(),
+            format_args!("SKIP: qemu-system-x86_64 not installed\n"),
+        );
         return;
     }
     let cache = temp_cache("qemu");

@@ -21,7 +21,11 @@ fn qemu_missing() -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !found {
-        eprintln!("skipping: {QEMU} not found");
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: {QEMU} not found (apt-get install qemu-system-x86)"
+        );
     }
     !found
 }
