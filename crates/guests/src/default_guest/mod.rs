@@ -56,7 +56,7 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
     "pvpanic",
-    "pvpanic-mmio",
+    "pvpanic_mmio",
 ];
 
 /// The base kernel command line for the default guest on a PC-like machine with a 16550 at
