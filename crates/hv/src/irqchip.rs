@@ -92,6 +92,11 @@ pub trait UserIrqChip: Send + Sync {
     fn lapic_write(&self, id: u32, offset: u32, value: u32);
     /// Write the 64-bit x2APIC ICR (MSR 0x830) in one go.
     fn lapic_write_icr(&self, id: u32, value: u64);
+    /// The IA32_TSC_DEADLINE MSR of vCPU `id` (SDM Vol. 3A §11.5.4.1): 0 when disarmed.
+    fn tsc_deadline(&self, id: u32) -> u64;
+    /// Arm (non-zero, in guest TSC units of [`GuestClock`]) or disarm (0) the TSC-deadline
+    /// timer; ignored unless the LVT timer is in TSC-deadline mode.
+    fn set_tsc_deadline(&self, id: u32, deadline: u64);
     /// The IA32_APIC_BASE MSR of vCPU `id`.
     fn apic_base(&self, id: u32) -> u64;
     fn set_apic_base(&self, id: u32, value: u64);
