@@ -31,6 +31,19 @@ fn full_backends(test: &str) -> Vec<&'static str> {
     v
 }
 
+/// The kernel's own ELF `vmlinux`, unpacked from the bzImage into `dir`.
+fn extract_vmlinux(bzimage: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    use vireo_arch::loader::{parse_setup_header, unpack_payload};
+    let image = std::fs::read(bzimage).unwrap();
+    let header = parse_setup_header(&image).expect("bzImage header");
+    let elf = unpack_payload(&image, &header, "kernel")
+        .unwrap()
+        .expect("LZ4 or gzip payload");
+    let path = dir.join("vmlinux");
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
 #[test]
 fn kvm_smoke_linux_banner_on_serial() {
     let test = "kvm_smoke_linux_banner_on_serial";
@@ -38,22 +51,31 @@ fn kvm_smoke_linux_banner_on_serial() {
         return;
     }
     let Some(g) = default_guest(test) else { return };
-    let mut cmd = vireo();
-    cmd.args(["run", "--accel", "kvm", "--memory", "256M", "--kernel"])
-        .arg(&g.kernel)
-        .arg("--initrd")
-        .arg(&g.initrd)
-        .args([
-            "--cmdline",
-            "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
-        ]);
-    // On KVM-PVM the banner takes ~10 s; allow minutes.
-    let o = run(cmd, Duration::from_secs(240), Some("ACPI: RSDP"));
-    assert!(!o.timed_out, "no banner in time\n{o}");
-    assert!(o.stdout.contains("Linux version 6."), "{o}");
-    assert!(o.stdout.contains("Command line: console=ttyS0"), "{o}");
-    assert!(o.stdout.contains("BIOS-e820"), "{o}");
-    o.assert_clean();
+    let dir = common::TempDir::new("vmlinux");
+    let vmlinux = extract_vmlinux(&g.kernel, dir.path());
+    // The bzImage (unpacked by vireo) and the ELF vmlinux given directly.
+    for kernel in [&g.kernel, &vmlinux] {
+        let mut cmd = vireo();
+        cmd.args(["run", "--accel", "kvm", "--memory", "256M", "--kernel"])
+            .arg(kernel)
+            .arg("--initrd")
+            .arg(&g.initrd)
+            .args([
+                "--cmdline",
+                "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1",
+            ]);
+        // On KVM-PVM the banner takes ~10 s; allow minutes.
+        let o = run(cmd, Duration::from_secs(240), Some("ACPI: RSDP"));
+        assert!(
+            !o.timed_out,
+            "no banner in time from {}\n{o}",
+            kernel.display()
+        );
+        assert!(o.stdout.contains("Linux version 6."), "{o}");
+        assert!(o.stdout.contains("Command line: console=ttyS0"), "{o}");
+        assert!(o.stdout.contains("BIOS-e820"), "{o}");
+        o.assert_clean();
+    }
 }
 
 fn boot_and_run(accel: &str, cpus: u32, memory: &str, command: &[&str]) -> common::Outcome {

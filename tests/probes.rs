@@ -224,3 +224,42 @@ fn sigterm_stops_a_running_vm_with_non_zero_status() {
         assert_eq!(status.code(), Some(128 + 15), "{accel}: {status:?}");
     }
 }
+
+#[test]
+fn sigint_stops_a_running_vm() {
+    for accel in backends("sigint_stops_a_running_vm") {
+        let dir = TempDir::new("sigint");
+        let path = probe_file(
+            &dir,
+            &Probe::PioLoop {
+                n: u32::MAX,
+                port: 0x510,
+            },
+        );
+        let mut cmd = vireo();
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&path)
+            .args(["--accel", accel]);
+        cmd.stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut first = [0u8; 1];
+        std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + 2), "{accel}: {status:?}");
+    }
+}
+
+#[test]
+fn thirty_two_vcpus_all_start() {
+    for accel in backends("thirty_two_vcpus_all_start") {
+        let o = run_probe(&Probe::Smp, accel, &["--cpus", "32"]);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        assert!(o.stdout.ends_with("cpus 32\n"), "{accel}: {o}");
+    }
+}
