@@ -1,1 +1,251 @@
-//! The software x86-64 CPU backend.
+//! The software x86-64 CPU backend: an interpreter behind the same `Hypervisor` / `Vm` /
+//! `Vcpu` traits as KVM. See `README.md` in this directory for the design (decoded-block
+//! cache, op form, TLB, interrupt polling, self-modifying code).
+//!
+//! Module map: [`vcpu`] runs a vCPU and handles events; `exec/` executes ops (one module per
+//! instruction family); `decode` turns iced-x86 instructions into ops; `block` caches decoded
+//! blocks; `mmu` translates addresses and accesses guest memory; `interrupt` delivers
+//! exceptions and interrupts; `seg` loads segments; `msr` and `cpuid` describe the CPU.
+
+mod block;
+mod cpu;
+mod cpuid;
+mod decode;
+mod exec;
+mod flags;
+mod interrupt;
+mod mmu;
+mod msr;
+mod seg;
+mod vcpu;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::irqchip::{GuestClock, UserIrqChip};
+use crate::state::CpuidEntry;
+use crate::{Error, GuestMemory, Hypervisor, IrqLine, MsiMessage, Result, Vcpu, Vm, VmParams};
+
+pub use msr::SAVED_MSRS;
+pub use vcpu::EmuVcpu;
+
+/// The most vCPUs an emulated VM may have (APIC IDs fit in 8 bits).
+pub const MAX_VCPUS: u32 = 64;
+
+/// The software CPU backend (`--accel emu`).
+#[derive(Debug, Default)]
+pub struct EmuHypervisor;
+
+impl EmuHypervisor {
+    pub fn new() -> EmuHypervisor {
+        EmuHypervisor
+    }
+}
+
+impl Hypervisor for EmuHypervisor {
+    fn name(&self) -> &'static str {
+        "emu"
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        MAX_VCPUS
+    }
+
+    fn needs_user_irqchip(&self) -> bool {
+        true
+    }
+
+    fn create_vm(&self, params: &VmParams) -> Result<Arc<dyn Vm>> {
+        let irqchip = params.user_irqchip.clone().ok_or_else(|| {
+            Error::Unsupported("the emu backend needs VmParams::user_irqchip".to_string())
+        })?;
+        if params.vcpus == 0 || params.vcpus > MAX_VCPUS {
+            return Err(Error::Unsupported(format!(
+                "emu: {} vCPUs (1 to {MAX_VCPUS} supported)",
+                params.vcpus
+            )));
+        }
+        Ok(Arc::new(EmuVm {
+            shared: Arc::new(VmShared {
+                clock: irqchip.clock(),
+                irqchip,
+                mem: RwLock::new(Some(params.memory.clone())),
+                mem_gen: AtomicU64::new(1),
+                vcpus: params.vcpus,
+            }),
+        }))
+    }
+}
+
+/// What all vCPUs of one VM share.
+pub struct VmShared {
+    pub(crate) irqchip: Arc<dyn UserIrqChip>,
+    pub(crate) clock: GuestClock,
+    mem: RwLock<Option<GuestMemory>>,
+    /// Bumped whenever the memory map changes; vCPUs reload their map when it does.
+    mem_gen: AtomicU64,
+    vcpus: u32,
+}
+
+/// An emulated VM.
+pub struct EmuVm {
+    shared: Arc<VmShared>,
+}
+
+impl EmuVm {
+    /// Replace the guest memory map (memory hotplug, tests); vCPUs pick it up at their next
+    /// block boundary.
+    pub fn set_memory(&self, mem: &GuestMemory) {
+        *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
+        self.shared.mem_gen.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+impl Vm for EmuVm {
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        Ok(cpuid::table(
+            0,
+            self.shared.vcpus,
+            self.shared.clock.tsc_hz(),
+        ))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        if id >= self.shared.vcpus {
+            return Err(Error::Unsupported(format!(
+                "emu: vCPU {id} of a {}-vCPU VM",
+                self.shared.vcpus
+            )));
+        }
+        Ok(Box::new(EmuVcpu::new(id, self.shared.clone())))
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
+        Ok(Arc::new(EmuIrqLine {
+            chip: self.shared.irqchip.clone(),
+            gsi,
+        }))
+    }
+
+    fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+        self.shared.irqchip.send_msi(msi);
+        Ok(())
+    }
+}
+
+/// An interrupt line into the userspace interrupt controllers.
+struct EmuIrqLine {
+    chip: Arc<dyn UserIrqChip>,
+    gsi: u32,
+}
+
+impl IrqLine for EmuIrqLine {
+    fn set_level(&self, level: bool) {
+        self.chip.set_irq(self.gsi, level);
+    }
+}
+
+/// Things worth one log line per process, not one per occurrence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum LogOnce {
+    /// An unimplemented MSR index.
+    Msr(u32),
+    /// An unimplemented instruction (iced `Code`).
+    Insn(u32),
+    /// Gates, task switches, virtual-8086 mode.
+    Gate,
+    /// An xAPIC access that is not a 32-bit aligned access.
+    ApicWidth,
+    /// The kvmclock area is not RAM.
+    Kvmclock,
+}
+
+/// Log `msg` the first time `key` is seen (bounded: a guest probing every MSR cannot grow the
+/// set without limit).
+pub(crate) fn log_once(key: LogOnce, msg: fmt::Arguments<'_>) {
+    static SEEN: Mutex<Option<HashSet<LogOnce>>> = Mutex::new(None);
+    let mut g = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let set = g.get_or_insert_with(HashSet::new);
+    if set.len() < 4096 && set.insert(key) {
+        tracing::warn!("{msg}");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::irqchip::CpuEvent;
+    use crate::{Kicker, LapicState};
+    use std::time::Instant;
+
+    /// An interrupt controller with nothing in it.
+    pub struct NullChip;
+
+    impl UserIrqChip for NullChip {
+        fn clock(&self) -> GuestClock {
+            GuestClock::default()
+        }
+        fn attach_vcpu(&self, _id: u32, _waker: Arc<dyn Kicker>) {}
+        fn lapic_read(&self, _id: u32, _offset: u32) -> u32 {
+            0
+        }
+        fn lapic_write(&self, _id: u32, _offset: u32, _value: u32) {}
+        fn lapic_write_icr(&self, _id: u32, _value: u64) {}
+        fn apic_base(&self, _id: u32) -> u64 {
+            0xfee0_0900
+        }
+        fn set_apic_base(&self, _id: u32, _value: u64) {}
+        fn tsc_deadline(&self, _id: u32) -> u64 {
+            0
+        }
+        fn set_tsc_deadline(&self, _id: u32, _deadline: u64) {}
+        fn take_event(&self, _id: u32, _interruptible: bool) -> Option<CpuEvent> {
+            None
+        }
+        fn has_interrupt(&self, _id: u32) -> bool {
+            false
+        }
+        fn next_deadline(&self, _id: u32) -> Option<Instant> {
+            None
+        }
+        fn set_irq(&self, _gsi: u32, _level: bool) {}
+        fn send_msi(&self, _msi: MsiMessage) {}
+        fn lapic_state(&self, _id: u32) -> LapicState {
+            LapicState::default()
+        }
+        fn set_lapic_state(&self, _id: u32, _state: &LapicState) {}
+    }
+
+    pub fn dummy_vm() -> Arc<VmShared> {
+        let chip: Arc<dyn UserIrqChip> = Arc::new(NullChip);
+        Arc::new(VmShared {
+            clock: chip.clock(),
+            irqchip: chip,
+            mem: RwLock::new(None),
+            mem_gen: AtomicU64::new(0),
+            vcpus: 1,
+        })
+    }
+
+    #[test]
+    fn create_vm_requires_irqchip() {
+        let h = EmuHypervisor::new();
+        assert!(h.needs_user_irqchip());
+        let p = VmParams {
+            memory: GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap(),
+            vcpus: 1,
+            user_irqchip: None,
+            private_pages: 0,
+        };
+        assert!(h.create_vm(&p).is_err());
+        let p = VmParams {
+            user_irqchip: Some(Arc::new(NullChip)),
+            ..p
+        };
+        let vm = h.create_vm(&p).unwrap();
+        assert!(vm.create_vcpu(0).is_ok());
+        assert!(vm.create_vcpu(1).is_err());
+    }
+}

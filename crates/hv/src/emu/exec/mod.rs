@@ -1,0 +1,399 @@
+//! Executing decoded ops: the pre-resolved op form, the execution context, operand helpers and
+//! the block loop. One module per instruction family.
+
+pub mod alu;
+pub mod atomic;
+pub mod bits;
+pub mod branch;
+pub mod data;
+pub mod fpu;
+pub mod muldiv;
+pub mod shift;
+pub mod stack;
+pub mod string;
+pub mod system;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use super::block::BlockCache;
+use super::cpu::*;
+use super::flags::TF;
+use super::interrupt::{self, Event};
+use super::mmu::{tlb_index, Access, Target, PAGE_MASK, PAGE_SIZE};
+use crate::IoHandler;
+
+/// An op handler: executes one pre-decoded instruction. RIP already points after it.
+pub type Handler = fn(&mut Exec<'_>, &Op) -> R;
+
+/// `Op::base` / `Op::index`: no register.
+pub const NOREG: u8 = 0xff;
+/// `Op::base`: RIP-relative (RIP after the instruction).
+pub const RIPREG: u8 = 16;
+/// `Op::seg`: no segment base applies (64-bit mode, not FS/GS).
+pub const SEG_NONE: u8 = 0xff;
+
+/// `Op::flags` bits.
+pub const F_MEM: u8 = 1;
+pub const F_REP: u8 = 2;
+pub const F_REPNE: u8 = 4;
+pub const F_LOCK: u8 = 8;
+/// The count of a shift comes from CL (otherwise from `imm`).
+pub const F_CL: u8 = 16;
+
+/// One decoded instruction in the compact internal form. Built once per block from iced's
+/// `Instruction` (see `decode.rs`); executing it never looks at iced again. Position-dependent
+/// values are stored relative to the next instruction (branch displacements in `imm`, RIP-
+/// relative displacements in `disp`), so a block is valid at any linear address its physical
+/// page is mapped at.
+#[derive(Clone, Copy)]
+pub struct Op {
+    pub h: Handler,
+    /// Immediate, branch displacement, or a second immediate packed by the decoder.
+    pub imm: u64,
+    /// Memory displacement (wrapping).
+    pub disp: u64,
+    /// Instruction length in bytes.
+    pub len: u8,
+    /// Operand size in bytes (1, 2, 4, 8).
+    pub size: u8,
+    /// First register operand (ModRM.reg or the destination); 16-19 are AH/CH/DH/BH.
+    pub r1: u8,
+    /// Second register operand (ModRM.rm when it is a register).
+    pub r2: u8,
+    /// Memory operand: base register, `NOREG` or `RIPREG`.
+    pub base: u8,
+    /// Memory operand: index register or `NOREG`.
+    pub index: u8,
+    /// Memory operand: log2 of the scale.
+    pub scale: u8,
+    /// Memory operand: segment register, or `SEG_NONE`.
+    pub seg: u8,
+    /// Address size in bytes (2, 4, 8).
+    pub asize: u8,
+    /// Family-specific: condition code, sub-operation, ...
+    pub ext: u8,
+    /// `F_*` bits.
+    pub flags: u8,
+    /// Second operand size (source of MOVZX/MOVSX, ...).
+    pub size2: u8,
+}
+
+impl Op {
+    /// An op that runs `h` with everything else zero.
+    pub fn new(h: Handler, len: u8) -> Op {
+        Op {
+            h,
+            imm: 0,
+            disp: 0,
+            len,
+            size: 0,
+            r1: 0,
+            r2: 0,
+            base: NOREG,
+            index: NOREG,
+            scale: 0,
+            seg: SEG_NONE,
+            asize: 8,
+            ext: 0,
+            flags: 0,
+            size2: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn is_mem(&self) -> bool {
+        self.flags & F_MEM != 0
+    }
+}
+
+/// The execution context of one vCPU while it runs: its state plus where I/O goes.
+pub struct Exec<'a> {
+    pub cpu: &'a mut Cpu,
+    pub io: &'a dyn IoHandler,
+}
+
+impl Exec<'_> {
+    /// Effective address of the memory operand (SDM Vol. 1 §3.7.5), truncated to the address
+    /// size.
+    #[inline(always)]
+    pub fn ea(&self, op: &Op) -> u64 {
+        let c = &*self.cpu;
+        let mut a = op.disp;
+        if op.base != NOREG {
+            let b = if op.base == RIPREG {
+                c.rip
+            } else {
+                c.gpr[op.base as usize & 15]
+            };
+            a = a.wrapping_add(b);
+        }
+        if op.index != NOREG {
+            a = a.wrapping_add(c.gpr[op.index as usize & 15] << (op.scale & 3));
+        }
+        match op.asize {
+            8 => a,
+            4 => a & 0xffff_ffff,
+            _ => a & 0xffff,
+        }
+    }
+
+    /// Linear address of `ea` in segment `seg`.
+    #[inline(always)]
+    pub fn seg_lin(&self, seg: u8, ea: u64) -> u64 {
+        if seg == SEG_NONE {
+            ea
+        } else {
+            self.cpu.seg[seg as usize % 6].base.wrapping_add(ea) & self.cpu.lin_mask
+        }
+    }
+
+    /// Linear address of the memory operand.
+    #[inline(always)]
+    pub fn lin(&self, op: &Op) -> u64 {
+        let ea = self.ea(op);
+        self.seg_lin(op.seg, ea)
+    }
+
+    /// Read the r/m operand.
+    #[inline(always)]
+    pub fn rm_read(&mut self, op: &Op, size: u8) -> R<u64> {
+        if op.is_mem() {
+            let lin = self.lin(op);
+            self.read(lin, size)
+        } else {
+            Ok(self.cpu.reg(op.r2, size))
+        }
+    }
+
+    /// Write the r/m operand.
+    #[inline(always)]
+    pub fn rm_write(&mut self, op: &Op, size: u8, v: u64) -> R {
+        if op.is_mem() {
+            let lin = self.lin(op);
+            self.write(lin, size, v)
+        } else {
+            self.cpu.set_reg(op.r2, size, v);
+            Ok(())
+        }
+    }
+
+    /// Linear address of stack offset `sp` (already masked to the stack width).
+    #[inline(always)]
+    pub fn stack_lin(&self, sp: u64) -> u64 {
+        if self.cpu.bitness == 64 {
+            sp
+        } else {
+            self.cpu.seg[SS].base.wrapping_add(sp) & 0xffff_ffff
+        }
+    }
+
+    /// PUSH `size` bytes (SDM Vol. 2B "PUSH"); RSP changes only if the write succeeds.
+    #[inline(always)]
+    pub fn push(&mut self, v: u64, size: u8) -> R {
+        let m = self.cpu.sp_mask;
+        let sp = self.cpu.gpr[RSP].wrapping_sub(size as u64) & m;
+        let lin = self.stack_lin(sp);
+        self.write(lin, size, v)?;
+        self.cpu.gpr[RSP] = (self.cpu.gpr[RSP] & !m) | sp;
+        Ok(())
+    }
+
+    /// Read the stack `offset` bytes above RSP without popping.
+    #[inline(always)]
+    pub fn peek(&mut self, offset: u64, size: u8) -> R<u64> {
+        let m = self.cpu.sp_mask;
+        let sp = self.cpu.gpr[RSP].wrapping_add(offset) & m;
+        let lin = self.stack_lin(sp);
+        self.read(lin, size)
+    }
+
+    /// POP `size` bytes.
+    #[inline(always)]
+    pub fn pop(&mut self, size: u8) -> R<u64> {
+        let v = self.peek(0, size)?;
+        let m = self.cpu.sp_mask;
+        self.cpu.add_masked(RSP, size as u64, m);
+        Ok(v)
+    }
+
+    /// Set RIP to a branch target with operand size `size`; in 64-bit mode a non-canonical
+    /// target faults on the branch (#GP(0)), elsewhere the target is truncated to the size.
+    #[inline(always)]
+    pub fn jump(&mut self, target: u64, size: u8) -> R {
+        if self.cpu.bitness == 64 {
+            if !Cpu::canonical(target) {
+                return Err(gp0());
+            }
+            self.cpu.rip = target;
+        } else {
+            self.cpu.rip = target & if size == 2 { 0xffff } else { 0xffff_ffff };
+        }
+        Ok(())
+    }
+}
+
+/// Why the block loop stopped.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Events need to be looked at (a kick, an interrupt, a timer).
+    Attention,
+    /// The CPU executed HLT.
+    Halt,
+    /// Triple fault.
+    Shutdown,
+    /// Something the emulator cannot continue from.
+    Failure(String),
+}
+
+/// Blocks between two looks at the clock for timer deadlines.
+const TIME_CHECK_BLOCKS: u32 = 2048;
+
+/// The mode part of a block key.
+#[inline(always)]
+fn mode_key(bitness: u8) -> u64 {
+    match bitness {
+        64 => 2,
+        32 => 1,
+        _ => 0,
+    }
+}
+
+/// Run blocks until something needs the caller's attention.
+pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBool) -> Stop {
+    let mut budget = TIME_CHECK_BLOCKS;
+    loop {
+        if !x.cpu.shadow && (x.cpu.poll || attention.load(Ordering::Relaxed)) {
+            return Stop::Attention;
+        }
+        budget -= 1;
+        if budget == 0 {
+            budget = TIME_CHECK_BLOCKS;
+            if let Some(d) = x.cpu.deadline {
+                if Instant::now() >= d {
+                    x.cpu.poll = true;
+                    continue;
+                }
+            }
+        }
+
+        // Translate RIP (SDM Vol. 3A §3.4.2: in 64-bit mode the CS base is 0).
+        let rip = x.cpu.rip;
+        let lin = if x.cpu.bitness == 64 {
+            rip
+        } else {
+            x.cpu.seg[CS].base.wrapping_add(rip) & 0xffff_ffff
+        };
+        let user = x.cpu.cpl == 3;
+        let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
+        let (host, phys) = if e.tag_x == lin & PAGE_MASK {
+            (e.addend.wrapping_add(lin as usize), e.phys | (lin & 0xfff))
+        } else {
+            match x.cpu.translate(lin, Access::Exec, user) {
+                Ok(Target::Ram(h)) => {
+                    let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
+                    (h, e.phys | (lin & 0xfff))
+                }
+                Ok(Target::Io(pa)) => {
+                    return Stop::Failure(format!(
+                        "executing non-RAM address {pa:#x} (RIP {rip:#x})"
+                    ))
+                }
+                Err(e) => {
+                    if let Some(s) = handle_exc(x, e, rip) {
+                        return s;
+                    }
+                    continue;
+                }
+            }
+        };
+
+        let key = (phys << 2) | mode_key(x.cpu.bitness);
+        let blk = match cache.find(key, host) {
+            Some(b) => b,
+            None => match cache.build(x, key, lin, host) {
+                Ok(b) => b,
+                Err(e) => {
+                    if let Some(s) = handle_exc(x, e, rip) {
+                        return s;
+                    }
+                    continue;
+                }
+            },
+        };
+
+        let ops = cache.ops(blk);
+        // TF only changes through instructions that end a block, so it is constant here.
+        let tf = x.cpu.flags & TF != 0;
+        let single = x.cpu.shadow || tf;
+        x.cpu.shadow = false;
+        let n = if single { 1 } else { ops.len() };
+        x.cpu.blk_host = host;
+        x.cpu.blk_len = cache.byte_len(blk);
+        x.cpu.smc = false;
+        x.cpu.icount += n as u64;
+        for op in &ops[..n.min(ops.len())] {
+            let start = x.cpu.rip;
+            x.cpu.rip = start.wrapping_add(op.len as u64);
+            match (op.h)(x, op) {
+                r @ (Ok(()) | Err(Exc::Stop)) => {
+                    // Single-step trap after a completed instruction (SDM Vol. 3A §17.3.1.4);
+                    // a REP instruction that yielded (RIP back at its start) is not complete.
+                    if tf && x.cpu.rip != start {
+                        x.cpu.dr[6] |= 1 << 14;
+                        if interrupt::deliver(x, Event::exception(DB, None)).is_err() {
+                            return Stop::Shutdown;
+                        }
+                        break;
+                    }
+                    if r.is_err() || x.cpu.smc {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    if let Some(s) = handle_exc(x, e, start) {
+                        x.cpu.blk_len = 0;
+                        return s;
+                    }
+                    break;
+                }
+            }
+        }
+        x.cpu.blk_len = 0;
+    }
+}
+
+/// Deal with a non-normal end of an instruction that started at `start`. Returns a stop
+/// reason when the block loop must end.
+pub fn handle_exc(x: &mut Exec<'_>, e: Exc, start: u64) -> Option<Stop> {
+    match e {
+        Exc::Fault { vector, code } => {
+            x.cpu.rip = start;
+            interrupt::deliver(x, Event::exception(vector, code))
+                .err()
+                .map(|_| Stop::Shutdown)
+        }
+        Exc::SoftInt { vector, kind } => {
+            interrupt::deliver_from(x, Event::soft(vector, kind), Some(start))
+                .err()
+                .map(|_| Stop::Shutdown)
+        }
+        Exc::Halt => Some(Stop::Halt),
+        Exc::Stop => None,
+        Exc::Shutdown => Some(Stop::Shutdown),
+    }
+}
+
+/// Fetch up to `out.len()` instruction bytes at linear `lin` for an instruction that crosses a
+/// page boundary (both pages are translated for execution first).
+pub fn fetch_cross(x: &mut Exec<'_>, lin: u64, out: &mut [u8]) -> R {
+    let user = x.cpu.cpl == 3;
+    let first = ((PAGE_SIZE - (lin & 0xfff)) as usize).min(out.len());
+    let t1 = x.cpu.translate(lin, Access::Exec, user)?;
+    let lin2 = lin.wrapping_add(first as u64) & x.cpu.lin_mask;
+    let t2 = x.cpu.translate(lin2, Access::Exec, user)?;
+    let (a, b) = out.split_at_mut(first);
+    x.read_target(t1, a);
+    x.read_target(t2, b);
+    Ok(())
+}

@@ -1,0 +1,1367 @@
+//! System-level tests of the emulator through the public `Vcpu` interface: modes, paging,
+//! exceptions and interrupts, privilege changes, MSRs, HLT/kick, self-modifying code, SMP.
+
+mod emu_common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use emu_common::*;
+use iced_x86::code_asm::*;
+use vireo_hv::irqchip::CpuEvent;
+use vireo_hv::{CpuidEntry, MpState, Regs, Segment, Sregs, Vcpu, VmExit};
+
+/// Where exception handlers record what they saw.
+const REC: u64 = DATA + 0x800;
+const HANDLERS: u64 = 0x20000;
+const USER_CODE: u64 = 0x30000;
+const USER_STACK: u64 = 0x70000;
+
+/// A handler for vector `v` that stores CR2, the error code (if `err`), and the interrupt
+/// frame (RIP, CS, RFLAGS, RSP, SS) plus its own RSP at `REC`, then exits with `v`.
+fn recorder(m: &Machine, v: u8, err: bool) -> u64 {
+    let at = HANDLERS + v as u64 * 0x100;
+    let code = asm64(at, |a| {
+        a.mov(qword_ptr(REC + 0x40), rsp).unwrap();
+        if err {
+            a.pop(rax).unwrap();
+        } else {
+            a.mov(rax, -1i64).unwrap();
+        }
+        a.mov(qword_ptr(REC), rax).unwrap();
+        a.mov(rax, cr2).unwrap();
+        a.mov(qword_ptr(REC + 0x38), rax).unwrap();
+        for i in 0..5 {
+            a.mov(rax, qword_ptr(rsp + 8 * i)).unwrap();
+            a.mov(qword_ptr(REC + 8 + 8 * i as u64), rax).unwrap();
+        }
+        a.mov(al, v as u32).unwrap();
+        exit(a);
+    });
+    m.write(at, &code);
+    m.set_gate(v, at, false, 0, 0);
+    at
+}
+
+struct Frame {
+    err: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+    cr2: u64,
+    handler_rsp: u64,
+}
+
+fn frame(m: &Machine) -> Frame {
+    Frame {
+        err: m.r64(REC),
+        rip: m.r64(REC + 8),
+        cs: m.r64(REC + 16),
+        rflags: m.r64(REC + 24),
+        rsp: m.r64(REC + 32),
+        ss: m.r64(REC + 40),
+        cr2: m.r64(REC + 0x38),
+        handler_rsp: m.r64(REC + 0x40),
+    }
+}
+
+/// Segments for CPL 3 in 64-bit mode.
+fn user_sregs() -> Sregs {
+    let mut s = Machine::long_sregs();
+    s.cs = seg64(USER_CS, true, 3);
+    s.ss = seg64(USER_DS, false, 3);
+    s.ds = s.ss;
+    s.es = s.ss;
+    s
+}
+
+fn start_user(m: &Machine, v: &mut dyn Vcpu, code: &[u8]) {
+    m.write(USER_CODE, code);
+    v.set_sregs(&user_sregs()).unwrap();
+    v.set_regs(&Regs {
+        rip: USER_CODE,
+        rsp: USER_STACK,
+        rflags: 2,
+        ..Regs::default()
+    })
+    .unwrap();
+    v.set_mp_state(MpState::Runnable).unwrap();
+}
+
+#[test]
+fn long_mode_arithmetic_and_exit() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        a.mov(rax, 40u64).unwrap();
+        a.mov(rcx, 2u64).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.mov(qword_ptr(DATA), rax).unwrap();
+        a.push(rax).unwrap();
+        a.pop(rdx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r64(DATA), 42);
+    let r = v.regs().unwrap();
+    assert_eq!(r.rax, 42);
+    assert_eq!(r.rdx, 42);
+    assert_eq!(r.rsp, STACK_TOP);
+}
+
+/// An AP woken by INIT + SIPI goes from real mode through 32-bit protected mode to long mode,
+/// as the Linux SMP trampoline does.
+#[test]
+fn sipi_real_to_protected_to_long_mode() {
+    let m = Machine::new(2);
+    let _bsp = m.vcpu(0);
+    let mut ap = m.vcpu(1);
+    assert_eq!(ap.mp_state().unwrap(), MpState::Uninitialized);
+    let gdtr = 0x8300u64;
+    m.write(gdtr, &((10 * 8 - 1) as u16).to_le_bytes());
+    m.write(gdtr + 2, &(GDT as u32).to_le_bytes());
+    let real = asm(16, 0x8000, |a| {
+        a.cli().unwrap();
+        a.lgdt(dword_ptr(gdtr as u32)).unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 1).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // jmp dword KERNEL32_CS:0x8040
+        a.db(&[0x66, 0xea, 0x00, 0x81, 0, 0, KERNEL32_CS as u8, 0])
+            .unwrap();
+    });
+    assert!(real.len() <= 0x100);
+    m.write(0x8000, &real);
+    let prot = asm(32, 0x8100, |a| {
+        a.mov(ax, KERNEL_DS as u32).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(es, ax).unwrap();
+        a.mov(ss, ax).unwrap();
+        a.mov(esp, 0x7000).unwrap();
+        a.push(0x1234).unwrap();
+        a.pop(ebx).unwrap();
+        a.mov(eax, cr4).unwrap();
+        a.or(eax, 0x20).unwrap();
+        a.mov(cr4, eax).unwrap();
+        a.mov(eax, PML4 as u32).unwrap();
+        a.mov(cr3, eax).unwrap();
+        a.mov(ecx, 0xc000_0080u32).unwrap();
+        a.rdmsr().unwrap();
+        a.or(eax, 0x100).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(eax, cr0).unwrap();
+        a.or(eax, 0x8000_0000u32 as i32).unwrap();
+        a.mov(cr0, eax).unwrap();
+        // jmp KERNEL_CS:0x8080
+        a.db(&[0xea, 0x00, 0x82, 0, 0, KERNEL_CS as u8, 0]).unwrap();
+    });
+    assert!(prot.len() <= 0x100);
+    m.write(0x8100, &prot);
+    let long = asm64(0x8200, |a| {
+        a.mov(rax, 0x1122_3344_5566_7788u64).unwrap();
+        a.mov(qword_ptr(DATA), rax).unwrap();
+        a.mov(qword_ptr(DATA + 8), rbx).unwrap();
+        a.mov(al, 0x64).unwrap();
+        exit(a);
+    });
+    m.write(0x8200, &long);
+
+    let chip = m.chip.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        chip.push(1, CpuEvent::Init);
+        chip.push(1, CpuEvent::Sipi(0x08));
+    });
+    assert_eq!(run_to_exit(ap.as_mut(), &m.io), 0x64);
+    t.join().unwrap();
+    assert_eq!(m.r64(DATA), 0x1122_3344_5566_7788);
+    assert_eq!(m.r64(DATA + 8) & 0xffff_ffff, 0x1234);
+    let s = ap.sregs().unwrap();
+    assert_eq!(s.efer & 0x500, 0x500, "LME and LMA");
+    assert_eq!(s.cs.selector, KERNEL_CS);
+    assert!(s.cs.l);
+}
+
+#[test]
+fn page_faults_have_exact_error_codes_and_cr2() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 14, true);
+    // 0x201000 not present; 0x202000 read-only; 0x203000 supervisor-only; 0x204000 NX;
+    // 0x205000 has a reserved bit set.
+    m.w64(PT + 8, 0);
+    m.w64(PT + 2 * 8, 0x20_2000 | 0x5);
+    m.w64(PT + 3 * 8, 0x20_3000 | 0x3);
+    m.w64(PT + 4 * 8, 0x20_4000 | 0x7 | (1 << 63));
+    m.w64(PT + 5 * 8, 0x20_5000 | 0x7 | (1 << 51));
+    m.write(0x20_4000, &[0xc3]);
+
+    let cases: Vec<(&str, Vec<u8>, u64, u64)> = vec![
+        (
+            "read not present",
+            asm64(CODE, |a| a.mov(rax, qword_ptr(0x20_1008)).unwrap()),
+            0x20_1008,
+            0,
+        ),
+        (
+            "write read-only (WP)",
+            asm64(CODE, |a| a.mov(byte_ptr(0x20_2010), 1).unwrap()),
+            0x20_2010,
+            3,
+        ),
+        (
+            "execute NX",
+            asm64(CODE, |a| a.call(0x20_4000).unwrap()),
+            0x20_4000,
+            0x11,
+        ),
+        (
+            "reserved bit",
+            asm64(CODE, |a| a.mov(eax, dword_ptr(0x20_5004)).unwrap()),
+            0x20_5004,
+            9,
+        ),
+        (
+            "write crossing into not-present page",
+            asm64(CODE, |a| a.mov(qword_ptr(0x20_0ffc), rax).unwrap()),
+            0x20_1000,
+            2,
+        ),
+    ];
+    for (name, code, want_cr2, err) in cases {
+        m.load_long(v.as_mut(), &code, CODE);
+        assert_eq!(run_to_exit(v.as_mut(), &m.io), 14, "{name}");
+        let f = frame(&m);
+        assert_eq!(f.cr2, want_cr2, "{name}: CR2");
+        assert_eq!(f.err, err, "{name}: error code");
+        let fault_rip = if name == "execute NX" {
+            0x20_4000
+        } else {
+            CODE
+        };
+        assert_eq!(f.rip, fault_rip, "{name}: RIP of the faulting instruction");
+    }
+    // The crossing write must not have written its first half.
+    assert_eq!(m.r32(0x20_0ffc), 0);
+
+    // From CPL 3: read a supervisor page, write a not-present page.
+    for (code, want_cr2, err) in [
+        (
+            asm64(USER_CODE, |a| a.mov(eax, dword_ptr(0x20_3000)).unwrap()),
+            0x20_3000,
+            5,
+        ),
+        (
+            asm64(USER_CODE, |a| a.mov(dword_ptr(0x20_1000), eax).unwrap()),
+            0x20_1000,
+            6,
+        ),
+    ] {
+        start_user(&m, v.as_mut(), &code);
+        assert_eq!(run_to_exit(v.as_mut(), &m.io), 14);
+        let f = frame(&m);
+        assert_eq!((f.cr2, f.err), (want_cr2, err));
+        assert_eq!(f.cs, USER_CS as u64);
+        assert_eq!(f.ss, USER_DS as u64);
+        assert_eq!(f.rsp, USER_STACK);
+        assert_eq!(f.handler_rsp, RSP0_TOP - 48, "stack switched to TSS.RSP0");
+    }
+}
+
+#[test]
+fn accessed_and_dirty_bits() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        a.mov(rax, qword_ptr(0x20_6000)).unwrap();
+        a.mov(qword_ptr(0x20_7000), rax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r64(PT + 6 * 8) & 0x60, 0x20, "read: A only");
+    assert_eq!(m.r64(PT + 7 * 8) & 0x60, 0x60, "write: A and D");
+    assert_ne!(m.r64(PD + 8) & 0x20, 0, "A on the PDE");
+    // After INVLPG, a cleared D bit is set again by the next write.
+    m.w64(PT + 7 * 8, 0x20_7000 | 7);
+    let code = asm64(CODE, |a| {
+        a.mov(rax, 0x20_7000u64).unwrap();
+        a.invlpg(byte_ptr(rax)).unwrap();
+        a.mov(qword_ptr(rax), rax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r64(PT + 7 * 8) & 0x60, 0x60);
+}
+
+#[test]
+fn interrupt_gates_switch_stacks_on_privilege_change_and_ist() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    // Vector 0x80: DPL 3 gate, no IST.
+    recorder(&m, 0x80, false);
+    m.set_gate(0x80, HANDLERS + 0x80 * 0x100, false, 3, 0);
+    let code = asm64(USER_CODE, |a| {
+        a.mov(rax, 7u64).unwrap();
+        a.int(0x80).unwrap();
+    });
+    start_user(&m, v.as_mut(), &code);
+    v.set_regs(&Regs {
+        rip: USER_CODE,
+        rsp: USER_STACK - 8,
+        rflags: 0x202,
+        ..Regs::default()
+    })
+    .unwrap();
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x80);
+    let f = frame(&m);
+    assert_eq!(
+        f.rip,
+        USER_CODE + code.len() as u64,
+        "INT n pushes the next RIP"
+    );
+    assert_eq!(f.cs, USER_CS as u64);
+    assert_eq!(f.rsp, USER_STACK - 8);
+    assert_eq!(f.ss, USER_DS as u64);
+    assert_eq!(f.rflags & 0x200, 0x200);
+    assert_eq!(f.handler_rsp, RSP0_TOP - 40);
+    let s = v.sregs().unwrap();
+    assert_eq!(s.cs.selector, KERNEL_CS);
+    assert_eq!(
+        s.ss.selector, 0,
+        "SS is the null selector after a 64-bit privilege change"
+    );
+    assert_eq!(
+        v.regs().unwrap().rflags & 0x200,
+        0,
+        "interrupt gate cleared IF"
+    );
+
+    // Vector 0x81 with IST 1, from CPL 0: the stack is IST1 (16-byte aligned) even without a
+    // privilege change.
+    recorder(&m, 0x81, false);
+    m.set_gate(0x81, HANDLERS + 0x81 * 0x100, false, 0, 1);
+    let code = asm64(CODE, |a| a.int(0x81).unwrap());
+    m.load_long(v.as_mut(), &code, CODE);
+    v.set_regs(&Regs {
+        rip: CODE,
+        rsp: STACK_TOP - 4,
+        rflags: 2,
+        ..Regs::default()
+    })
+    .unwrap();
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x81);
+    let f = frame(&m);
+    assert_eq!(f.handler_rsp, IST1_TOP - 40);
+    assert_eq!(f.rsp, STACK_TOP - 4);
+    assert_eq!(f.ss, KERNEL_DS as u64);
+
+    // INT to a DPL-0 gate from CPL 3: #GP with the IDT error code.
+    recorder(&m, 13, true);
+    m.set_gate(0x82, HANDLERS, false, 0, 0);
+    let code = asm64(USER_CODE, |a| a.int(0x82).unwrap());
+    start_user(&m, v.as_mut(), &code);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 13);
+    let f = frame(&m);
+    assert_eq!(f.err, 0x82 * 8 + 2);
+    assert_eq!(f.rip, USER_CODE);
+}
+
+#[test]
+fn syscall_and_sysret() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let star = ((USER32_CS as u64) << 48) | ((KERNEL_CS as u64) << 32);
+    let entry = HANDLERS;
+    let handler = asm64(entry, |a| {
+        a.mov(qword_ptr(REC), rcx).unwrap();
+        a.mov(qword_ptr(REC + 8), r11).unwrap();
+        a.mov(ax, cs).unwrap();
+        a.mov(word_ptr(REC + 16), ax).unwrap();
+        a.mov(ax, ss).unwrap();
+        a.mov(word_ptr(REC + 24), ax).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rax).unwrap();
+        a.mov(qword_ptr(REC + 32), rax).unwrap();
+        a.mov(al, 0x55).unwrap();
+        exit(a);
+    });
+    m.write(entry, &handler);
+    let user = asm64(USER_CODE, |a| {
+        a.mov(ax, cs).unwrap();
+        a.mov(word_ptr(REC + 40), ax).unwrap();
+        a.mov(eax, 42).unwrap();
+        a.syscall().unwrap();
+    });
+    m.write(USER_CODE, &user);
+    let kernel = asm64(CODE, |a| {
+        for (msr, val) in [
+            (0xc000_0081u32, star),
+            (0xc000_0082, entry),
+            (0xc000_0084, 0x200),
+        ] {
+            a.mov(ecx, msr).unwrap();
+            a.mov(eax, val as u32).unwrap();
+            a.mov(edx, (val >> 32) as u32).unwrap();
+            a.wrmsr().unwrap();
+        }
+        a.mov(rcx, USER_CODE).unwrap();
+        a.mov(r11, 0x202u64).unwrap();
+        a.mov(rsp, USER_STACK).unwrap();
+        a.sysretq().unwrap();
+    });
+    m.load_long(v.as_mut(), &kernel, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x55);
+    assert_eq!(
+        m.r64(REC + 40) & 0xffff,
+        USER_CS as u64,
+        "SYSRET entered CPL 3"
+    );
+    assert_eq!(
+        m.r64(REC),
+        USER_CODE + user.len() as u64,
+        "RCX = return RIP"
+    );
+    assert_eq!(m.r64(REC + 8) & 0x200, 0x200, "R11 = user RFLAGS");
+    assert_eq!(m.r64(REC + 16) & 0xffff, KERNEL_CS as u64);
+    assert_eq!(m.r64(REC + 24) & 0xffff, KERNEL_DS as u64);
+    assert_eq!(m.r64(REC + 32) & 0x200, 0, "FMASK cleared IF");
+    assert_eq!(v.regs().unwrap().rax & 0xff, 0x55);
+}
+
+#[test]
+fn iretq_to_user_and_back() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 0x80, false);
+    m.set_gate(0x80, HANDLERS + 0x80 * 0x100, false, 3, 0);
+    let user = asm64(USER_CODE, |a| {
+        a.pushfq().unwrap();
+        a.pop(rbx).unwrap();
+        a.int(0x80).unwrap();
+    });
+    m.write(USER_CODE, &user);
+    let kernel = asm64(CODE, |a| {
+        a.push(USER_DS as i32).unwrap();
+        a.push(USER_STACK as i32).unwrap();
+        a.push(0x3202).unwrap(); // IF and IOPL 3
+        a.push(USER_CS as i32).unwrap();
+        a.push(USER_CODE as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    m.load_long(v.as_mut(), &kernel, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x80);
+    let f = frame(&m);
+    assert_eq!(f.cs, USER_CS as u64);
+    assert_eq!(f.ss, USER_DS as u64);
+    assert_eq!(f.rsp, USER_STACK);
+    assert_eq!(
+        v.regs().unwrap().rbx & 0x3200,
+        0x3200,
+        "user saw IF and IOPL"
+    );
+
+    // IRETQ from the handler back to user mode, which then exits (IOPL 3 allows OUT).
+    let user2 = asm64(USER_CODE, |a| {
+        a.mov(al, 0x33).unwrap();
+        exit(a);
+    });
+    m.write(USER_CODE + 0x100, &user2);
+    let kernel = asm64(CODE, |a| {
+        a.push(USER_DS as i32).unwrap();
+        a.push(USER_STACK as i32).unwrap();
+        a.push(0x3002).unwrap();
+        a.push(USER_CS as i32).unwrap();
+        a.push((USER_CODE + 0x100) as i32).unwrap();
+        a.iretq().unwrap();
+    });
+    m.load_long(v.as_mut(), &kernel, CODE);
+    // `hlt` at CPL 3 is #GP: the recorder for 13 exits with 13 after the OUT of 0x33.
+    recorder(&m, 13, true);
+    run_to_exit(v.as_mut(), &m.io);
+    assert!(m
+        .io
+        .pio
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(p, d)| *p == EXIT_PORT && d[0] == 0x33));
+    assert_eq!(frame(&m).cs, USER_CS as u64);
+}
+
+#[test]
+fn triple_fault_is_shutdown() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| a.ud2().unwrap());
+    m.load_long(v.as_mut(), &code, CODE);
+    let mut s = Machine::long_sregs();
+    s.idt.limit = 0;
+    v.set_sregs(&s).unwrap();
+    assert_eq!(
+        run_for(v.as_mut(), &m.io, Duration::from_secs(5)),
+        VmExit::Shutdown
+    );
+}
+
+#[test]
+fn fault_while_delivering_page_fault_is_double_fault() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 8, true);
+    // IDT[14] is not present: delivering #PF raises #NP, which makes #DF.
+    m.w64(IDT + 14 * 16, 0);
+    let code = asm64(CODE, |a| a.mov(rax, qword_ptr(0x20_1000)).unwrap());
+    m.w64(PT + 8, 0);
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 8);
+    assert_eq!(frame(&m).err, 0);
+    assert_eq!(frame(&m).rip, CODE);
+}
+
+#[test]
+fn unknown_msr_raises_gp() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 13, true);
+    let code = asm64(CODE, |a| {
+        a.mov(ecx, 0x1234_5678).unwrap();
+        a.rdmsr().unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 13);
+    let f = frame(&m);
+    assert_eq!(f.err, 0);
+    assert_eq!(f.rip, CODE + 5, "RIP of the RDMSR");
+    // A known MSR works: LSTAR round trip, and a non-canonical LSTAR is #GP.
+    let code = asm64(CODE, |a| {
+        a.mov(ecx, 0xc000_0082u32).unwrap();
+        a.mov(eax, 0x1234_5000).unwrap();
+        a.mov(edx, 0xffff_8000u32).unwrap();
+        a.wrmsr().unwrap();
+        a.xor(eax, eax).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.rdmsr().unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.mov(dword_ptr(DATA + 4), edx).unwrap();
+        a.mov(edx, 0x0000_8000).unwrap();
+        a.wrmsr().unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 13);
+    assert_eq!(m.r64(DATA), 0xffff_8000_1234_5000);
+}
+
+#[test]
+fn hlt_sleeps_until_an_interrupt_without_spinning() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let h = asm64(HANDLERS, |a| {
+        a.mov(al, 0x40).unwrap();
+        exit(a);
+    });
+    m.write(HANDLERS, &h);
+    m.set_gate(0x40, HANDLERS, false, 0, 0);
+    let code = asm64(CODE, |a| {
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.jmp(CODE).unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let chip = m.chip.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        chip.push(0, CpuEvent::Interrupt(0x40));
+    });
+    let cpu0 = thread_cpu_time();
+    let wall = Instant::now();
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x40);
+    let cpu = thread_cpu_time() - cpu0;
+    t.join().unwrap();
+    assert!(wall.elapsed() >= Duration::from_millis(190));
+    assert!(
+        cpu < Duration::from_millis(60),
+        "halted vCPU used {cpu:?} of CPU"
+    );
+
+    // The APIC timer (a deadline in the interrupt controller) wakes HLT too.
+    m.load_long(v.as_mut(), &code, CODE);
+    m.chip
+        .arm_timer(0, Instant::now() + Duration::from_millis(100), 0x40);
+    let cpu0 = thread_cpu_time();
+    let wall = Instant::now();
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x40);
+    assert!(wall.elapsed() >= Duration::from_millis(95));
+    assert!(thread_cpu_time() - cpu0 < Duration::from_millis(60));
+}
+
+#[test]
+fn kick_ends_hlt_and_endless_loops() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let k = v.kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        k.kick();
+    });
+    let cpu0 = thread_cpu_time();
+    assert_eq!(v.run(m.io.as_ref()).unwrap(), VmExit::Interrupted);
+    assert!(thread_cpu_time() - cpu0 < Duration::from_millis(50));
+    t.join().unwrap();
+    assert_eq!(v.mp_state().unwrap(), MpState::Halted);
+
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.inc(rax).unwrap();
+        a.jmp(l).unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let k = v.kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        k.kick();
+    });
+    let start = Instant::now();
+    assert_eq!(v.run(m.io.as_ref()).unwrap(), VmExit::Interrupted);
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(v.regs().unwrap().rax > 1000);
+    t.join().unwrap();
+    // A kick before `run` makes the next `run` return at once.
+    v.kicker().kick();
+    assert_eq!(v.run(m.io.as_ref()).unwrap(), VmExit::Interrupted);
+}
+
+#[test]
+fn self_modifying_code_by_the_cpu() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    // `mov byte [target+1], 42` (8 bytes) then `target: mov eax, 0x11111111`.
+    let target = CODE + 8;
+    let code = asm64(CODE, |a| {
+        a.mov(byte_ptr(target + 1), 42).unwrap();
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        exit(a);
+    });
+    assert_eq!(code[8], 0xb8);
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 0x1111_112a);
+    // Running it again executes the patched bytes from the start (cached block rebuilt).
+    m.load_long(v.as_mut(), &m.read(CODE, code.len()), CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 0x1111_112a);
+}
+
+#[test]
+fn self_modifying_code_by_a_device_write() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 1).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 1);
+    // A "DMA" write through vm-memory replaces the immediate between runs.
+    m.write(CODE + 1, &2u32.to_le_bytes());
+    m.load_long(v.as_mut(), &m.read(CODE, code.len()), CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 2);
+
+    // ... and while the guest is spinning on that code.
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.mov(eax, 0).unwrap();
+        a.test(eax, eax).unwrap();
+        a.jz(l).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let mem = m.mem.clone();
+    let t = std::thread::spawn(move || {
+        use vm_memory::Bytes;
+        std::thread::sleep(Duration::from_millis(50));
+        mem.write_slice(&7u32.to_le_bytes(), vm_memory::GuestAddress(CODE + 1))
+            .unwrap();
+    });
+    run_to_exit(v.as_mut(), &m.io);
+    t.join().unwrap();
+    assert_eq!(m.r32(DATA), 7);
+}
+
+#[test]
+fn locked_increments_from_two_vcpus_are_atomic() {
+    let m = Machine::new(2);
+    const N: u32 = 1_000_000;
+    let counter = DATA;
+    let lock = DATA + 64;
+    let plain = DATA + 128;
+    let done = DATA + 192;
+    for id in 0..2u64 {
+        let at = CODE + id * 0x1000;
+        let code = asm64(at, |a| {
+            let mut l = a.create_label();
+            let mut spin = a.create_label();
+            let mut got = a.create_label();
+            a.mov(ecx, N).unwrap();
+            a.set_label(&mut l).unwrap();
+            a.lock().inc(qword_ptr(counter)).unwrap();
+            // A spinlock (LOCK CMPXCHG) protecting a plain increment.
+            a.set_label(&mut spin).unwrap();
+            a.xor(eax, eax).unwrap();
+            a.mov(edx, 1).unwrap();
+            a.lock().cmpxchg(dword_ptr(lock), edx).unwrap();
+            a.jz(got).unwrap();
+            a.pause().unwrap();
+            a.jmp(spin).unwrap();
+            a.set_label(&mut got).unwrap();
+            a.inc(qword_ptr(plain)).unwrap();
+            a.mov(dword_ptr(lock), 0).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(l).unwrap();
+            a.mov(byte_ptr(done + id), 1).unwrap();
+            a.cli().unwrap();
+            a.hlt().unwrap();
+        });
+        m.write(at, &code);
+    }
+    let mut handles = Vec::new();
+    let mut kickers = Vec::new();
+    for id in 0..2u32 {
+        let mut v = m.vm.create_vcpu(id).unwrap();
+        v.set_sregs(&Machine::long_sregs()).unwrap();
+        v.set_regs(&Regs {
+            rip: CODE + id as u64 * 0x1000,
+            rsp: STACK_TOP - id as u64 * 0x1000,
+            rflags: 2,
+            ..Regs::default()
+        })
+        .unwrap();
+        v.set_mp_state(MpState::Runnable).unwrap();
+        kickers.push(v.kicker());
+        let io = m.io.clone();
+        handles.push(std::thread::spawn(move || v.run(io.as_ref()).unwrap()));
+    }
+    let start = Instant::now();
+    while m.read(done, 2) != [1, 1] {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "vCPUs did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for k in &kickers {
+        k.kick();
+    }
+    for h in handles {
+        assert_eq!(h.join().unwrap(), VmExit::Interrupted);
+    }
+    assert_eq!(m.r64(counter), 2 * N as u64);
+    assert_eq!(m.r64(plain), 2 * N as u64);
+}
+
+#[test]
+fn kvmclock_and_tsc() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let area = DATA + 0x40;
+    let wall = DATA + 0x80;
+    let code = asm64(CODE, |a| {
+        a.mov(ecx, 0x4b56_4d01u32).unwrap();
+        a.mov(eax, (area | 1) as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x4b56_4d00u32).unwrap();
+        a.mov(eax, wall as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.rdtsc().unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.mov(dword_ptr(DATA + 4), edx).unwrap();
+        a.rdtsc().unwrap();
+        a.mov(dword_ptr(DATA + 8), eax).unwrap();
+        a.mov(dword_ptr(DATA + 12), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let (t0, t1) = (m.r64(DATA), m.r64(DATA + 8));
+    assert!(t1 > t0, "TSC advances");
+    let version = m.r32(area);
+    assert_eq!(version % 2, 0, "version is even after the update");
+    let tsc_ts = m.r64(area + 8);
+    let sys = m.r64(area + 16);
+    let mul = m.r32(area + 24);
+    let shift = m.read(area + 28, 1)[0] as i8;
+    let flags = m.read(area + 29, 1)[0];
+    assert_eq!(flags & 1, 1, "PVCLOCK_TSC_STABLE_BIT");
+    assert!(tsc_ts <= t0);
+    // Guest time at the TSC read, per the pvclock formula, is close to system_time.
+    let delta = t0 - tsc_ts;
+    let d = if shift >= 0 {
+        delta << shift
+    } else {
+        delta >> -shift
+    };
+    let ns = sys + ((d as u128 * mul as u128) >> 32) as u64;
+    assert!(ns >= sys && ns - sys < 1_000_000_000);
+    let sec = m.r32(wall + 4) as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now.abs_diff(sec) < 60, "wall clock {sec} vs host {now}");
+}
+
+#[test]
+fn real_mode_interrupt_through_the_ivt() {
+    let m = Machine::new(2);
+    let _bsp = m.vcpu(0);
+    let mut ap = m.vcpu(1);
+    // IVT[0x21] = 0000:9000
+    m.write(0x21 * 4, &[0x00, 0x90, 0x00, 0x00]);
+    let h = asm(16, 0x9000, |a| {
+        a.mov(bl, 0x77).unwrap();
+        a.iret().unwrap();
+    });
+    m.write(0x9000, &h);
+    let code = asm(16, 0x8000, |a| {
+        a.mov(sp, 0x7000).unwrap();
+        a.int(0x21).unwrap();
+        a.mov(al, bl).unwrap();
+        a.out(EXIT_PORT as i32, al).unwrap();
+        a.hlt().unwrap();
+    });
+    m.write(0x8000, &code);
+    m.chip.push(1, CpuEvent::Sipi(0x08));
+    assert_eq!(run_to_exit(ap.as_mut(), &m.io), 0x77);
+    assert_eq!(ap.regs().unwrap().rsp & 0xffff, 0x7000);
+}
+
+#[test]
+fn mmio_and_local_apic_accesses() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    // Map 0xc0000000-0xffffffff with one 1 GiB page.
+    m.w64(PDPT + 3 * 8, 0xc000_0000 | 0x83);
+    let code = asm64(CODE, |a| {
+        a.mov(rbx, 0xd000_0000u64).unwrap();
+        a.mov(eax, dword_ptr(rbx + 0x10)).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.mov(dword_ptr(rbx + 0x20), 0x1234_5678).unwrap();
+        a.mov(word_ptr(rbx + 0xffe), 0x4321).unwrap();
+        a.mov(rbx, 0xfee0_0000u64).unwrap();
+        a.mov(eax, dword_ptr(rbx + 0x20)).unwrap();
+        a.mov(dword_ptr(DATA + 4), eax).unwrap();
+        a.mov(dword_ptr(rbx + 0xb0), 0).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 0x5a5a_5a5a);
+    assert!(m.io.mmio_reads.lock().unwrap().contains(&(0xd000_0010, 4)));
+    let w = m.io.mmio.lock().unwrap().clone();
+    assert!(w.contains(&(0xd000_0020, 0x1234_5678u32.to_le_bytes().to_vec())));
+    assert!(w.contains(&(0xd000_0ffe, vec![0x21, 0x43])));
+    assert_eq!(m.r32(DATA + 4), 0, "APIC ID register of vCPU 0");
+    assert!(m.chip.lapic_writes.lock().unwrap().contains(&(0, 0xb0, 0)));
+    assert!(
+        !w.iter().any(|(a, _)| *a >= 0xfee0_0000),
+        "APIC accesses bypass the bus"
+    );
+}
+
+#[test]
+fn x2apic_msrs_go_to_the_interrupt_controller() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 13, true);
+    let code = asm64(CODE, |a| {
+        // Enable x2APIC mode (EN | EXTD | BSP).
+        a.mov(ecx, 0x1b).unwrap();
+        a.mov(eax, 0xfee0_0d00u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x80b).unwrap();
+        a.xor(eax, eax).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x830).unwrap();
+        a.mov(eax, 0x4030).unwrap();
+        a.mov(edx, 1).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, 0x802).unwrap();
+        a.rdmsr().unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0);
+    let w = m.chip.lapic_writes.lock().unwrap().clone();
+    assert!(w.contains(&(0, 0xb0, 0)), "EOI");
+    assert!(w.contains(&(0, 0x300, 0x4030)), "ICR");
+    assert_eq!(v.sregs().unwrap().apic_base & 0xc00, 0xc00);
+}
+
+#[test]
+fn cpuid_reports_the_table_and_set_cpuid_overrides_it() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        a.xor(eax, eax).unwrap();
+        a.cpuid().unwrap();
+        a.mov(dword_ptr(DATA), ebx).unwrap();
+        a.mov(dword_ptr(DATA + 4), edx).unwrap();
+        a.mov(dword_ptr(DATA + 8), ecx).unwrap();
+        a.mov(eax, 0x4000_0000).unwrap();
+        a.cpuid().unwrap();
+        a.mov(dword_ptr(DATA + 12), ebx).unwrap();
+        a.mov(eax, 0x12).unwrap();
+        a.cpuid().unwrap();
+        a.mov(dword_ptr(DATA + 16), eax).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(&m.read(DATA, 12), b"GenuineIntel");
+    assert_eq!(&m.read(DATA + 12, 4), b"KVMK");
+    let mut table = m.vm.supported_cpuid().unwrap();
+    table.push(CpuidEntry {
+        function: 0x12,
+        eax: 0xabcd,
+        ..CpuidEntry::default()
+    });
+    v.set_cpuid(&table).unwrap();
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA + 16), 0xabcd);
+}
+
+#[test]
+fn x87_and_sse_are_stage_two_ud() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 6, false);
+    let code = asm64(CODE, |a| a.fninit().unwrap());
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 6);
+    assert_eq!(frame(&m).rip, CODE);
+}
+
+#[test]
+fn string_io_and_port_io() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    m.io.pio_in
+        .lock()
+        .unwrap()
+        .insert(0x60, (1..=8u8).collect());
+    let code = asm64(CODE, |a| {
+        a.mov(dx, 0x60).unwrap();
+        a.mov(rdi, DATA).unwrap();
+        a.mov(ecx, 4).unwrap();
+        a.rep().insw().unwrap();
+        a.mov(rsi, DATA).unwrap();
+        a.mov(dx, 0x3f8).unwrap();
+        a.mov(ecx, 3).unwrap();
+        a.rep().outsb().unwrap();
+        a.in_(al, 0x61).unwrap();
+        a.mov(byte_ptr(DATA + 16), al).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.read(DATA, 8), (1..=8u8).collect::<Vec<_>>());
+    assert_eq!(m.read(DATA + 16, 1), [0xa5]);
+    let out: Vec<u8> =
+        m.io.pio
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| *p == 0x3f8)
+            .map(|(_, d)| d[0])
+            .collect();
+    assert_eq!(out, [1, 2, 3]);
+}
+
+#[test]
+fn rep_movs_across_pages_and_huge_counts_stay_kickable() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let src = DATA + 0x1000 - 13;
+    let pattern: Vec<u8> = (0..10000u32).map(|i| (i * 7 + 3) as u8).collect();
+    m.write(src, &pattern);
+    let code = asm64(CODE, |a| {
+        a.mov(rsi, src).unwrap();
+        a.mov(rdi, DATA + 0x10000 + 5).unwrap();
+        a.mov(ecx, 10000).unwrap();
+        a.rep().movsb().unwrap();
+        a.mov(rdi, DATA + 0x20000).unwrap();
+        a.mov(rax, 0x0102_0304_0506_0708u64).unwrap();
+        a.mov(ecx, 1000).unwrap();
+        a.rep().stosq().unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.read(DATA + 0x10000 + 5, 10000), pattern);
+    assert_eq!(m.r64(DATA + 0x20000 + 999 * 8), 0x0102_0304_0506_0708);
+    assert_eq!(m.r64(DATA + 0x20000 + 1000 * 8), 0);
+    let r = v.regs().unwrap();
+    assert_eq!(r.rcx, 0);
+    assert_eq!(r.rdi, DATA + 0x20000 + 8000);
+
+    // rep stosb over (almost) all of RAM, kicked before it finishes: RCX shows progress and
+    // the instruction resumes where it stopped.
+    let code = asm64(CODE, |a| {
+        a.mov(rdi, 0x40_0000u64).unwrap();
+        a.mov(rcx, (MEM_SIZE as u64 - 0x40_0000) * 64).unwrap();
+        a.xor(eax, eax).unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.mov(rdi, 0x40_0000u64).unwrap();
+        a.rep().stosb().unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let k = v.kicker();
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = stop.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        k.kick();
+        s2.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(v.run(m.io.as_ref()).unwrap(), VmExit::Interrupted);
+    t.join().unwrap();
+    assert!(stop.load(Ordering::SeqCst));
+    let r = v.regs().unwrap();
+    assert!(r.rcx > 0);
+}
+
+#[test]
+fn segment_loads_and_far_return_in_long_mode() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 13, true);
+    let code = asm64(CODE, |a| {
+        a.mov(ax, KERNEL_DS as u32).unwrap();
+        a.mov(ds, ax).unwrap();
+        a.mov(fs, ax).unwrap();
+        // lretq to the next instruction through KERNEL_CS.
+        a.push(KERNEL_CS as i32).unwrap();
+        let mut back = a.create_label();
+        a.lea(rax, qword_ptr(back)).unwrap();
+        a.push(rax).unwrap();
+        a.db(&[0x48, 0xcb]).unwrap(); // retfq
+        a.set_label(&mut back).unwrap();
+        a.mov(ax, 0x50).unwrap(); // beyond the GDT limit
+        a.mov(ds, ax).unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 13);
+    let f = frame(&m);
+    assert_eq!(f.err, 0x50);
+    assert_eq!(v.sregs().unwrap().ds.selector, KERNEL_DS);
+    let s = Sregs {
+        fs: Segment {
+            base: 0x1234,
+            ..seg64(0, false, 0)
+        },
+        ..Machine::long_sregs()
+    };
+    let code = asm64(CODE, |a| {
+        a.mov(rax, qword_ptr(0)).unwrap();
+        a.db(&[0x64]).unwrap(); // fs:
+        a.mov(rbx, qword_ptr(0x10)).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    v.set_sregs(&s).unwrap();
+    m.w64(0x1244, 0xfeed);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(
+        v.regs().unwrap().rbx,
+        0xfeed,
+        "FS base applies in 64-bit mode"
+    );
+}
+
+/// 32-bit protected mode (no paging): INT through a 32-bit interrupt gate, IRETD, and #GP
+/// with a selector error code.
+#[test]
+fn protected_mode_idt_and_iretd() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let idt32 = 0x6800u64;
+    let gate = |vec: u64, handler: u64| {
+        let d = (handler & 0xffff)
+            | ((KERNEL32_CS as u64) << 16)
+            | (0x8e << 40)
+            | ((handler >> 16) << 48);
+        m.w64(idt32 + vec * 8, d);
+    };
+    let h30 = asm(32, 0x20000, |a| {
+        a.mov(eax, dword_ptr(esp)).unwrap();
+        a.mov(dword_ptr(DATA as u32), eax).unwrap();
+        a.mov(eax, dword_ptr(esp + 4)).unwrap();
+        a.mov(dword_ptr(DATA as u32 + 4), eax).unwrap();
+        a.iretd().unwrap();
+    });
+    m.write(0x20000, &h30);
+    gate(0x30, 0x20000);
+    let h13 = asm(32, 0x20100, |a| {
+        a.pop(eax).unwrap();
+        a.mov(dword_ptr(DATA as u32 + 12), eax).unwrap();
+        a.mov(al, 13).unwrap();
+        exit(a);
+    });
+    m.write(0x20100, &h13);
+    gate(13, 0x20100);
+    let code = asm(32, CODE, |a| {
+        a.int(0x30).unwrap();
+        a.mov(byte_ptr(DATA as u32 + 8), 1).unwrap();
+        a.mov(ax, 0x50).unwrap();
+        a.mov(ds, ax).unwrap();
+    });
+    m.write(CODE, &code);
+    let flat = |sel: u16, code: bool| Segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: sel,
+        type_: if code { 0xb } else { 0x3 },
+        present: true,
+        db: true,
+        s: true,
+        g: true,
+        ..Segment::default()
+    };
+    let mut s = Machine::long_sregs();
+    s.cs = flat(KERNEL32_CS, true);
+    s.ds = flat(KERNEL_DS, false);
+    s.es = s.ds;
+    s.ss = s.ds;
+    s.cr0 = 0x11;
+    s.cr4 = 0;
+    s.efer = 0;
+    s.idt = vireo_hv::DescriptorTable {
+        base: idt32,
+        limit: 256 * 8 - 1,
+    };
+    v.set_sregs(&s).unwrap();
+    v.set_regs(&Regs {
+        rip: CODE,
+        rsp: STACK_TOP,
+        rflags: 2,
+        ..Regs::default()
+    })
+    .unwrap();
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 13);
+    assert_eq!(m.r32(DATA), CODE as u32 + 2, "EIP after INT");
+    assert_eq!(m.r32(DATA + 4), KERNEL32_CS as u32);
+    assert_eq!(m.read(DATA + 8, 1), [1], "IRETD returned");
+    assert_eq!(m.r32(DATA + 12), 0x50, "#GP(selector)");
+}
+
+/// NMIs are taken with IF = 0 and blocked until the handler's IRET.
+#[test]
+fn nmi_is_blocked_until_iret() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let h = asm64(HANDLERS, |a| {
+        a.inc(qword_ptr(DATA)).unwrap();
+        a.cmp(qword_ptr(DATA), 1).unwrap();
+        let mut out = a.create_label();
+        a.jne(out).unwrap();
+        // The second NMI must not nest into the first handler.
+        a.mov(ecx, 100_000).unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.cmp(qword_ptr(DATA), 1).unwrap();
+        a.jne(HANDLERS + 0x80).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(l).unwrap();
+        a.set_label(&mut out).unwrap();
+        a.iretq().unwrap();
+    });
+    m.write(HANDLERS, &h);
+    let bad = asm64(HANDLERS + 0x80, |a| {
+        a.mov(al, 0xee).unwrap();
+        exit(a);
+    });
+    m.write(HANDLERS + 0x80, &bad);
+    m.set_gate(2, HANDLERS, false, 0, 0);
+    let code = asm64(CODE, |a| {
+        a.cli().unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.cmp(qword_ptr(DATA), 2).unwrap();
+        a.jne(l).unwrap();
+        a.mov(al, 2).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    m.chip.push(0, CpuEvent::Nmi);
+    m.chip.push(0, CpuEvent::Nmi);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 2);
+    assert_eq!(m.r64(DATA), 2);
+}
+
+/// A timer that expires while the guest computes interrupts it (no HLT needed).
+#[test]
+fn timer_interrupts_a_running_guest() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let h = asm64(HANDLERS, |a| {
+        a.mov(al, 0x41).unwrap();
+        exit(a);
+    });
+    m.write(HANDLERS, &h);
+    m.set_gate(0x41, HANDLERS, false, 0, 0);
+    let code = asm64(CODE, |a| {
+        a.sti().unwrap();
+        let mut l = a.create_label();
+        a.set_label(&mut l).unwrap();
+        a.inc(rax).unwrap();
+        a.jmp(l).unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    let start = Instant::now();
+    m.chip.arm_timer(0, start + Duration::from_millis(50), 0x41);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x41);
+    let t = start.elapsed();
+    assert!(
+        t >= Duration::from_millis(50) && t < Duration::from_millis(1000),
+        "{t:?}"
+    );
+    assert!(v.regs().unwrap().rax > 0);
+}
+
+/// SYSRET to compatibility mode runs 32-bit code under 64-bit paging; INT 0x80 returns to
+/// 64-bit CPL 0.
+#[test]
+fn compatibility_mode_user_code() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 0x80, false);
+    m.set_gate(0x80, HANDLERS + 0x80 * 0x100, false, 3, 0);
+    let user = asm(32, USER_CODE, |a| {
+        a.mov(eax, 5).unwrap();
+        a.add(eax, 0x7fff_fffe).unwrap();
+        a.push(eax).unwrap();
+        a.pop(ebx).unwrap();
+        a.int(0x80).unwrap();
+    });
+    m.write(USER_CODE, &user);
+    let star = ((USER32_CS as u64) << 48) | ((KERNEL_CS as u64) << 32);
+    let kernel = asm64(CODE, |a| {
+        a.mov(ecx, 0xc000_0081u32).unwrap();
+        a.mov(eax, star as u32).unwrap();
+        a.mov(edx, (star >> 32) as u32).unwrap();
+        a.wrmsr().unwrap();
+        a.mov(ecx, USER_CODE as u32).unwrap();
+        a.mov(r11d, 0x2).unwrap();
+        a.mov(rsp, USER_STACK).unwrap();
+        a.sysret().unwrap();
+    });
+    m.load_long(v.as_mut(), &kernel, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x80);
+    let f = frame(&m);
+    assert_eq!(f.cs, USER32_CS as u64);
+    assert_eq!(f.ss, USER_DS as u64);
+    assert_eq!(f.rip, USER_CODE + user.len() as u64);
+    assert_eq!(f.rsp, USER_STACK);
+    assert_eq!(v.regs().unwrap().rbx, 0x8000_0003);
+}
+
+#[test]
+fn state_round_trips_through_the_interface() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    m.load_long(v.as_mut(), &[0xf4], CODE);
+    let regs = Regs {
+        rax: 1,
+        rbx: 2,
+        r15: 0xffff_ffff_ffff_fff0,
+        rip: 0x1234,
+        rsp: 0x8000,
+        rflags: 0x8d7,
+        ..Regs::default()
+    };
+    v.set_regs(&regs).unwrap();
+    assert_eq!(v.regs().unwrap(), regs);
+    let s = v.sregs().unwrap();
+    let want = Machine::long_sregs();
+    assert_eq!(
+        (s.cs, s.ss, s.tr, s.gdt, s.idt),
+        (want.cs, want.ss, want.tr, want.gdt, want.idt)
+    );
+    assert_eq!(
+        (s.cr0, s.cr3, s.cr4, s.efer),
+        (want.cr0, want.cr3, want.cr4, want.efer)
+    );
+    use vireo_hv::Msr;
+    let msrs = [
+        Msr::new(0xc000_0082, 0xffff_ffff_8100_0000),
+        Msr::new(0xc000_0102, 0x1234),
+        Msr::new(0x277, 0x0007_0406_0007_0406),
+    ];
+    v.set_msrs(&msrs).unwrap();
+    assert_eq!(
+        v.msrs(&[0xc000_0082, 0xc000_0102, 0x277, 0xdead]).unwrap(),
+        msrs.to_vec()
+    );
+    assert!(v.set_msrs(&[Msr::new(0xdead, 1)]).is_err());
+    let mut fpu = vireo_hv::FpuState {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    fpu.xmm[3][5] = 9;
+    v.set_fpu(&fpu).unwrap();
+    assert_eq!(v.fpu().unwrap(), fpu);
+    let mut l = vireo_hv::LapicState::default();
+    l.set_reg(0x80, 0x20);
+    v.set_lapic(&l).unwrap();
+    assert_eq!(m.chip.lapic_states.lock().unwrap().last().unwrap(), &(0, l));
+    v.set_mp_state(MpState::Halted).unwrap();
+    assert_eq!(v.mp_state().unwrap(), MpState::Halted);
+}
+
+/// INT3 patching as Linux's text_poke_bp does: an INT3 handler that skips the patched site.
+#[test]
+fn int3_breakpoint_handler() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let h = asm64(HANDLERS, |a| {
+        // Return past the 5-byte instruction the INT3 replaced (RIP points after the INT3).
+        a.add(qword_ptr(rsp), 4).unwrap();
+        a.inc(rbx).unwrap();
+        a.iretq().unwrap();
+    });
+    m.write(HANDLERS, &h);
+    m.set_gate(3, HANDLERS, false, 0, 0);
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.mov(ecx, 3).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    m.write(CODE, &[0xcc]);
+    run_to_exit(v.as_mut(), &m.io);
+    let r = v.regs().unwrap();
+    assert_eq!((r.rbx, r.rcx), (1, 3));
+}
