@@ -4,7 +4,7 @@
 # and benchmarks), e2fsprogs (root disk images).
 ensure_host_tools() {
     if ! command -v cargo >/dev/null 2>&1; then
-        echo "cargo is not installed: install Rust from https://rustup.rs (vireo needs Rust 1.85+)" >&2
+        echo "cargo is not installed: install Rust from https://rustup.rs (vireo needs Rust 1.89+)" >&2
         exit 1
     fi
     local missing=()

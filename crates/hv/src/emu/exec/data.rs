@@ -159,7 +159,7 @@ pub fn nop(_x: &mut Exec<'_>, _op: &Op) -> R {
 /// lock held by a descheduled vCPU gives it the core.
 pub fn pause(x: &mut Exec<'_>, _op: &Op) -> R {
     x.cpu.pauses = x.cpu.pauses.wrapping_add(1);
-    if x.cpu.pauses % 64 == 0 {
+    if x.cpu.pauses.is_multiple_of(64) {
         std::thread::yield_now();
     }
     Ok(())
