@@ -17,17 +17,20 @@ const FREE_PORT: u16 = 0x440;
 /// An address in the 32-bit hole no device of either VMM claims.
 const FREE_MMIO: u64 = 0xd000_0000;
 
+/// Builds the command that boots `kernel` with `memory` of RAM.
+type CommandFn = Box<dyn Fn(&Path, &str) -> Command>;
+
 struct Vmm {
     name: &'static str,
-    command: Box<dyn Fn(&Path) -> Command>,
+    command: CommandFn,
 }
 
 fn vireo(bin: PathBuf) -> Vmm {
     Vmm {
         name: "vireo",
-        command: Box::new(move |kernel| {
+        command: Box::new(move |kernel, memory| {
             let mut c = Command::new(&bin);
-            c.args(["run", "--accel", "kvm", "--memory", "64M", "--kernel"])
+            c.args(["run", "--accel", "kvm", "--memory", memory, "--kernel"])
                 .arg(kernel);
             c
         }),
@@ -37,7 +40,7 @@ fn vireo(bin: PathBuf) -> Vmm {
 fn qemu() -> Vmm {
     Vmm {
         name: "qemu",
-        command: Box::new(|kernel| {
+        command: Box::new(|kernel, memory| {
             let mut c = Command::new(QEMU);
             c.args([
                 "-M",
@@ -47,7 +50,7 @@ fn qemu() -> Vmm {
                 "-cpu",
                 "host",
                 "-m",
-                "64M",
+                memory,
                 "-nodefaults",
                 "-no-user-config",
                 "-display",
@@ -62,6 +65,14 @@ fn qemu() -> Vmm {
     }
 }
 
+struct Row {
+    name: &'static str,
+    first_ms: Option<f64>,
+    rss_mib: Option<f64>,
+    pio_us: Option<f64>,
+    mmio_us: Option<f64>,
+}
+
 fn write_probe(dir: &Path, name: &str, probe: &Probe) -> PathBuf {
     let p = dir.join(format!("{name}.elf"));
     std::fs::write(&p, build_for(probe, Platform::Vireo)).expect("write probe");
@@ -70,7 +81,14 @@ fn write_probe(dir: &Path, name: &str, probe: &Probe) -> PathBuf {
 
 fn samples(vmm: &Vmm, kernel: &Path, markers: &[&str], runs: usize) -> Vec<Sample> {
     (0..runs)
-        .filter_map(|_| measure((vmm.command)(kernel), markers, Duration::from_secs(60)).ok())
+        .filter_map(|_| {
+            measure(
+                (vmm.command)(kernel, "64M"),
+                markers,
+                Duration::from_secs(60),
+            )
+            .ok()
+        })
         .collect()
 }
 
@@ -93,7 +111,15 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("vireo-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
 
-    let mut vmms = vec![vireo(vireo_binary())];
+    let bin = vireo_binary();
+    if !bin.exists() {
+        eprintln!(
+            "error: no vireo binary at {}: run `cargo build --release --workspace` first",
+            bin.display()
+        );
+        std::process::exit(1);
+    }
+    let mut vmms = vec![vireo(bin)];
     if have(Path::new(QEMU)) {
         vmms.push(qemu());
     } else {
@@ -126,13 +152,6 @@ fn main() {
         },
     );
 
-    struct Row {
-        name: &'static str,
-        first_ms: Option<f64>,
-        rss_mib: Option<f64>,
-        pio_us: Option<f64>,
-        mmio_us: Option<f64>,
-    }
     let mut rows = Vec::new();
     // Interleave the VMMs run by run so machine noise hits both alike.
     let mut start: Vec<Vec<Sample>> = vec![Vec::new(); vmms.len()];
@@ -182,16 +201,69 @@ fn main() {
         );
     }
     if rows.len() == 2 {
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
-        };
-        println!(
-            "| vireo/qemu | {} | {} | {} | {} |",
-            fmt(ratio(rows[0].first_ms, rows[1].first_ms), 3),
-            fmt(ratio(rows[0].rss_mib, rows[1].rss_mib), 3),
-            fmt(ratio(rows[0].pio_us, rows[1].pio_us), 3),
-            fmt(ratio(rows[0].mmio_us, rows[1].mmio_us), 3)
-        );
+        print_ratio_row(&rows);
+    }
+    boot_default_guest(&vmms, runs.div_ceil(6).max(3));
+}
+
+fn print_ratio_row(rows: &[Row]) {
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    println!(
+        "| vireo/qemu | {} | {} | {} | {} |",
+        fmt(ratio(rows[0].first_ms, rows[1].first_ms), 3),
+        fmt(ratio(rows[0].rss_mib, rows[1].rss_mib), 3),
+        fmt(ratio(rows[0].pio_us, rows[1].pio_us), 3),
+        fmt(ratio(rows[0].mmio_us, rows[1].mmio_us), 3)
+    );
+}
+
+/// With hardware KVM: boot the default guest to init on both VMMs (same kernel, initramfs and
+/// command line) and compare the time to the init's ready line.
+fn boot_default_guest(vmms: &[Vmm], runs: usize) {
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        println!("\ndefault guest to init: skipped (KVM-PVM host: stock kernels do not boot on KVM here)");
+        return;
+    }
+    use vireo_guests::default_guest::{cache_dir, command_param, ensure, Options, READY_LINE};
+    let guest = match cache_dir().and_then(|c| ensure(&c, &Options::default())) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("\ndefault guest to init: skipped ({e})");
+            return;
+        }
+    };
+    let cmd = command_param(&["true".to_string()]).expect("command");
+    let cmdline = format!("{} {cmd}", guest.cmdline);
+    println!("\n| VMM | default guest to init (ms) |\n|---|---:|");
+    let mut medians = Vec::new();
+    for v in vmms {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let mut c = (v.command)(&guest.kernel, "256M");
+            c.arg(if v.name == "vireo" {
+                "--initrd"
+            } else {
+                "-initrd"
+            })
+            .arg(&guest.initrd)
+            .arg(if v.name == "vireo" {
+                "--cmdline"
+            } else {
+                "-append"
+            })
+            .arg(&cmdline);
+            if let Ok(s) = measure(c, &[READY_LINE], Duration::from_secs(120)) {
+                times.extend(ms(s.markers[0]));
+            }
+        }
+        let m = median(times);
+        println!("| {} | {} |", v.name, fmt(m, 1));
+        medians.push(m);
+    }
+    if let [Some(a), Some(b)] = medians[..] {
+        println!("| vireo/qemu | {:.3} |", a / b);
     }
 }
