@@ -273,6 +273,29 @@ impl KvmVcpu {
         }
     }
 
+    /// Describe a KVM_EXIT_INTERNAL_ERROR: its suberror and where the guest was.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: exit_reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the active member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let what = match internal.suberror {
+            1 => "emulation failure",
+            2 => "simultaneous exceptions",
+            3 => "delivery event failure",
+            4 => "unexpected exit reason",
+            _ => "unknown",
+        };
+        let rip = self
+            .fd
+            .get_regs()
+            .map(|r| format!("{:#x}", r.rip))
+            .unwrap_or_else(|_| "?".into());
+        format!(
+            "KVM_EXIT_INTERNAL_ERROR (suberror {}: {what}) at RIP {rip}",
+            internal.suberror
+        )
+    }
+
     fn step(&mut self, io: &dyn IoHandler) -> Result<Step> {
         let id = self.id;
         let failure = |reason: String| Error::GuestFailure { vcpu: id, reason };
@@ -296,9 +319,7 @@ impl KvmVcpu {
                 },
                 VcpuExit::Intr => Step::Exit(VmExit::Interrupted),
                 VcpuExit::IrqWindowOpen | VcpuExit::IoapicEoi(_) => Step::Continue,
-                VcpuExit::InternalError => {
-                    return Err(failure("KVM_EXIT_INTERNAL_ERROR".to_string()))
-                }
+                VcpuExit::InternalError => return Err(failure(self.internal_error())),
                 VcpuExit::FailEntry(reason, cpu) => {
                     return Err(failure(format!(
                         "KVM_EXIT_FAIL_ENTRY: hardware reason {reason:#x} on host CPU {cpu}"
