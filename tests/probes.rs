@@ -193,10 +193,11 @@ fn user_mode_loop_runs_at_cpl3() {
     }
 }
 
-#[test]
-fn sigterm_stops_a_running_vm_with_non_zero_status() {
-    for accel in backends("sigterm_stops_a_running_vm_with_non_zero_status") {
-        let dir = TempDir::new("sigterm");
+/// Start a VM that keeps running, send it `signal` once the guest has printed, and check the
+/// exit status is 128 + the signal.
+fn signal_stops_a_running_vm(test: &str, signal: &str, number: i32) {
+    for accel in backends(test) {
+        let dir = TempDir::new("signal");
         let path = probe_file(
             &dir,
             &Probe::PioLoop {
@@ -205,54 +206,30 @@ fn sigterm_stops_a_running_vm_with_non_zero_status() {
             },
         );
         let mut cmd = vireo();
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&path)
-            .args(["--accel", accel]);
-        cmd.stdout(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut first = [0u8; 1];
-        std::io::Read::read_exact(&mut out, &mut first).unwrap();
-        assert_eq!(&first, b"S");
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(128 + 15), "{accel}: {status:?}");
-    }
-}
-
-#[test]
-fn sigint_stops_a_running_vm() {
-    for accel in backends("sigint_stops_a_running_vm") {
-        let dir = TempDir::new("sigint");
-        let path = probe_file(
-            &dir,
-            &Probe::PioLoop {
-                n: u32::MAX,
-                port: 0x510,
-            },
-        );
-        let mut cmd = vireo();
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&path)
-            .args(["--accel", accel]);
+        cmd.arg("run").arg("--kernel").arg(&path).args(["--accel", accel]);
         cmd.stdout(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let mut first = [0u8; 1];
         std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        assert_eq!(&first, b"S");
         let st = std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(st.success());
         let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(128 + 2), "{accel}: {status:?}");
+        assert_eq!(status.code(), Some(128 + number), "{accel}: {status:?}");
     }
+}
+
+#[test]
+fn sigterm_stops_a_running_vm_with_non_zero_status() {
+    signal_stops_a_running_vm("sigterm_stops_a_running_vm", "-TERM", 15);
+}
+
+#[test]
+fn sigint_stops_a_running_vm() {
+    signal_stops_a_running_vm("sigint_stops_a_running_vm", "-INT", 2);
 }
 
 #[test]
