@@ -12,9 +12,10 @@ use vireo_guests::probe::{build, user_mode_expected, Probe};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Backends to test: KVM when /dev/kvm works (probes are small enough even on KVM-PVM).
+/// Backends to test: the emulator always, KVM when /dev/kvm works (probes are small enough
+/// even on KVM-PVM). Every probe must give the same output on both.
 fn backends(test: &str) -> Vec<&'static str> {
-    let mut b = Vec::new();
+    let mut b = vec!["emu"];
     if !common::skip_without_kvm(test) {
         b.push("kvm");
     }
@@ -206,7 +207,10 @@ fn signal_stops_a_running_vm(test: &str, signal: &str, number: i32) {
             },
         );
         let mut cmd = vireo();
-        cmd.arg("run").arg("--kernel").arg(&path).args(["--accel", accel]);
+        cmd.arg("run")
+            .arg("--kernel")
+            .arg(&path)
+            .args(["--accel", accel]);
         cmd.stdout(std::process::Stdio::piped());
         let mut child = cmd.spawn().unwrap();
         let mut first = [0u8; 1];

@@ -299,6 +299,32 @@ impl std::fmt::Debug for Bus {
     }
 }
 
+/// Maps a range at an offset into another device's range: a device whose registers are not
+/// contiguous (the i8042 at ports 0x60 and 0x64) is inserted once per register with the
+/// offset each register has inside the device.
+pub struct Offset {
+    device: Arc<Mutex<dyn BusDevice>>,
+    offset: u64,
+}
+
+impl Offset {
+    pub fn new(device: Arc<Mutex<dyn BusDevice>>, offset: u64) -> Self {
+        Offset { device, offset }
+    }
+}
+
+impl BusDevice for Offset {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.device).read(offset.saturating_add(self.offset), data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.device).write(offset.saturating_add(self.offset), data);
+    }
+    fn name(&self) -> &'static str {
+        lock(&self.device).name()
+    }
+}
+
 /// Access statistics of both buses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IoBusStats {
@@ -489,6 +515,22 @@ mod tests {
         assert!(!log.seen.contains(&(UNKNOWN_LOG_LIMIT as u64)));
         drop(log);
         assert_eq!(bus.stats().unknown, 2 * (UNKNOWN_LOG_LIMIT as u64 + 100));
+    }
+
+    #[test]
+    fn offset_shifts_into_the_inner_device() {
+        let dev = recorder();
+        let mut bus = Bus::new("pio");
+        bus.insert(0x60, 1, Arc::new(Mutex::new(Offset::new(dev.clone(), 0))))
+            .unwrap();
+        bus.insert(0x64, 1, Arc::new(Mutex::new(Offset::new(dev.clone(), 4))))
+            .unwrap();
+        assert!(bus.write(0x64, &[0xfe]));
+        assert!(bus.write(0x60, &[0x01]));
+        assert!(!bus.write(0x61, &[0x02]), "0x61 stays free");
+        let l = &dev.lock().unwrap().log;
+        assert_eq!(l[l.len() - 2], (true, 4, vec![0xfe]));
+        assert_eq!(l[l.len() - 1], (true, 0, vec![0x01]));
     }
 
     #[test]

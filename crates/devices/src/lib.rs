@@ -5,11 +5,12 @@
 //! into its own range: the VMM decides where each device lives.
 
 pub mod bus;
+pub mod irqchip;
 pub mod legacy;
 
 use std::sync::Arc;
 
-pub use bus::{Bus, BusDevice, BusError, BusStats, DeviceStats, IoBus, IoBusStats};
+pub use bus::{Bus, BusDevice, BusError, BusStats, DeviceStats, IoBus, IoBusStats, Offset};
 
 /// Something the guest asked of the platform (not of one device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

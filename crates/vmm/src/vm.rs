@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vireo_arch::{acpi, boot, cpu, cpuid, layout, loader};
+use vireo_devices::irqchip::IrqChip;
 use vireo_devices::legacy::{AcpiPm, Cmos, PvPanic, Serial, I8042};
-use vireo_devices::{EventSink, IoBus, PlatformEvent};
-use vireo_hv::{GuestMemory, Hypervisor, Kicker, Vcpu, Vm, VmExit, VmParams};
+use vireo_devices::{BusDevice, EventSink, IoBus, Offset, PlatformEvent};
+use vireo_hv::{GuestClock, GuestMemory, Hypervisor, Kicker, Vcpu, Vm, VmExit, VmParams};
 use vm_memory::GuestAddress;
 
 use crate::config::VmConfig;
@@ -183,10 +184,15 @@ impl Vmm {
     fn boot_once(&self) -> Result<StopReason, Error> {
         let cfg = &self.config;
         let mem = create_memory(cfg)?;
+        // Backends without in-kernel interrupt controllers get ours (LAPICs, IOAPIC, PIC, PIT).
+        let irqchip = self
+            .hypervisor
+            .needs_user_irqchip()
+            .then(|| IrqChip::new(cfg.cpus, GuestClock::default()));
         let params = VmParams {
             memory: mem.clone(),
             vcpus: cfg.cpus,
-            user_irqchip: None,
+            user_irqchip: irqchip.clone().map(|c| c as Arc<dyn vireo_hv::UserIrqChip>),
             private_pages: layout::HV_PRIVATE_START,
         };
         // Creating the VM waits on the kernel (milliseconds on some hosts); load the guest
@@ -202,7 +208,11 @@ impl Vmm {
                 .unwrap_or_else(|_| Err(vireo_hv::Error::Unsupported("VM creation".into())))?;
             Ok::<_, Error>((vm, entry?))
         })?;
-        let bus = self.create_devices(vm.as_ref())?;
+        let mut bus = self.create_devices(vm.as_ref())?;
+        if let Some(chip) = &irqchip {
+            chip.register(&mut bus)
+                .map_err(|e| Error::Devices(e.to_string()))?;
+        }
         let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;
         let reason = self.run_vcpus(vcpus, Arc::new(bus));
         *lock(&self.handle.0.serial) = None;
@@ -231,17 +241,22 @@ impl Vmm {
             .insert(layout::COM1_PORT as u64, 8, serial.clone())
             .map_err(|e| dev_err(&e))?;
         *lock(&self.handle.0.serial) = Some(serial);
-        bus.pio
-            .insert(
-                layout::I8042_DATA_PORT as u64,
-                5,
-                Arc::new(Mutex::new(
-                    I8042::new(events.clone())
-                        .with_kbd_irq(vm.irq_line(layout::KBD_IRQ)?)
-                        .with_aux_irq(vm.irq_line(layout::AUX_IRQ)?),
-                )),
-            )
-            .map_err(|e| dev_err(&e))?;
+        // The i8042's data and command ports, leaving port 0x61 (PIT channel 2) free.
+        let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(
+            I8042::new(events.clone())
+                .with_kbd_irq(vm.irq_line(layout::KBD_IRQ)?)
+                .with_aux_irq(vm.irq_line(layout::AUX_IRQ)?),
+        ));
+        for port in [layout::I8042_DATA_PORT, layout::I8042_COMMAND_PORT] {
+            let offset = u64::from(port - layout::I8042_DATA_PORT);
+            bus.pio
+                .insert(
+                    port as u64,
+                    1,
+                    Arc::new(Mutex::new(Offset::new(i8042.clone(), offset))),
+                )
+                .map_err(|e| dev_err(&e))?;
+        }
         let mem = self.config.memory.0;
         bus.pio
             .insert(
