@@ -199,6 +199,8 @@ pub struct Cpu {
     pub apic_base: u64,
     /// The next timer deadline of this CPU's local APIC, cached.
     pub deadline: Option<Instant>,
+    /// Guest RIP samples (`VIREO_EMU_PROFILE`).
+    pub profile: Option<Box<crate::emu::profile::Profile>>,
     /// Instructions retired (approximately: counted per executed op).
     pub icount: u64,
     /// PAUSE instructions executed (to yield the host thread now and then).
@@ -273,6 +275,7 @@ impl Cpu {
             maxphy: super::cpuid::DEFAULT_MAXPHYADDR,
             apic_base: 0,
             deadline: None,
+            profile: crate::emu::profile::Profile::from_env(),
             icount: 0,
             pauses: 0,
         };

@@ -16,6 +16,7 @@ mod flags;
 mod interrupt;
 mod mmu;
 mod msr;
+mod profile;
 mod seg;
 mod vcpu;
 

@@ -90,6 +90,14 @@ pub struct EmuVcpu {
     kicker: Arc<EmuKicker>,
 }
 
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        if let Some(p) = &self.cpu.profile {
+            p.write(self.cpu.id);
+        }
+    }
+}
+
 impl EmuVcpu {
     pub(crate) fn new(id: u32, vm: Arc<VmShared>) -> EmuVcpu {
         let table = super::cpuid::table(id, vm.vcpus, vm.clock.tsc_hz());

@@ -269,6 +269,9 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         budget -= 1;
         if budget == 0 {
             budget = TIME_CHECK_BLOCKS;
+            if let Some(p) = x.cpu.profile.as_mut() {
+                p.sample(x.cpu.rip);
+            }
             if let Some(d) = x.cpu.deadline {
                 if Instant::now() >= d {
                     x.cpu.poll = true;
