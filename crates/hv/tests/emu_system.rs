@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use emu_common::*;
 use iced_x86::code_asm::*;
 use vireo_hv::irqchip::CpuEvent;
-use vireo_hv::{CpuidEntry, MpState, Regs, Segment, Sregs, Vcpu, VmExit};
+use vireo_hv::{CpuidEntry, MpState, Regs, Segment, Sregs, UserIrqChip, Vcpu, VmExit};
 
 /// Where exception handlers record what they saw.
 const REC: u64 = DATA + 0x800;
@@ -1364,4 +1364,48 @@ fn int3_breakpoint_handler() {
     run_to_exit(v.as_mut(), &m.io);
     let r = v.regs().unwrap();
     assert_eq!((r.rbx, r.rcx), (1, 3));
+}
+
+/// IA32_TSC_DEADLINE reaches the interrupt controller in the shared clock's units, also when
+/// the guest TSC was set back (the VMM writes IA32_TSC = 0 at boot): a regression test for a
+/// deadline that came out as "already expired" and stormed the guest with timer interrupts.
+#[test]
+fn tsc_deadline_follows_a_reset_tsc() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    v.set_msrs(&[vireo_hv::Msr::new(0x10, 0)]).unwrap();
+    let code = asm64(CODE, |a| {
+        a.rdtsc().unwrap();
+        a.shl(rdx, 32).unwrap();
+        a.or(rax, rdx).unwrap();
+        a.add(rax, 50_000_000).unwrap();
+        a.mov(rdx, rax).unwrap();
+        a.shr(rdx, 32).unwrap();
+        a.mov(ecx, 0x6e0u32).unwrap();
+        a.wrmsr().unwrap();
+        a.rdmsr().unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.mov(dword_ptr(DATA + 4), edx).unwrap();
+        a.rdtsc().unwrap();
+        a.mov(dword_ptr(DATA + 8), eax).unwrap();
+        a.mov(dword_ptr(DATA + 12), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let (guest_deadline, guest_now) = (m.r64(DATA), m.r64(DATA + 8));
+    // The guest reads back what it wrote: about 50 ms ahead of its TSC.
+    assert!(
+        guest_deadline > guest_now,
+        "{guest_deadline} vs {guest_now}"
+    );
+    assert!(guest_deadline - guest_now < 60_000_000);
+    // The chip holds it in shared-clock units: in the future there too.
+    let chip_deadline = m.chip.tsc_deadline(0);
+    let clock_now = m.chip.clock().tsc();
+    assert!(
+        chip_deadline > clock_now + 30_000_000,
+        "{chip_deadline} vs {clock_now}"
+    );
 }
