@@ -22,9 +22,10 @@ fn default_guest(test: &str) -> Option<vireo_guests::default_guest::DefaultGuest
     }
 }
 
-/// Backends that boot Linux to init in reasonable time here.
+/// Backends that boot Linux to init in reasonable time here: the emulator everywhere, KVM
+/// where it is hardware-backed.
 fn full_backends(test: &str) -> Vec<&'static str> {
-    let mut v = Vec::new();
+    let mut v = vec!["emu"];
     if !common::skip_without_full_kvm(test) {
         v.push("kvm");
     }
@@ -110,7 +111,9 @@ fn boots_to_init_and_reports_cpus_memory_and_time() {
         return;
     }
     for accel in full_backends(test) {
-        for (cpus, memory, mib) in [(1u32, "64M", 64u64), (2, "256M", 256), (4, "5G", 5120)] {
+        // 96 MiB is about the least Debian's cloud kernel boots in (its image alone takes
+        // ~46 MiB; at 64 MiB it runs out of memory during boot, under QEMU too).
+        for (cpus, memory, mib) in [(1u32, "96M", 96u64), (2, "256M", 256), (4, "5G", 5120)] {
             let o = boot_and_run(
                 accel,
                 cpus,
@@ -128,9 +131,10 @@ fn boots_to_init_and_reports_cpus_memory_and_time() {
                 "{o}"
             );
             let kib: u64 = field(&o.stdout, "memtotal:").unwrap().parse().unwrap();
-            // MemTotal excludes the kernel image and reserved areas: at least 70% of RAM.
+            // MemTotal excludes the kernel image (~46 MiB for Debian's cloud kernel), the page
+            // structures (~1.6% of RAM) and reserved areas.
             assert!(
-                kib <= mib * 1024 && kib >= mib * 1024 * 7 / 10,
+                kib <= mib * 1024 && kib + 64 * 1024 >= mib * 1024 * 9 / 10,
                 "{kib} KiB of {memory}\n{o}"
             );
             let guest: i64 = field(&o.stdout, "date:").unwrap().parse().unwrap();

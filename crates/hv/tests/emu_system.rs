@@ -952,11 +952,12 @@ fn cpuid_reports_the_table_and_set_cpuid_overrides_it() {
 }
 
 #[test]
-fn x87_and_sse_are_stage_two_ud() {
+fn extensions_not_in_cpuid_are_ud() {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);
     recorder(&m, 6, false);
-    let code = asm64(CODE, |a| a.fninit().unwrap());
+    // SSE3 is not advertised, so HADDPS must fault.
+    let code = asm64(CODE, |a| a.haddps(xmm0, xmm1).unwrap());
     m.load_long(v.as_mut(), &code, CODE);
     assert_eq!(run_to_exit(v.as_mut(), &m.io), 6);
     assert_eq!(frame(&m).rip, CODE);

@@ -356,13 +356,7 @@ fn load_guest(cfg: &VmConfig, mem: &GuestMemory) -> Result<u64, Error> {
     let boot_err = |e: &dyn std::fmt::Display| Error::Boot(e.to_string());
     let kernel = loader::load_kernel(mem, &cfg.kernel)?;
     let initrd = match &cfg.initrd {
-        Some(path) => Some(loader::load_initrd(
-            mem,
-            path,
-            cfg.memory.0,
-            kernel.end,
-            kernel.setup_header.as_ref(),
-        )?),
+        Some(path) => Some(loader::load_initrd(mem, path, cfg.memory.0, &kernel)?),
         None => None,
     };
     let rsdp = acpi::write_tables(mem, cfg.cpus, &acpi::LegacyDevices::default())

@@ -12,6 +12,9 @@
 //! Storage is three arenas (blocks, ops, bytes) and a direct-mapped index; when an arena is
 //! full everything is dropped and rebuilt on demand.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -45,6 +48,8 @@ struct Block {
 pub struct BlockCache {
     /// Direct-mapped: slot → block number (`u32::MAX`: empty); the block holds its key.
     index: Vec<u32>,
+    /// Every block built since the last clear, by key (the index only remembers one per slot).
+    all: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     blocks: Vec<Block>,
     ops: Vec<Op>,
     bytes: Vec<u8>,
@@ -60,6 +65,24 @@ fn slot(key: u64) -> usize {
     (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - INDEX_BITS)) as usize
 }
 
+/// A hasher for block keys (guest-physical address and mode): one multiply.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 impl Default for BlockCache {
     fn default() -> Self {
         Self::new()
@@ -70,6 +93,7 @@ impl BlockCache {
     pub fn new() -> BlockCache {
         BlockCache {
             index: vec![u32::MAX; 1 << INDEX_BITS],
+            all: HashMap::default(),
             blocks: Vec::new(),
             ops: Vec::new(),
             bytes: Vec::new(),
@@ -82,6 +106,7 @@ impl BlockCache {
     /// Drop every block.
     pub fn clear(&mut self) {
         self.index.fill(u32::MAX);
+        self.all.clear();
         self.blocks.clear();
         self.ops.clear();
         self.bytes.clear();
@@ -90,8 +115,15 @@ impl BlockCache {
     /// The block for `key` whose bytes still match guest memory at host address `host`.
     #[inline(always)]
     pub fn find(&mut self, key: u64, host: usize) -> Option<u32> {
-        let b = self.index[slot(key)];
-        let blk = self.blocks.get(b as usize).filter(|blk| blk.key == key)?;
+        let s = slot(key);
+        let mut b = self.index[s];
+        if self.blocks.get(b as usize).is_none_or(|blk| blk.key != key) {
+            // Evicted from the direct-mapped index (or never built): look in the full map
+            // before decoding again.
+            b = *self.all.get(&key)?;
+            self.index[s] = b;
+        }
+        let blk = self.blocks.get(b as usize)?;
         let want = self
             .bytes
             .get(blk.byte_start as usize..blk.byte_start as usize + blk.byte_len as usize)?;
@@ -181,6 +213,7 @@ impl BlockCache {
             byte_len: used as u16,
         });
         self.index[slot(key)] = b;
+        self.all.insert(key, b);
         self.built += 1;
         Ok(b)
     }

@@ -170,7 +170,11 @@ pub(crate) fn log_once(key: LogOnce, msg: fmt::Arguments<'_>) {
     let mut g = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     let set = g.get_or_insert_with(HashSet::new);
     if set.len() < 4096 && set.insert(key) {
-        tracing::warn!("{msg}");
+        match key {
+            // Guests probe MSRs with `rdmsr_safe` all the time: the #GP is the answer.
+            LogOnce::Msr(_) => tracing::debug!("{msg}"),
+            _ => tracing::warn!("{msg}"),
+        }
     }
 }
 
