@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vireo_vmm::config::{Accel, ByteSize, VmConfig};
+use vireo_vmm::config::{Accel, ByteSize, DiskConfig, VmConfig};
 use vireo_vmm::{ExitReason, StopReason, Vmm};
 
 use crate::{console, signals};
@@ -38,6 +38,19 @@ pub struct RunArgs {
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
+    /// A virtio-blk disk: a raw image file or a block device. Repeatable: the first is the
+    /// guest's /dev/vda, the second /dev/vdb, ... `readonly=on` refuses the guest's writes;
+    /// `serial=STR` (up to 20 bytes) is the disk's ID; `direct=on` bypasses the host page
+    /// cache. A disk another process has open read-write is refused.
+    #[arg(
+        long = "disk",
+        value_name = "path=FILE[,readonly=on][,serial=STR][,direct=on]"
+    )]
+    disks: Vec<DiskConfig>,
+    /// No virtio-rng entropy device (by default the guest gets one, fed from the host's
+    /// getrandom).
+    #[arg(long)]
+    no_rng: bool,
     /// With the default guest: run this command in the guest instead of a shell, then power
     /// off (e.g. `vireo run -- uname -a`).
     #[arg(last = true, value_name = "COMMAND")]
@@ -80,6 +93,8 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
     config.memory = args.memory;
     config.accel = args.accel;
     config.no_reboot = args.no_reboot;
+    config.disks = args.disks;
+    config.rng = !args.no_rng;
     Ok(config)
 }
 

@@ -1,4 +1,5 @@
-//! Devices: the port-I/O and MMIO bus, legacy PC devices and userspace interrupt controllers.
+//! Devices: the port-I/O and MMIO bus, the PCI root complex, legacy PC devices and userspace
+//! interrupt controllers.
 //!
 //! Devices see the hypervisor only through [`vireo_hv::IoHandler`] (implemented by
 //! [`IoBus`]) and [`vireo_hv::IrqLine`]; they never name a backend. A device sees offsets
@@ -7,6 +8,7 @@
 pub mod bus;
 pub mod irqchip;
 pub mod legacy;
+pub mod pci;
 
 use std::sync::Arc;
 

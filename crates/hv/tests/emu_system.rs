@@ -964,6 +964,16 @@ fn extensions_not_in_cpuid_are_ud() {
 }
 
 #[test]
+fn lock_prefix_on_nop_is_ud() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 6, false);
+    m.load_long(v.as_mut(), &[0xf0, 0x90], CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 6);
+    assert_eq!(frame(&m).rip, CODE);
+}
+
+#[test]
 fn string_io_and_port_io() {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);

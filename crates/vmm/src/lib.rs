@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+mod pci;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};
@@ -27,6 +28,8 @@ pub enum Error {
     },
     #[error("device set-up: {0}")]
     Devices(String),
+    #[error("{0}")]
+    Disk(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]

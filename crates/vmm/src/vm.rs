@@ -125,6 +125,8 @@ pub struct Vmm {
     hypervisor: Box<dyn Hypervisor>,
     output: SharedOutput,
     handle: VmmHandle,
+    /// Disk images, open and locked for the life of the VMM (`crate::pci`).
+    disks: Vec<Arc<vireo_virtio::DiskImage>>,
 }
 
 impl Vmm {
@@ -144,7 +146,9 @@ impl Vmm {
             }
             .into());
         }
+        let disks = crate::pci::open_disks(&config)?;
         Ok(Vmm {
+            disks,
             config,
             hypervisor,
             output: SharedOutput(Arc::new(Mutex::new(output))),
@@ -213,10 +217,15 @@ impl Vmm {
             chip.register(&mut bus)
                 .map_err(|e| Error::Devices(e.to_string()))?;
         }
+        let pci = crate::pci::PciDevices::create(&vm, &mem, cfg, &self.disks, &mut bus)?;
+        let bus = Arc::new(bus);
+        pci.attach(&bus);
         let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;
-        let reason = self.run_vcpus(vcpus, Arc::new(bus));
+        let reason = self.run_vcpus(vcpus, bus);
         *lock(&self.handle.0.serial) = None;
-        // Tear-down order: vCPUs (joined in run_vcpus), then the VM, then guest memory.
+        // Tear-down order: vCPUs (joined in run_vcpus), the devices (their threads stop),
+        // then the VM, then guest memory.
+        drop(pci);
         drop(vm);
         drop(mem);
         reason

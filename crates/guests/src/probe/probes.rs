@@ -110,6 +110,9 @@ pub(crate) fn emit(
         Probe::MmioReadLoop { n, addr } => {
             io_loop(asm, n, |a| a.mov(rbx, addr), |a| a.mov(eax, dword_ptr(rbx)))?
         }
+        Probe::PciScan => super::pci::pci_scan(asm)?,
+        Probe::VirtioRng => super::pci::virtio_rng(asm)?,
+        Probe::VirtioBlk => super::pci::virtio_blk(asm)?,
     }
     Ok(None)
 }

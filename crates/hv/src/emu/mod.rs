@@ -27,7 +27,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::irqchip::{GuestClock, UserIrqChip};
 use crate::state::CpuidEntry;
-use crate::{Error, GuestMemory, Hypervisor, IrqLine, MsiMessage, Result, Vcpu, Vm, VmParams};
+use crate::{
+    Error, GuestMemory, Hypervisor, IrqLine, MsiMessage, MsiVector, Result, Vcpu, Vm, VmParams,
+};
 
 pub use msr::SAVED_MSRS;
 pub use vcpu::EmuVcpu;
@@ -133,6 +135,36 @@ impl Vm for EmuVm {
     fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
         self.shared.irqchip.send_msi(msi);
         Ok(())
+    }
+
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        Ok(Arc::new(EmuMsiVector {
+            chip: self.shared.irqchip.clone(),
+            route: Mutex::new(None),
+        }))
+    }
+
+    // register_ioevent: the trait's default (not handled here: the device's notify region
+    // signals the eventfd when the write reaches the bus).
+}
+
+/// An MSI vector: `trigger` sends the current route to the userspace interrupt controllers.
+struct EmuMsiVector {
+    chip: Arc<dyn UserIrqChip>,
+    route: Mutex<Option<MsiMessage>>,
+}
+
+impl MsiVector for EmuMsiVector {
+    fn set_route(&self, msg: Option<MsiMessage>) -> Result<()> {
+        *self.route.lock().unwrap_or_else(|e| e.into_inner()) = msg;
+        Ok(())
+    }
+
+    fn trigger(&self) {
+        let route = *self.route.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(msg) = route {
+            self.chip.send_msi(msg);
+        }
     }
 }
 
