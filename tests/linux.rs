@@ -97,11 +97,16 @@ fn boot_and_run(accel: &str, cpus: u32, memory: &str, command: &[&str]) -> commo
     o
 }
 
-/// Value of the line `key: value` printed by the guest.
+/// The number after `key` printed by the guest (kernel messages may share the console, so
+/// look for the key anywhere in a line and take the digits after it).
 fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .map(str::trim)
+    out.lines().find_map(|l| {
+        let rest = l[l.find(key)? + key.len()..].trim_start();
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        (end > 0).then(|| &rest[..end])
+    })
 }
 
 #[test]
@@ -130,14 +135,18 @@ fn boots_to_init_and_reports_cpus_memory_and_time() {
                 Some(cpus.to_string().as_str()),
                 "{o}"
             );
-            let kib: u64 = field(&o.stdout, "memtotal:").unwrap().parse().unwrap();
+            let kib: u64 = field(&o.stdout, "memtotal:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no memtotal\n{o}"));
             // MemTotal excludes the kernel image (~46 MiB for Debian's cloud kernel), the page
             // structures (~1.6% of RAM) and reserved areas.
             assert!(
                 kib <= mib * 1024 && kib + 64 * 1024 >= mib * 1024 * 9 / 10,
                 "{kib} KiB of {memory}\n{o}"
             );
-            let guest: i64 = field(&o.stdout, "date:").unwrap().parse().unwrap();
+            let guest: i64 = field(&o.stdout, "date:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no date\n{o}"));
             let host = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
