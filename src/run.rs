@@ -47,6 +47,11 @@ pub struct RunArgs {
         value_name = "path=FILE[,readonly=on][,serial=STR][,direct=on]"
     )]
     disks: Vec<DiskConfig>,
+    /// With the default guest: boot from an ext4 root disk at PATH (`root=/dev/vda`) instead
+    /// of staying in the initramfs. A missing PATH is created as a fresh copy of the default
+    /// root image (busybox tree); an existing one is used as it is, so its contents persist.
+    #[arg(long, value_name = "PATH")]
+    root_disk: Option<PathBuf>,
     /// No virtio-rng entropy device (by default the guest gets one, fed from the host's
     /// getrandom).
     #[arg(long)]
@@ -64,6 +69,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             if !args.command.is_empty() {
                 bail!("a command after `--` runs in the default guest; drop --kernel to use it");
             }
+            if args.root_disk.is_some() {
+                bail!("--root-disk is the default guest's root disk; drop --kernel to use it, or pass your disk with --disk");
+            }
             let mut c = VmConfig::new(kernel);
             c.initrd = args.initrd.clone();
             c.cmdline = args
@@ -80,6 +88,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             let mut c = VmConfig::new(&guest.kernel);
             c.initrd = Some(args.initrd.clone().unwrap_or(guest.initrd.clone()));
             c.cmdline = args.cmdline.clone().unwrap_or(guest.cmdline.clone());
+            if let Some(path) = &args.root_disk {
+                default_guest::root_disk(&cache, &guest, path)
+                    .with_context(|| format!("preparing the root disk {}", path.display()))?;
+                c.disks.push(DiskConfig::new(path));
+                c.cmdline.push_str(" root=/dev/vda");
+            }
             if !args.command.is_empty() {
                 let param = default_guest::command_param(&args.command)
                     .context("passing the command to the guest")?;
@@ -93,7 +107,7 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
     config.memory = args.memory;
     config.accel = args.accel;
     config.no_reboot = args.no_reboot;
-    config.disks = args.disks;
+    config.disks.extend(args.disks);
     config.rng = !args.no_rng;
     Ok(config)
 }
