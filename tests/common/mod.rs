@@ -49,6 +49,16 @@ pub fn skip_without_kvm(test: &str) -> bool {
     false
 }
 
+/// Backends that run probe guests: the emulator always, KVM when /dev/kvm works (probes are
+/// small enough even on KVM-PVM). Every probe must give the same output on both.
+pub fn probe_backends(test: &str) -> Vec<&'static str> {
+    let mut b = vec!["emu"];
+    if !skip_without_kvm(test) {
+        b.push("kvm");
+    }
+    b
+}
+
 /// Skip unless KVM is hardware-backed (not PVM), or `VIREO_TEST_FULL_KVM=1` forces the test.
 pub fn skip_without_full_kvm(test: &str) -> bool {
     if skip_without_kvm(test) {
