@@ -43,21 +43,23 @@ struct Runs {
     sha_s: Vec<f64>,
 }
 
-fn run(mut cmd: Command, runs: usize) -> Runs {
-    let mut r = Runs {
-        to_init_ms: Vec::new(),
-        uptime_s: Vec::new(),
-        sha_s: Vec::new(),
-    };
-    for _ in 0..runs {
-        let Ok(s) = measure_output(&mut cmd) else {
-            continue;
-        };
-        r.to_init_ms.extend(s.0);
-        r.uptime_s.extend(field(&s.1, "uptime-at-init:"));
-        r.sha_s.extend(field(&s.1, "sha256-seconds:"));
+impl Runs {
+    fn new() -> Self {
+        Runs {
+            to_init_ms: Vec::new(),
+            uptime_s: Vec::new(),
+            sha_s: Vec::new(),
+        }
     }
-    r
+
+    fn add(&mut self, cmd: &mut Command) {
+        let Ok(s) = measure_output(cmd) else {
+            return;
+        };
+        self.to_init_ms.extend(s.0);
+        self.uptime_s.extend(field(&s.1, "uptime-at-init:"));
+        self.sha_s.extend(field(&s.1, "sha256-seconds:"));
+    }
 }
 
 /// Time to the ready line, and the whole output up to the workload's last line.
@@ -101,7 +103,7 @@ fn main() {
         .arg(&guest.initrd)
         .arg("--cmdline")
         .arg(&cmdline);
-    let mut rows = vec![("vireo emu", run(vireo, runs))];
+    let mut cmds = vec![("vireo emu", vireo)];
     if have(Path::new(QEMU)) {
         let mut q = Command::new(QEMU);
         q.args([
@@ -127,9 +129,16 @@ fn main() {
         .arg(&guest.initrd)
         .arg("-append")
         .arg(&cmdline);
-        rows.push(("qemu tcg", run(q, runs)));
+        cmds.push(("qemu tcg", q));
     } else {
         eprintln!("note: {QEMU} not found (apt-get install qemu-system-x86): vireo only");
+    }
+    // Interleave the VMMs run by run so machine noise hits both alike.
+    let mut rows: Vec<(&str, Runs)> = cmds.iter().map(|(n, _)| (*n, Runs::new())).collect();
+    for _ in 0..runs {
+        for ((_, cmd), (_, r)) in cmds.iter_mut().zip(rows.iter_mut()) {
+            r.add(cmd);
+        }
     }
 
     println!("bench/emu: default guest, 1 vCPU, 256 MiB, {runs} runs each");
