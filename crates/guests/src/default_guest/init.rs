@@ -152,7 +152,10 @@ export PS1='\h:\w\$ '
 if [ -n "$cmd" ]; then
     if script=$(echo "$cmd" | base64 -d) && [ -n "$script" ]; then
         echo "{READY_LINE}"
-        setsid cttyhack sh -c "$script"
+        # The command runs under a session leader that waits for the console to drain its
+        # output (busybox stty sets with TCSETSW) before it exits: a session leader's exit
+        # hangs up the console, which discards output not yet sent.
+        setsid cttyhack sh -c 'sh -c "$1"; rc=$?; stty "$(stty -g)" 2>/dev/null; exit $rc' sh "$script"
         echo "{EXIT_STATUS_PREFIX}$?"
     else
         echo "vireo-guest: cannot decode {CMD_PARAM}= from the kernel command line"
