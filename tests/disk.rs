@@ -81,18 +81,32 @@ fn data_written_in_the_guest_is_durable_and_survives_a_reboot() {
             "--disk".to_string(),
             format!("path={},readonly=on", src.display()),
         ];
-        // Copy 1 MiB from the raw disk into a file on the ext4 root, sync, power off.
+        // One vireo run, two boots: the first copies 1 MiB from the raw disk into a file on
+        // the ext4 root, syncs and reboots the guest (the VM restarts in the same process,
+        // same disks); the second finds the file, prints its checksum and powers off.
         let o = guest(
             accel,
             &args,
-            "grep ' / ' /proc/mounts; dd if=/dev/vdb of=/data.bin bs=64k count=16 2>/dev/null; \
-             sync; echo guest-sha: $(sha256sum /data.bin)",
+            "grep ' / ' /proc/mounts; \
+             if [ -f /data.bin ]; then echo after-reboot: $(sha256sum /data.bin); \
+             else dd if=/dev/vdb of=/data.bin bs=64k count=16 2>/dev/null; sync; \
+             echo before-reboot: $(sha256sum /data.bin); reboot -f; fi",
         );
         assert!(
             o.stdout.contains("/dev/vda / ext4"),
             "root is not the disk\n{o}"
         );
-        assert_eq!(word(&o.stdout, "guest-sha:"), Some(want.as_str()), "{o}");
+        assert_eq!(
+            word(&o.stdout, "before-reboot:"),
+            Some(want.as_str()),
+            "{o}"
+        );
+        assert_eq!(word(&o.stdout, "after-reboot:"), Some(want.as_str()), "{o}");
+        assert_eq!(
+            o.stdout.matches("vireo-guest: init ready").count(),
+            2,
+            "{o}"
+        );
         // The host reads the file straight out of the image.
         let out = Command::new("debugfs")
             .args(["-R", "cat /data.bin"])
@@ -100,7 +114,7 @@ fn data_written_in_the_guest_is_durable_and_survives_a_reboot() {
             .output()
             .expect("debugfs (e2fsprogs)");
         assert_eq!(sha256_hex(&out.stdout), want, "host sees other data");
-        // Boot again from the same disk: the file is there.
+        // A new vireo process with the same disk: the file is still there.
         let o = guest(accel, &args, "echo guest-sha: $(sha256sum /data.bin)");
         assert_eq!(word(&o.stdout, "guest-sha:"), Some(want.as_str()), "{o}");
     }
