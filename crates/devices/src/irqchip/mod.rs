@@ -287,6 +287,7 @@ impl IrqChip {
     fn build(vcpus: u32, clock: GuestClock, time: Time) -> Self {
         let n = vcpus as usize;
         let ratio = apic_timer_tsc_ratio(clock.tsc_hz());
+        let tsc_hz = clock.tsc_hz();
         IrqChip {
             clock,
             time,
@@ -298,7 +299,7 @@ impl IrqChip {
                 },
                 ioapic: Ioapic::new(),
                 pic: Pic::new(),
-                pit: Pit::new(clock.tsc_hz()),
+                pit: Pit::new(tsc_hz),
             }),
             slots: (0..n)
                 .map(|_| Slot {
@@ -527,7 +528,7 @@ fn decode_msi(msi: MsiMessage) -> Option<Message> {
 
 impl UserIrqChip for IrqChip {
     fn clock(&self) -> GuestClock {
-        self.clock
+        self.clock.clone()
     }
 
     fn attach_vcpu(&self, id: u32, waker: Arc<dyn Kicker>) {
