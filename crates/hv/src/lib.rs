@@ -215,14 +215,23 @@ pub trait Vm: Send + Sync {
     }
     /// The backend's VM-wide state: the guest clock, and the interrupt controllers and PIT
     /// when the backend has them built in. Call with every vCPU stopped.
-    fn save_state(&self) -> Result<VmState>;
-    /// Load what [`Vm::save_state`] gave (before the vCPUs' state is restored).
-    fn restore_state(&self, state: &VmState) -> Result<()>;
+    fn save_state(&self) -> Result<VmState> {
+        Err(Error::Unsupported("saving VM state".into()))
+    }
+    /// Load what [`Vm::save_state`] gave (before the vCPUs' state is restored). The clock
+    /// then stands at the saved value until [`Vm::resume_clock`].
+    fn restore_state(&self, _state: &VmState) -> Result<()> {
+        Err(Error::Unsupported("restoring VM state".into()))
+    }
     /// Stop the guest clock while the VM is paused, so the guest does not see the pause as
     /// time passing (KVM: kvmclock is held with KVM_GET/SET_CLOCK).
-    fn pause_clock(&self) -> Result<()>;
+    fn pause_clock(&self) -> Result<()> {
+        Ok(())
+    }
     /// Let the guest clock run again from where [`Vm::pause_clock`] stopped it.
-    fn resume_clock(&self) -> Result<()>;
+    fn resume_clock(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One interrupt input pin, as a device sees it.
@@ -266,7 +275,11 @@ pub trait Vcpu: Send {
     /// Everything about this vCPU (registers, FPU/XSAVE, MSRs, LAPIC, pending events, MP
     /// state, CPUID), for snapshots and migration. Call from the thread that runs the vCPU,
     /// while it is not running.
-    fn save_state(&mut self) -> Result<VcpuState>;
+    fn save_state(&mut self) -> Result<VcpuState> {
+        Err(Error::Unsupported("saving vCPU state".into()))
+    }
     /// Load what [`Vcpu::save_state`] gave (on the same backend).
-    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
+    fn restore_state(&mut self, _state: &VcpuState) -> Result<()> {
+        Err(Error::Unsupported("restoring vCPU state".into()))
+    }
 }
