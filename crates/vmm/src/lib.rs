@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 mod pci;
+pub mod snapshot;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};
