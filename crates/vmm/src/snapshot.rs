@@ -257,7 +257,7 @@ impl PageMap {
 }
 
 /// What [`write_memory`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryStats {
     /// Bytes of RAM.
     pub ram: u64,
@@ -367,9 +367,9 @@ fn write_nonzero(
     Ok(())
 }
 
-/// Check `dir/memory` against `state` (magic, version, id, size) and map guest RAM from it:
-/// private mappings of the file, read lazily as the guest touches pages.
-pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, SnapshotError> {
+/// Check `dir/memory` against `state`: magic, version, the snapshot id, and a size that holds
+/// every region. Returns the open file.
+pub fn check_memory(dir: &Path, state: &MachineState) -> Result<File, SnapshotError> {
     let path = dir.join(MEMORY_FILE);
     let f = File::open(&path).map_err(io_err(&path))?;
     let mut h = vec![0u8; 36];
@@ -394,7 +394,6 @@ pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, Snaps
         ));
     }
     let size = f.metadata().map_err(io_err(&path))?.len();
-    let mut ranges = Vec::new();
     for r in &state.memory {
         let end = r
             .file_offset
@@ -406,6 +405,17 @@ pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, Snaps
                 format!("the file is {size} bytes, too short for its RAM (truncated?)"),
             ));
         }
+    }
+    Ok(f)
+}
+
+/// Check `dir/memory` ([`check_memory`]) and map guest RAM from it: private mappings of the
+/// file, read lazily as the guest touches pages.
+pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, SnapshotError> {
+    let f = check_memory(dir, state)?;
+    let path = dir.join(MEMORY_FILE);
+    let mut ranges = Vec::new();
+    for r in &state.memory {
         let len = usize::try_from(r.len).map_err(|_| invalid(&path, "region too large"))?;
         let region = MmapRegion::<()>::build(
             Some(FileOffset::new(
