@@ -420,7 +420,9 @@ mod tests {
         irq.extend_from_slice(&layout::GED_IRQ.to_le_bytes());
         assert!(has(&irq));
         // Notify (\_SB_.PWRB, 0x80): NotifyOp, root path, 0x80 as a byte constant.
-        assert!(has(&[0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80]));
+        assert!(has(&[
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80
+        ]));
         let without = dsdt(
             &LegacyDevices {
                 power_button: false,

@@ -85,8 +85,8 @@ impl GuestClock {
     /// The host instant at which the TSC reaches `tsc` (while paused: as if the clock were
     /// resumed now; nothing runs then anyway).
     pub fn instant_of(&self, tsc: u64) -> Instant {
-        let ns = (tsc as u128 * 1_000_000_000 / self.inner.tsc_hz as u128).min(u64::MAX as u128)
-            as u64;
+        let ns =
+            (tsc as u128 * 1_000_000_000 / self.inner.tsc_hz as u128).min(u64::MAX as u128) as u64;
         let now = Instant::now();
         let now_ns = self.nanos_at(now);
         if ns >= now_ns {
@@ -215,7 +215,10 @@ mod tests {
         c.resume();
         let after = c.nanos();
         // The 30 ms of pause are not counted.
-        assert!(after >= at_pause && after < at_pause + 20_000_000, "{at_pause} {after}");
+        assert!(
+            after >= at_pause && after < at_pause + 20_000_000,
+            "{at_pause} {after}"
+        );
         let clone = c.clone();
         clone.pause();
         assert!(c.is_paused(), "clones share the clock");

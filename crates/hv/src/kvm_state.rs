@@ -86,7 +86,10 @@ pub(crate) fn get_cpuid(fd: &VcpuFd) -> Result<Vec<CpuidEntry>> {
     let c = fd
         .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| Error::call("KVM_GET_CPUID2", e))?;
-    Ok(c.as_slice().iter().map(super::kvm::cpuid_from_kvm).collect())
+    Ok(c.as_slice()
+        .iter()
+        .map(super::kvm::cpuid_from_kvm)
+        .collect())
 }
 
 pub(crate) fn get_events(fd: &VcpuFd) -> Result<VcpuEvents> {
@@ -197,7 +200,9 @@ pub(crate) fn set_xcrs(fd: &VcpuFd, xcrs: &[Xcr]) -> Result<()> {
 }
 
 pub(crate) fn get_xsave(fd: &VcpuFd) -> Result<Vec<u32>> {
-    let x = fd.get_xsave().map_err(|e| Error::call("KVM_GET_XSAVE", e))?;
+    let x = fd
+        .get_xsave()
+        .map_err(|e| Error::call("KVM_GET_XSAVE", e))?;
     Ok(x.region.to_vec())
 }
 
@@ -318,7 +323,10 @@ pub(crate) fn set_irqchips(
     ioapic: &IoapicState,
     pit: &PitState,
 ) -> Result<()> {
-    for (id, p) in [(KVM_IRQCHIP_PIC_MASTER, &pic[0]), (KVM_IRQCHIP_PIC_SLAVE, &pic[1])] {
+    for (id, p) in [
+        (KVM_IRQCHIP_PIC_MASTER, &pic[0]),
+        (KVM_IRQCHIP_PIC_SLAVE, &pic[1]),
+    ] {
         let mut c = kvm_irqchip {
             chip_id: id,
             ..Default::default()
@@ -378,7 +386,8 @@ pub(crate) fn set_clock(fd: &VmFd, ns: u64) -> Result<()> {
         clock: ns,
         ..Default::default()
     };
-    fd.set_clock(&c).map_err(|e| Error::call("KVM_SET_CLOCK", e))
+    fd.set_clock(&c)
+        .map_err(|e| Error::call("KVM_SET_CLOCK", e))
 }
 
 #[cfg(test)]

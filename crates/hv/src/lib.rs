@@ -16,8 +16,7 @@ use std::sync::Arc;
 pub use irqchip::{CpuEvent, GuestClock, UserIrqChip};
 pub use state::{
     CpuidEntry, DebugRegs, DescriptorTable, FpuState, IoapicState, LapicState, MpState, Msr,
-    PicState, PitChannelState, PitState, Regs, Segment, Sregs, VcpuEvents, VcpuState, VmState,
-    Xcr,
+    PicState, PitChannelState, PitState, Regs, Segment, Sregs, VcpuEvents, VcpuState, VmState, Xcr,
 };
 /// The eventfd type of [`MsiVector`] and [`Vm::register_ioevent`] (a Linux `eventfd(2)`).
 pub use vmm_sys_util::eventfd::EventFd;

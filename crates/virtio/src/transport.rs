@@ -467,7 +467,9 @@ impl VirtioPciDevice {
         {
             return bad(format!("{}: queues differ", self.device.name()));
         }
-        if s.device.active && s.queue_positions.len() != s.queues.iter().filter(|q| q.enabled).count() {
+        if s.device.active
+            && s.queue_positions.len() != s.queues.iter().filter(|q| q.enabled).count()
+        {
             return bad(format!(
                 "{}: the state was not taken while paused",
                 self.device.name()
@@ -491,7 +493,10 @@ impl VirtioPciDevice {
         if s.device.active {
             self.activate_at(&s.queue_positions);
             if !self.active {
-                return bad(format!("{}: its queues could not be started", self.device.name()));
+                return bad(format!(
+                    "{}: its queues could not be started",
+                    self.device.name()
+                ));
             }
         }
         Ok(())

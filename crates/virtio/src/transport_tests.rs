@@ -565,7 +565,9 @@ fn pause_state_and_restore_continue_the_queue_in_a_new_transport() {
         vm: g.vm.clone(),
         mem: g.mem.clone(),
     };
-    h.dev.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    h.dev
+        .restore(&serde_json::from_str(&json).unwrap())
+        .unwrap();
     assert_eq!(h.status(), 0x0f);
     assert_eq!(h.wait_used(&mut d).1, 16);
     d.add(&h.mem, &[Desc::w(DATA, 8)]).unwrap();
@@ -580,5 +582,10 @@ fn pause_state_and_restore_continue_the_queue_in_a_new_transport() {
     assert!(other.dev.restore(&bad).is_err());
     let mut bad: VirtioPciState = serde_json::from_str(&json).unwrap();
     bad.queue_positions.clear();
-    assert!(other.dev.restore(&bad).unwrap_err().to_string().contains("paused"));
+    assert!(other
+        .dev
+        .restore(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("paused"));
 }

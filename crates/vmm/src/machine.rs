@@ -346,7 +346,11 @@ fn create_devices(
         let offset = u64::from(port - layout::I8042_DATA_PORT);
         let dev: Arc<Mutex<dyn BusDevice>> = i8042.clone();
         bus.pio
-            .insert(port as u64, 1, Arc::new(Mutex::new(Offset::new(dev, offset))))
+            .insert(
+                port as u64,
+                1,
+                Arc::new(Mutex::new(Offset::new(dev, offset))),
+            )
             .map_err(|e| dev_err(&e))?;
     }
     let mem = env.config.memory.0;

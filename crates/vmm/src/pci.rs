@@ -153,7 +153,10 @@ impl PciDevices {
     }
 
     /// Load states from [`PciDevices::states`] into the functions of the same configuration.
-    pub(crate) fn restore(&self, states: &[(String, vireo_virtio::VirtioPciState)]) -> Result<(), Error> {
+    pub(crate) fn restore(
+        &self,
+        states: &[(String, vireo_virtio::VirtioPciState)],
+    ) -> Result<(), Error> {
         if states.len() != self.virtio.len() {
             return Err(Error::Devices(format!(
                 "the snapshot has {} PCI devices, this configuration {}",

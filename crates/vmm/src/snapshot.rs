@@ -185,7 +185,10 @@ pub fn decode_state(path: &Path, bytes: &[u8]) -> Result<MachineState, SnapshotE
         ));
     }
     if Sha256::digest(payload).as_slice() != &bytes[20..52] {
-        return Err(invalid(path, "checksum mismatch: the state file is corrupted"));
+        return Err(invalid(
+            path,
+            "checksum mismatch: the state file is corrupted",
+        ));
     }
     serde_json::from_slice(payload).map_err(|e| invalid(path, format!("state: {e}")))
 }
@@ -196,7 +199,10 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     let mut f = File::open(&path).map_err(io_err(&path))?;
     let size = f.metadata().map_err(io_err(&path))?.len();
     if size > MAX_STATE_LEN {
-        return Err(invalid(&path, format!("{size} bytes is too large for a state file")));
+        return Err(invalid(
+            &path,
+            format!("{size} bytes is too large for a state file"),
+        ));
     }
     let mut bytes = Vec::with_capacity(size as usize);
     f.read_to_end(&mut bytes).map_err(io_err(&path))?;
@@ -490,7 +496,8 @@ mod tests {
         mem.write_slice(&[0xab; 8192], GuestAddress((1 << 32) + 0x20_0000))
             .unwrap();
         // A page written with zeroes is populated but not worth writing.
-        mem.write_slice(&[0; 4096], GuestAddress(0x40_0000)).unwrap();
+        mem.write_slice(&[0; 4096], GuestAddress(0x40_0000))
+            .unwrap();
         let id = new_id();
         let (regions, stats) = write_memory(&dir, &mem, &id).unwrap();
         assert_eq!(stats.ram, 12 << 20);

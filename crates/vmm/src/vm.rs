@@ -309,14 +309,17 @@ impl VmmHandle {
         {
             let mut q = lock(&self.0.commands);
             if self.0.exited.load(Ordering::SeqCst) {
-                return Err(CommandError::conflict(self.state(), "do that", ": the VMM is exiting"));
+                return Err(CommandError::conflict(
+                    self.state(),
+                    "do that",
+                    ": the VMM is exiting",
+                ));
             }
             q.push_back((cmd, tx));
         }
         self.0.changed.notify_all();
-        rx.recv().unwrap_or_else(|_| {
-            Err(CommandError::failed("the VMM stopped before answering"))
-        })
+        rx.recv()
+            .unwrap_or_else(|_| Err(CommandError::failed("the VMM stopped before answering")))
     }
 
     /// The lifecycle state now.
@@ -490,7 +493,10 @@ impl Vmm {
     /// A VMM that restores the snapshot in `req.snapshot` when run. The snapshot is read and
     /// checked here, before anything is created: a truncated, corrupted or other-version one
     /// is refused with the reason.
-    pub fn from_snapshot(req: &RestoreRequest, output: Box<dyn Write + Send>) -> Result<Self, Error> {
+    pub fn from_snapshot(
+        req: &RestoreRequest,
+        output: Box<dyn Write + Send>,
+    ) -> Result<Self, Error> {
         let mut vmm = Vmm::waiting(output);
         vmm.keep_alive = false;
         let (state, hypervisor, disks, config) =
@@ -546,9 +552,7 @@ impl Vmm {
                         StopReason::Panic => ExitReason::Panic,
                         StopReason::Signal(s) => return Ok(ExitReason::Signal(s)),
                         StopReason::ConsoleQuit => return Ok(ExitReason::ConsoleQuit),
-                        StopReason::Failure(e) if !self.keep_alive => {
-                            return Err(Error::Guest(e))
-                        }
+                        StopReason::Failure(e) if !self.keep_alive => return Err(Error::Guest(e)),
                         StopReason::Failure(e) => {
                             tracing::error!("the VM failed: {e}");
                             ExitReason::PowerOff
@@ -635,6 +639,11 @@ impl Vmm {
             m.resume()?;
             self.handle.set_state(Lifecycle::Running);
         }
+        tracing::info!(
+            "restored from {}: {}",
+            dir.display(),
+            self.handle.state().as_str()
+        );
         Ok(m)
     }
 
@@ -660,12 +669,14 @@ impl Vmm {
                     .map_err(|e| CommandError::bad(e.to_string()))?;
                 vireo_arch::loader::check_kernel(&config.kernel)
                     .map_err(|e| CommandError::bad(e.to_string()))?;
-                let hypervisor = backend_for(&config).map_err(|e| CommandError::bad(e.to_string()))?;
-                check(&config, hypervisor.as_ref()).map_err(|e| CommandError::bad(e.to_string()))?;
+                let hypervisor =
+                    backend_for(&config).map_err(|e| CommandError::bad(e.to_string()))?;
+                check(&config, hypervisor.as_ref())
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
                 // The old disks are let go first: the new configuration may name the same.
                 self.disks.clear();
-                self.disks =
-                    crate::pci::open_disks(&config).map_err(|e| CommandError::bad(e.to_string()))?;
+                self.disks = crate::pci::open_disks(&config)
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
                 *lock(&self.handle.0.config) = Some((*config).clone());
                 self.config = Some(*config);
                 self.hypervisor = Some(hypervisor);
@@ -674,11 +685,15 @@ impl Vmm {
             }
             Command::Boot => {
                 if state != Created {
-                    return Err(CommandError::conflict(state, "boot", match state {
-                        NotConfigured => "; configure it first",
-                        Stopped => "; configure it again to boot a new VM",
-                        _ => "",
-                    }));
+                    return Err(CommandError::conflict(
+                        state,
+                        "boot",
+                        match state {
+                            NotConfigured => "; configure it first",
+                            Stopped => "; configure it again to boot a new VM",
+                            _ => "",
+                        },
+                    ));
                 }
                 *machine = Some(self.boot().map_err(failed)?);
                 Ok(None)
@@ -704,7 +719,11 @@ impl Vmm {
                     return Err(CommandError::conflict(
                         state,
                         "press the power button",
-                        if state == Paused { "; resume it first" } else { "" },
+                        if state == Paused {
+                            "; resume it first"
+                        } else {
+                            ""
+                        },
                     ));
                 };
                 m.power_button().press();
@@ -740,7 +759,11 @@ impl Vmm {
                     return Err(CommandError::conflict(
                         state,
                         "snapshot",
-                        if state == Running { "; pause it first" } else { "" },
+                        if state == Running {
+                            "; pause it first"
+                        } else {
+                            ""
+                        },
                     ));
                 };
                 let (Some(config), Some(h)) = (&self.config, &self.hypervisor) else {
@@ -808,7 +831,11 @@ fn prepare_restore(
     let accel = match state.backend.as_str() {
         "kvm" => crate::config::Accel::Kvm,
         "emu" => crate::config::Accel::Emu,
-        other => return Err(CommandError::bad(format!("unknown backend {other:?} in the snapshot"))),
+        other => {
+            return Err(CommandError::bad(format!(
+                "unknown backend {other:?} in the snapshot"
+            )))
+        }
     };
     config.accel = accel;
     let hypervisor = backend_for(&config).map_err(|e| bad(&e))?;
