@@ -390,7 +390,10 @@ impl VmmHandle {
         let mut q = lock(&self.0.commands);
         self.0.exited.store(true, Ordering::SeqCst);
         for (_, reply) in q.drain(..) {
-            let _ = reply.send(Err(CommandError::failed("the VMM is exiting")));
+            let _ = reply.send(Err(CommandError {
+                kind: CommandErrorKind::Conflict,
+                message: "the VMM is exiting".into(),
+            }));
         }
     }
 }
