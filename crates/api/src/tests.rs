@@ -157,7 +157,13 @@ fn every_route_is_documented_and_every_documented_operation_is_served() {
 fn schema_checker_catches_mismatches() {
     let d = doc();
     let s = serde_json::json!({"$ref": "#/components/schemas/CommandReply"});
-    assert!(check(&d, &s, &serde_json::json!({"state":"running","micros":3}), "r").is_ok());
+    assert!(check(
+        &d,
+        &s,
+        &serde_json::json!({"state":"running","micros":3}),
+        "r"
+    )
+    .is_ok());
     for bad in [
         serde_json::json!({"state":"running"}),
         serde_json::json!({"state":"sleeping","micros":3}),
@@ -203,7 +209,13 @@ impl Fixture {
     fn call(&self, method: Method, path: &str, body: Option<&str>, status: u16) -> Value {
         let r = self.client.request(method, path, body).unwrap();
         self.conforms(method.as_str(), path, &r);
-        assert_eq!(r.status, status, "{} {path} {body:?}: {}", method.as_str(), r.body);
+        assert_eq!(
+            r.status,
+            status,
+            "{} {path} {body:?}: {}",
+            method.as_str(),
+            r.body
+        );
         serde_json::from_str(&r.body).unwrap()
     }
 
@@ -282,13 +294,25 @@ fn lifecycle_over_every_endpoint_with_refusals_in_every_state() {
         "/vm/reboot",
     ] {
         let e = f.put(p, 409);
-        assert!(e["error"].as_str().unwrap().contains("not-configured"), "{p}: {e}");
+        assert!(
+            e["error"].as_str().unwrap().contains("not-configured"),
+            "{p}: {e}"
+        );
     }
     f.call(Method::Put, "/vm/snapshot", Some(&snap_body), 409);
     // created: configure (twice is fine), then only boot/config/restore fit.
     f.call(Method::Put, "/vm/config", Some(&cfg), 200);
-    assert_eq!(f.call(Method::Put, "/vm/config", Some(&cfg), 200)["state"], "created");
-    for p in ["/vm/pause", "/vm/resume", "/vm/shutdown", "/vm/power-off", "/vm/reboot"] {
+    assert_eq!(
+        f.call(Method::Put, "/vm/config", Some(&cfg), 200)["state"],
+        "created"
+    );
+    for p in [
+        "/vm/pause",
+        "/vm/resume",
+        "/vm/shutdown",
+        "/vm/power-off",
+        "/vm/reboot",
+    ] {
         f.put(p, 409);
     }
     // running
@@ -299,7 +323,10 @@ fn lifecycle_over_every_endpoint_with_refusals_in_every_state() {
     f.call(Method::Put, "/vm/config", Some(&cfg), 409);
     f.call(Method::Put, "/vm/restore", Some(&restore_body), 409);
     let e = f.call(Method::Put, "/vm/snapshot", Some(&snap_body), 409);
-    assert!(e["error"].as_str().unwrap().contains("pause it first"), "{e}");
+    assert!(
+        e["error"].as_str().unwrap().contains("pause it first"),
+        "{e}"
+    );
     assert_eq!(f.put("/vm/shutdown", 202)["state"], "running");
     let info = f.call(Method::Get, "/vm", None, 200);
     assert_eq!(info["backend"], "emu");
@@ -347,7 +374,10 @@ fn lifecycle_over_every_endpoint_with_refusals_in_every_state() {
         "/vm/power-off",
         "/vm/reboot",
     ] {
-        assert!(f.put(p, 409)["error"].as_str().unwrap().contains("stopped"), "{p}");
+        assert!(
+            f.put(p, 409)["error"].as_str().unwrap().contains("stopped"),
+            "{p}"
+        );
     }
     f.call(Method::Put, "/vm/snapshot", Some(&snap_body), 409);
     let paused = serde_json::json!({ "snapshot": snap, "paused": true }).to_string();
@@ -357,7 +387,10 @@ fn lifecycle_over_every_endpoint_with_refusals_in_every_state() {
     );
     assert_eq!(f.put("/vm/resume", 200)["state"], "running");
     f.put("/vm/power-off", 200);
-    assert_eq!(f.call(Method::Put, "/vm/config", Some(&cfg), 200)["state"], "created");
+    assert_eq!(
+        f.call(Method::Put, "/vm/config", Some(&cfg), 200)["state"],
+        "created"
+    );
     assert_eq!(f.put("/vm/boot", 200)["state"], "running");
     // The document itself.
     let d = f.call(Method::Get, "/openapi.json", None, 200);
@@ -374,20 +407,44 @@ fn malformed_bodies_unknown_fields_and_routes_are_refused() {
     let cases: &[(&str, &str, &str)] = &[
         ("/vm/config", "{", "EOF"),
         ("/vm/config", "[1,2]", "invalid type"),
-        ("/vm/config", r#"{"kernel":"/k","cpu":2}"#, "unknown field `cpu`"),
+        (
+            "/vm/config",
+            r#"{"kernel":"/k","cpu":2}"#,
+            "unknown field `cpu`",
+        ),
         ("/vm/config", r#"{"cpus":2}"#, "missing field `kernel`"),
-        ("/vm/config", r#"{"kernel":"/k","cpus":"two"}"#, "invalid type"),
-        ("/vm/config", r#"{"kernel":"/k","memory":"12X"}"#, "invalid size"),
+        (
+            "/vm/config",
+            r#"{"kernel":"/k","cpus":"two"}"#,
+            "invalid type",
+        ),
+        (
+            "/vm/config",
+            r#"{"kernel":"/k","memory":"12X"}"#,
+            "invalid size",
+        ),
         (
             "/vm/config",
             r#"{"kernel":"/k","disks":[{"path":"/d","cache":"none"}]}"#,
             "unknown field `cache`",
         ),
-        ("/vm/config", r#"{"kernel":"/nonexistent/vmlinux"}"#, "nonexistent"),
+        (
+            "/vm/config",
+            r#"{"kernel":"/nonexistent/vmlinux"}"#,
+            "nonexistent",
+        ),
         ("/vm/config", "", "needs a JSON body"),
         ("/vm/snapshot", r#"{"dest":"/x"}"#, "unknown field `dest`"),
-        ("/vm/restore", r#"{"snapshot":"/x","pause":true}"#, "unknown field `pause`"),
-        ("/vm/restore", r#"{"snapshot":"/nonexistent-snapshot"}"#, "nonexistent-snapshot"),
+        (
+            "/vm/restore",
+            r#"{"snapshot":"/x","pause":true}"#,
+            "unknown field `pause`",
+        ),
+        (
+            "/vm/restore",
+            r#"{"snapshot":"/nonexistent-snapshot"}"#,
+            "nonexistent-snapshot",
+        ),
         ("/vm/boot", r#"{"now":true}"#, "takes no request body"),
     ];
     for (path, body, want) in cases {
