@@ -189,9 +189,13 @@ fn ok<T: serde::Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
 /// Parse a JSON body into `T`; the error names the offending field (serde's message:
 /// "unknown field `cpu`, expected one of ...", "missing field `kernel`", "invalid type ...
 /// at line 1 column 9").
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response<Full<Bytes>>> {
-    serde_json::from_slice(body)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response<Full<Bytes>>>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(error(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {e}"),
+        ))
+    })
 }
 
 async fn respond(handle: &VmmHandle, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -249,15 +253,15 @@ async fn respond(handle: &VmmHandle, req: Request<Incoming>) -> Response<Full<By
         Action::OpenApi => return json_response(StatusCode::OK, OPENAPI.to_string()),
         Action::Configure => match parse::<VmConfig>(&body) {
             Ok(c) => Command::Configure(Box::new(c)),
-            Err(r) => return r,
+            Err(r) => return *r,
         },
         Action::Snapshot => match parse::<SnapshotRequest>(&body) {
             Ok(s) => Command::Snapshot(s.destination),
-            Err(r) => return r,
+            Err(r) => return *r,
         },
         Action::Restore => match parse::<RestoreRequest>(&body) {
             Ok(r) => Command::Restore(r),
-            Err(r) => return r,
+            Err(r) => return *r,
         },
         Action::Boot => Command::Boot,
         Action::Pause => Command::Pause,

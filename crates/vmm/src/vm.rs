@@ -804,18 +804,16 @@ impl Vmm {
     }
 }
 
+/// A checked snapshot, ready to be built: its state, backend, open disks, configuration.
+type Prepared = (
+    MachineState,
+    Box<dyn Hypervisor>,
+    Vec<Arc<vireo_virtio::DiskImage>>,
+    VmConfig,
+);
+
 /// Read and check a snapshot, open its disks (or their replacements) and its backend.
-fn prepare_restore(
-    req: &RestoreRequest,
-) -> Result<
-    (
-        MachineState,
-        Box<dyn Hypervisor>,
-        Vec<Arc<vireo_virtio::DiskImage>>,
-        VmConfig,
-    ),
-    CommandError,
-> {
+fn prepare_restore(req: &RestoreRequest) -> Result<Prepared, CommandError> {
     let bad = |e: &dyn std::fmt::Display| CommandError::bad(e.to_string());
     let state = snapshot::read_state(&req.snapshot).map_err(|e| bad(&e))?;
     // The memory file is checked (header, id, size) before anything is built.
