@@ -379,3 +379,62 @@ fn read_disk_count(disk: &Path) -> u64 {
     let text = String::from_utf8_lossy(&b);
     numbers(&text, "disk ").first().copied().unwrap_or(0)
 }
+
+/// `vireo run --api-socket PATH` alone waits for a configuration; `vireo ctl` configures,
+/// boots and reads it; `exit` ends the process. `vireo run --config FILE` boots the same file.
+#[test]
+fn waiting_vireo_is_configured_over_the_api_and_config_files_boot() {
+    let dir = TempDir::new("api-wait");
+    let kernel = counter_probe(&dir);
+    let config = dir.path().join("vm.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"kernel":"{}","memory":"64M","accel":"emu","cmdline":"console=ttyS0"}}"#,
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let sock = dir.path().join("w.sock");
+    let mut cmd = vireo();
+    cmd.arg("run").arg("--api-socket").arg(&sock);
+    let vm = Running::start(cmd, &sock);
+    let info = vm.ctl_ok(&["info"]);
+    assert!(info.contains("state: not-configured"), "{info}");
+    let (ok, out) = vm.ctl(&["boot"]);
+    assert!(
+        !ok && out.contains("configure it first") && out.contains("409"),
+        "{out}"
+    );
+    vm.ctl_ok(&["config", config.to_str().unwrap()]);
+    assert!(vm.ctl_ok(&["boot"]).contains("state: running"));
+    vm.wait_for("count 1", Duration::from_secs(30), |o| {
+        last(o, "count ").is_some_and(|n| n >= 1)
+    });
+    let counters = vm.ctl_ok(&["counters"]);
+    assert!(counters.contains("output_bytes="), "{counters}");
+    let json = vm.ctl_ok(&["--json", "info"]);
+    assert!(
+        json.trim_start().starts_with('{') && json.contains("\"backend\":\"emu\""),
+        "{json}"
+    );
+    // A stop keeps the waiting process; `exit` ends it.
+    vm.ctl_ok(&["power-off"]);
+    assert!(vm.ctl_ok(&["info"]).contains("state: stopped"));
+    vm.ctl_ok(&["exit"]);
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)).0, Some(0));
+    assert!(!sock.exists(), "the socket is removed at exit");
+
+    // The same file on the command line.
+    let mut cmd = vireo();
+    cmd.arg("run").arg("--config").arg(&config);
+    let o = common::run(cmd, Duration::from_secs(30), Some("count 2"));
+    assert!(o.stdout.contains("count 0"), "{o}");
+    // Flags that describe a VM cannot be mixed with a file.
+    let o = vireo()
+        .args(["run", "--memory", "1G", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+}

@@ -43,10 +43,7 @@ fn ctl(vireo: &Path, sock: &Path, args: &[&str]) -> Option<f64> {
         .output()
         .ok()?;
     if !o.status.success() {
-        eprintln!(
-            "vireo ctl {args:?}: {}",
-            String::from_utf8_lossy(&o.stdout)
-        );
+        eprintln!("vireo ctl {args:?}: {}", String::from_utf8_lossy(&o.stdout));
         return None;
     }
     let text = String::from_utf8_lossy(&o.stdout);
@@ -72,7 +69,12 @@ fn wait_for_path(p: &Path, timeout: Duration) -> bool {
 }
 
 /// Wait until the child's stderr has a line containing `marker`; the time since `start`.
-fn stderr_marker(child: &mut Child, marker: &str, start: Instant, timeout: Duration) -> Option<f64> {
+fn stderr_marker(
+    child: &mut Child,
+    marker: &str,
+    start: Instant,
+    timeout: Duration,
+) -> Option<f64> {
     let err = child.stderr.take()?;
     let (tx, rx) = std::sync::mpsc::channel();
     let marker = marker.to_string();
@@ -84,7 +86,9 @@ fn stderr_marker(child: &mut Child, marker: &str, start: Instant, timeout: Durat
             }
         }
     });
-    rx.recv_timeout(timeout).ok().map(|d| d.as_secs_f64() * 1000.0)
+    rx.recv_timeout(timeout)
+        .ok()
+        .map(|d| d.as_secs_f64() * 1000.0)
 }
 
 /// Mean of all samples of a stat: (pause, resume, snapshot, restore-to-running), in ms, and
@@ -131,8 +135,11 @@ fn vireo_run(vireo: &Path, dir: &Path, accel: &str, memory: &str, runs: usize) -
         ctl(vireo, &sock, &["pause"]);
         let snap = dir.join(format!("snap-{memory}"));
         let _ = std::fs::remove_dir_all(&snap);
-        s.snapshot
-            .extend(ctl(vireo, &sock, &["snapshot", snap.to_str().unwrap_or("")]));
+        s.snapshot.extend(ctl(
+            vireo,
+            &sock,
+            &["snapshot", snap.to_str().unwrap_or("")],
+        ));
         s.disk_mib.push(allocated_mib(&snap.join("memory")));
         ctl(vireo, &sock, &["power-off"]);
         let _ = vm.wait();
@@ -299,7 +306,8 @@ fn qemu_run(dir: &Path, accel: &str, memory: &str, runs: usize) -> Stats {
         let qmp2 = dir.join(format!("r{run}.qmp"));
         let start = Instant::now();
         let mut c = qemu_cmd(&kernel, memory, &qmp2, accel);
-        c.arg("-incoming").arg(format!("exec:cat {}", file.display()));
+        c.arg("-incoming")
+            .arg(format!("exec:cat {}", file.display()));
         let Ok(mut r) = c.spawn() else { return s };
         if let Some(mut q) = Qmp::connect(&qmp2) {
             if q.wait_migration() {
@@ -328,10 +336,14 @@ fn main() {
     let accel = arg("--accel").unwrap_or_else(|| "kvm".into());
     let vireo = vireo_binary();
     if !have(&vireo) {
-        eprintln!("no vireo binary at {} (build it, or set VIREO)", vireo.display());
+        eprintln!(
+            "no vireo binary at {} (build it, or set VIREO)",
+            vireo.display()
+        );
         std::process::exit(1);
     }
-    let dir: PathBuf = std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("vireo-bench-snap-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let qemu = !flag("--no-qemu") && have(Path::new(QEMU));
     println!("bench/snapshot: counting probe, {accel}, {runs} runs, medians (ms)");
@@ -357,11 +369,12 @@ fn main() {
             );
         }
         if rows.len() == 2 {
-            let ratio = |f: fn(&Stats) -> &Vec<f64>| {
-                match (median(f(&rows[0].1).clone()), median(f(&rows[1].1).clone())) {
-                    (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
-                    _ => "n/a".into(),
-                }
+            let ratio = |f: fn(&Stats) -> &Vec<f64>| match (
+                median(f(&rows[0].1).clone()),
+                median(f(&rows[1].1).clone()),
+            ) {
+                (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+                _ => "n/a".into(),
             };
             println!(
                 "{:<6} {:>6} {:>9} {:>9} {:>10} {:>9} {:>12}",
