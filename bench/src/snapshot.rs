@@ -3,9 +3,12 @@
 //! migrate-to-file (`migrate exec:cat > FILE`, the form `savevm` is built on) and restore
 //! (`-incoming exec:cat FILE`, then `cont`) on the same guest.
 //!
-//! The guest is the counting probe (`Probe::Counter`, a periodic LAPIC timer and `hlt`)
-//! with, optionally, RAM made dirty first by a Linux guest (`--linux`: the default guest on
-//! the emulator, which touches what a booted kernel touches).
+//! The guest is the counting probe (`Probe::Counter`, a periodic LAPIC timer and `hlt`), on
+//! KVM (or `--accel emu`; QEMU then uses TCG). Pause/resume/snapshot times are what the
+//! server measures for the command (QEMU: the QMP command's round trip, and `migrate` until
+//! `query-migrate` says completed); restore→run is from spawning the process to the VMM saying
+//! the guest runs (vireo's `restored ...: running` log line; QEMU: `cont` after the incoming
+//! migration, until `query-status` says running).
 //!
 //! Usage: `cargo build --release --workspace && target/x86_64-unknown-linux-gnu/release/snapshot
 //! [--runs N] [--accel kvm|emu] [--no-qemu]`
@@ -163,6 +166,8 @@ fn vireo_run(vireo: &Path, dir: &Path, accel: &str, memory: &str, runs: usize) -
         ));
         let _ = r.kill();
         let _ = r.wait();
+        // Let the killed VM's memory and KVM objects go before the next run.
+        std::thread::sleep(Duration::from_millis(300));
     }
     s
 }
