@@ -25,16 +25,16 @@ pub struct RunArgs {
     /// Kernel command line (replaces the default guest's).
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1 to 254), each a host thread.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u32,
-    /// Guest RAM, like 256M or 2G (a bare number means MiB).
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
-    memory: ByteSize,
+    /// Number of vCPUs (1 to 254), each a host thread [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest RAM, like 256M or 2G (a bare number means MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
     /// Accelerator: kvm (hardware-assisted), emu (vireo's x86-64 emulator), or auto (KVM when
-    /// it is usable and hardware-backed, else the emulator).
-    #[arg(long, value_name = "ACCEL", default_value = "auto")]
-    accel: Accel,
+    /// it is usable and hardware-backed, else the emulator) [default: auto].
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<Accel>,
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
@@ -56,14 +56,53 @@ pub struct RunArgs {
     /// getrandom).
     #[arg(long)]
     no_rng: bool,
+    /// Serve the REST API on this Unix socket (`vireo ctl --api-socket PATH ...`). Given
+    /// alone, vireo boots nothing and waits for a configuration over the API.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The VM's configuration as a JSON file (the API's VmConfig); no other VM flag may be
+    /// given with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "accel", "no_reboot", "disks",
+        "root_disk", "no_rng", "command",
+    ])]
+    config: Option<PathBuf>,
     /// With the default guest: run this command in the guest instead of a shell, then power
     /// off (e.g. `vireo run -- uname -a`).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
+impl RunArgs {
+    /// True when no flag describes a VM (only, perhaps, an API socket).
+    fn describes_no_vm(&self) -> bool {
+        self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.cpus.is_none()
+            && self.memory.is_none()
+            && self.accel.is_none()
+            && !self.no_reboot
+            && self.disks.is_empty()
+            && self.root_disk.is_none()
+            && !self.no_rng
+            && self.command.is_empty()
+            && self.config.is_none()
+    }
+}
+
+/// Read a VmConfig from a JSON file; errors name the file and the field.
+pub fn read_config_file(path: &std::path::Path) -> Result<VmConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("configuration {}", path.display()))
+}
+
 /// Build the configuration: the default guest unless a kernel was given.
 fn config_from(args: RunArgs) -> Result<VmConfig> {
+    if let Some(path) = &args.config {
+        return read_config_file(path);
+    }
     let mut config = match &args.kernel {
         Some(kernel) => {
             if !args.command.is_empty() {
@@ -103,9 +142,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             c
         }
     };
-    config.cpus = args.cpus;
-    config.memory = args.memory;
-    config.accel = args.accel;
+    config.cpus = args.cpus.unwrap_or(1);
+    config.memory = args.memory.unwrap_or(ByteSize(256 << 20));
+    config.accel = args.accel.unwrap_or_default();
     config.no_reboot = args.no_reboot;
     config.disks.extend(args.disks);
     config.rng = !args.no_rng;
@@ -113,6 +152,13 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let api_socket = args.api_socket.clone();
+    if api_socket.is_some() && args.describes_no_vm() {
+        return serve(
+            Vmm::waiting(Box::new(std::io::stdout())),
+            api_socket.as_deref(),
+        );
+    }
     let config = config_from(args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
@@ -121,7 +167,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         eprintln!("vireo: {note}");
     }
     let vmm = Vmm::new(config, backend.hypervisor, Box::new(std::io::stdout()))?;
+    serve(vmm, api_socket.as_deref())
+}
+
+/// Run `vmm` on this terminal (signals, console) with the API on `api_socket` if given, and
+/// turn how it ended into the exit status.
+pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode> {
     let handle = vmm.handle();
+    // The API runs only when asked for: without a socket no runtime or thread is started.
+    let mut api = match api_socket {
+        Some(path) => Some(
+            vireo_api::server::ApiServer::start(path, handle.clone())
+                .context("starting the API")?,
+        ),
+        None => None,
+    };
 
     // SIGINT/SIGTERM stop the VM: the handler only records the signal and wakes a thread.
     let signals = signals::install().context("installing signal handlers")?;
@@ -154,8 +214,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 
     let result = vmm.run();
     console::restore_terminal();
+    if let Some(api) = api.as_mut() {
+        api.stop();
+    }
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(ExitCode::SUCCESS),
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
+            Ok(ExitCode::SUCCESS)
+        }
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
             Ok(ExitCode::from(EXIT_GUEST_PANIC))

@@ -148,6 +148,9 @@ if [ -e /{MARKER} ]; then
     fi
 fi
 
+# The ACPI power button shuts the guest down cleanly (/etc/acpi/PWRF/00000080).
+[ -d /sys/module/button ] && acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null
+
 export PS1='\h:\w\$ '
 if [ -n "$cmd" ]; then
     if script=$(echo "$cmd" | base64 -d) && [ -n "$script" ]; then

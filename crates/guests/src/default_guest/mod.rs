@@ -58,6 +58,10 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
     "pvpanic",
     "pvpanic_mmio",
+    // The ACPI power button (`\_SB.PWRB`, reported through the GED) and the event devices
+    // `acpid` reads it from.
+    "evdev",
+    "button",
 ];
 
 /// The base kernel command line for the default guest on a PC-like machine with a 16550 at
@@ -95,6 +99,17 @@ const ETC_FILES: &[(&str, &str, u32)] = &[
     ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
     ("etc/group", "root:x:0:\n", 0o644),
     ("etc/hostname", "vireo\n", 0o644),
+    // busybox acpid runs `<conf dir>/PWRF/00000080` for the power button (KEY_POWER).
+    (
+        "etc/acpi/PWRF/00000080",
+        "#!/bin/sh\n\
+         # The ACPI power button: shut down cleanly.\n\
+         echo 'vireo-guest: power button pressed, shutting down' >/dev/console\n\
+         sync\n\
+         mount -o remount,ro / 2>/dev/null\n\
+         poweroff -f\n",
+        0o755,
+    ),
 ];
 /// Empty directories of the initramfs: `(path, permissions)`.
 const DIRS: &[(&str, u32)] = &[

@@ -146,6 +146,35 @@ impl Vm for EmuVm {
 
     // register_ioevent: the trait's default (not handled here: the device's notify region
     // signals the eventfd when the write reaches the bus).
+
+    /// Only the clock: the interrupt controllers and PIT are the VMM's (`UserIrqChip`).
+    fn save_state(&self) -> Result<crate::VmState> {
+        Ok(crate::VmState {
+            clock_ns: self.shared.clock.nanos(),
+            ..Default::default()
+        })
+    }
+
+    /// Sets the clock, paused until [`Vm::resume_clock`].
+    fn restore_state(&self, state: &crate::VmState) -> Result<()> {
+        if state.pic.is_some() || state.ioapic.is_some() || state.pit.is_some() {
+            return Err(Error::Unsupported(
+                "the state has in-kernel interrupt controllers (it is from KVM)".into(),
+            ));
+        }
+        self.shared.clock.set_nanos(state.clock_ns);
+        Ok(())
+    }
+
+    fn pause_clock(&self) -> Result<()> {
+        self.shared.clock.pause();
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        self.shared.clock.resume();
+        Ok(())
+    }
 }
 
 /// An MSI vector: `trigger` sends the current route to the userspace interrupt controllers.

@@ -81,7 +81,7 @@ impl FakeChip {
 
 impl UserIrqChip for FakeChip {
     fn clock(&self) -> GuestClock {
-        self.clock
+        self.clock.clone()
     }
     fn attach_vcpu(&self, id: u32, waker: Arc<dyn Kicker>) {
         let mut v = self.vcpus.lock().unwrap();
