@@ -19,7 +19,7 @@ const QEMU: &str = "qemu-system-x86_64";
 const WORKLOAD: &str = "read up _ < /proc/uptime; echo \"uptime-at-init: $up\"; \
     dd if=/dev/zero of=/tmp/f bs=1M count=64 2>/dev/null; \
     read a _ < /proc/uptime; sha256sum /tmp/f >/dev/null; read b _ < /proc/uptime; \
-    echo \"sha256-seconds: $(awk \"BEGIN{print $b-$a}\")\"";
+    echo \"sha256-seconds: $(awk \"BEGIN{print $b-$a}\")\"; echo bench-done";
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -65,11 +65,7 @@ impl Runs {
 /// Time to the ready line, and the whole output up to the workload's last line.
 fn measure_output(cmd: &mut Command) -> std::io::Result<(Option<f64>, String)> {
     let c = clone_command(cmd);
-    let s = measure(
-        c,
-        &[READY_LINE, "sha256-seconds:"],
-        Duration::from_secs(600),
-    )?;
+    let s = measure(c, &[READY_LINE, "bench-done"], Duration::from_secs(600))?;
     Ok((
         s.markers[0].map(|d| d.as_secs_f64() * 1e3),
         s.output.clone(),

@@ -129,7 +129,7 @@ impl EmuVcpu {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(m) = mem {
-            self.cpu.mmu.set_memory(m, gen);
+            self.cpu.mmu.set_memory(m.mem, m.code, gen);
             self.cache.clear();
         }
     }
@@ -142,6 +142,12 @@ impl EmuVcpu {
     /// Blocks decoded so far, and how many of those replaced a block whose bytes had changed.
     pub fn block_stats(&self) -> (u64, u64) {
         (self.cache.built, self.cache.stale)
+    }
+
+    /// Times a block's bytes were compared with guest memory after the code epoch moved and
+    /// found unchanged.
+    pub fn blocks_revalidated(&self) -> u64 {
+        self.cache.revalidated
     }
 
     /// Take and act on what the interrupt controller has for this vCPU. `Err(())`: triple
@@ -235,6 +241,8 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VmExit> {
+        // The VMM may have written guest memory (a loader, a test) since the last exit.
+        self.cpu.vm.code_changed();
         self.sync_memory();
         self.cpu.refresh_apic_base();
         self.cpu.poll = true;
