@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod net;
 mod pci;
 mod vm;
 
@@ -30,6 +31,8 @@ pub enum Error {
     Devices(String),
     #[error("{0}")]
     Disk(String),
+    #[error("{0}")]
+    Net(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]

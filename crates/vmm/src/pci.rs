@@ -1,7 +1,8 @@
 //! The PCI side of a VM: the root complex (configuration ports 0xCF8-0xCFF, ECAM) and the
 //! virtio devices on it — the disks in the order given (the first is the guest's
-//! `/dev/vda`), then the entropy device. Disks are opened (and locked) once per VMM and
-//! reused across guest reboots; the devices and their threads live for one boot.
+//! `/dev/vda`), the entropy device, the network devices in the order given (the first is the
+//! guest's `eth0`), then the vsock device. Disks, TAPs and the vsock socket are opened once
+//! per VMM and reused across guest reboots; the devices and their threads live for one boot.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,9 +10,10 @@ use vireo_arch::layout;
 use vireo_devices::pci::{PciConfigIo, PciConfigMmio, PciDevice, PciRoot, PciWindows, Window};
 use vireo_devices::IoBus;
 use vireo_hv::{GuestMemory, Vm};
-use vireo_virtio::{Block, DiskImage, DiskOptions, Rng, VirtioPciDevice};
+use vireo_virtio::{Block, DiskImage, DiskOptions, Net, NetControl, Rng, VirtioPciDevice, Vsock};
 
 use crate::config::VmConfig;
+use crate::net::OpenNet;
 use crate::Error;
 
 /// Open and lock every disk of `cfg`, in order.
@@ -50,9 +52,19 @@ pub(crate) fn windows(mem_size: u64) -> PciWindows {
     }
 }
 
+/// Host back ends that outlive a boot: disks, TAPs, the vsock socket.
+pub(crate) struct Backends<'a> {
+    pub(crate) disks: &'a [Arc<DiskImage>],
+    pub(crate) nets: &'a [OpenNet],
+    pub(crate) vsock: Option<&'a Arc<vireo_virtio::VsockBackend>>,
+}
+
 /// The PCI devices of one boot.
 pub(crate) struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
+    /// Link status and announcements of the network devices, in order.
+    #[allow(dead_code)]
+    pub(crate) nets: Vec<NetControl>,
 }
 
 impl PciDevices {
@@ -62,7 +74,7 @@ impl PciDevices {
         vm: &Arc<dyn Vm>,
         mem: &GuestMemory,
         cfg: &VmConfig,
-        disks: &[Arc<DiskImage>],
+        backends: &Backends<'_>,
         bus: &mut IoBus,
     ) -> Result<Self, Error> {
         let dev_err = |e: &dyn std::fmt::Display| Error::Devices(e.to_string());
@@ -74,7 +86,7 @@ impl PciDevices {
             tracing::debug!("PCI {at}: {name}");
             Ok(())
         };
-        for (i, disk) in disks.iter().enumerate() {
+        for (i, disk) in backends.disks.iter().enumerate() {
             let blk = Block::new(disk.clone(), i);
             add(VirtioPciDevice::new(Box::new(blk), mem.clone(), vm.clone())
                 .map_err(|e| dev_err(&e))?)?;
@@ -84,6 +96,18 @@ impl PciDevices {
                 VirtioPciDevice::new(Box::new(Rng::new()), mem.clone(), vm.clone())
                     .map_err(|e| dev_err(&e))?,
             )?;
+        }
+        let mut nets = Vec::new();
+        for (i, n) in backends.nets.iter().enumerate() {
+            let net = Net::new(n.tap.clone(), n.mac, i);
+            nets.push(net.control());
+            add(VirtioPciDevice::new(Box::new(net), mem.clone(), vm.clone())
+                .map_err(|e| dev_err(&e))?)?;
+        }
+        if let (Some(v), Some(backend)) = (&cfg.vsock, backends.vsock) {
+            let dev = Vsock::new(u64::from(v.cid), backend.clone());
+            add(VirtioPciDevice::new(Box::new(dev), mem.clone(), vm.clone())
+                .map_err(|e| dev_err(&e))?)?;
         }
         let root = Arc::new(Mutex::new(root));
         bus.pio
@@ -100,7 +124,7 @@ impl PciDevices {
                 Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             )
             .map_err(|e| dev_err(&e))?;
-        Ok(PciDevices { root })
+        Ok(PciDevices { root, nets })
     }
 
     /// Map the BARs on `bus` (now shared with the vCPUs); from here on the guest moves them.

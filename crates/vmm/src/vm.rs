@@ -127,6 +127,9 @@ pub struct Vmm {
     handle: VmmHandle,
     /// Disk images, open and locked for the life of the VMM (`crate::pci`).
     disks: Vec<Arc<vireo_virtio::DiskImage>>,
+    /// TAP devices and the vsock socket, open for the life of the VMM (`crate::net`).
+    nets: Vec<crate::net::OpenNet>,
+    vsock: Option<Arc<vireo_virtio::VsockBackend>>,
 }
 
 impl Vmm {
@@ -147,8 +150,16 @@ impl Vmm {
             .into());
         }
         let disks = crate::pci::open_disks(&config)?;
+        let nets = crate::net::open_nets(&config.nets)?;
+        let vsock = config
+            .vsock
+            .as_ref()
+            .map(crate::net::open_vsock)
+            .transpose()?;
         Ok(Vmm {
             disks,
+            nets,
+            vsock,
             config,
             hypervisor,
             output: SharedOutput(Arc::new(Mutex::new(output))),
@@ -217,7 +228,12 @@ impl Vmm {
             chip.register(&mut bus)
                 .map_err(|e| Error::Devices(e.to_string()))?;
         }
-        let pci = crate::pci::PciDevices::create(&vm, &mem, cfg, &self.disks, &mut bus)?;
+        let backends = crate::pci::Backends {
+            disks: &self.disks,
+            nets: &self.nets,
+            vsock: self.vsock.as_ref(),
+        };
+        let pci = crate::pci::PciDevices::create(&vm, &mem, cfg, &backends, &mut bus)?;
         let bus = Arc::new(bus);
         pci.attach(&bus);
         let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;

@@ -5,6 +5,12 @@
 /// it to init's argv/environment; init reads it from `/proc/cmdline`.
 pub const CMD_PARAM: &str = "vireo.cmd";
 
+/// Name of the kernel command-line parameter that configures a network interface:
+/// `vireo.ip=[IFACE:]ADDR/PREFIX[,gw=GW]`, e.g. `vireo.ip=eth0:10.0.2.15/24,gw=10.0.2.2`.
+/// IFACE defaults to `eth0`; give the parameter once per interface. Init brings the
+/// interface up, adds the address and, with `gw=`, a default route through GW.
+pub const IP_PARAM: &str = "vireo.ip";
+
 /// The line init prints right before it starts the command or shell.
 pub const READY_LINE: &str = "vireo-guest: init ready";
 
@@ -122,12 +128,29 @@ done
 rm -f /tmp/insmod.err
 
 cmd=
+nets=
 read -r line </proc/cmdline
 set -f
 for p in $line; do
     case "$p" in
     {CMD_PARAM}=*) cmd="${{p#{CMD_PARAM}=}}" ;;
+    {IP_PARAM}=*) nets="$nets ${{p#{IP_PARAM}=}}" ;;
     esac
+done
+
+# Network interfaces: {IP_PARAM}=[IFACE:]ADDR/PREFIX[,gw=GW], one per interface.
+for spec in $nets; do
+    dev=eth0
+    case "$spec" in *:*) dev="${{spec%%:*}}"; spec="${{spec#*:}}" ;; esac
+    gw=
+    case "$spec" in *,gw=*) gw="${{spec#*,gw=}}"; spec="${{spec%%,gw=*}}" ;; esac
+    if ip link set "$dev" up && ip addr add "$spec" dev "$dev"; then
+        if [ -n "$gw" ] && ! ip route add default via "$gw" dev "$dev"; then
+            echo "vireo-guest: cannot add a default route via $gw"
+        fi
+    else
+        echo "vireo-guest: cannot configure $dev with $spec"
+    fi
 done
 set +f
 
@@ -289,6 +312,7 @@ mod tests {
         let b = s.find("virtio/virtio_ring.ko").unwrap();
         assert!(a < b);
         assert!(s.contains("vireo.cmd=*)"));
+        assert!(s.contains("vireo.ip=*)"));
         assert!(s.contains(READY_LINE));
         assert!(s.trim_end().ends_with("poweroff -f"));
         assert!(!s.contains("--install"));
@@ -304,5 +328,38 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// The network part of `/init`, run by the host's shell with `ip` replaced by a function
+    /// that prints its arguments: each `vireo.ip=` becomes the right `ip` commands.
+    #[test]
+    fn ip_parameters_configure_interfaces() {
+        let s = script("v", &[], false);
+        let start = s.find("cmd=\nnets=").unwrap();
+        let end = s.find("set +f\n").unwrap() + "set +f\n".len();
+        let part = &s[start..end];
+        let cmdline = "console=ttyS0 vireo.ip=10.0.2.15/24,gw=10.0.2.2 quiet \
+                       vireo.ip=eth1:192.168.7.2/16 vireo.cmd=eA==";
+        let prog = format!(
+            "ip() {{ echo \"ip $*\"; }}\n{}\necho \"cmd=$cmd\"",
+            part.replace("</proc/cmdline", &format!("<<'EOF'\n{cmdline}\nEOF"))
+        );
+        let Ok(out) = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&prog)
+            .output()
+        else {
+            eprintln!("skipping: no host sh");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text,
+            "ip link set eth0 up\nip addr add 10.0.2.15/24 dev eth0\n\
+             ip route add default via 10.0.2.2 dev eth0\n\
+             ip link set eth1 up\nip addr add 192.168.7.2/16 dev eth1\ncmd=eA==\n",
+            "{prog}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -248,7 +248,9 @@ impl Net {
     /// A device on `backend` (one queue pair per back-end queue) with address `mac`; `index`
     /// names its threads (`virtio-net<index>-<pair>`).
     pub fn new(backend: Arc<dyn NetBackend>, mac: MacAddr, index: usize) -> Self {
-        let pairs = backend.queues().clamp(1, crate::transport::MAX_QUEUES / 2 - 1);
+        let pairs = backend
+            .queues()
+            .clamp(1, crate::transport::MAX_QUEUES / 2 - 1);
         let mut queue_sizes = vec![QUEUE_SIZE; 2 * pairs];
         queue_sizes.push(CTRL_QUEUE_SIZE);
         Net {
@@ -372,8 +374,9 @@ impl VirtioDevice for Net {
                 .collect::<Result<Vec<_>>>()?,
         });
         let stop = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::io("eventfd", e))?;
-        let mut per_pair: Vec<pair::PairQueues> =
-            (0..used_pairs).map(|_| pair::PairQueues::default()).collect();
+        let mut per_pair: Vec<pair::PairQueues> = (0..used_pairs)
+            .map(|_| pair::PairQueues::default())
+            .collect();
         for q in a.queues {
             let i = q.index;
             if i == ctrl_index {

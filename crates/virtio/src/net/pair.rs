@@ -297,7 +297,10 @@ impl Worker {
         match r {
             Ok(()) => self.registered = want,
             Err(e) => {
-                self.problem(Problem::RxRead, format_args!("epoll_ctl on the back end: {e}"));
+                self.problem(
+                    Problem::RxRead,
+                    format_args!("epoll_ctl on the back end: {e}"),
+                );
                 self.backend_failed = true;
                 self.registered = false;
             }
@@ -306,7 +309,10 @@ impl Worker {
 
     fn broke(&mut self, e: &dyn std::fmt::Display) {
         self.broken = true;
-        self.problem(Problem::Broken, format_args!("{e}; the device needs a reset"));
+        self.problem(
+            Problem::Broken,
+            format_args!("{e}; the device needs a reset"),
+        );
         self.ctx.interrupt.set_needs_reset();
     }
 
@@ -622,8 +628,7 @@ impl Worker {
                 }
             }
         }
-        let Some(h) = VnetHeader::from_bytes(&raw).for_rx(self.ctx.features, count as u16)
-        else {
+        let Some(h) = VnetHeader::from_bytes(&raw).for_rx(self.ctx.features, count as u16) else {
             self.ctx
                 .shared
                 .stats

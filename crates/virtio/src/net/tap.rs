@@ -229,20 +229,12 @@ impl Tap {
     pub fn set_up(&self) -> Result<(), TapError> {
         let s = inet_socket().map_err(|e| self.io("socket", e))?;
         let mut req = IfReq::new(&self.name);
-        ioctl_ifreq(
-            s.as_raw_fd(),
-            libc::SIOCGIFFLAGS as libc::c_ulong,
-            &mut req,
-        )
-        .map_err(|e| self.io("reading the interface flags", e))?;
+        ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS as libc::c_ulong, &mut req)
+            .map_err(|e| self.io("reading the interface flags", e))?;
         let flags = req.short() | libc::IFF_UP as i16;
         req.set_short(flags);
-        ioctl_ifreq(
-            s.as_raw_fd(),
-            libc::SIOCSIFFLAGS as libc::c_ulong,
-            &mut req,
-        )
-        .map_err(|e| self.io("bringing the interface up", e))
+        ioctl_ifreq(s.as_raw_fd(), libc::SIOCSIFFLAGS as libc::c_ulong, &mut req)
+            .map_err(|e| self.io("bringing the interface up", e))
     }
 
     /// Give the host side of the TAP an IPv4 address (`ip addr add ADDR/PREFIX dev NAME`,
@@ -568,12 +560,7 @@ mod tests {
     fn if_flags(name: &str) -> Option<i16> {
         let s = inet_socket().ok()?;
         let mut req = IfReq::new(name);
-        ioctl_ifreq(
-            s.as_raw_fd(),
-            libc::SIOCGIFFLAGS as libc::c_ulong,
-            &mut req,
-        )
-        .ok()?;
+        ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS as libc::c_ulong, &mut req).ok()?;
         Some(req.short())
     }
 
@@ -594,7 +581,8 @@ mod tests {
             assert_eq!(tap.queues(), 2);
             let flags = if_flags(name).expect("the TAP exists");
             assert_eq!(flags & libc::IFF_UP as i16, 0);
-            tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4).unwrap();
+            tap.set_offload(libc::TUN_F_CSUM | libc::TUN_F_TSO4)
+                .unwrap();
             tap.set_queue_enabled(1, false).unwrap();
             tap.set_queue_enabled(1, true).unwrap();
             tap.set_ipv4(Ipv4Addr::new(10, 99, 0, 1), 24).unwrap();

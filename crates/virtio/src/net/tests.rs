@@ -50,11 +50,7 @@ impl Setup {
     fn with_size(pairs: usize, features: u64, size: u16) -> Setup {
         let mem = guest_memory();
         let backend = Arc::new(SocketPairBackend::new(pairs).unwrap());
-        let mut net = Net::new(
-            backend.clone(),
-            MacAddr([0x52, 0x54, 0, 1, 2, 3]),
-            0,
-        );
+        let mut net = Net::new(backend.clone(), MacAddr([0x52, 0x54, 0, 1, 2, 3]), 0);
         let nq = if features & VIRTIO_NET_F_MQ != 0 {
             2 * pairs + 1
         } else {
@@ -152,9 +148,7 @@ impl Setup {
                     h.copy_from_slice(&buf[..VNET_HDR_LEN]);
                     return Some((VnetHeader::from_bytes(&h), buf[VNET_HDR_LEN..n].to_vec()));
                 }
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 Err(_) => return None,
             }
         }
@@ -197,7 +191,9 @@ impl Setup {
         let mut b = vec![class, cmd];
         b.extend_from_slice(data);
         self.mem.write_slice(&b, GuestAddress(at)).unwrap();
-        self.mem.write_obj(0xffu8, GuestAddress(at + 0x100)).unwrap();
+        self.mem
+            .write_obj(0xffu8, GuestAddress(at + 0x100))
+            .unwrap();
         let c = self.ctrl_index();
         let (d, e) = &mut self.queues[c];
         d.add(
@@ -213,7 +209,9 @@ impl Setup {
 }
 
 fn frame(len: usize, seed: u8) -> Vec<u8> {
-    let mut f: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect();
     f[..6].copy_from_slice(&[0x52, 0x54, 0, 1, 2, 3]);
     f
 }
@@ -255,7 +253,13 @@ fn mac_addresses_parse_and_print() {
     assert_eq!(m.0, [0x52, 0x54, 0, 0xab, 0xcd, 0x0f]);
     assert_eq!(m.to_string(), "52:54:00:ab:cd:0f");
     assert_eq!("52-54-00-ab-cd-0f".parse::<MacAddr>().unwrap(), m);
-    for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:0f:00", "5:54:00:ab:cd:0f", "zz:54:00:ab:cd:0f"] {
+    for bad in [
+        "",
+        "52:54:00:ab:cd",
+        "52:54:00:ab:cd:0f:00",
+        "5:54:00:ab:cd:0f",
+        "zz:54:00:ab:cd:0f",
+    ] {
         assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
     }
     assert!(!MacAddr([1, 0, 0, 0, 0, 0]).is_unicast());
@@ -532,15 +536,16 @@ fn a_guest_that_never_reads_costs_nothing() {
 
 #[test]
 fn control_queue_multiqueue_and_announce() {
-    let mut s = Setup::new(
-        3,
-        BASE_FEATURES | VIRTIO_NET_F_MQ | VIRTIO_NET_F_MRG_RXBUF,
-    );
+    let mut s = Setup::new(3, BASE_FEATURES | VIRTIO_NET_F_MQ | VIRTIO_NET_F_MRG_RXBUF);
     assert_eq!(s.ctrl_index(), 6);
     assert!(s.backend.queue_enabled(0));
     assert!(!s.backend.queue_enabled(1) && !s.backend.queue_enabled(2));
     assert_eq!(
-        s.control(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, &3u16.to_le_bytes()),
+        s.control(
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            &3u16.to_le_bytes()
+        ),
         VIRTIO_NET_OK
     );
     assert!(s.backend.queue_enabled(2));
@@ -564,7 +569,11 @@ fn control_queue_multiqueue_and_announce() {
     // Out of range, short, unknown.
     for n in [0u16, 4, 0x8001] {
         assert_eq!(
-            s.control(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, &n.to_le_bytes()),
+            s.control(
+                VIRTIO_NET_CTRL_MQ,
+                VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+                &n.to_le_bytes()
+            ),
             VIRTIO_NET_ERR,
             "{n}"
         );
@@ -575,7 +584,11 @@ fn control_queue_multiqueue_and_announce() {
     );
     assert_eq!(s.control(0x7f, 0x7f, &[]), VIRTIO_NET_ERR);
     assert_eq!(
-        s.control(VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, &1u16.to_le_bytes()),
+        s.control(
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            &1u16.to_le_bytes()
+        ),
         VIRTIO_NET_OK
     );
     assert!(!s.backend.queue_enabled(1));
