@@ -322,13 +322,14 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// SHA-256 (hex) of `data`, by the host's `sha256sum`.
-pub fn sha256_hex(data: &[u8]) -> String {
-    let mut c = Command::new("sha256sum")
+/// MD5 (hex) of `data`, by the host's `md5sum` (the guest's busybox computes the same; MD5
+/// checks integrity here, not authenticity, and costs the emulated guest a fifth of SHA-256).
+pub fn md5_hex(data: &[u8]) -> String {
+    let mut c = Command::new("md5sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("sha256sum (coreutils)");
+        .expect("md5sum (coreutils)");
     let mut stdin = c.stdin.take().unwrap();
     let data = data.to_vec();
     let w = std::thread::spawn(move || stdin.write_all(&data));
@@ -347,7 +348,8 @@ pub fn vtool() -> Option<PathBuf> {
     static TOOL: OnceLock<Option<PathBuf>> = OnceLock::new();
     TOOL.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vtool.rs");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vtool-{}", std::process::id()));
+        let out =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vtool-{}", std::process::id()));
         let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
         let o = Command::new(rustc)
             .args([

@@ -16,7 +16,7 @@
 
 pub mod features;
 pub mod hdr;
-mod pair;
+pub(crate) mod pair;
 pub mod tap;
 
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -138,7 +138,7 @@ pub struct NetCounters {
 }
 
 /// What the device, its threads and outside handles share.
-struct Shared {
+pub(crate) struct Shared {
     /// `status` of the configuration space.
     status: AtomicU16,
     /// The negotiated features while the device runs.

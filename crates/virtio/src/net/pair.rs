@@ -361,8 +361,9 @@ impl Worker {
                 Some(0)
             },
         );
-        if let Err(e) = r {
-            self.broke(&e);
+        match r {
+            Ok(()) => rearm(q, &ctx.mem),
+            Err(e) => self.broke(&e),
         }
     }
 
@@ -384,8 +385,9 @@ impl Worker {
             MAX_BUFFERS,
             |chain, _| Some(control_command(ctx, chain)),
         );
-        if let Err(e) = r {
-            self.broke(&e);
+        match r {
+            Ok(()) => rearm(q, &ctx.mem),
+            Err(e) => self.broke(&e),
         }
     }
 
@@ -515,7 +517,7 @@ impl Worker {
 
     /// A frame of `n` bytes (header included) worth delivering?
     fn check_len(&self, n: usize) -> bool {
-        if n < VNET_HDR_LEN + ETH_HLEN || n > MAX_RX {
+        if !(VNET_HDR_LEN + ETH_HLEN..=MAX_RX).contains(&n) {
             self.ctx
                 .shared
                 .stats
@@ -669,6 +671,17 @@ impl Worker {
             .rx_bytes
             .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         Ok(Some(true))
+    }
+}
+
+/// `queue::serve_queue` stops after a queue's worth of chains without asking the driver for a
+/// notification, and with EVENT_IDX a driver then sees no reason to notify again (its
+/// `avail_event` is stale). So after each pass ask for one (§2.7.10), and when chains are
+/// already waiting signal our own eventfd so the loop comes back to them after its other
+/// sources.
+pub(crate) fn rearm(q: &mut ActiveQueue, mem: &GuestMemory) {
+    if q.queue.enable_notification(mem).unwrap_or(true) {
+        let _ = q.notify.write(1);
     }
 }
 

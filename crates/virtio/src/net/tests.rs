@@ -48,6 +48,7 @@ impl Setup {
     }
 
     fn with_size(pairs: usize, features: u64, size: u16) -> Setup {
+        let event_idx = features & crate::VIRTIO_F_RING_EVENT_IDX != 0;
         let mem = guest_memory();
         let backend = Arc::new(SocketPairBackend::new(pairs).unwrap());
         let mut net = Net::new(backend.clone(), MacAddr([0x52, 0x54, 0, 1, 2, 3]), 0);
@@ -65,7 +66,7 @@ impl Setup {
                 index: i,
                 queue: {
                     let mut q = d.queue().unwrap();
-                    virtio_queue::QueueT::set_event_idx(&mut q, false);
+                    virtio_queue::QueueT::set_event_idx(&mut q, event_idx);
                     q
                 },
                 notify: e.try_clone().unwrap(),
@@ -639,4 +640,36 @@ fn reset_stops_threads_and_offloads() {
     s.post_rx(0, 1, 2048);
     s.host_send(0, VnetHeader::default(), &frame(60, 17));
     s.no_used(0);
+}
+
+#[test]
+fn event_idx_transmit_keeps_asking_for_notifications() {
+    // A driver that honours avail_event (§2.7.10) must be asked for a notification after the
+    // device consumed a whole queue's worth in one pass, or it would never notify again.
+    let features = (BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX) & !VIRTIO_NET_F_MRG_RXBUF;
+    let mut s = Setup::new(1, features);
+    let f = frame(60, 18);
+    s.mem
+        .write_slice(&VnetHeader::default().to_bytes(), GuestAddress(TXBUF))
+        .unwrap();
+    s.mem.write_slice(&f, GuestAddress(TXBUF + 12)).unwrap();
+    for round in 1..=3u16 {
+        let (d, e) = &mut s.queues[1];
+        for _ in 0..QUEUE_SIZE {
+            d.add(&s.mem, &[Desc::r(TXBUF, 72)]).unwrap();
+        }
+        e.write(1).unwrap();
+        for _ in 0..QUEUE_SIZE {
+            s.wait_used(1);
+        }
+        // Drain the frames on the host side.
+        for _ in 0..QUEUE_SIZE {
+            assert!(s.host_recv(0).is_some());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.queues[1].0.avail_event(&s.mem) != round.wrapping_mul(QUEUE_SIZE) {
+            assert!(Instant::now() < deadline, "avail_event not re-armed");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }

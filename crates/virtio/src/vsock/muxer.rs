@@ -244,8 +244,9 @@ impl Muxer {
                 Some(0)
             },
         );
-        if let Err(e) = r {
-            self.broke(&e);
+        match r {
+            Ok(()) => crate::net::pair::rearm(q, &mem),
+            Err(e) => self.broke(&e),
         }
     }
 
