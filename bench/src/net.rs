@@ -685,16 +685,22 @@ impl Console {
         Console { child, out }
     }
 
-    fn wait_for(&self, pat: &str, timeout: Duration) -> Option<String> {
+    /// The first console line containing `pat` (and not "listening"), waiting up to
+    /// `timeout`; None also when the VMM exits first.
+    fn wait_for(&mut self, pat: &str, timeout: Duration) -> Option<String> {
         let t = Instant::now();
-        while t.elapsed() < timeout {
+        loop {
             let text = self.out.lock().expect("console").clone();
-            if let Some(l) = text.lines().find(|l| l.contains(pat)) {
+            if let Some(l) = text.lines().find(|l| {
+                l.contains(pat) && (pat.contains("listening") || !l.contains("listening"))
+            }) {
                 return Some(l.to_string());
+            }
+            if t.elapsed() > timeout || matches!(self.child.try_wait(), Ok(Some(_))) {
+                return None;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        None
     }
 }
 
@@ -730,12 +736,33 @@ fn number_after(line: &str, key: &str, index: usize) -> Option<f64> {
 fn tcp_sink_thread(path: String, addr: &'static str) -> std::thread::JoinHandle<Option<f64>> {
     std::thread::spawn(move || {
         enter(&path);
+        // Any address: the TAP's host address may not exist yet.
         let l = std::net::TcpListener::bind(addr).ok()?;
-        let (c, _) = l.accept().ok()?;
+        l.set_nonblocking(true).ok()?;
+        let c = accept_within(|| l.accept().map(|(c, _)| c), Duration::from_secs(600))?;
+        c.set_nonblocking(false).ok()?;
         let t = Instant::now();
         let n = sink(c);
         Some(n as f64 / t.elapsed().as_secs_f64() / 1e6)
     })
+}
+
+/// Accept with a deadline (`accept` on a non-blocking listener).
+fn accept_within<T>(
+    mut accept: impl FnMut() -> std::io::Result<T>,
+    timeout: Duration,
+) -> Option<T> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        match accept() {
+            Ok(c) => return Some(c),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 fn sink(mut c: impl Read) -> u64 {
@@ -778,7 +805,7 @@ fn guest_run(
     let sock = dir.join("v.sock");
     let _ = std::fs::remove_file(&sock);
     let nspath = format!("/run/netns/{}", ns.0);
-    let g2h = tcp_sink_thread(nspath.clone(), "10.0.0.1:5002");
+    let g2h = tcp_sink_thread(nspath.clone(), "0.0.0.0:5002");
     let mut cmd = if vmm == "vireo" {
         let mut c = ns.command(vireo_binary());
         c.args(["run", "--accel", "emu", "--memory", "256M", "--kernel"])
@@ -826,7 +853,7 @@ fn guest_run(
         c
     };
     cmd.env_remove("VIREO_LOG");
-    let vm = Console::spawn(cmd);
+    let mut vm = Console::spawn(cmd);
     let mut r = GuestRun::default();
     let t = Duration::from_secs(600);
     if let Some(l) = vm.wait_for("round-trip", t) {
@@ -869,7 +896,9 @@ fn guest_run(
         let l5001 = UnixListener::bind(dir.join("v.sock_5001")).ok();
         let g2h_vsock = l5000.map(|l| {
             std::thread::spawn(move || {
-                let (c, _) = l.accept().ok()?;
+                l.set_nonblocking(true).ok()?;
+                let c = accept_within(|| l.accept().map(|(c, _)| c), Duration::from_secs(600))?;
+                c.set_nonblocking(false).ok()?;
                 let t = Instant::now();
                 let n = sink(c);
                 Some(n as f64 / t.elapsed().as_secs_f64() / 1e6)

@@ -62,9 +62,8 @@ pub(crate) struct Backends<'a> {
 /// The PCI devices of one boot.
 pub(crate) struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
-    /// Link status and announcements of the network devices, in order.
-    #[allow(dead_code)]
-    pub(crate) nets: Vec<NetControl>,
+    /// Link status, announcements and counters of the network devices, in order.
+    nets: Vec<NetControl>,
 }
 
 impl PciDevices {
@@ -125,6 +124,11 @@ impl PciDevices {
             )
             .map_err(|e| dev_err(&e))?;
         Ok(PciDevices { root, nets })
+    }
+
+    /// The network devices' handles (link status, `announce()` after a migration, counters).
+    pub(crate) fn nets(&self) -> &[NetControl] {
+        &self.nets
     }
 
     /// Map the BARs on `bus` (now shared with the vCPUs); from here on the guest moves them.

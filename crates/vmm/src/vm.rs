@@ -238,6 +238,9 @@ impl Vmm {
         pci.attach(&bus);
         let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;
         let reason = self.run_vcpus(vcpus, bus);
+        for (i, n) in pci.nets().iter().enumerate() {
+            tracing::debug!("virtio-net {i}: {:?}", n.counters());
+        }
         *lock(&self.handle.0.serial) = None;
         // Tear-down order: vCPUs (joined in run_vcpus), the devices (their threads stop),
         // then the VM, then guest memory.

@@ -130,7 +130,7 @@ struct Worker {
     fd: RawFd,
     /// The back end's descriptor is in the epoll set.
     registered: bool,
-    /// The back end's descriptor failed (e.g. a detached TAP queue): wait for a wake-up.
+    /// Reading the back end failed: it leaves the epoll set for a second.
     backend_failed: bool,
     /// Waiting for receive buffers (the driver gets a notification request).
     parked: bool,
@@ -229,7 +229,9 @@ impl Worker {
         self.update_registration();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // A back end that failed is tried again after a second (no busy loop meanwhile).
+            let timeout = if self.backend_failed { 1000 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -237,6 +239,10 @@ impl Worker {
                     return;
                 }
             };
+            if n == 0 && self.backend_failed {
+                self.backend_failed = false;
+                self.rx();
+            }
             for ev in &events[..n] {
                 match ev.data() {
                     T_STOP => return,
