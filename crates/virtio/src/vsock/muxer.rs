@@ -342,6 +342,8 @@ impl Muxer {
             q.queue.add_used(&mem, self.chain.head, len)?;
             *used = true;
         }
+        // Stopped at the bound with work left: come back after the other sources.
+        let _ = q.notify.write(1);
         Ok(())
     }
 }
