@@ -2,6 +2,8 @@
 //! terminal and signals, and hands over to `vireo-vmm`.
 
 mod console;
+mod ctl;
+mod restore;
 mod run;
 mod signals;
 
@@ -19,8 +21,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM with its serial console on this terminal.
+    /// Boot a VM with its serial console on this terminal (or, with only --api-socket, wait
+    /// for a configuration over the API).
     Run(run::RunArgs),
+    /// Restore a VM from a snapshot directory and run it on this terminal.
+    Restore(restore::RestoreArgs),
+    /// Control a running vireo through its API socket.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +35,8 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Restore(args) => restore::restore(args),
+        Command::Ctl(args) => ctl::ctl(args),
     };
     match result {
         Ok(code) => code,

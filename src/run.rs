@@ -26,16 +26,16 @@ pub struct RunArgs {
     /// Kernel command line (replaces the default guest's).
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1 to 254), each a host thread.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u32,
-    /// Guest RAM, like 256M or 2G (a bare number means MiB).
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
-    memory: ByteSize,
+    /// Number of vCPUs (1 to 254), each a host thread [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest RAM, like 256M or 2G (a bare number means MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
     /// Accelerator: kvm (hardware-assisted), emu (vireo's x86-64 emulator), or auto (KVM when
-    /// it is usable and hardware-backed, else the emulator).
-    #[arg(long, value_name = "ACCEL", default_value = "auto")]
-    accel: Accel,
+    /// it is usable and hardware-backed, else the emulator) [default: auto].
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<Accel>,
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
@@ -48,6 +48,11 @@ pub struct RunArgs {
         value_name = "path=FILE[,readonly=on][,serial=STR][,direct=on]"
     )]
     disks: Vec<DiskConfig>,
+    /// With the default guest: boot from an ext4 root disk at PATH (`root=/dev/vda`) instead
+    /// of staying in the initramfs. A missing PATH is created as a fresh copy of the default
+    /// root image (busybox tree); an existing one is used as it is, so its contents persist.
+    #[arg(long, value_name = "PATH")]
+    root_disk: Option<PathBuf>,
     /// No virtio-rng entropy device (by default the guest gets one, fed from the host's
     /// getrandom).
     #[arg(long)]
@@ -67,14 +72,55 @@ pub struct RunArgs {
     /// connections to host port P go to the Unix socket PATH_P.
     #[arg(long, value_name = "cid=N,socket=PATH")]
     vsock: Option<VsockConfig>,
+    /// Serve the REST API on this Unix socket (`vireo ctl --api-socket PATH ...`). Given
+    /// alone, vireo boots nothing and waits for a configuration over the API.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The VM's configuration as a JSON file (the API's VmConfig); no other VM flag may be
+    /// given with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "accel", "no_reboot", "disks",
+        "root_disk", "no_rng", "nets", "vsock", "command",
+    ])]
+    config: Option<PathBuf>,
     /// With the default guest: run this command in the guest instead of a shell, then power
     /// off (e.g. `vireo run -- uname -a`).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
+impl RunArgs {
+    /// True when no flag describes a VM (only, perhaps, an API socket).
+    fn describes_no_vm(&self) -> bool {
+        self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.cpus.is_none()
+            && self.memory.is_none()
+            && self.accel.is_none()
+            && !self.no_reboot
+            && self.disks.is_empty()
+            && self.root_disk.is_none()
+            && !self.no_rng
+            && self.nets.is_empty()
+            && self.vsock.is_none()
+            && self.command.is_empty()
+            && self.config.is_none()
+    }
+}
+
+/// Read a VmConfig from a JSON file; errors name the file and the field.
+pub fn read_config_file(path: &std::path::Path) -> Result<VmConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("configuration {}", path.display()))
+}
+
 /// Build the configuration: the default guest unless a kernel was given.
 fn config_from(args: RunArgs) -> Result<VmConfig> {
+    if let Some(path) = &args.config {
+        return read_config_file(path);
+    }
     let mut config = match &args.kernel {
         Some(kernel) => {
             if !args.command.is_empty() {
@@ -86,6 +132,9 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
                      the address inside your guest",
                     n.tap
                 );
+            }
+            if args.root_disk.is_some() {
+                bail!("--root-disk is the default guest's root disk; drop --kernel to use it, or pass your disk with --disk");
             }
             let mut c = VmConfig::new(kernel);
             c.initrd = args.initrd.clone();
@@ -109,6 +158,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
                     c.cmdline.push_str(&p);
                 }
             }
+            if let Some(path) = &args.root_disk {
+                default_guest::root_disk(&cache, &guest, path)
+                    .with_context(|| format!("preparing the root disk {}", path.display()))?;
+                c.disks.push(DiskConfig::new(path));
+                c.cmdline.push_str(" root=/dev/vda");
+            }
             if !args.command.is_empty() {
                 let param = default_guest::command_param(&args.command)
                     .context("passing the command to the guest")?;
@@ -118,11 +173,11 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             c
         }
     };
-    config.cpus = args.cpus;
-    config.memory = args.memory;
-    config.accel = args.accel;
+    config.cpus = args.cpus.unwrap_or(1);
+    config.memory = args.memory.unwrap_or(ByteSize(256 << 20));
+    config.accel = args.accel.unwrap_or_default();
     config.no_reboot = args.no_reboot;
-    config.disks = args.disks;
+    config.disks.extend(args.disks);
     config.rng = !args.no_rng;
     config.nets = args.nets;
     config.vsock = args.vsock;
@@ -130,6 +185,13 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let api_socket = args.api_socket.clone();
+    if api_socket.is_some() && args.describes_no_vm() {
+        return serve(
+            Vmm::waiting(Box::new(std::io::stdout())),
+            api_socket.as_deref(),
+        );
+    }
     let config = config_from(args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
@@ -138,7 +200,21 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         eprintln!("vireo: {note}");
     }
     let vmm = Vmm::new(config, backend.hypervisor, Box::new(std::io::stdout()))?;
+    serve(vmm, api_socket.as_deref())
+}
+
+/// Run `vmm` on this terminal (signals, console) with the API on `api_socket` if given, and
+/// turn how it ended into the exit status.
+pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode> {
     let handle = vmm.handle();
+    // The API runs only when asked for: without a socket no runtime or thread is started.
+    let mut api = match api_socket {
+        Some(path) => Some(
+            vireo_api::server::ApiServer::start(path, handle.clone())
+                .context("starting the API")?,
+        ),
+        None => None,
+    };
 
     // SIGINT/SIGTERM stop the VM: the handler only records the signal and wakes a thread.
     let signals = signals::install().context("installing signal handlers")?;
@@ -171,8 +247,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 
     let result = vmm.run();
     console::restore_terminal();
+    if let Some(api) = api.as_mut() {
+        api.stop();
+    }
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(ExitCode::SUCCESS),
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
+            Ok(ExitCode::SUCCESS)
+        }
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
             Ok(ExitCode::from(EXIT_GUEST_PANIC))

@@ -7,30 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, vireo};
-
-/// The default guest's files, building them on first use (skip when that is impossible).
-fn default_guest(test: &str) -> Option<vireo_guests::default_guest::DefaultGuest> {
-    use vireo_guests::default_guest::{cache_dir, ensure, Options};
-    let cache = cache_dir().ok()?;
-    match ensure(&cache, &Options::default()) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            common::skip(test, &format!("cannot build the default guest: {e}"));
-            None
-        }
-    }
-}
-
-/// Backends that boot Linux to init in reasonable time here: the emulator everywhere, KVM
-/// where it is hardware-backed.
-fn full_backends(test: &str) -> Vec<&'static str> {
-    let mut v = vec!["emu"];
-    if !common::skip_without_full_kvm(test) {
-        v.push("kvm");
-    }
-    v
-}
+use common::{default_guest, field, full_backends, run, vireo};
 
 /// The kernel's own ELF `vmlinux`, unpacked from the bzImage into `dir`.
 fn extract_vmlinux(bzimage: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
@@ -95,18 +72,6 @@ fn boot_and_run(accel: &str, cpus: u32, memory: &str, command: &[&str]) -> commo
     let o = run(cmd, Duration::from_secs(600), None);
     o.assert_clean();
     o
-}
-
-/// The number after `key` printed by the guest (kernel messages may share the console, so
-/// look for the key anywhere in a line and take the digits after it).
-fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines().find_map(|l| {
-        let rest = l[l.find(key)? + key.len()..].trim_start();
-        let end = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        (end > 0).then(|| &rest[..end])
-    })
 }
 
 #[test]

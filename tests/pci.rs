@@ -1,4 +1,4 @@
-//! PCI and virtio on KVM with probe guests: the bus as the guest enumerates it (configuration
+//! PCI and virtio with probe guests, on the emulator and on KVM: the bus as the guest enumerates it (configuration
 //! mechanism #1 and ECAM), BAR sizing, and whole virtio devices driven by a tiny driver —
 //! which exercises the KVM plumbing (ioeventfd for notifications, GSI routing and irqfd for
 //! MSI-X) that Linux cannot reach on a KVM-PVM host.
@@ -14,14 +14,14 @@ use vireo_guests::probe::{build, Probe, BLK_PROBE_PATTERN};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-fn run_probe(dir: &TempDir, probe: &Probe, extra: &[&str]) -> common::Outcome {
+fn run_probe(accel: &str, dir: &TempDir, probe: &Probe, extra: &[&str]) -> common::Outcome {
     let path = dir.path().join("probe.elf");
     std::fs::write(&path, build(probe)).unwrap();
     let mut cmd = vireo();
     cmd.arg("run")
         .arg("--kernel")
         .arg(&path)
-        .args(["--accel", "kvm"])
+        .args(["--accel", accel])
         .args(extra);
     let o = run(cmd, TIMEOUT, None);
     o.assert_clean();
@@ -54,12 +54,16 @@ fn bar(stdout: &str, bdf: &str, index: u32) -> Option<(String, u64, u64)> {
 
 #[test]
 fn pci_scan_shows_the_host_bridge_and_virtio_functions() {
-    if common::skip_without_kvm("pci_scan_shows_the_host_bridge_and_virtio_functions") {
-        return;
+    for accel in common::probe_backends("pci_scan_shows_the_host_bridge_and_virtio_functions") {
+        pci_scan_shows_the_host_bridge_and_virtio_functions_on(accel);
     }
+}
+
+fn pci_scan_shows_the_host_bridge_and_virtio_functions_on(accel: &str) {
     let dir = TempDir::new("pciscan");
     let img = disk(&dir, "a.img", 8 << 20);
     let o = run_probe(
+        accel,
         &dir,
         &Probe::PciScan,
         &["--disk", &format!("path={},serial=scan", opt(&img))],
@@ -97,13 +101,17 @@ fn pci_scan_shows_the_host_bridge_and_virtio_functions() {
 
 #[test]
 fn disks_come_first_in_order_and_rng_can_be_disabled() {
-    if common::skip_without_kvm("disks_come_first_in_order_and_rng_can_be_disabled") {
-        return;
+    for accel in common::probe_backends("disks_come_first_in_order_and_rng_can_be_disabled") {
+        disks_come_first_in_order_and_rng_can_be_disabled_on(accel);
     }
+}
+
+fn disks_come_first_in_order_and_rng_can_be_disabled_on(accel: &str) {
     let dir = TempDir::new("pciscan2");
     let a = disk(&dir, "a.img", 1 << 20);
     let b = disk(&dir, "b.img", 1 << 20);
     let o = run_probe(
+        accel,
         &dir,
         &Probe::PciScan,
         &[
@@ -131,12 +139,15 @@ fn disks_come_first_in_order_and_rng_can_be_disabled() {
 }
 
 #[test]
-fn virtio_rng_interrupts_through_msix_on_kvm() {
-    if common::skip_without_kvm("virtio_rng_interrupts_through_msix_on_kvm") {
-        return;
+fn virtio_rng_interrupts_through_msix() {
+    for accel in common::probe_backends("virtio_rng_interrupts_through_msix") {
+        virtio_rng_interrupts_through_msix_on(accel);
     }
+}
+
+fn virtio_rng_interrupts_through_msix_on(accel: &str) {
     let dir = TempDir::new("virtiorng");
-    let o = run_probe(&dir, &Probe::VirtioRng, &[]);
+    let o = run_probe(accel, &dir, &Probe::VirtioRng, &[]);
     assert_eq!(o.code(), Some(0), "{o}");
     assert_eq!(
         o.stdout,
@@ -147,7 +158,7 @@ fn virtio_rng_interrupts_through_msix_on_kvm() {
         "{o}"
     );
     // Without the device the probe says so.
-    let o = run_probe(&dir, &Probe::VirtioRng, &["--no-rng"]);
+    let o = run_probe(accel, &dir, &Probe::VirtioRng, &["--no-rng"]);
     assert_eq!(o.stdout, "virtio-rng: not found\n", "{o}");
 }
 
@@ -162,12 +173,16 @@ fn sector(path: &str, n: u64) -> Vec<u8> {
 
 #[test]
 fn virtio_blk_reads_writes_flushes_and_reports_its_serial() {
-    if common::skip_without_kvm("virtio_blk_reads_writes_flushes_and_reports_its_serial") {
-        return;
+    for accel in common::probe_backends("virtio_blk_reads_writes_flushes_and_reports_its_serial") {
+        virtio_blk_reads_writes_flushes_and_reports_its_serial_on(accel);
     }
+}
+
+fn virtio_blk_reads_writes_flushes_and_reports_its_serial_on(accel: &str) {
     let dir = TempDir::new("virtioblk");
     let img = disk(&dir, "a.img", 1 << 20);
     let o = run_probe(
+        accel,
         &dir,
         &Probe::VirtioBlk,
         &["--disk", &format!("path={},serial=vireo-disk-0", opt(&img))],
@@ -187,12 +202,16 @@ fn virtio_blk_reads_writes_flushes_and_reports_its_serial() {
 
 #[test]
 fn a_read_only_disk_refuses_the_guests_write() {
-    if common::skip_without_kvm("a_read_only_disk_refuses_the_guests_write") {
-        return;
+    for accel in common::probe_backends("a_read_only_disk_refuses_the_guests_write") {
+        a_read_only_disk_refuses_the_guests_write_on(accel);
     }
+}
+
+fn a_read_only_disk_refuses_the_guests_write_on(accel: &str) {
     let dir = TempDir::new("virtioblk-ro");
     let img = disk(&dir, "ro.img", 1 << 20);
     let o = run_probe(
+        accel,
         &dir,
         &Probe::VirtioBlk,
         &["--disk", &format!("path={},readonly=on", opt(&img))],
@@ -218,9 +237,12 @@ fn a_read_only_disk_refuses_the_guests_write() {
 
 #[test]
 fn a_disk_in_use_elsewhere_is_refused_before_boot() {
-    if common::skip_without_kvm("a_disk_in_use_elsewhere_is_refused_before_boot") {
-        return;
+    for accel in common::probe_backends("a_disk_in_use_elsewhere_is_refused_before_boot") {
+        a_disk_in_use_elsewhere_is_refused_before_boot_on(accel);
     }
+}
+
+fn a_disk_in_use_elsewhere_is_refused_before_boot_on(accel: &str) {
     let dir = TempDir::new("disk-lock");
     let img = disk(&dir, "locked.img", 1 << 20);
     // Another process holding the image read-write (as a running vireo does).
@@ -237,7 +259,7 @@ fn a_disk_in_use_elsewhere_is_refused_before_boot() {
         cmd.arg("run")
             .arg("--kernel")
             .arg(&kernel)
-            .args(["--accel", "kvm", "--disk", &spec]);
+            .args(["--accel", accel, "--disk", &spec]);
         let o = run(cmd, TIMEOUT, None);
         assert_eq!(o.code(), Some(1), "{o}");
         assert!(o.stderr.contains("in use by another process"), "{o}");
@@ -250,9 +272,12 @@ fn a_disk_in_use_elsewhere_is_refused_before_boot() {
 
 #[test]
 fn bad_disk_options_are_explained() {
-    if common::skip_without_kvm("bad_disk_options_are_explained") {
-        return;
+    for accel in common::probe_backends("bad_disk_options_are_explained") {
+        bad_disk_options_are_explained_on(accel);
     }
+}
+
+fn bad_disk_options_are_explained_on(accel: &str) {
     let dir = TempDir::new("disk-opts");
     let kernel = dir.path().join("probe.elf");
     std::fs::write(&kernel, build(&Probe::Hello)).unwrap();
@@ -266,7 +291,7 @@ fn bad_disk_options_are_explained() {
         cmd.arg("run")
             .arg("--kernel")
             .arg(&kernel)
-            .args(["--accel", "kvm", "--disk", spec]);
+            .args(["--accel", accel, "--disk", spec]);
         let o = run(cmd, TIMEOUT, None);
         assert_ne!(o.code(), Some(0), "{spec}: {o}");
         assert!(o.stderr.contains(says), "{spec}: {o}");

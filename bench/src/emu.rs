@@ -19,7 +19,7 @@ const QEMU: &str = "qemu-system-x86_64";
 const WORKLOAD: &str = "read up _ < /proc/uptime; echo \"uptime-at-init: $up\"; \
     dd if=/dev/zero of=/tmp/f bs=1M count=64 2>/dev/null; \
     read a _ < /proc/uptime; sha256sum /tmp/f >/dev/null; read b _ < /proc/uptime; \
-    echo \"sha256-seconds: $(awk \"BEGIN{print $b-$a}\")\"";
+    echo \"sha256-seconds: $(awk \"BEGIN{print $b-$a}\")\"; echo bench-done";
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -43,31 +43,29 @@ struct Runs {
     sha_s: Vec<f64>,
 }
 
-fn run(mut cmd: Command, runs: usize) -> Runs {
-    let mut r = Runs {
-        to_init_ms: Vec::new(),
-        uptime_s: Vec::new(),
-        sha_s: Vec::new(),
-    };
-    for _ in 0..runs {
-        let Ok(s) = measure_output(&mut cmd) else {
-            continue;
-        };
-        r.to_init_ms.extend(s.0);
-        r.uptime_s.extend(field(&s.1, "uptime-at-init:"));
-        r.sha_s.extend(field(&s.1, "sha256-seconds:"));
+impl Runs {
+    fn new() -> Self {
+        Runs {
+            to_init_ms: Vec::new(),
+            uptime_s: Vec::new(),
+            sha_s: Vec::new(),
+        }
     }
-    r
+
+    fn add(&mut self, cmd: &mut Command) {
+        let Ok(s) = measure_output(cmd) else {
+            return;
+        };
+        self.to_init_ms.extend(s.0);
+        self.uptime_s.extend(field(&s.1, "uptime-at-init:"));
+        self.sha_s.extend(field(&s.1, "sha256-seconds:"));
+    }
 }
 
 /// Time to the ready line, and the whole output up to the workload's last line.
 fn measure_output(cmd: &mut Command) -> std::io::Result<(Option<f64>, String)> {
     let c = clone_command(cmd);
-    let s = measure(
-        c,
-        &[READY_LINE, "sha256-seconds:"],
-        Duration::from_secs(600),
-    )?;
+    let s = measure(c, &[READY_LINE, "bench-done"], Duration::from_secs(600))?;
     Ok((
         s.markers[0].map(|d| d.as_secs_f64() * 1e3),
         s.output.clone(),
@@ -101,7 +99,7 @@ fn main() {
         .arg(&guest.initrd)
         .arg("--cmdline")
         .arg(&cmdline);
-    let mut rows = vec![("vireo emu", run(vireo, runs))];
+    let mut cmds = vec![("vireo emu", vireo)];
     if have(Path::new(QEMU)) {
         let mut q = Command::new(QEMU);
         q.args([
@@ -127,9 +125,16 @@ fn main() {
         .arg(&guest.initrd)
         .arg("-append")
         .arg(&cmdline);
-        rows.push(("qemu tcg", run(q, runs)));
+        cmds.push(("qemu tcg", q));
     } else {
         eprintln!("note: {QEMU} not found (apt-get install qemu-system-x86): vireo only");
+    }
+    // Interleave the VMMs run by run so machine noise hits both alike.
+    let mut rows: Vec<(&str, Runs)> = cmds.iter().map(|(n, _)| (*n, Runs::new())).collect();
+    for _ in 0..runs {
+        for ((_, cmd), (_, r)) in cmds.iter_mut().zip(rows.iter_mut()) {
+            r.add(cmd);
+        }
     }
 
     println!("bench/emu: default guest, 1 vCPU, 256 MiB, {runs} runs each");

@@ -36,6 +36,8 @@ pub struct LegacyDevices {
     pub i8042: bool,
     pub rtc: bool,
     pub pvpanic: bool,
+    /// The power button: a Generic Event Device and a control-method power button.
+    pub power_button: bool,
 }
 
 impl Default for LegacyDevices {
@@ -45,6 +47,7 @@ impl Default for LegacyDevices {
             i8042: true,
             rtc: true,
             pvpanic: true,
+            power_button: true,
         }
     }
 }
@@ -123,6 +126,37 @@ fn pci_host_bridge(body: &mut Vec<u8>, mem_size: u64) {
     .to_aml_bytes(body);
 }
 
+/// The power button (ACPI 6.4 §4.8.2.2.1.2): `\_SB.PWRB`, a control-method power button
+/// (`PNP0C0C`), and `\_SB.GED_`, a Generic Event Device (§5.6.9, `ACPI0013`) with one
+/// edge-triggered interrupt, [`layout::GED_IRQ`], whose `_EVT` notifies `PWRB` with 0x80
+/// ("button pressed", §5.6.6). A hardware-reduced platform has no fixed power button; this is
+/// how it reports one.
+fn power_button(body: &mut Vec<u8>) {
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let pwrb_name_hid = aml::Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("PWRB".into(), vec![&pwrb_name_hid, &pwrb_name_uid]).to_aml_bytes(body);
+
+    let ged_hid = "ACPI0013";
+    let ged_name_hid = aml::Name::new("_HID".into(), &ged_hid);
+    let ged_name_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, layout::GED_IRQ);
+    let ged_crs = aml::ResourceTemplate::new(vec![&irq]);
+    let ged_name_crs = aml::Name::new("_CRS".into(), &ged_crs);
+    let pwrb_path = aml::Path::new("\\_SB_.PWRB");
+    let pressed = 0x80u8;
+    let notify = aml::Notify::new(&pwrb_path, &pressed);
+    let gsi = layout::GED_IRQ;
+    let is_button = aml::Equal::new(&aml::Arg(0), &gsi);
+    let when = aml::If::new(&is_button, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+    aml::Device::new(
+        "GED_".into(),
+        vec![&ged_name_hid, &ged_name_uid, &ged_name_crs, &evt],
+    )
+    .to_aml_bytes(body);
+}
+
 /// The MCFG (PCI Firmware Spec 3.2 §4.1.2): one ECAM region for segment 0.
 pub fn mcfg() -> Vec<u8> {
     let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -194,6 +228,9 @@ pub fn dsdt(devices: &LegacyDevices, mem_size: u64) -> Vec<u8> {
     let mut sb = Vec::new();
     for c in children {
         c.to_aml_bytes(&mut sb);
+    }
+    if devices.power_button {
+        power_button(&mut sb);
     }
     pci_host_bridge(&mut sb, mem_size);
     body.extend_from_slice(&aml::Scope::raw("\\_SB_".into(), sb));
@@ -369,6 +406,31 @@ mod tests {
         for id in [0x080a_d041u32, 0x030a_d041, 0x020c_d041] {
             assert!(has(&id.to_le_bytes()), "{id:#x}");
         }
+    }
+
+    #[test]
+    fn dsdt_has_the_power_button_and_its_event_device() {
+        let d = dsdt(&LegacyDevices::default(), 256 << 20);
+        let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
+        assert!(has(b"ACPI0013") && has(b"GED_") && has(b"PWRB") && has(b"_EVT"));
+        // PNP0C0C, compressed.
+        assert!(has(&0x0c0c_d041u32.to_le_bytes()));
+        // The GED's extended interrupt descriptor: consumer, edge, active high, GED_IRQ.
+        let mut irq = vec![0x89, 6, 0, 0b11, 1];
+        irq.extend_from_slice(&layout::GED_IRQ.to_le_bytes());
+        assert!(has(&irq));
+        // Notify (\_SB_.PWRB, 0x80): NotifyOp, root path, 0x80 as a byte constant.
+        assert!(has(&[
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0a, 0x80
+        ]));
+        let without = dsdt(
+            &LegacyDevices {
+                power_button: false,
+                ..Default::default()
+            },
+            256 << 20,
+        );
+        assert!(!without.windows(8).any(|w| w == b"ACPI0013"));
     }
 
     /// Find a QWord/DWord/Word address space descriptor of `kind` (0 memory, 1 I/O, 2 bus)

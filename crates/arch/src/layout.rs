@@ -107,6 +107,9 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// SLP_EN bit of the sleep control register.
 pub const ACPI_SLP_EN: u8 = 1 << 5;
+/// The interrupt of the ACPI Generic Event Device (`ACPI0013`) that reports the power
+/// button (an ISA IRQ no other device uses; edge, active high).
+pub const GED_IRQ: u32 = 5;
 /// pvpanic port (ACPI `QEMU0001`).
 pub const PVPANIC_PORT: u16 = 0x505;
 /// PCI configuration mechanism #1 address and data ports.

@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Once, PoisonError};
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 
 use kvm_bindings::{
     kvm_fpu, kvm_irq_routing_entry, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config,
@@ -104,6 +104,8 @@ impl Hypervisor for KvmHypervisor {
             fd: Arc::new(fd),
             kvm: self.kvm.clone(),
             routing: Arc::new(Mutex::new(GsiRouting::new())),
+            paused_clock: Mutex::new(None),
+            msr_list: OnceLock::new(),
         }))
     }
 }
@@ -135,7 +137,33 @@ pub struct KvmVm {
     kvm: Arc<Kvm>,
     /// The GSI routing table, shared with the MSI vectors that change it.
     routing: Arc<Mutex<GsiRouting>>,
+    /// kvmclock while the VM is paused (`Vm::pause_clock`).
+    paused_clock: Mutex<Option<u64>>,
+    /// The MSRs a snapshot saves: KVM_GET_MSR_INDEX_LIST, asked once.
+    msr_list: OnceLock<Arc<Vec<u32>>>,
 }
+
+impl KvmVm {
+    fn msr_list(&self) -> Arc<Vec<u32>> {
+        self.msr_list
+            .get_or_init(|| {
+                let mut list: Vec<u32> = match self.kvm.get_msr_index_list() {
+                    Ok(l) => l.as_slice().to_vec(),
+                    Err(e) => {
+                        tracing::warn!("KVM_GET_MSR_INDEX_LIST: {e}; saving no MSRs");
+                        Vec::new()
+                    }
+                };
+                // The TSC first: KVM takes later TSC-relative MSRs (TSC_DEADLINE) against it.
+                list.sort_by_key(|&i| i != IA32_TSC);
+                Arc::new(list)
+            })
+            .clone()
+    }
+}
+
+/// IA32_TIME_STAMP_COUNTER.
+const IA32_TSC: u32 = 0x10;
 
 impl Vm for KvmVm {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
@@ -156,6 +184,7 @@ impl Vm for KvmVm {
             id,
             fd,
             kicker: Arc::new(KvmKicker::default()),
+            msr_list: self.msr_list(),
         }))
     }
 
@@ -215,6 +244,54 @@ impl Vm for KvmVm {
             Datamatch::U64(v) => self.fd.register_ioevent(fd, &addr, v),
         };
         r.map(|_| true).map_err(|e| Error::call("KVM_IOEVENTFD", e))
+    }
+
+    fn save_state(&self) -> Result<VmState> {
+        let (pic, ioapic, pit) = crate::kvm_state::get_irqchips(&self.fd)?;
+        let clock_ns = match *lock(&self.paused_clock) {
+            Some(ns) => ns,
+            None => crate::kvm_state::get_clock(&self.fd)?,
+        };
+        Ok(VmState {
+            clock_ns,
+            pic: Some(pic),
+            ioapic: Some(ioapic),
+            pit: Some(pit),
+        })
+    }
+
+    /// The clock is held at the saved value until [`Vm::resume_clock`].
+    fn restore_state(&self, state: &VmState) -> Result<()> {
+        match (&state.pic, &state.ioapic, &state.pit) {
+            (Some(pic), Some(ioapic), Some(pit)) => {
+                crate::kvm_state::set_irqchips(&self.fd, pic, ioapic, pit)?
+            }
+            _ => {
+                return Err(Error::Unsupported(
+                    "the state has no in-kernel interrupt controllers (it is not from KVM)".into(),
+                ))
+            }
+        }
+        // Held until `resume_clock`, as after `pause_clock`.
+        *lock(&self.paused_clock) = Some(state.clock_ns);
+        Ok(())
+    }
+
+    fn pause_clock(&self) -> Result<()> {
+        let mut p = lock(&self.paused_clock);
+        if p.is_none() {
+            *p = Some(crate::kvm_state::get_clock(&self.fd)?);
+        }
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        let mut p = lock(&self.paused_clock);
+        if let Some(ns) = *p {
+            crate::kvm_state::set_clock(&self.fd, ns)?;
+            *p = None;
+        }
+        Ok(())
     }
 
     fn unregister_ioevent(
@@ -465,6 +542,8 @@ pub struct KvmVcpu {
     id: u32,
     fd: VcpuFd,
     kicker: Arc<KvmKicker>,
+    /// The MSRs `save_state` reads.
+    msr_list: Arc<Vec<u32>>,
 }
 
 enum Step {
@@ -761,6 +840,67 @@ impl Vcpu for KvmVcpu {
             .set_mp_state(kvm_mp_state { mp_state })
             .map_err(|e| Error::call("KVM_SET_MP_STATE", e))
     }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        use crate::kvm_state as ks;
+        let mp_state = self.mp_state()?;
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let fpu = self.fpu()?;
+        let xsave = Some(ks::get_xsave(&self.fd)?);
+        let xcrs = ks::get_xcrs(&self.fd)?;
+        let debug = ks::get_debug(&self.fd)?;
+        let lapic = self.lapic()?;
+        let cpuid = ks::get_cpuid(&self.fd)?;
+        let msrs = ks::get_msrs(&self.fd, &self.msr_list)?;
+        let events = ks::get_events(&self.fd)?;
+        Ok(VcpuState {
+            id: self.id,
+            regs,
+            sregs,
+            fpu,
+            msrs,
+            lapic,
+            mp_state,
+            cpuid,
+            events,
+            debug,
+            xcrs,
+            xsave,
+        })
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<()> {
+        use crate::kvm_state as ks;
+        // The order KVM needs: CPUID before anything that depends on it, the LAPIC before
+        // MSRs such as TSC_DEADLINE, events last.
+        if !s.cpuid.is_empty() {
+            self.set_cpuid(&s.cpuid)?;
+        }
+        self.set_mp_state(s.mp_state)?;
+        self.set_regs(&s.regs)?;
+        let mut k = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", e))?;
+        sregs_to_kvm(&s.sregs, &mut k);
+        // Pending external interrupts are carried by the events, not the sregs bitmap.
+        k.interrupt_bitmap = [0; 4];
+        self.fd
+            .set_sregs(&k)
+            .map_err(|e| Error::call("KVM_SET_SREGS", e))?;
+        match &s.xsave {
+            Some(x) => ks::set_xsave(&self.fd, x)?,
+            None => self.set_fpu(&s.fpu)?,
+        }
+        ks::set_xcrs(&self.fd, &s.xcrs)?;
+        ks::set_debug(&self.fd, &s.debug)?;
+        self.set_lapic(&s.lapic)?;
+        ks::set_msrs_lenient(&self.fd, &s.msrs)?;
+        self.fd
+            .set_vcpu_events(&ks::events_to_kvm(&s.events))
+            .map_err(|e| Error::call("KVM_SET_VCPU_EVENTS", e))
+    }
 }
 
 // ---- conversions ------------------------------------------------------------------------------
@@ -896,7 +1036,7 @@ fn sregs_to_kvm(s: &Sregs, k: &mut kvm_sregs) {
     k.apic_base = s.apic_base;
 }
 
-fn cpuid_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
+pub(crate) fn cpuid_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
     CpuidEntry {
         function: e.function,
         index: e.index,

@@ -8,14 +8,15 @@ pub mod emu;
 pub mod host;
 pub mod irqchip;
 pub mod kvm;
+mod kvm_state;
 pub mod state;
 
 use std::sync::Arc;
 
 pub use irqchip::{CpuEvent, GuestClock, UserIrqChip};
 pub use state::{
-    CpuidEntry, DescriptorTable, FpuState, LapicState, MpState, Msr, Regs, Segment, Sregs,
-    VcpuState,
+    CpuidEntry, DebugRegs, DescriptorTable, FpuState, IoapicState, LapicState, MpState, Msr,
+    PicState, PitChannelState, PitState, Regs, Segment, Sregs, VcpuEvents, VcpuState, VmState, Xcr,
 };
 /// The eventfd type of [`MsiVector`] and [`Vm::register_ioevent`] (a Linux `eventfd(2)`).
 pub use vmm_sys_util::eventfd::EventFd;
@@ -211,6 +212,25 @@ pub trait Vm: Send + Sync {
     ) -> Result<()> {
         Ok(())
     }
+    /// The backend's VM-wide state: the guest clock, and the interrupt controllers and PIT
+    /// when the backend has them built in. Call with every vCPU stopped.
+    fn save_state(&self) -> Result<VmState> {
+        Err(Error::Unsupported("saving VM state".into()))
+    }
+    /// Load what [`Vm::save_state`] gave (before the vCPUs' state is restored). The clock
+    /// then stands at the saved value until [`Vm::resume_clock`].
+    fn restore_state(&self, _state: &VmState) -> Result<()> {
+        Err(Error::Unsupported("restoring VM state".into()))
+    }
+    /// Stop the guest clock while the VM is paused, so the guest does not see the pause as
+    /// time passing (KVM: kvmclock is held with KVM_GET/SET_CLOCK).
+    fn pause_clock(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Let the guest clock run again from where [`Vm::pause_clock`] stopped it.
+    fn resume_clock(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One interrupt input pin, as a device sees it.
@@ -251,4 +271,14 @@ pub trait Vcpu: Send {
     fn set_lapic(&mut self, lapic: &LapicState) -> Result<()>;
     fn mp_state(&self) -> Result<MpState>;
     fn set_mp_state(&mut self, state: MpState) -> Result<()>;
+    /// Everything about this vCPU (registers, FPU/XSAVE, MSRs, LAPIC, pending events, MP
+    /// state, CPUID), for snapshots and migration. Call from the thread that runs the vCPU,
+    /// while it is not running.
+    fn save_state(&mut self) -> Result<VcpuState> {
+        Err(Error::Unsupported("saving vCPU state".into()))
+    }
+    /// Load what [`Vcpu::save_state`] gave (on the same backend).
+    fn restore_state(&mut self, _state: &VcpuState) -> Result<()> {
+        Err(Error::Unsupported("restoring vCPU state".into()))
+    }
 }

@@ -35,6 +35,7 @@ pub use net::{MacAddr, Net, NetBackend, NetControl, Tap, TapError};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VirtioPciState};
 pub use vsock::{Vsock, VsockBackend};
+pub use worker::QueuePosition;
 
 /// Device types (§5).
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -164,6 +165,24 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's state as data.
     fn state(&self) -> DeviceState;
+    /// Stop serving the queues after completing every request in flight (their buffers are
+    /// in the used rings), keeping the device active; returns where each queue stands.
+    /// [`VirtioDevice::resume`] goes on. Only called while active. A device that cannot
+    /// (the default) makes snapshots of its VM fail rather than lose requests.
+    fn pause(&mut self) -> Result<Vec<worker::QueuePosition>> {
+        Err(Error::Activate(format!(
+            "{} cannot be paused for a snapshot",
+            self.name()
+        )))
+    }
+    /// Serve the queues again after [`VirtioDevice::pause`].
+    fn resume(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Counters for the user (requests, bytes), by name.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// Log `msg` once per (device, kind) for the life of the process: a guest repeating a bad

@@ -3,10 +3,11 @@
 //! each request gets at most [`MAX_BYTES_PER_REQUEST`] bytes, so a guest asking for
 //! gigabytes costs the host no more than that per buffer it hands over.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::queue::{gather, serve_queue, Chain};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{positions, QueueHandler, QueuePosition, Shared, Worker};
 use crate::{
     sys, Activation, ActiveQueue, DeviceState, Error, LogOnce, Result, VirtioDevice,
     VirtioInterrupt, VIRTIO_ID_RNG,
@@ -25,6 +26,11 @@ const MAX_BUFFERS: usize = QUEUE_SIZE as usize;
 pub struct Rng {
     log: Arc<LogOnce>,
     worker: Option<Worker>,
+    handler: Option<Arc<Mutex<RngQueues>>>,
+    notifiers: Vec<(usize, vireo_hv::EventFd)>,
+    /// Requests served and bytes given.
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
 }
 
 impl Rng {
@@ -32,7 +38,28 @@ impl Rng {
         Rng {
             log: Arc::new(LogOnce::new()),
             worker: None,
+            handler: None,
+            notifiers: Vec::new(),
+            requests: Arc::new(AtomicU64::new(0)),
+            bytes: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let Some(h) = &self.handler else {
+            return Ok(());
+        };
+        let notifiers = self
+            .notifiers
+            .iter()
+            .map(|(i, fd)| Ok((*i, fd.try_clone().map_err(|e| Error::io("eventfd", e))?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.worker = Some(Worker::spawn(
+            "virtio-rng".into(),
+            notifiers,
+            Shared(h.clone()),
+        )?);
+        Ok(())
     }
 }
 
@@ -85,23 +112,55 @@ impl VirtioDevice for Rng {
             buf: vec![0u8; MAX_BYTES_PER_REQUEST],
             ranges: Vec::new(),
             log: self.log.clone(),
+            requests: self.requests.clone(),
+            bytes: self.bytes.clone(),
         };
-        self.worker = Some(Worker::spawn("virtio-rng".into(), notifiers, handler)?);
-        Ok(())
+        self.handler = Some(Arc::new(Mutex::new(handler)));
+        self.notifiers = notifiers;
+        self.spawn()
     }
 
     fn reset(&mut self) {
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
+        self.handler = None;
+        self.notifiers.clear();
     }
 
     fn state(&self) -> DeviceState {
         DeviceState {
             device_type: VIRTIO_ID_RNG,
             config: Vec::new(),
-            active: self.worker.is_some(),
+            active: self.handler.is_some(),
         }
+    }
+
+    /// Requests are served synchronously on the device thread: once it stops, none is in
+    /// flight.
+    fn pause(&mut self) -> Result<Vec<QueuePosition>> {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        Ok(self
+            .handler
+            .as_ref()
+            .map(|h| positions(&h.lock().unwrap_or_else(|e| e.into_inner()).queues))
+            .unwrap_or_default())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if self.worker.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("requests", self.requests.load(Ordering::Relaxed)),
+            ("bytes", self.bytes.load(Ordering::Relaxed)),
+        ]
     }
 }
 
@@ -120,6 +179,8 @@ struct RngQueues {
     buf: Vec<u8>,
     ranges: Vec<(vm_memory::GuestAddress, usize)>,
     log: Arc<LogOnce>,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
 }
 
 /// Fill the device-writable buffers of `chain` (up to the per-request bound) with random
@@ -171,13 +232,19 @@ impl QueueHandler for RngQueues {
             return;
         }
         let (buf, ranges, log, mem) = (&mut self.buf, &mut self.ranges, &self.log, &self.mem);
+        let (requests, bytes) = (&self.requests, &self.bytes);
         let r = serve_queue(
             &mut self.queues[pos],
             mem,
             self.interrupt.as_ref(),
             &mut self.chain,
             MAX_BUFFERS,
-            |chain, _| Some(fill(mem, chain, buf, ranges, log)),
+            |chain, _| {
+                let n = fill(mem, chain, buf, ranges, log);
+                requests.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(u64::from(n), Ordering::Relaxed);
+                Some(n)
+            },
         );
         if let Err(e) = r {
             self.broken[pos] = true;

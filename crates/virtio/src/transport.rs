@@ -33,6 +33,7 @@ use vireo_devices::pci::{PciConfigState, PciDevice};
 use vireo_hv::{Datamatch, EventFd, GuestMemory, IoEventAddress, Vm};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
+use crate::worker::QueuePosition;
 use crate::{
     Activation, ActiveQueue, DeviceState, Error, LogOnce, Result, VirtioDevice, VirtioInterrupt,
     STATUS_DEVICE_NEEDS_RESET, STATUS_DRIVER_OK, STATUS_FEATURES_OK, TRANSPORT_FEATURES,
@@ -204,6 +205,10 @@ pub struct VirtioPciState {
     pub isr: u8,
     pub needs_reset: bool,
     pub device: DeviceState,
+    /// Where each active queue stands; filled while the device is paused
+    /// ([`VirtioPciDevice::pause`]), which a snapshot requires.
+    #[serde(default)]
+    pub queue_positions: Vec<QueuePosition>,
 }
 
 /// A virtio device on the PCI bus.
@@ -227,6 +232,8 @@ pub struct VirtioPciDevice {
     queue_select: u16,
     queues: Vec<QueueRegs>,
     active: bool,
+    /// Paused with the queues at these positions (`pause`); `None` while serving.
+    paused: Option<Vec<QueuePosition>>,
     log: LogOnce,
 }
 
@@ -346,6 +353,7 @@ impl VirtioPciDevice {
             queue_select: 0,
             queues: max_sizes.into_iter().map(QueueRegs::new).collect(),
             active: false,
+            paused: None,
             log: LogOnce::new(),
         })
     }
@@ -401,7 +409,97 @@ impl VirtioPciDevice {
             isr: self.irq.isr.load(Ordering::SeqCst),
             needs_reset: self.irq.needs_reset.load(Ordering::SeqCst),
             device: self.device.state(),
+            queue_positions: self.paused.clone().unwrap_or_default(),
         }
+    }
+
+    /// Stop the device after its requests in flight complete and record where its queues
+    /// stand (a VM pause; what [`VirtioPciDevice::state`] needs for a snapshot). Nothing to do
+    /// for an inactive device.
+    pub fn pause(&mut self) -> Result<()> {
+        if self.active && self.paused.is_none() {
+            self.paused = Some(self.device.pause()?);
+        }
+        Ok(())
+    }
+
+    /// Serve the queues again after [`VirtioPciDevice::pause`].
+    pub fn resume(&mut self) -> Result<()> {
+        if self.paused.take().is_some() {
+            self.device.resume()?;
+        }
+        Ok(())
+    }
+
+    /// The device's counters (requests, bytes), by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.device.counters()
+    }
+
+    /// Load a state from [`VirtioPciDevice::state`] (taken while paused) into a freshly
+    /// created transport for the same kind of device: registers, configuration space, MSI-X
+    /// (routes follow), and, when the device was running, its queues at their saved
+    /// positions (checked as the driver's would be; the device starts serving them).
+    /// A state that does not fit — another device type, queue count or size, a device
+    /// configuration that differs (a disk of another size) — is refused.
+    pub fn restore(&mut self, s: &VirtioPciState) -> Result<()> {
+        let bad = |what: String| Err(Error::Activate(format!("restoring: {what}")));
+        let own = self.device.state();
+        if s.device.device_type != own.device_type {
+            return bad(format!(
+                "a device of type {} into {}",
+                s.device.device_type,
+                self.device.name()
+            ));
+        }
+        if s.device.config != own.config {
+            return bad(format!(
+                "{}: its configuration differs from the snapshot's (another disk size?)",
+                self.device.name()
+            ));
+        }
+        if s.queues.len() != self.queues.len()
+            || s.queue_vectors.len() != self.queues.len()
+            || s.queues
+                .iter()
+                .zip(&self.queues)
+                .any(|(a, b)| a.max_size != b.max_size)
+        {
+            return bad(format!("{}: queues differ", self.device.name()));
+        }
+        if s.device.active
+            && s.queue_positions.len() != s.queues.iter().filter(|q| q.enabled).count()
+        {
+            return bad(format!(
+                "{}: the state was not taken while paused",
+                self.device.name()
+            ));
+        }
+        self.config.restore(&s.pci)?;
+        lock(&self.msix).restore(&s.msix)?;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.driver_features = s.driver_features;
+        self.status = s.status;
+        self.queue_select = s.queue_select;
+        self.queues = s.queues.clone();
+        for (v, &saved) in self.irq.queue_vectors.iter().zip(&s.queue_vectors) {
+            v.store(self.vector(saved), Ordering::SeqCst);
+        }
+        let cv = self.vector(s.config_vector);
+        self.irq.config_vector.store(cv, Ordering::SeqCst);
+        self.irq.isr.store(s.isr, Ordering::SeqCst);
+        self.irq.needs_reset.store(s.needs_reset, Ordering::SeqCst);
+        if s.device.active {
+            self.activate_at(&s.queue_positions);
+            if !self.active {
+                return bad(format!(
+                    "{}: its queues could not be started",
+                    self.device.name()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Device reset (§2.4): the device stops, every virtio register returns to its initial
@@ -409,6 +507,7 @@ impl VirtioPciDevice {
     fn reset(&mut self) {
         self.device.reset();
         self.active = false;
+        self.paused = None;
         self.status = 0;
         self.device_feature_select = 0;
         self.driver_feature_select = 0;
@@ -650,6 +749,11 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
+        self.activate_at(&[]);
+    }
+
+    /// Activate with the queues at `positions` (restore), or at 0 (the driver's DRIVER_OK).
+    fn activate_at(&mut self, positions: &[QueuePosition]) {
         if self.irq.needs_reset.load(Ordering::SeqCst) {
             return;
         }
@@ -660,7 +764,13 @@ impl VirtioPciDevice {
                 continue;
             }
             let queue = match build_queue(regs, &self.mem, event_idx) {
-                Ok(q) => q,
+                Ok(mut q) => {
+                    if let Some(p) = positions.iter().find(|p| p.index == i) {
+                        q.set_next_avail(p.next_avail);
+                        q.set_next_used(p.next_used);
+                    }
+                    q
+                }
                 Err(why) => {
                     self.problem(Problem::QueueInvalid, format_args!("queue {i}: {why}"));
                     self.set_needs_reset();

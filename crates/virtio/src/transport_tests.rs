@@ -529,3 +529,63 @@ fn event_idx_suppresses_interrupts_until_used_event() {
     // And the device published avail_event for the driver's notification suppression.
     assert_eq!(d.avail_event(&g.mem), 3);
 }
+
+#[test]
+fn pause_state_and_restore_continue_the_queue_in_a_new_transport() {
+    let mut g = rng_device(false);
+    let mut d = SplitQueueDriver::new(&g.mem, QUEUE_BASE, 64);
+    assert_eq!(g.init(&d, ALL), 0x0f);
+    for _ in 0..3 {
+        d.add(&g.mem, &[Desc::w(DATA, 16)]).unwrap();
+        g.w(NOTIFY_OFFSET, 2, 0);
+        g.wait_used(&mut d);
+    }
+    // A request made available while paused waits for the resume (or the restore).
+    g.dev.pause().unwrap();
+    d.add(&g.mem, &[Desc::w(DATA, 16)]).unwrap();
+    g.w(NOTIFY_OFFSET, 2, 0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(d.pop_used(&g.mem).is_none(), "served while paused");
+    let state = g.dev.state();
+    assert_eq!(
+        state.queue_positions,
+        vec![QueuePosition {
+            index: 0,
+            next_avail: 3,
+            next_used: 3
+        }]
+    );
+    assert_eq!(g.dev.counters()[0], ("requests", 3));
+    let json = serde_json::to_string(&state).unwrap();
+    drop(g.dev);
+
+    // A new transport on the same memory takes the state and serves the waiting request.
+    let mut h = Guest {
+        dev: VirtioPciDevice::new(Box::new(Rng::new()), g.mem.clone(), g.vm.clone()).unwrap(),
+        vm: g.vm.clone(),
+        mem: g.mem.clone(),
+    };
+    h.dev
+        .restore(&serde_json::from_str(&json).unwrap())
+        .unwrap();
+    assert_eq!(h.status(), 0x0f);
+    assert_eq!(h.wait_used(&mut d).1, 16);
+    d.add(&h.mem, &[Desc::w(DATA, 8)]).unwrap();
+    h.w(NOTIFY_OFFSET, 2, 0);
+    assert_eq!(h.wait_used(&mut d).1, 8);
+    assert_eq!(d.used_idx(&h.mem), 5);
+
+    // States that do not fit are refused.
+    let mut other = rng_device(false);
+    let mut bad: VirtioPciState = serde_json::from_str(&json).unwrap();
+    bad.device.device_type = crate::VIRTIO_ID_BLOCK;
+    assert!(other.dev.restore(&bad).is_err());
+    let mut bad: VirtioPciState = serde_json::from_str(&json).unwrap();
+    bad.queue_positions.clear();
+    assert!(other
+        .dev
+        .restore(&bad)
+        .unwrap_err()
+        .to_string()
+        .contains("paused"));
+}

@@ -2,6 +2,7 @@
 //! when its eventfd fires. One thread per active device; it exists from DRIVER_OK to reset.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vireo_hv::EventFd;
@@ -15,6 +16,43 @@ pub trait QueueHandler: Send + 'static {
     /// Queue `index` was notified (also called once per queue when the thread starts, for
     /// buffers made available before it ran).
     fn queue_notified(&mut self, index: usize);
+}
+
+/// A handler shared between the device and its thread, so the device keeps it (and its
+/// queues) when the thread stops for a pause and can start a new thread on it later. The
+/// thread locks it once per notification; nobody else does while the thread runs.
+pub struct Shared<H>(pub Arc<Mutex<H>>);
+
+impl<H: QueueHandler> QueueHandler for Shared<H> {
+    fn queue_notified(&mut self, index: usize) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_notified(index);
+    }
+}
+
+/// Where a queue stands (virtio 1.2 §2.7): the next available-ring entry the device will
+/// take and the next used-ring entry it will fill. What a snapshot needs besides the ring
+/// addresses, which are in the transport's registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueuePosition {
+    pub index: usize,
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// The positions of `queues` now.
+pub fn positions(queues: &[crate::ActiveQueue]) -> Vec<QueuePosition> {
+    use virtio_queue::QueueT;
+    queues
+        .iter()
+        .map(|q| QueuePosition {
+            index: q.index,
+            next_avail: q.queue.next_avail(),
+            next_used: q.queue.next_used(),
+        })
+        .collect()
 }
 
 /// epoll data of the stop eventfd (queue indices are small).

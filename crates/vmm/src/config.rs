@@ -199,6 +199,18 @@ pub struct DiskConfig {
     pub direct: bool,
 }
 
+impl DiskConfig {
+    /// A read-write disk at `path` with default options.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            serial: None,
+            direct: false,
+        }
+    }
+}
+
 impl FromStr for DiskConfig {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

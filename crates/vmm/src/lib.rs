@@ -4,12 +4,18 @@
 
 pub mod backend;
 pub mod config;
+mod machine;
 pub mod net;
 mod pci;
+pub mod snapshot;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};
-pub use vm::{ExitReason, StopReason, Vmm, VmmHandle};
+pub use machine::{DeviceCounters, DeviceInfo, VcpuExitCounts};
+pub use vm::{
+    Command, CommandError, CommandErrorKind, CommandReply, Counters, ExitReason, Lifecycle,
+    RestoreRequest, StopReason, VmInfo, Vmm, VmmHandle,
+};
 
 /// Errors building or running a VM, worded for the user.
 #[derive(Debug, thiserror::Error)]
@@ -37,4 +43,6 @@ pub enum Error {
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }

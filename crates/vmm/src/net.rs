@@ -261,6 +261,28 @@ pub(crate) fn open_nets(nets: &[NetConfig]) -> Result<Vec<OpenNet>, Error> {
         .collect()
 }
 
+/// The host ends of a configuration's network devices: its TAPs and its vsock socket, open
+/// while the VMM holds the configuration (across guest reboots, pauses and snapshots).
+#[derive(Default)]
+pub(crate) struct NetBackends {
+    pub(crate) nets: Vec<OpenNet>,
+    pub(crate) vsock: Option<Arc<VsockBackend>>,
+}
+
+impl NetBackends {
+    /// Open every TAP of `config` and bind its vsock socket. A MAC address chosen at random
+    /// is written back into `config`, so that every boot, and a snapshot's restore, gives
+    /// the guest the same one.
+    pub(crate) fn open(config: &mut crate::config::VmConfig) -> Result<Self, Error> {
+        let nets = open_nets(&config.nets)?;
+        for (c, n) in config.nets.iter_mut().zip(&nets) {
+            c.mac = Some(Mac(n.mac));
+        }
+        let vsock = config.vsock.as_ref().map(open_vsock).transpose()?;
+        Ok(NetBackends { nets, vsock })
+    }
+}
+
 /// Bind the vsock device's Unix socket.
 pub(crate) fn open_vsock(v: &VsockConfig) -> Result<Arc<VsockBackend>, Error> {
     VsockBackend::bind(&v.socket)

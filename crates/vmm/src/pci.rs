@@ -7,7 +7,9 @@
 use std::sync::{Arc, Mutex};
 
 use vireo_arch::layout;
-use vireo_devices::pci::{PciConfigIo, PciConfigMmio, PciDevice, PciRoot, PciWindows, Window};
+use vireo_devices::pci::{
+    PciAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot, PciWindows, Window,
+};
 use vireo_devices::IoBus;
 use vireo_hv::{GuestMemory, Vm};
 use vireo_virtio::{Block, DiskImage, DiskOptions, Net, NetControl, Rng, VirtioPciDevice, Vsock};
@@ -64,6 +66,12 @@ pub(crate) struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
     /// Link status, announcements and counters of the network devices, in order.
     nets: Vec<NetControl>,
+    /// The virtio functions in slot order, with their addresses.
+    virtio: Vec<(PciAddress, Arc<Mutex<VirtioPciDevice>>)>,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl PciDevices {
@@ -78,11 +86,14 @@ impl PciDevices {
     ) -> Result<Self, Error> {
         let dev_err = |e: &dyn std::fmt::Display| Error::Devices(e.to_string());
         let mut root = PciRoot::new(windows(cfg.memory.0)).map_err(|e| dev_err(&e))?;
+        let mut virtio = Vec::new();
         let mut add = |dev: VirtioPciDevice| -> Result<(), Error> {
-            let dev: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(dev));
-            let name = dev.lock().map(|d| d.name()).unwrap_or("device");
+            let typed = Arc::new(Mutex::new(dev));
+            let dev: Arc<Mutex<dyn PciDevice>> = typed.clone();
+            let name = lock(&typed).name();
             let at = root.add_device(dev).map_err(|e| dev_err(&e))?;
             tracing::debug!("PCI {at}: {name}");
+            virtio.push((at, typed));
             Ok(())
         };
         for (i, disk) in backends.disks.iter().enumerate() {
@@ -123,12 +134,76 @@ impl PciDevices {
                 Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             )
             .map_err(|e| dev_err(&e))?;
-        Ok(PciDevices { root, nets })
+        Ok(PciDevices { root, nets, virtio })
     }
 
     /// The network devices' handles (link status, `announce()` after a migration, counters).
     pub(crate) fn nets(&self) -> &[NetControl] {
         &self.nets
+    }
+
+    /// The virtio functions, by address (`00:01.0`).
+    pub(crate) fn transports(&self) -> Vec<(String, Arc<Mutex<VirtioPciDevice>>)> {
+        self.virtio
+            .iter()
+            .map(|(a, d)| (a.to_string(), d.clone()))
+            .collect()
+    }
+
+    /// Pause every device (their requests in flight complete first).
+    pub(crate) fn pause(&self) -> Result<(), Error> {
+        for (a, d) in &self.virtio {
+            lock(d)
+                .pause()
+                .map_err(|e| Error::Devices(format!("pausing PCI {a}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn resume(&self) -> Result<(), Error> {
+        for (a, d) in &self.virtio {
+            lock(d)
+                .resume()
+                .map_err(|e| Error::Devices(format!("resuming PCI {a}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Every function's state, in slot order (the devices must be paused).
+    pub(crate) fn states(&self) -> Vec<(String, vireo_virtio::VirtioPciState)> {
+        self.virtio
+            .iter()
+            .map(|(_, d)| {
+                let d = lock(d);
+                (d.device().name().to_string(), d.state())
+            })
+            .collect()
+    }
+
+    /// Load states from [`PciDevices::states`] into the functions of the same configuration.
+    pub(crate) fn restore(
+        &self,
+        states: &[(String, vireo_virtio::VirtioPciState)],
+    ) -> Result<(), Error> {
+        if states.len() != self.virtio.len() {
+            return Err(Error::Devices(format!(
+                "the snapshot has {} PCI devices, this configuration {}",
+                states.len(),
+                self.virtio.len()
+            )));
+        }
+        for ((a, d), (name, s)) in self.virtio.iter().zip(states) {
+            let mut d = lock(d);
+            if d.device().name() != name {
+                return Err(Error::Devices(format!(
+                    "PCI {a} is {} here and {name} in the snapshot",
+                    d.device().name()
+                )));
+            }
+            d.restore(s)
+                .map_err(|e| Error::Devices(format!("PCI {a}: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Map the BARs on `bus` (now shared with the vCPUs); from here on the guest moves them.

@@ -44,7 +44,7 @@ const RTE_LOW_WRITABLE: u64 = 0x0001_afff;
 const RTE_HIGH_WRITABLE: u64 = 0xff00_0000_0000_0000;
 
 /// The I/O APIC state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Ioapic {
     id: u32,
     select: u32,

@@ -228,12 +228,13 @@ enum TimerMode {
 }
 
 /// One local APIC.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Lapic {
     /// The vCPU index: the initial APIC ID and the x2APIC ID.
     index: u32,
     apic_base: u64,
     /// The register page, one `u32` per 16-byte slot.
+    #[serde(with = "page_serde")]
     regs: [u32; PAGE_REGS],
     /// Errors detected since the last ESR write; a write moves them into ESR (§11.5.3).
     esr_pending: u32,
@@ -250,6 +251,27 @@ pub struct Lapic {
     sipi: Option<u8>,
     /// An ExtINT message arrived (IOAPIC or MSI): the vector comes from the 8259 at INTA.
     extint: bool,
+}
+
+/// serde for the register page (serde's arrays stop at 32 elements): a list of exactly
+/// [`PAGE_REGS`] values.
+mod page_serde {
+    use super::PAGE_REGS;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(regs: &[u32; PAGE_REGS], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(regs.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u32; PAGE_REGS], D::Error> {
+        let v = Vec::<u32>::deserialize(d)?;
+        <[u32; PAGE_REGS]>::try_from(v.as_slice()).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "a local APIC page of {} registers, not {PAGE_REGS}",
+                v.len()
+            ))
+        })
+    }
 }
 
 fn slot(offset: u32) -> usize {
@@ -312,6 +334,11 @@ impl Lapic {
     pub fn init_reset(&mut self) {
         self.init = false;
         self.reset_registers();
+    }
+
+    /// The vCPU index and timer ratio this APIC was made with (checked on restore).
+    pub(crate) fn identity(&self) -> (u32, u64) {
+        (self.index, self.tsc_per_tick)
     }
 
     pub fn hw_enabled(&self) -> bool {

@@ -255,6 +255,17 @@ impl State {
     }
 }
 
+/// Everything the controllers hold, as data (snapshots, migration). Times are guest TSC
+/// values of the chip's [`GuestClock`], so a restored VM whose clock continues from the
+/// snapshot's finds its timers where they were.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct IrqChipState {
+    pub lapics: Vec<Lapic>,
+    pub ioapic: Ioapic,
+    pub pic: Pic,
+    pub pit: Pit,
+}
+
 /// What is published per vCPU for the lock-free paths.
 struct Slot {
     summary: AtomicU8,
@@ -287,6 +298,7 @@ impl IrqChip {
     fn build(vcpus: u32, clock: GuestClock, time: Time) -> Self {
         let n = vcpus as usize;
         let ratio = apic_timer_tsc_ratio(clock.tsc_hz());
+        let tsc_hz = clock.tsc_hz();
         IrqChip {
             clock,
             time,
@@ -298,7 +310,7 @@ impl IrqChip {
                 },
                 ioapic: Ioapic::new(),
                 pic: Pic::new(),
-                pit: Pit::new(clock.tsc_hz()),
+                pit: Pit::new(tsc_hz),
             }),
             slots: (0..n)
                 .map(|_| Slot {
@@ -309,6 +321,46 @@ impl IrqChip {
                 })
                 .collect(),
         }
+    }
+
+    /// The state of every controller.
+    pub fn state(&self) -> IrqChipState {
+        let st = lock(&self.state);
+        IrqChipState {
+            lapics: st.cpus.lapics.clone(),
+            ioapic: st.ioapic.clone(),
+            pic: st.pic.clone(),
+            pit: st.pit.clone(),
+        }
+    }
+
+    /// Load a state from [`IrqChip::state`] of a chip with as many vCPUs and the same clock
+    /// rate; anything else is refused and nothing changes. Wakes the vCPUs that have events.
+    pub fn restore(&self, s: &IrqChipState) -> Result<(), String> {
+        if s.lapics.len() != self.slots.len() {
+            return Err(format!(
+                "{} local APICs in the state, {} vCPUs here",
+                s.lapics.len(),
+                self.slots.len()
+            ));
+        }
+        let ratio = apic_timer_tsc_ratio(self.clock.tsc_hz());
+        for (i, l) in s.lapics.iter().enumerate() {
+            if l.identity() != (i as u32, ratio) {
+                return Err(format!("local APIC {i} does not belong to vCPU {i}"));
+            }
+        }
+        if s.pit.tsc_hz() != self.clock.tsc_hz() {
+            return Err("the PIT was timed against another TSC rate".into());
+        }
+        self.locked(None, |st, _| {
+            st.cpus.lapics = s.lapics.clone();
+            st.ioapic = s.ioapic.clone();
+            st.pic = s.pic.clone();
+            st.pit = s.pit.clone();
+            st.cpus.mark_all();
+        });
+        Ok(())
     }
 
     /// Number of vCPUs (local APICs).
@@ -527,7 +579,7 @@ fn decode_msi(msi: MsiMessage) -> Option<Message> {
 
 impl UserIrqChip for IrqChip {
     fn clock(&self) -> GuestClock {
-        self.clock
+        self.clock.clone()
     }
 
     fn attach_vcpu(&self, id: u32, waker: Arc<dyn Kicker>) {

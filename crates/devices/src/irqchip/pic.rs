@@ -46,7 +46,7 @@ const OCW3_ESMM: u8 = 0x40;
 const OCW3_SMM: u8 = 0x20;
 
 /// Where the initialisation sequence is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Init {
     Ready,
     Icw2,
@@ -55,7 +55,7 @@ enum Init {
 }
 
 /// One 8259A.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Chip {
     irr: u8,
     isr: u8,
@@ -251,7 +251,7 @@ impl Chip {
 }
 
 /// The cascaded master/slave pair.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Pic {
     chips: [Chip; 2],
 }

@@ -36,7 +36,7 @@ const PORT61_REFRESH: u8 = 0x10;
 const PORT61_OUT2: u8 = 0x20;
 
 /// Read/write access mode of a counter (control word bits 5:4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Access {
     Lsb = 1,
     Msb = 2,
@@ -44,7 +44,7 @@ enum Access {
 }
 
 /// What the counting element is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Counting {
     /// No count loaded since the control word; the output level as the mode sets it.
     Idle { out: bool },
@@ -56,7 +56,7 @@ enum Counting {
     Armed { n: u32 },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Channel {
     mode: u8,
     access: Access,
@@ -361,7 +361,7 @@ impl Channel {
 }
 
 /// The 8254 and port 0x61.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Pit {
     tsc_hz: u64,
     channels: [Channel; 3],
@@ -373,6 +373,11 @@ pub struct Pit {
 }
 
 impl Pit {
+    /// The guest TSC frequency the counters are timed against (checked on restore).
+    pub(crate) fn tsc_hz(&self) -> u64 {
+        self.tsc_hz
+    }
+
     /// A PIT whose time base is a guest TSC of `tsc_hz`.
     pub fn new(tsc_hz: u64) -> Self {
         Pit {

@@ -614,3 +614,34 @@ fn register_maps_every_range() {
     let line = chip.irq_line(4);
     line.pulse();
 }
+
+#[test]
+fn state_moves_to_a_new_chip_with_timers_and_pending_interrupts() {
+    let a = manual(2);
+    enable_all(&a);
+    // A one-shot timer on vCPU 1 due at TSC 5000, and an interrupt pending on vCPU 0.
+    a.lapic_write(1, APIC_LVT_TIMER, 0x41);
+    a.lapic_write(1, APIC_TIMER_DIVIDE, 0xb);
+    a.lapic_write(1, APIC_TIMER_INITIAL, 5000);
+    a.lapic_write(0, APIC_SELF_IPI, 0x55);
+    a.send_msi(MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x66,
+    });
+    let state = a.state();
+    let json = serde_json::to_string(&state).unwrap();
+
+    let b = manual(2);
+    b.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(serde_json::to_string(&b.state()).unwrap(), json);
+    assert_eq!(b.take_event(0, true), Some(Interrupt(0x66)));
+    assert_eq!(b.take_event(1, true), None);
+    b.set_time(5000);
+    assert_eq!(b.take_event(1, true), Some(Interrupt(0x41)));
+
+    // A state for another number of vCPUs is refused and changes nothing.
+    let c = manual(3);
+    let before = serde_json::to_string(&c.state()).unwrap();
+    assert!(c.restore(&state).unwrap_err().contains("vCPUs"));
+    assert_eq!(serde_json::to_string(&c.state()).unwrap(), before);
+}

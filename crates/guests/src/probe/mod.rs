@@ -29,6 +29,7 @@
 //! | `PioLoop` etc. | `S`, then `n` accesses, `E` |
 //! | `PciScan` | per function `pci 00:SS.F VVVV:DDDD class CCCCCC` and `caps 00:SS.F II II ...`, then per BAR `bar 00:SS.F N io|mem32|mem64 addr=<16 hex> size=<16 hex>`, then `ecam ok` (or `ecam mismatch <n>`) |
 //! | `VirtioBlk` | the `found`/`features-ok`/`driver-ok` lines, then `virtio-blk: get-id irq=1 timeout=0 used=1 len=<n> status=00 serial=<text>`, `virtio-blk: read ... data=<32 hex>`, `virtio-blk: write ... status=00`, `virtio-blk: flush ... status=00` |
+//! | `Counter` | `count 0`, `count 1`, ... every 100 ms, forever |
 //! | `VirtioRng` | `virtio-rng: found at 00:SS.F`, `virtio-rng: features-ok status=0b`, `virtio-rng: driver-ok status=0f vector=0001`, `virtio-rng: irq=<n> timeout=<0/1> used=<n> len=<n> random=yes/no` |
 //!
 //! After its output a probe powers off the [`Platform`]'s way (except the reset probes, which
@@ -96,6 +97,12 @@ pub enum Probe {
     /// 64-byte buffer, notifies, and waits (at most about two seconds of LAPIC timer) for the
     /// interrupt.
     VirtioRng,
+    /// Counts forever: a periodic local APIC timer (vector 0x30, every 10 ms at a 1 GHz APIC
+    /// bus) interrupts a `sti; hlt` loop, and every 10 ticks the probe prints `count <n>`
+    /// with `n` = 0, 1, 2, ... (kept in R12). For snapshot tests: a restored probe goes on
+    /// counting from where it was, which needs its registers, IDT, LAPIC timer and pending
+    /// interrupts back.
+    Counter,
     /// Finds the first virtio-blk function (1af4:1042) and sets it up as `VirtioRng` does
     /// (accepting VIRTIO_BLK_F_FLUSH too), then, one request at a time: GET_ID (prints the serial), IN of sector 0 (prints its
     /// first 16 bytes in hex), OUT of sector 1 ([`BLK_PROBE_PATTERN`] repeated), FLUSH.

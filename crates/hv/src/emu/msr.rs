@@ -339,7 +339,7 @@ impl Cpu {
             return;
         }
         let gpa = v & !1;
-        let clock = self.vm.clock;
+        let clock = self.vm.clock.clone();
         let raw = clock.tsc();
         let ns = (raw as u128 * 1_000_000_000 / clock.tsc_hz() as u128) as u64;
         let (mul, shift) = pvclock_scale(clock.tsc_hz());

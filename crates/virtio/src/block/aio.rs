@@ -170,9 +170,45 @@ impl Aio {
         self.batch.len()
     }
 
+    /// Transfers submitted and not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// True while transfers are queued or in flight.
     pub fn busy(&self) -> bool {
         self.in_flight > 0 || !self.batch.is_empty()
+    }
+
+    /// Like [`Aio::reap`], but first wait for at least one completion when transfers are in
+    /// flight (draining the device for a pause).
+    pub fn reap_wait(&mut self, out: &mut Vec<(Pending, bool)>) {
+        while self.in_flight > 0 {
+            match self.ctx.get_events(1, &mut self.events, None) {
+                Ok(n) => {
+                    self.take(n, out);
+                    break;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("io_getevents: {e}");
+                    return;
+                }
+            }
+        }
+        self.reap(out);
+    }
+
+    fn take(&mut self, n: usize, out: &mut Vec<(Pending, bool)>) {
+        for i in 0..n.min(self.events.len()) {
+            let ev = self.events[i];
+            let slot = ev.data as usize;
+            if let Some(p) = self.slots.get_mut(slot).and_then(Option::take) {
+                self.free.push(slot);
+                self.in_flight -= 1;
+                out.push((p, ev.res >= 0 && ev.res as u64 == p.expected));
+            }
+        }
     }
 
     /// Completed transfers (without waiting): each with `true` when it moved every byte.
@@ -192,14 +228,7 @@ impl Aio {
             if n == 0 {
                 return;
             }
-            for ev in &self.events[..n] {
-                let slot = ev.data as usize;
-                if let Some(p) = self.slots.get_mut(slot).and_then(Option::take) {
-                    self.free.push(slot);
-                    self.in_flight -= 1;
-                    out.push((p, ev.res >= 0 && ev.res as u64 == p.expected));
-                }
-            }
+            self.take(n, out);
         }
     }
 }

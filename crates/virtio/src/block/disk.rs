@@ -17,6 +17,8 @@ use vireo_hv::GuestMemory;
 pub const SECTOR_SIZE: u64 = 512;
 /// Bytes of a virtio-blk device ID (§5.2.6, VIRTIO_BLK_T_GET_ID).
 pub const SERIAL_LEN: usize = 20;
+/// Largest buffer the O_DIRECT bounce path allocates.
+const BOUNCE_CHUNK: usize = 1 << 20;
 /// Alignment of buffers, offsets and lengths for `direct=on` (O_DIRECT), and the block size
 /// the device then advertises.
 pub const DIRECT_ALIGN: u64 = 4096;
@@ -278,29 +280,50 @@ impl DiskImage {
         total: u64,
         write: bool,
     ) -> std::io::Result<()> {
-        let len =
-            usize::try_from(total).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // A bounded buffer, whatever the request's size: a guest must not make the VMM
+        // allocate as much as the disk.
+        let chunk_max = (BOUNCE_CHUNK as u64).min(total) as usize;
         let align = DIRECT_ALIGN as usize;
-        let mut raw = vec![0u8; len + align];
+        let mut raw = vec![0u8; chunk_max + align];
         let start = raw.as_ptr().align_offset(align).min(align);
-        let buf = &mut raw[start..start + len];
+        let buf = &mut raw[start..start + chunk_max];
         let fault = |_| std::io::Error::from_raw_os_error(libc::EFAULT);
-        if write {
-            let mut at = 0;
-            for &(addr, n) in ranges {
-                vm_memory::Bytes::read_slice(mem, &mut buf[at..at + n], addr).map_err(fault)?;
-                at += n;
+        // A cursor over the guest ranges: (range index, bytes of it already done).
+        let (mut range, mut within) = (0usize, 0usize);
+        let mut done = 0u64;
+        while done < total {
+            let n = (total - done).min(chunk_max as u64) as usize;
+            let chunk = &mut buf[..n];
+            if !write {
+                self.file.read_exact_at(chunk, offset + done)?;
             }
-            self.file.write_all_at(buf, offset)
-        } else {
-            self.file.read_exact_at(buf, offset)?;
             let mut at = 0;
-            for &(addr, n) in ranges {
-                vm_memory::Bytes::write_slice(mem, &buf[at..at + n], addr).map_err(fault)?;
-                at += n;
+            while at < n {
+                let Some(&(addr, len)) = ranges.get(range) else {
+                    return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+                };
+                let step = (len - within).min(n - at);
+                let guest = GuestAddress(addr.0.wrapping_add(within as u64));
+                if write {
+                    vm_memory::Bytes::read_slice(mem, &mut chunk[at..at + step], guest)
+                        .map_err(fault)?;
+                } else {
+                    vm_memory::Bytes::write_slice(mem, &chunk[at..at + step], guest)
+                        .map_err(fault)?;
+                }
+                at += step;
+                within += step;
+                if within == len {
+                    range += 1;
+                    within = 0;
+                }
             }
-            Ok(())
+            if write {
+                self.file.write_all_at(chunk, offset + done)?;
+            }
+            done += n as u64;
         }
+        Ok(())
     }
 
     /// Make everything written so far durable (fdatasync: data and the metadata needed to
@@ -420,6 +443,50 @@ mod tests {
         assert!(d.in_bounds(4096 - 512, 512));
         assert!(!d.in_bounds(4096 - 512, 513));
         assert!(!d.in_bounds(u64::MAX, 2));
+    }
+
+    /// An unaligned O_DIRECT request bigger than the bounce buffer goes through in pieces, the
+    /// pieces splitting guest ranges at arbitrary points.
+    #[test]
+    fn direct_bounce_is_chunked() {
+        let len = 2 * BOUNCE_CHUNK + 3 * 4096;
+        let f = TempFile::new("bounce", 4 << 20);
+        let mem = guest_memory();
+        let d = DiskImage::open(&DiskOptions {
+            direct: true,
+            ..DiskOptions::new(f.path())
+        })
+        .unwrap();
+        let pattern: Vec<u8> = (0..len as u32).map(|i| (i ^ (i >> 9)) as u8).collect();
+        // Three unaligned guest ranges of unequal sizes.
+        let sizes = [700_000usize, 1_000_000, len - 1_700_000];
+        let mut ranges = Vec::new();
+        let mut addr = DATA + 512;
+        for (i, &n) in sizes.iter().enumerate() {
+            let at: usize = sizes[..i].iter().sum();
+            mem.write_slice(&pattern[at..at + n], GuestAddress(addr))
+                .unwrap();
+            ranges.push((GuestAddress(addr), n));
+            addr += n as u64 + 4096 + 512;
+        }
+        d.write_from(&mem, &ranges, 4096).unwrap();
+        let mut back = vec![0u8; len];
+        std::fs::File::open(f.path())
+            .unwrap()
+            .read_exact_at(&mut back, 4096)
+            .unwrap();
+        assert!(back == pattern, "written data differs");
+        for &(a, n) in &ranges {
+            mem.write_slice(&vec![0u8; n], a).unwrap();
+        }
+        d.read_into(&mem, &ranges, 4096).unwrap();
+        let mut got = Vec::new();
+        for &(a, n) in &ranges {
+            let mut b = vec![0u8; n];
+            mem.read_slice(&mut b, a).unwrap();
+            got.extend_from_slice(&b);
+        }
+        assert!(got == pattern, "read data differs");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 mod aio;
 mod disk;
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::QueueT;
@@ -19,7 +20,7 @@ use vm_memory::GuestAddress;
 pub use disk::{DiskImage, DiskOptions, DIRECT_ALIGN, SECTOR_SIZE, SERIAL_LEN};
 
 use crate::queue::{read_bytes, serve_queue, write_bytes, Buffer, Chain};
-use crate::worker::{QueueHandler, Worker};
+use crate::worker::{positions, QueueHandler, QueuePosition, Shared, Worker};
 use crate::{
     Activation, ActiveQueue, DeviceState, Error, LogOnce, Result, VirtioDevice, VirtioInterrupt,
     VIRTIO_ID_BLOCK,
@@ -96,6 +97,17 @@ enum Problem {
     QueueBroken,
 }
 
+/// Requests and bytes served, for the user.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    /// Everything else: flush, get-id, discard, write-zeroes, bad requests.
+    pub other: AtomicU64,
+}
+
 /// A virtio block device.
 pub struct Block {
     disk: Arc<DiskImage>,
@@ -103,6 +115,11 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     log: Arc<LogOnce>,
     worker: Option<Worker>,
+    /// The queues and their server while active (also while paused).
+    handler: Option<Arc<Mutex<BlockQueues>>>,
+    /// Clones of the notification eventfds the thread waits on (to start it again).
+    notifiers: Vec<(usize, vireo_hv::EventFd)>,
+    counters: Arc<BlockCounters>,
 }
 
 impl Block {
@@ -129,11 +146,31 @@ impl Block {
             config: c,
             log: Arc::new(LogOnce::new()),
             worker: None,
+            handler: None,
+            notifiers: Vec::new(),
+            counters: Arc::new(BlockCounters::default()),
         }
     }
 
     pub fn disk(&self) -> &Arc<DiskImage> {
         &self.disk
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let Some(h) = &self.handler else {
+            return Ok(());
+        };
+        let notifiers = self
+            .notifiers
+            .iter()
+            .map(|(i, fd)| Ok((*i, fd.try_clone().map_err(|e| Error::io("eventfd", e))?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.worker = Some(Worker::spawn(
+            format!("virtio-blk{}", self.index),
+            notifiers,
+            Shared(h.clone()),
+        )?);
+        Ok(())
     }
 }
 
@@ -215,6 +252,7 @@ impl VirtioDevice for Block {
                 features: a.features,
                 log: self.log.clone(),
                 ranges: Vec::new(),
+                counters: self.counters.clone(),
             },
             broken: vec![false; a.queues.len()],
             queues: a.queues,
@@ -224,26 +262,55 @@ impl VirtioDevice for Block {
             aio,
             completions: Vec::new(),
         };
-        self.worker = Some(Worker::spawn(
-            format!("virtio-blk{}", self.index),
-            notifiers,
-            handler,
-        )?);
-        Ok(())
+        self.handler = Some(Arc::new(Mutex::new(handler)));
+        self.notifiers = notifiers;
+        self.spawn()
     }
 
     fn reset(&mut self) {
         if let Some(mut w) = self.worker.take() {
             w.stop();
         }
+        self.handler = None;
+        self.notifiers.clear();
     }
 
     fn state(&self) -> DeviceState {
         DeviceState {
             device_type: VIRTIO_ID_BLOCK,
             config: self.config.to_vec(),
-            active: self.worker.is_some(),
+            active: self.handler.is_some(),
         }
+    }
+
+    fn pause(&mut self) -> Result<Vec<QueuePosition>> {
+        if let Some(mut w) = self.worker.take() {
+            w.stop();
+        }
+        let Some(h) = &self.handler else {
+            return Ok(Vec::new());
+        };
+        let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
+        h.drain();
+        Ok(positions(&h.queues))
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        if self.worker.is_none() {
+            self.spawn()?;
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        vec![
+            ("reads", c.reads.load(Ordering::Relaxed)),
+            ("read_bytes", c.read_bytes.load(Ordering::Relaxed)),
+            ("writes", c.writes.load(Ordering::Relaxed)),
+            ("write_bytes", c.write_bytes.load(Ordering::Relaxed)),
+            ("other_requests", c.other.load(Ordering::Relaxed)),
+        ]
     }
 }
 
@@ -268,6 +335,19 @@ struct BlockQueues {
 }
 
 impl BlockQueues {
+    /// Wait for every asynchronous transfer and report it (a pause: afterwards every request
+    /// the device took is in the used ring).
+    fn drain(&mut self) {
+        self.submit();
+        while self.aio.as_ref().is_some_and(Aio::busy) {
+            let before = self.aio.as_ref().map_or(0, Aio::in_flight);
+            self.complete_with(true);
+            if self.aio.as_ref().map_or(0, Aio::in_flight) >= before {
+                break; // waiting failed (logged): do not spin
+            }
+        }
+    }
+
     fn broke(&mut self, pos: usize, e: &dyn std::fmt::Display) {
         self.broken[pos] = true;
         if self.server.log.first(Problem::QueueBroken as u32) {
@@ -282,11 +362,20 @@ impl BlockQueues {
 
     /// Report finished asynchronous transfers: status byte, used ring, interrupt.
     fn complete(&mut self) {
+        self.complete_with(false)
+    }
+
+    /// [`BlockQueues::complete`], first waiting for a completion when `wait`.
+    fn complete_with(&mut self, wait: bool) {
         let Some(aio) = self.aio.as_mut() else {
             return;
         };
         let mut done = std::mem::take(&mut self.completions);
-        aio.reap(&mut done);
+        if wait {
+            aio.reap_wait(&mut done);
+        } else {
+            aio.reap(&mut done);
+        }
         let mut touched = vec![false; self.queues.len()];
         for (p, ok) in done.drain(..) {
             if self.broken.get(p.queue).copied().unwrap_or(true) {
@@ -379,6 +468,7 @@ pub struct RequestServer {
     features: u64,
     log: Arc<LogOnce>,
     ranges: Vec<(GuestAddress, usize)>,
+    counters: Arc<BlockCounters>,
 }
 
 impl RequestServer {
@@ -389,6 +479,7 @@ impl RequestServer {
             features,
             log: Arc::new(LogOnce::new()),
             ranges: Vec::new(),
+            counters: Arc::new(BlockCounters::default()),
         }
     }
 
@@ -424,8 +515,18 @@ impl RequestServer {
         }
         let status_at = wlen - 1;
         let (status, written) = match self.plan(mem, chain, status_at) {
-            Plan::Reply { status, written } => (status, written),
+            Plan::Reply { status, written } => {
+                self.counters.other.fetch_add(1, Ordering::Relaxed);
+                (status, written)
+            }
             Plan::Transfer { write, offset, len } => {
+                let (n, bytes) = if write {
+                    (&self.counters.writes, &self.counters.write_bytes)
+                } else {
+                    (&self.counters.reads, &self.counters.read_bytes)
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                bytes.fetch_add(len, Ordering::Relaxed);
                 if let Some((aio, queue)) = aio {
                     let mut at = Vec::with_capacity(1);
                     let status_addr = crate::queue::gather(&chain.writable, status_at, 1, &mut at)
