@@ -34,7 +34,7 @@ pub use block::{Block, DiskImage, DiskOptions};
 pub use net::{MacAddr, Net, NetBackend, NetControl, Tap, TapError};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VirtioPciState};
-pub use vsock::{Vsock, VsockBackend};
+pub use vsock::{Vsock, VsockBackend, VsockControl};
 pub use worker::QueuePosition;
 
 /// Device types (§5).

@@ -2,7 +2,9 @@
 //! virtio devices on it — the disks in the order given (the first is the guest's
 //! `/dev/vda`), the entropy device, the network devices in the order given (the first is the
 //! guest's `eth0`), then the vsock device. Disks, TAPs and the vsock socket are opened once
-//! per VMM and reused across guest reboots; the devices and their threads live for one boot.
+//! per configuration and reused across guest reboots; the devices and their threads live for
+//! one boot. A restore opens the TAPs again by name and tells the guest its vsock connections
+//! were reset.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +14,9 @@ use vireo_devices::pci::{
 };
 use vireo_devices::IoBus;
 use vireo_hv::{GuestMemory, Vm};
-use vireo_virtio::{Block, DiskImage, DiskOptions, Net, NetControl, Rng, VirtioPciDevice, Vsock};
+use vireo_virtio::{
+    Block, DiskImage, DiskOptions, Net, NetControl, Rng, VirtioPciDevice, Vsock, VsockControl,
+};
 
 use crate::config::VmConfig;
 use crate::net::OpenNet;
@@ -66,6 +70,8 @@ pub(crate) struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
     /// Link status, announcements and counters of the network devices, in order.
     nets: Vec<NetControl>,
+    /// Transport resets of the vsock device.
+    vsock: Option<VsockControl>,
     /// The virtio functions in slot order, with their addresses.
     virtio: Vec<(PciAddress, Arc<Mutex<VirtioPciDevice>>)>,
 }
@@ -114,8 +120,10 @@ impl PciDevices {
             add(VirtioPciDevice::new(Box::new(net), mem.clone(), vm.clone())
                 .map_err(|e| dev_err(&e))?)?;
         }
+        let mut vsock = None;
         if let (Some(v), Some(backend)) = (&cfg.vsock, backends.vsock) {
             let dev = Vsock::new(u64::from(v.cid), backend.clone());
+            vsock = Some(dev.control());
             add(VirtioPciDevice::new(Box::new(dev), mem.clone(), vm.clone())
                 .map_err(|e| dev_err(&e))?)?;
         }
@@ -134,12 +142,12 @@ impl PciDevices {
                 Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             )
             .map_err(|e| dev_err(&e))?;
-        Ok(PciDevices { root, nets, virtio })
-    }
-
-    /// The network devices' handles (link status, `announce()` after a migration, counters).
-    pub(crate) fn nets(&self) -> &[NetControl] {
-        &self.nets
+        Ok(PciDevices {
+            root,
+            nets,
+            vsock,
+            virtio,
+        })
     }
 
     /// The virtio functions, by address (`00:01.0`).
@@ -202,6 +210,17 @@ impl PciDevices {
             }
             d.restore(s)
                 .map_err(|e| Error::Devices(format!("PCI {a}: {e}")))?;
+        }
+        // A restored machine starts paused: its devices too, until `resume`.
+        self.pause()?;
+        // What the host side of the network devices did not keep: the guest is told its vsock
+        // connections are gone (their host sockets were not in the snapshot) and asked to
+        // announce its addresses (its NICs may now be on another host's bridge).
+        if let Some(v) = &self.vsock {
+            v.transport_reset();
+        }
+        for n in &self.nets {
+            n.announce();
         }
         Ok(())
     }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use vireo_hv::EventFd;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
+use crate::worker::QueuePosition;
 use crate::{
     Activation, DeviceState, Error, LogOnce, Result, VirtioDevice, VirtioInterrupt, VIRTIO_ID_NET,
 };
@@ -240,6 +241,8 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     shared: Arc<Shared>,
     threads: Vec<pair::PairThread>,
+    /// The pairs while paused ([`VirtioDevice::pause`]): threads stopped, state kept.
+    parked: Vec<pair::ParkedPair>,
     stop: Option<EventFd>,
     log: Arc<LogOnce>,
 }
@@ -266,6 +269,7 @@ impl Net {
                 active_pairs: AtomicU16::new(1),
             }),
             threads: Vec::new(),
+            parked: Vec::new(),
             stop: None,
             log: Arc::new(LogOnce::new()),
         }
@@ -431,8 +435,9 @@ impl VirtioDevice for Net {
             }
         }
         for t in self.threads.drain(..) {
-            t.join();
+            let _ = t.join();
         }
+        self.parked.clear();
         *lock(&self.shared.interrupt) = None;
         self.shared.features.store(0, Ordering::SeqCst);
         self.shared
@@ -441,12 +446,67 @@ impl VirtioDevice for Net {
         let _ = self.backend.set_offload(0);
     }
 
+    /// The configuration space, with `status` as a fresh device reports it (link up, no
+    /// announcement pending): link status is the host's, not the guest's, and a restored
+    /// device starts with the link up (and the VMM asks the guest to announce itself).
     fn state(&self) -> DeviceState {
+        let mut config = self.config();
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         DeviceState {
             device_type: VIRTIO_ID_NET,
-            config: self.config().to_vec(),
-            active: !self.threads.is_empty(),
+            config: config.to_vec(),
+            active: !self.threads.is_empty() || !self.parked.is_empty(),
         }
+    }
+
+    /// Stop the pair threads: each finishes the pass it is in (transmit and control requests
+    /// complete synchronously), then neither guest memory nor the back end is touched until
+    /// [`VirtioDevice::resume`]. Receive chains the device holds stay held (and are counted
+    /// as not yet taken in the positions, so a restored device takes them again); frames
+    /// arriving meanwhile wait in the back end (the TAP's queue, which drops beyond its
+    /// length).
+    fn pause(&mut self) -> Result<Vec<QueuePosition>> {
+        if !self.threads.is_empty() {
+            if let Some(stop) = &self.stop {
+                stop.write(1).map_err(|e| Error::io("eventfd", e))?;
+            }
+            let mut lost = false;
+            for t in self.threads.drain(..) {
+                match t.join() {
+                    Some(p) => self.parked.push(p),
+                    None => lost = true,
+                }
+            }
+            if let Some(stop) = &self.stop {
+                // Consume the stop signal so resumed threads do not see it.
+                let _ = stop.read();
+            }
+            if lost {
+                return Err(Error::Activate(
+                    "a virtio-net thread ended abnormally; the device cannot be paused".into(),
+                ));
+            }
+        }
+        Ok(self.parked.iter().flat_map(|p| p.positions()).collect())
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        for p in std::mem::take(&mut self.parked) {
+            self.threads.push(p.resume()?);
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = self.control().counters();
+        vec![
+            ("rx_frames", c.rx_frames),
+            ("rx_bytes", c.rx_bytes),
+            ("rx_dropped", c.rx_dropped),
+            ("tx_frames", c.tx_frames),
+            ("tx_bytes", c.tx_bytes),
+            ("tx_dropped", c.tx_dropped),
+        ]
     }
 }
 

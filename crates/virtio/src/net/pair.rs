@@ -33,13 +33,14 @@ use super::hdr::{VnetHeader, ETH_HLEN, MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::tap::{iovec_guest, iovec_mut, readv, writev, NetBackend, IOV_MAX};
 use super::{PairSwitch, Shared};
 use crate::queue::{gather, read_bytes, serve_queue, write_bytes, Buffer, Chain, QueueError};
+use crate::worker::QueuePosition;
 use crate::{ActiveQueue, Error, LogOnce, Result, VirtioInterrupt};
 use vireo_hv::{EventFd, GuestMemory};
 
 /// Largest receive: header and frame.
 const MAX_RX: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 /// Frames received per pass before the loop looks at its other sources.
-const RX_BUDGET: usize = 64;
+pub(crate) const RX_BUDGET: usize = 64;
 /// Buffers a transmit or control chain may have.
 const MAX_BUFFERS: usize = super::QUEUE_SIZE as usize;
 
@@ -94,22 +95,74 @@ pub(crate) struct PairContext {
     pub(crate) stop: EventFd,
 }
 
-/// A running pair thread.
-pub(crate) struct PairThread(JoinHandle<()>);
+/// A running pair thread. It ends when the device's stop eventfd fires and hands its state
+/// back ([`PairThread::join`]), so a pause keeps every chain the device holds.
+pub(crate) struct PairThread {
+    name: String,
+    handle: JoinHandle<Worker>,
+}
 
 impl PairThread {
     pub(crate) fn spawn(name: String, mut ctx: PairContext) -> Result<PairThread> {
         let queues = std::mem::take(&mut ctx.queues);
         let epoll = epoll_for(&ctx, &queues)?;
-        let t = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || Worker::new(ctx, queues, epoll).run())
-            .map_err(|e| Error::io("starting a virtio-net thread", e))?;
-        Ok(PairThread(t))
+        Self::start(name, Worker::new(ctx, queues, epoll), true)
     }
 
-    pub(crate) fn join(self) {
-        let _ = self.0.join();
+    fn start(name: String, mut w: Worker, fresh: bool) -> Result<PairThread> {
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                w.run(fresh);
+                w
+            })
+            .map_err(|e| Error::io("starting a virtio-net thread", e))?;
+        Ok(PairThread { name, handle })
+    }
+
+    /// Wait for the thread (its stop eventfd must have fired); `None` if it panicked.
+    pub(crate) fn join(self) -> Option<ParkedPair> {
+        let name = self.name;
+        self.handle
+            .join()
+            .ok()
+            .map(|worker| ParkedPair { name, worker })
+    }
+}
+
+/// A pair whose thread stopped for a pause: it touches neither guest memory nor the back
+/// end until [`ParkedPair::resume`].
+pub(crate) struct ParkedPair {
+    name: String,
+    worker: Worker,
+}
+
+impl ParkedPair {
+    /// Where the pair's queues stand, for a snapshot (§2.7). Receive chains the device took
+    /// but has not filled are not consumed: the receive queue's position is that of the
+    /// first of them, so a device restored from it takes them again.
+    pub(crate) fn positions(&self) -> Vec<QueuePosition> {
+        let w = &self.worker;
+        let mut out = Vec::new();
+        for q in [&w.rxq, &w.txq, &w.ctrlq].into_iter().flatten() {
+            let mut next_avail = q.queue.next_avail();
+            if Some(q.index) == w.rxq.as_ref().map(|r| r.index) {
+                if let Some(first) = w.held.front() {
+                    next_avail = first.avail_idx;
+                }
+            }
+            out.push(QueuePosition {
+                index: q.index,
+                next_avail,
+                next_used: q.queue.next_used(),
+            });
+        }
+        out
+    }
+
+    /// Start the thread again; it first serves whatever the driver posted meanwhile.
+    pub(crate) fn resume(self) -> Result<PairThread> {
+        PairThread::start(self.name, self.worker, false)
     }
 }
 
@@ -117,6 +170,8 @@ impl PairThread {
 #[derive(Default)]
 struct RxChain {
     head: u16,
+    /// Its position in the available ring (what `next_avail` was when it was taken).
+    avail_idx: u16,
     bufs: Vec<Buffer>,
     cap: usize,
 }
@@ -144,7 +199,6 @@ struct Worker {
     bounce: Vec<u8>,
     chain: Chain,
     ranges: Vec<(GuestAddress, usize)>,
-    iov: Vec<libc::iovec>,
 }
 
 /// The epoll set of a pair: stop, its queues, its wake-up eventfd (the back end's descriptor
@@ -198,7 +252,6 @@ impl Worker {
             bounce: vec![0u8; MAX_RX],
             chain: Chain::new(),
             ranges: Vec::new(),
-            iov: Vec::with_capacity(64),
             ctx,
         }
     }
@@ -221,11 +274,20 @@ impl Worker {
             .is_some_and(|e| e.load(Ordering::SeqCst))
     }
 
-    fn run(&mut self) {
+    /// Serve until the stop eventfd fires. `fresh`: the first run after activation (a
+    /// resumed run also looks at the queues first: notifications may have come meanwhile).
+    fn run(&mut self, fresh: bool) {
+        if !fresh {
+            // Parked for lack of buffers: the driver may have posted some while paused.
+            self.parked = false;
+        }
+        // iovec scratch of this thread (raw pointers: not kept in the worker, which moves
+        // between threads across a pause).
+        let iov = &mut Vec::with_capacity(64);
         // Buffers made available before the thread started.
-        self.tx();
+        self.tx(iov);
         self.ctrl();
-        self.rx();
+        self.rx(iov);
         self.update_registration();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
@@ -241,7 +303,7 @@ impl Worker {
             };
             if n == 0 && self.backend_failed {
                 self.backend_failed = false;
-                self.rx();
+                self.rx(iov);
             }
             for ev in &events[..n] {
                 match ev.data() {
@@ -251,13 +313,13 @@ impl Worker {
                             let _ = q.notify.read();
                         }
                         self.parked = false;
-                        self.rx();
+                        self.rx(iov);
                     }
                     T_TX => {
                         if let Some(q) = &self.txq {
                             let _ = q.notify.read();
                         }
-                        self.tx();
+                        self.tx(iov);
                     }
                     T_CTRL => {
                         if let Some(q) = &self.ctrlq {
@@ -270,9 +332,9 @@ impl Worker {
                             let _ = w.read();
                         }
                         self.backend_failed = false;
-                        self.rx();
+                        self.rx(iov);
                     }
-                    T_BACKEND => self.rx(),
+                    T_BACKEND => self.rx(iov),
                     _ => {}
                 }
             }
@@ -324,7 +386,7 @@ impl Worker {
 
     // ---- transmit ----
 
-    fn tx(&mut self) {
+    fn tx(&mut self, iov: &mut Vec<libc::iovec>) {
         if self.broken {
             return;
         }
@@ -332,7 +394,7 @@ impl Worker {
             return;
         };
         let ctx = &self.ctx;
-        let (ranges, iov, fd) = (&mut self.ranges, &mut self.iov, self.fd);
+        let (ranges, fd) = (&mut self.ranges, self.fd);
         let r = serve_queue(
             q,
             &ctx.mem,
@@ -415,6 +477,7 @@ impl Worker {
             if enough || self.held.len() >= usize::from(q.queue.size()) {
                 return Ok(false);
             }
+            let avail_idx = q.queue.next_avail();
             let next = q.queue.iter(mem)?.next();
             let Some(c) = next else {
                 return Ok(true);
@@ -438,6 +501,7 @@ impl Worker {
             }
             let mut held = self.spare.pop().unwrap_or_default();
             held.head = self.chain.head;
+            held.avail_idx = avail_idx;
             held.bufs.clear();
             held.bufs.extend_from_slice(&self.chain.writable);
             held.cap = cap.min(MAX_RX as u64 * 2) as usize;
@@ -446,12 +510,12 @@ impl Worker {
         }
     }
 
-    fn rx(&mut self) {
+    fn rx(&mut self, iov: &mut Vec<libc::iovec>) {
         if self.broken || self.rxq.is_none() || !self.enabled() {
             return;
         }
         let mut delivered = false;
-        let r = self.rx_frames(&mut delivered);
+        let r = self.rx_frames(&mut delivered, iov);
         if let Some(q) = self.rxq.as_mut() {
             if delivered && q.queue.needs_notification(&self.ctx.mem).unwrap_or(true) {
                 self.ctx.interrupt.notify_queue(q.index);
@@ -462,7 +526,11 @@ impl Worker {
         }
     }
 
-    fn rx_frames(&mut self, delivered: &mut bool) -> std::result::Result<(), QueueError> {
+    fn rx_frames(
+        &mut self,
+        delivered: &mut bool,
+        iov: &mut Vec<libc::iovec>,
+    ) -> std::result::Result<(), QueueError> {
         for _ in 0..RX_BUDGET {
             let exhausted = self.refill()?;
             if let Some(len) = self.pending {
@@ -489,12 +557,18 @@ impl Worker {
                 }
                 continue;
             }
-            match self.read_in_place() {
+            match self.read_in_place(iov) {
                 Ok(Some(true)) => *delivered = true,
                 Ok(Some(false)) => {}
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(e),
             }
+        }
+        // Stopped at the budget with frames perhaps left (in the back end, or one taken
+        // aside in `pending`, which no back-end readiness would bring back): come back to
+        // them after the loop's other sources.
+        if let Some(q) = &self.rxq {
+            let _ = q.notify.write(1);
         }
         Ok(())
     }
@@ -540,8 +614,11 @@ impl Worker {
 
     /// Read one frame straight into the held chains. `Some(delivered)`, or `None` when the
     /// back end had nothing.
-    fn read_in_place(&mut self) -> std::result::Result<Option<bool>, QueueError> {
-        self.iov.clear();
+    fn read_in_place(
+        &mut self,
+        iov: &mut Vec<libc::iovec>,
+    ) -> std::result::Result<Option<bool>, QueueError> {
+        iov.clear();
         // The guest's room, chain after chain: each chain contributes exactly `cap` bytes so
         // that byte k of the frame is in the chain `complete` attributes it to; a problem
         // ends the list there (it stays a prefix).
@@ -559,20 +636,20 @@ impl Worker {
                 }
                 for s in self.ctx.mem.get_slices(b.addr, take) {
                     let Ok(s) = s else { break 'chains };
-                    if self.iov.len() >= IOV_MAX - 1 {
+                    if iov.len() >= IOV_MAX - 1 {
                         break 'chains;
                     }
                     guest_iov_cap += s.len();
-                    self.iov.push(iovec_guest(&s));
+                    iov.push(iovec_guest(&s));
                 }
                 want -= take;
             }
             chains += 1;
         }
         // Anything past the guest's room lands here and marks the frame too big.
-        self.iov.push(iovec_mut(&mut self.bounce));
-        let r = readv(self.fd, &self.iov);
-        self.iov.clear();
+        iov.push(iovec_mut(&mut self.bounce));
+        let r = readv(self.fd, iov);
+        iov.clear();
         let n = match r {
             Ok(n) => n,
             Err(e) => {

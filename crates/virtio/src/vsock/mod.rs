@@ -23,13 +23,14 @@ use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vireo_hv::EventFd;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
+use crate::worker::QueuePosition;
 use crate::{Activation, DeviceState, Error, LogOnce, Result, VirtioDevice, VIRTIO_ID_VSOCK};
 
 /// Queue sizes: receive, transmit, event.
@@ -91,13 +92,56 @@ impl Drop for VsockBackend {
     }
 }
 
+/// A handle on a vsock device for the VMM.
+#[derive(Clone)]
+pub struct VsockControl {
+    reset_pending: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl VsockControl {
+    /// Tell the driver the transport was reset (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+    /// §5.10.6.7): its connections are gone (as after a restore, where the host sockets did
+    /// not survive). Sent in the next event buffer while the device runs.
+    pub fn transport_reset(&self) {
+        self.reset_pending.store(true, Ordering::SeqCst);
+    }
+
+    /// True until the driver has been sent a requested transport reset.
+    pub fn reset_pending(&self) -> bool {
+        self.reset_pending.load(Ordering::SeqCst)
+    }
+
+    /// Connections open (as of the device thread's last pass).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+}
+
+/// The device thread, or its state while paused.
+enum Thread {
+    Running(EventFd, JoinHandle<muxer::Muxer>),
+    Paused(EventFd, Box<muxer::Muxer>),
+}
+
 /// A virtio-vsock device.
 pub struct Vsock {
     cid: u64,
     backend: Arc<VsockBackend>,
     log: Arc<LogOnce>,
     connections: Arc<AtomicUsize>,
-    thread: Option<(EventFd, JoinHandle<()>)>,
+    reset_pending: Arc<AtomicBool>,
+    thread: Option<Thread>,
+}
+
+fn spawn(mut m: muxer::Muxer) -> Result<JoinHandle<muxer::Muxer>> {
+    std::thread::Builder::new()
+        .name("virtio-vsock".into())
+        .spawn(move || {
+            m.run();
+            m
+        })
+        .map_err(|e| Error::io("starting the vsock thread", e))
 }
 
 impl Vsock {
@@ -108,7 +152,16 @@ impl Vsock {
             backend,
             log: Arc::new(LogOnce::new()),
             connections: Arc::new(AtomicUsize::new(0)),
+            reset_pending: Arc::new(AtomicBool::new(false)),
             thread: None,
+        }
+    }
+
+    /// A handle for transport resets and the connection count.
+    pub fn control(&self) -> VsockControl {
+        VsockControl {
+            reset_pending: self.reset_pending.clone(),
+            connections: self.connections.clone(),
         }
     }
 
@@ -176,25 +229,65 @@ impl VirtioDevice for Vsock {
             log: self.log.clone(),
             stop: stop.try_clone().map_err(|e| Error::io("eventfd", e))?,
             connections: self.connections.clone(),
+            reset_pending: self.reset_pending.clone(),
         };
-        let mut m = muxer::Muxer::new(ctx, queues).map_err(|e| Error::io("epoll", e))?;
-        let t = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || m.run())
-            .map_err(|e| Error::io("starting the vsock thread", e))?;
-        self.thread = Some((stop, t));
+        let m = muxer::Muxer::new(ctx, queues).map_err(|e| Error::io("epoll", e))?;
+        self.thread = Some(Thread::Running(stop, spawn(m)?));
         Ok(())
     }
 
     /// Stop: every connection ends (its host socket closes).
     fn reset(&mut self) {
-        if let Some((stop, t)) = self.thread.take() {
-            if let Err(e) = stop.write(1) {
-                tracing::error!("stopping the vsock thread: {e}");
+        match self.thread.take() {
+            Some(Thread::Running(stop, t)) => {
+                if let Err(e) = stop.write(1) {
+                    tracing::error!("stopping the vsock thread: {e}");
+                }
+                let _ = t.join();
             }
-            let _ = t.join();
+            Some(Thread::Paused(..)) | None => {}
         }
         self.connections.store(0, Ordering::Relaxed);
+        self.reset_pending.store(false, Ordering::SeqCst);
+    }
+
+    /// Stop the thread after its current pass; connections stay open (their host sockets
+    /// are not read, so host programs see back-pressure) and guest memory is not touched
+    /// until [`VirtioDevice::resume`]. Every packet is handled synchronously, so the
+    /// positions are exact. A snapshot does not keep connections: see [`VsockControl::transport_reset`].
+    fn pause(&mut self) -> Result<Vec<QueuePosition>> {
+        match self.thread.take() {
+            Some(Thread::Running(stop, t)) => {
+                stop.write(1).map_err(|e| Error::io("eventfd", e))?;
+                let m = t.join().map_err(|_| {
+                    Error::Activate("the vsock thread ended abnormally; cannot pause".into())
+                })?;
+                let _ = stop.read();
+                let pos = m.positions();
+                self.thread = Some(Thread::Paused(stop, Box::new(m)));
+                Ok(pos)
+            }
+            Some(Thread::Paused(stop, m)) => {
+                let pos = m.positions();
+                self.thread = Some(Thread::Paused(stop, m));
+                Ok(pos)
+            }
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn resume(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(Thread::Paused(stop, m)) => {
+                self.thread = Some(Thread::Running(stop, spawn(*m)?));
+            }
+            other => self.thread = other,
+        }
+        Ok(())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("connections", self.connections() as u64)]
     }
 
     fn state(&self) -> DeviceState {

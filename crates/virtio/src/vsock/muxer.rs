@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,6 +86,9 @@ pub(crate) struct MuxContext {
     pub(crate) log: Arc<LogOnce>,
     pub(crate) stop: EventFd,
     pub(crate) connections: Arc<AtomicUsize>,
+    /// Set when the driver must be told of a transport reset (after a restore); cleared once
+    /// the event is in the event queue.
+    pub(crate) reset_pending: Arc<AtomicBool>,
 }
 
 /// A host socket accepted on the listening socket, before its `CONNECT` line.
@@ -158,6 +161,7 @@ impl Muxer {
     }
 
     pub(crate) fn run(&mut self) {
+        self.events();
         self.tx();
         self.core.accept_all();
         self.rx();
@@ -195,10 +199,11 @@ impl Muxer {
                         self.tx();
                     }
                     T_EVENT => {
-                        // Event buffers are held for events (none are sent yet).
+                        // Event buffers stay available until an event is due.
                         if let Some(q) = &self.queues.event {
                             let _ = q.notify.read();
                         }
+                        self.events();
                     }
                     T_LISTEN => self.core.accept_all(),
                     t => self.core.socket_event(t, ev.event_set()),
@@ -220,6 +225,71 @@ impl Muxer {
             format_args!("{e}; the device needs a reset"),
         );
         self.core.ctx.interrupt.set_needs_reset();
+    }
+
+    /// Post a due transport reset (§5.10.6.7) in an event buffer, if the driver gave one.
+    fn events(&mut self) {
+        if self.broken || !self.core.ctx.reset_pending.load(Ordering::SeqCst) {
+            return;
+        }
+        let Some(q) = self.queues.event.as_mut() else {
+            return;
+        };
+        let mem = self.core.ctx.mem.clone();
+        let mut used = false;
+        let mut sent = false;
+        let mut serve = || -> Result<(), QueueError> {
+            // Bounded: every pass uses a chain or ends.
+            for _ in 0..q.queue.size() {
+                let next = q.queue.iter(&mem)?.next();
+                let Some(c) = next else {
+                    return Ok(());
+                };
+                self.chain.load(&mem, c, MAX_BUFFERS)?;
+                let ev = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+                let ok = self.chain.fault.is_none()
+                    && self.chain.readable.is_empty()
+                    && write_bytes(&mem, &self.chain.writable, 0, &ev);
+                if !ok {
+                    self.core.problem(
+                        Problem::BadChain,
+                        format_args!("event chain unusable (readable, outside RAM or short)"),
+                    );
+                }
+                q.queue
+                    .add_used(&mem, self.chain.head, if ok { EVENT_LEN as u32 } else { 0 })?;
+                used = true;
+                if ok {
+                    sent = true;
+                    return Ok(());
+                }
+            }
+            Ok(())
+        };
+        let r = serve();
+        if used && q.queue.needs_notification(&mem).unwrap_or(true) {
+            self.core.ctx.interrupt.notify_queue(q.index);
+        }
+        if sent {
+            self.core.ctx.reset_pending.store(false, Ordering::SeqCst);
+            tracing::debug!("virtio-vsock: transport reset sent to the driver");
+        }
+        if let Err(e) = r {
+            self.broke(&e);
+        }
+    }
+
+    /// Where the queues stand (for a snapshot, taken while the thread is stopped).
+    pub(crate) fn positions(&self) -> Vec<crate::worker::QueuePosition> {
+        [&self.queues.rx, &self.queues.tx, &self.queues.event]
+            .into_iter()
+            .flatten()
+            .map(|q| crate::worker::QueuePosition {
+                index: q.index,
+                next_avail: q.queue.next_avail(),
+                next_used: q.queue.next_used(),
+            })
+            .collect()
     }
 
     /// Serve the transmit queue: every packet the guest sent.

@@ -26,6 +26,13 @@ pub const VIRTIO_VSOCK_SHUTDOWN_F_SEND: u32 = 2;
 pub const VIRTIO_VSOCK_SHUTDOWN_ALL: u32 = 3;
 
 /// Largest payload of one packet either way (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE).
+/// Event id of `struct virtio_vsock_event` (le32): the transport was reset, as after a
+/// migration or restore; the driver drops its connections and re-reads `guest_cid`
+/// (§5.10.6.7).
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+/// Bytes of `struct virtio_vsock_event`.
+pub const EVENT_LEN: usize = 4;
+
 pub const MAX_PAYLOAD: usize = 64 << 10;
 
 /// `struct virtio_vsock_hdr`.

@@ -34,6 +34,8 @@ struct Setup {
     rx_kick: EventFd,
     tx: SplitQueueDriver,
     tx_kick: EventFd,
+    ev: SplitQueueDriver,
+    ev_kick: EventFd,
     rx_slot: u64,
     tx_slot: u64,
 }
@@ -104,6 +106,8 @@ impl Setup {
             rx_kick: kicks[0].try_clone().unwrap(),
             tx,
             tx_kick: kicks[1].try_clone().unwrap(),
+            ev,
+            ev_kick: kicks[2].try_clone().unwrap(),
             rx_slot: 0,
             tx_slot: 0,
         }
@@ -535,4 +539,70 @@ fn reset_closes_every_connection() {
     assert_eq!(b.read(&mut buf).unwrap(), 0);
     assert!(!s.dev.state().active);
     let _ = (&s.dir, &s.irq);
+}
+
+#[test]
+fn a_paused_device_leaves_guest_memory_alone_and_keeps_its_connections() {
+    let mut s = Setup::new("pause");
+    s.post_rx(8);
+    let (mut host, hport) = s.host_connect(7);
+    let pos = s.dev.pause().unwrap();
+    // Where the queues stand: the transmit queue served everything, the receive queue
+    // handed out exactly the REQUEST.
+    let at = |i: usize| pos.iter().find(|p| p.index == i).copied().unwrap();
+    assert_eq!((at(0).next_avail, at(0).next_used), (1, 1));
+    assert_eq!((at(1).next_avail, at(1).next_used), (1, 1));
+    assert_eq!(at(2).next_avail, 0);
+    // Paused: data from the host and a packet from the guest wait.
+    host.write_all(b"while paused").unwrap();
+    let mut rw = s.guest(VIRTIO_VSOCK_OP_RW, 7, hport);
+    rw.len = 2;
+    s.send(rw, b"hi");
+    assert!(s.try_recv(Duration::from_millis(200)).is_none());
+    assert_eq!(s.tx.pop_used(&s.mem), None, "transmit chain untouched");
+    // A second pause is harmless and reports the same positions.
+    assert_eq!(s.dev.pause().unwrap(), pos);
+    s.dev.resume().unwrap();
+    let (h, d) = s.recv();
+    assert_eq!(
+        (h.op, d.as_slice()),
+        (VIRTIO_VSOCK_OP_RW, &b"while paused"[..])
+    );
+    let mut b = [0u8; 2];
+    host.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"hi");
+    assert_eq!(s.connections(), 1);
+}
+
+#[test]
+fn a_transport_reset_goes_out_in_an_event_buffer() {
+    let mut s = Setup::new("event");
+    let ctl = s.dev.control();
+    ctl.transport_reset();
+    // No event buffer yet: it waits.
+    s.dev.pause().unwrap();
+    s.dev.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(ctl.reset_pending());
+    assert_eq!(s.ev.pop_used(&s.mem), None);
+    // The driver posts one (a readable one first, which is refused unused).
+    let at = DATA + (10 << 20);
+    s.mem.write_obj(0xffff_ffffu32, GuestAddress(at)).unwrap();
+    s.ev.add(&s.mem, &[Desc::r(at + 0x100, 4)]).unwrap();
+    s.ev.add(&s.mem, &[Desc::w(at, 4)]).unwrap();
+    s.ev_kick.write(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut used = Vec::new();
+    while used.len() < 2 {
+        if let Some(u) = s.ev.pop_used(&s.mem) {
+            used.push(u);
+        }
+        assert!(Instant::now() < deadline, "no event");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!((used[0].1, used[1].1), (0, EVENT_LEN as u32));
+    let id: u32 = s.mem.read_obj(GuestAddress(at)).unwrap();
+    assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert!(!ctl.reset_pending());
+    assert!(s.irq.queue.lock().unwrap().contains(&2));
 }
