@@ -114,6 +114,8 @@ struct Core {
     /// passes).
     next_deadline: Option<Instant>,
     ranges: Vec<(GuestAddress, usize)>,
+    /// The listening socket is in the epoll set (not while at the connection limits).
+    listening: bool,
 }
 
 pub(crate) struct Muxer {
@@ -153,6 +155,7 @@ impl Muxer {
                 next_port: FIRST_HOST_PORT,
                 next_deadline: None,
                 ranges: Vec::new(),
+                listening: true,
             },
             queues,
             chain: Chain::new(),
@@ -210,6 +213,7 @@ impl Muxer {
                 }
             }
             self.core.expire();
+            self.core.update_listening();
             self.rx();
             self.core
                 .ctx
@@ -543,18 +547,54 @@ impl Core {
 
     // ---- host side ----
 
+    fn at_limit(&self) -> bool {
+        self.pending.len() >= MAX_PENDING_HOST || self.conns.len() >= MAX_CONNECTIONS
+    }
+
+    /// Keep the listening socket in the epoll set exactly while more host connections can
+    /// be taken; when it comes back, take what waits.
+    fn update_listening(&mut self) {
+        let want = !self.at_limit();
+        if want == self.listening {
+            return;
+        }
+        let fd = self.ctx.backend.listener.as_raw_fd();
+        let r = if want {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, T_LISTEN),
+            )
+        } else {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        match r {
+            Ok(()) => {
+                self.listening = want;
+                if want {
+                    self.accept_all();
+                }
+            }
+            Err(e) => self.problem(Problem::Accept, format_args!("epoll_ctl: {e}")),
+        }
+    }
+
     fn accept_all(&mut self) {
         loop {
+            if self.at_limit() {
+                // Leave the rest in the listening socket's backlog (the kernel bounds it, and
+                // host programs wait in connect): taken once there is room again.
+                tracing::debug!(
+                    "virtio-vsock: {} host connections before their CONNECT line, {} open: \
+                     further ones wait in the backlog",
+                    self.pending.len(),
+                    self.conns.len()
+                );
+                return;
+            }
             match self.ctx.backend.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.pending.len() >= MAX_PENDING_HOST || self.conns.len() >= MAX_CONNECTIONS
-                    {
-                        self.problem(
-                            Problem::Limit,
-                            format_args!("too many connections; refusing host connections"),
-                        );
-                        continue;
-                    }
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }

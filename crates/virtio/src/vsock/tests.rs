@@ -606,3 +606,29 @@ fn a_transport_reset_goes_out_in_an_event_buffer() {
     assert!(!ctl.reset_pending());
     assert!(s.irq.queue.lock().unwrap().contains(&2));
 }
+
+#[test]
+fn host_connections_beyond_the_pending_limit_wait_in_the_backlog() {
+    let mut s = Setup::new("backlog");
+    s.post_rx(200);
+    let n = super::muxer::MAX_PENDING_HOST + 6;
+    // All connect before any says which port: the device takes MAX_PENDING_HOST of them.
+    let mut streams: Vec<UnixStream> = (0..n)
+        .map(|_| UnixStream::connect(s.backend.path()).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    for (i, st) in streams.iter_mut().enumerate() {
+        st.write_all(format!("CONNECT {}\n", 100 + i).as_bytes())
+            .unwrap();
+    }
+    // Every one of them reaches the guest as a REQUEST, none is refused.
+    let mut ports: Vec<u32> = (0..n)
+        .map(|_| {
+            let (h, _) = s.recv();
+            assert_eq!(h.op, VIRTIO_VSOCK_OP_REQUEST);
+            h.dst_port
+        })
+        .collect();
+    ports.sort();
+    assert_eq!(ports, (100..100 + n as u32).collect::<Vec<_>>());
+}
