@@ -1,5 +1,6 @@
 //! virtio-net and virtio-vsock across the VM lifecycle (root only, inside a network namespace
-//! the test creates and removes): a paused guest neither answers nor is answered for, a
+//! the test creates and removes): bulk TCP crosses the device as large (TSO/GSO) segments both
+//! ways (the device's counters over the API), a paused guest neither answers nor is answered for, a
 //! resumed one is, and a snapshot restored in a new vireo process opens its TAP again by name
 //! (recreating it), answers pings, and takes new vsock connections (the old ones are reset:
 //! the guest gets a transport-reset event). The default Linux guest on the emulator.
@@ -8,7 +9,7 @@ mod common;
 mod netutil;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -108,13 +109,66 @@ fn net_and_vsock_across_pause_resume_snapshot_restore() {
             "--",
             "sh",
             "-c",
-            "vtool vsock-echo 1234 & while true; do sleep 1; done",
+            "vtool vsock-echo 1234 & vtool tcp-sink 5004 & \
+             until vtool tcp-source 10.0.0.1:5003 8388608; do sleep 1; done; \
+             while true; do sleep 1; done",
         ]);
     let mut vm = Vm::spawn(c);
     assert!(vm.wait_for("vsock-echo listening", BOOT), "{}", vm.report());
     wait_path(&api, &vm);
     assert!(pings_within(&ns, 3), "no ping\n{}", vm.report());
     vsock_echo(&vsock, 1234, 64 << 10).unwrap_or_else(|e| panic!("{e}\n{}", vm.report()));
+
+    // Bulk TCP both ways crosses the device as large segments (TSO/GSO with the TAP), not
+    // 1500-byte frames: the device's counters give the mean frame size each way.
+    let (got, sent) = ns.run(|| {
+        let l = TcpListener::bind("10.0.0.1:5003").expect("bind");
+        let (mut c, _) = l.accept().expect("the guest connects");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).expect("read");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut s = loop {
+            match TcpStream::connect("10.0.0.2:5004") {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        let data = vec![0x5au8; 8 << 20];
+        s.write_all(&data).expect("send");
+        s.shutdown(Shutdown::Write).expect("shutdown");
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        (got.len(), data.len())
+    });
+    assert_eq!(got, 8 << 20, "guest → host\n{}", vm.report());
+    let counters = ctl(&api, &["counters"]);
+    let line = counters
+        .lines()
+        .find(|l| l.contains("virtio-net"))
+        .unwrap_or_else(|| panic!("no virtio-net counters\n{counters}"));
+    let num = |k: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")[..]))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let (rxb, rxf, txb, txf) = (
+        num("rx_bytes"),
+        num("rx_frames"),
+        num("tx_bytes"),
+        num("tx_frames"),
+    );
+    assert!(rxb >= sent as u64 && txb >= 8 << 20, "{line}");
+    assert!(
+        rxb / rxf > 3000 && txb / txf > 3000,
+        "bulk TCP went as small frames: {line}"
+    );
+    eprintln!(
+        "{test}: mean frame host→guest {} B, guest→host {} B",
+        rxb / rxf,
+        txb / txf
+    );
 
     // Paused: the device leaves the TAP alone, so nothing answers.
     ctl(&api, &["pause"]);

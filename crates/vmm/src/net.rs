@@ -169,6 +169,27 @@ impl FromStr for NetConfig {
 }
 
 impl NetConfig {
+    /// What `--net` checks, for configurations from elsewhere (a JSON file, the API).
+    pub fn validate(&self) -> Result<(), String> {
+        if !vireo_virtio::net::tap::valid_ifname(&self.tap) {
+            return Err(format!(
+                "net tap {:?}: an interface name is 1 to 15 characters without '/', ':' or \
+                 spaces",
+                self.tap
+            ));
+        }
+        if self.queues == 0 || usize::from(self.queues) > MAX_TAP_QUEUES {
+            return Err(format!(
+                "net tap {}: queues {}: use 1 to {MAX_TAP_QUEUES} queue pairs",
+                self.tap, self.queues
+            ));
+        }
+        if self.gw.is_some() && self.ip.is_none() {
+            return Err(format!("net tap {}: gw needs ip too", self.tap));
+        }
+        Ok(())
+    }
+
     /// The default guest's kernel parameter for the `index`-th interface (`eth<index>`), when
     /// an address is configured: `vireo.ip=ethN:ADDR/PREFIX[,gw=GW]` (the format the guest's
     /// init reads, `vireo_guests::default_guest::init`).
@@ -224,6 +245,22 @@ impl FromStr for VsockConfig {
     }
 }
 
+impl VsockConfig {
+    /// What `--vsock` checks, for configurations from elsewhere (a JSON file, the API).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.cid < MIN_GUEST_CID || self.cid == u32::MAX {
+            return Err(format!(
+                "vsock cid {}: use 3 to 4294967294 (0-2 are reserved)",
+                self.cid
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err("vsock socket: empty path".into());
+        }
+        Ok(())
+    }
+}
+
 /// A TAP opened for one `--net`, with the MAC address the guest gets on every boot.
 pub(crate) struct OpenNet {
     pub(crate) tap: Arc<Tap>,
@@ -274,6 +311,12 @@ impl NetBackends {
     /// is written back into `config`, so that every boot, and a snapshot's restore, gives
     /// the guest the same one.
     pub(crate) fn open(config: &mut crate::config::VmConfig) -> Result<Self, Error> {
+        for n in &config.nets {
+            n.validate().map_err(Error::Net)?;
+        }
+        if let Some(v) = &config.vsock {
+            v.validate().map_err(Error::Net)?;
+        }
         let nets = open_nets(&config.nets)?;
         for (c, n) in config.nets.iter_mut().zip(&nets) {
             c.mac = Some(Mac(n.mac));
@@ -346,6 +389,29 @@ mod tests {
         assert_eq!(serde_json::from_str::<NetConfig>(&j).unwrap(), n);
         let d: NetConfig = serde_json::from_str(r#"{"tap":"x"}"#).unwrap();
         assert_eq!(d.queues, 1);
+    }
+
+    #[test]
+    fn configurations_from_json_are_checked_like_flags() {
+        let n: NetConfig = serde_json::from_str(r#"{"tap":"vt0","queues":0}"#).unwrap();
+        assert!(n.validate().unwrap_err().contains("queues"));
+        let n: NetConfig = serde_json::from_str(r#"{"tap":"a/b"}"#).unwrap();
+        assert!(n.validate().is_err());
+        let n: NetConfig = serde_json::from_str(r#"{"tap":"vt0","gw":"10.0.0.1"}"#).unwrap();
+        assert!(n.validate().is_err());
+        let n: NetConfig = serde_json::from_str(r#"{"tap":"vt0","queues":4}"#).unwrap();
+        assert_eq!(n.validate(), Ok(()));
+        let v: VsockConfig = serde_json::from_str(r#"{"cid":2,"socket":"/s"}"#).unwrap();
+        assert!(v.validate().is_err());
+        let v: VsockConfig = serde_json::from_str(r#"{"cid":3,"socket":"/s"}"#).unwrap();
+        assert_eq!(v.validate(), Ok(()));
+        // Refused before anything is opened.
+        let mut c = crate::config::VmConfig::new("/k");
+        c.vsock = Some(VsockConfig {
+            cid: 1,
+            socket: "/nonexistent/dir/s".into(),
+        });
+        assert!(NetBackends::open(&mut c).is_err());
     }
 
     #[test]
