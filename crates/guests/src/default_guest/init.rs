@@ -362,9 +362,12 @@ mod tests {
     #[test]
     fn ip_parameters_configure_interfaces() {
         let s = script("v", &[], false);
+        // The command line's parsing, then the network set-up (after the modules load).
         let start = s.find("cmd=\nnets=").unwrap();
         let end = s.find("set +f\n").unwrap() + "set +f\n".len();
-        let part = &s[start..end];
+        let net = s.find("# Network interfaces").unwrap();
+        let net_end = net + s[net..].find("set +f\n").unwrap() + "set +f\n".len();
+        let part = format!("{}{}", &s[start..end], &s[net..net_end]);
         let cmdline = "console=ttyS0 vireo.ip=10.0.2.15/24,gw=10.0.2.2 quiet \
                        vireo.ip=eth1:192.168.7.2/16 vireo.cmd=eA==";
         let prog = format!(
