@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use vireo_vmm::config::{Accel, ByteSize, DiskConfig, VmConfig};
+use vireo_vmm::net::{NetConfig, VsockConfig};
 use vireo_vmm::{ExitReason, StopReason, Vmm};
 
 use crate::{console, signals};
@@ -56,6 +57,21 @@ pub struct RunArgs {
     /// getrandom).
     #[arg(long)]
     no_rng: bool,
+    /// A virtio-net NIC on host TAP device NAME, opened if it exists, else created (needs
+    /// CAP_NET_ADMIN). Repeatable: the first is the guest's eth0. `mac=` sets its address
+    /// (random otherwise), `queues=N` gives N queue pairs on a multi-queue TAP, `host-ip=`
+    /// addresses the TAP on the host and brings it up; with the default guest, `ip=` and `gw=`
+    /// configure the guest's interface.
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC][,queues=N][,host-ip=A/P][,ip=A/P][,gw=A]"
+    )]
+    nets: Vec<NetConfig>,
+    /// A virtio-vsock device with guest context ID N; the host side is the Unix socket PATH:
+    /// connect to it and write `CONNECT <port>\n` to reach a guest port; the guest's
+    /// connections to host port P go to the Unix socket PATH_P.
+    #[arg(long, value_name = "cid=N,socket=PATH")]
+    vsock: Option<VsockConfig>,
     /// Serve the REST API on this Unix socket (`vireo ctl --api-socket PATH ...`). Given
     /// alone, vireo boots nothing and waits for a configuration over the API.
     #[arg(long, value_name = "PATH")]
@@ -64,7 +80,7 @@ pub struct RunArgs {
     /// given with it.
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "kernel", "initrd", "cmdline", "cpus", "memory", "accel", "no_reboot", "disks",
-        "root_disk", "no_rng", "command",
+        "root_disk", "no_rng", "nets", "vsock", "command",
     ])]
     config: Option<PathBuf>,
     /// With the default guest: run this command in the guest instead of a shell, then power
@@ -86,6 +102,8 @@ impl RunArgs {
             && self.disks.is_empty()
             && self.root_disk.is_none()
             && !self.no_rng
+            && self.nets.is_empty()
+            && self.vsock.is_none()
             && self.command.is_empty()
             && self.config.is_none()
     }
@@ -108,6 +126,13 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             if !args.command.is_empty() {
                 bail!("a command after `--` runs in the default guest; drop --kernel to use it");
             }
+            if let Some(n) = args.nets.iter().find(|n| n.ip.is_some()) {
+                bail!(
+                    "--net tap={},ip=... configures the default guest; with --kernel, configure \
+                     the address inside your guest",
+                    n.tap
+                );
+            }
             if args.root_disk.is_some() {
                 bail!("--root-disk is the default guest's root disk; drop --kernel to use it, or pass your disk with --disk");
             }
@@ -127,6 +152,12 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
             let mut c = VmConfig::new(&guest.kernel);
             c.initrd = Some(args.initrd.clone().unwrap_or(guest.initrd.clone()));
             c.cmdline = args.cmdline.clone().unwrap_or(guest.cmdline.clone());
+            for (i, n) in args.nets.iter().enumerate() {
+                if let Some(p) = n.guest_param(i) {
+                    c.cmdline.push(' ');
+                    c.cmdline.push_str(&p);
+                }
+            }
             if let Some(path) = &args.root_disk {
                 default_guest::root_disk(&cache, &guest, path)
                     .with_context(|| format!("preparing the root disk {}", path.display()))?;
@@ -148,6 +179,8 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
     config.no_reboot = args.no_reboot;
     config.disks.extend(args.disks);
     config.rng = !args.no_rng;
+    config.nets = args.nets;
+    config.vsock = args.vsock;
     Ok(config)
 }
 

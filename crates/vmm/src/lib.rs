@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 mod machine;
+pub mod net;
 mod pci;
 pub mod snapshot;
 mod vm;
@@ -36,6 +37,8 @@ pub enum Error {
     Devices(String),
     #[error("{0}")]
     Disk(String),
+    #[error("{0}")]
+    Net(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]

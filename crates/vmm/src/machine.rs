@@ -290,6 +290,7 @@ pub(crate) struct Env<'a> {
     pub output: Box<dyn Write + Send>,
     pub handle: &'a VmmHandle,
     pub disks: &'a [Arc<vireo_virtio::DiskImage>],
+    pub net: &'a crate::net::NetBackends,
 }
 
 fn dev_err(e: &dyn std::fmt::Display) -> Error {
@@ -555,7 +556,12 @@ impl Machine {
         if let Some(chip) = &irqchip {
             chip.register(&mut bus).map_err(|e| dev_err(&e))?;
         }
-        let pci = crate::pci::PciDevices::create(&vm, &mem, env.config, env.disks, &mut bus)?;
+        let backends = crate::pci::Backends {
+            disks: env.disks,
+            nets: &env.net.nets,
+            vsock: env.net.vsock.as_ref(),
+        };
+        let pci = crate::pci::PciDevices::create(&vm, &mem, env.config, &backends, &mut bus)?;
         if let Some(s) = saved {
             pci.restore(&s.virtio)?;
         }
