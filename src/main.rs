@@ -1,7 +1,10 @@
 //! `vireo`: the command-line front end. It parses flags into a `VmConfig`, sets up the
-//! terminal and signals, and hands over to `vireo-vmm`.
+//! terminal and signals, and hands over to `vireo-vmm` (directly, or inside a jail); and it
+//! runs containers with `vireo-jail`.
 
 mod console;
+mod container;
+mod jail;
 mod run;
 mod signals;
 
@@ -21,6 +24,9 @@ struct Cli {
 enum Command {
     /// Boot a VM with its serial console on this terminal.
     Run(run::RunArgs),
+    /// OS-level containers: run a command in namespaces and cgroups on a root directory.
+    #[command(subcommand)]
+    Container(container::ContainerCommand),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +34,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Container(cmd) => container::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -38,14 +38,33 @@ pub struct RunArgs {
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
+    /// Run the VMM in a jail: new namespaces, a root holding only the kernel, initrd and
+    /// /dev/kvm, no capabilities, an unprivileged uid/gid and per-thread seccomp filters
+    /// (needs root).
+    #[arg(long)]
+    jail: bool,
+    /// With --jail: the uid the VMM runs as.
+    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    uid: u32,
+    /// With --jail: the gid the VMM runs as.
+    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    gid: u32,
+    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5
+    /// (also swap=, weight=, cpuset=).
+    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = parse_limits)]
+    cgroup: Option<vireo_jail::Limits>,
     /// With the default guest: run this command in the guest instead of a shell, then power
     /// off (e.g. `vireo run -- uname -a`).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
+fn parse_limits(s: &str) -> std::result::Result<vireo_jail::Limits, String> {
+    vireo_jail::Limits::parse_list(s)
+}
+
 /// Build the configuration: the default guest unless a kernel was given.
-fn config_from(args: RunArgs) -> Result<VmConfig> {
+fn config_from(args: &RunArgs) -> Result<VmConfig> {
     let mut config = match &args.kernel {
         Some(kernel) => {
             if !args.command.is_empty() {
@@ -84,9 +103,32 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
-    let config = config_from(args)?;
+    let config = config_from(&args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
+    if args.jail {
+        let opts = crate::jail::JailOptions {
+            uid: args.uid,
+            gid: args.gid,
+            limits: args.cgroup.unwrap_or_default(),
+        };
+        return crate::jail::run_jailed(config, &opts);
+    }
+    run_vm(config, false)
+}
+
+/// Run the VM of `config` on this terminal until it stops.
+pub fn run_vm(config: VmConfig, jailed: bool) -> Result<ExitCode> {
+    run_vm_status(config, jailed).map(ExitCode::from)
+}
+
+/// [`run_vm`] returning the exit status as a number. `jailed`: this process is the VMM inside
+/// a jail (`vireo run --jail`); every thread installs its seccomp filter.
+pub fn run_vm_status(config: VmConfig, jailed: bool) -> Result<u8> {
+    use vireo_vmm::seccomp::{self, ThreadKind};
+    if jailed {
+        seccomp::enable()?;
+    }
     let backend = vireo_vmm::select_hypervisor(config.accel)?;
     if let Some(note) = &backend.note {
         eprintln!("vireo: {note}");
@@ -101,6 +143,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Device) {
+                    handle.stop(StopReason::Failure(e.to_string()));
+                    return;
+                }
                 if let Some(sig) = signals.wait() {
                     handle.stop(StopReason::Signal(sig));
                 }
@@ -114,6 +160,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         std::thread::Builder::new()
             .name("console".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Device) {
+                    handle.stop(StopReason::Failure(e.to_string()));
+                    return;
+                }
                 let quit = handle.clone();
                 console::input_loop(
                     |bytes| handle.console_input(bytes),
@@ -123,14 +173,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .context("starting the console thread")?;
     }
 
+    // The main thread's filter goes on last: the threads above are not bound by it, the vCPU
+    // threads it starts are (their lists are subsets of its list).
+    seccomp::apply(ThreadKind::Vmm)?;
     let result = vmm.run();
     console::restore_terminal();
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(ExitCode::SUCCESS),
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(0),
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
-            Ok(ExitCode::from(EXIT_GUEST_PANIC))
+            Ok(EXIT_GUEST_PANIC)
         }
-        ExitReason::Signal(sig) => Ok(ExitCode::from(128u8.wrapping_add(sig as u8))),
+        ExitReason::Signal(sig) => Ok(128u8.wrapping_add(sig as u8)),
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod seccomp;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};

@@ -285,8 +285,14 @@ impl Vmm {
             let (bus, handle) = (bus.clone(), self.handle.clone());
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(vcpu, &bus, &handle))
-            {
+                .spawn(move || {
+                    // A jailed VMM's vCPU threads run under their own seccomp filter.
+                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+                        handle.stop(StopReason::Failure(e.to_string()));
+                        return;
+                    }
+                    vcpu_loop(vcpu, &bus, &handle)
+                }) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(e);

@@ -1,0 +1,462 @@
+//! `vireo run --jail`: the VMM in a jail behaves as unjailed (probe guests, console,
+//! reboot/poweroff, signals) while it runs confined: own namespaces, a root with only what
+//! the VM needs, an unprivileged uid, no capabilities, per-thread seccomp filters, cgroup
+//! limits; and nothing is left when it ends, also when killed. Needs root and KVM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{run, vireo, Outcome, TempDir};
+use vireo_guests::probe::{build, Probe};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn skip(test: &str) -> bool {
+    common::skip_unless_root(test) || common::skip_without_kvm(test)
+}
+
+fn probe_file(dir: &TempDir, probe: &Probe) -> PathBuf {
+    let path = dir.path().join("probe.elf");
+    std::fs::write(&path, build(probe)).unwrap();
+    path
+}
+
+fn run_probe(probe: &Probe, jail: bool, extra: &[&str]) -> Outcome {
+    let dir = TempDir::new("jail-probe");
+    let path = probe_file(&dir, probe);
+    let mut cmd = vireo();
+    cmd.arg("run");
+    if jail {
+        cmd.arg("--jail");
+    }
+    cmd.arg("--kernel")
+        .arg(&path)
+        .args(["--accel", "kvm"])
+        .args(extra);
+    let o = run(cmd, TIMEOUT, None);
+    o.assert_clean();
+    o
+}
+
+/// Kills a background vireo on drop and lets a later vireo sweep what it left.
+struct Background(Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = vireo().args(["container", "list"]).output();
+    }
+}
+
+/// A jailed VMM running a guest that loops forever after printing `S`; returns once the
+/// guest runs.
+fn start_looping(dir: &TempDir, extra: &[&str]) -> Background {
+    let path = probe_file(
+        dir,
+        &Probe::PioLoop {
+            n: u32::MAX,
+            port: 0x510,
+        },
+    );
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "kvm", "--kernel"])
+        .arg(&path)
+        .args(extra)
+        // A pipe that stays open keeps the console thread reading.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = Background(cmd.spawn().unwrap());
+    let mut first = [0u8; 1];
+    child
+        .0
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(&first, b"S");
+    child
+}
+
+/// The jailed VMM: the child of the outer vireo.
+fn inner_pid(outer: u32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap();
+    let pids: Vec<i32> = children
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 1, "outer vireo has children {pids:?}");
+    pids[0]
+}
+
+fn status_field(path: &Path, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {}", path.display()))
+        .trim()
+        .to_string()
+}
+
+fn gone(pid: i32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn jail_cgroups(outer: u32) -> Vec<PathBuf> {
+    let name = format!("vm-{outer}");
+    std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("vireo").join(&name))
+        .filter(|d| d.exists())
+        .collect()
+}
+
+#[test]
+fn probe_guests_behave_the_same_jailed() {
+    let test = "probe_guests_behave_the_same_jailed";
+    if skip(test) {
+        return;
+    }
+    let cases: Vec<(Probe, Vec<&str>)> = vec![
+        (Probe::Hello, vec![]),
+        (Probe::PowerOff, vec![]),
+        (Probe::UnknownIo, vec![]),
+        (Probe::AcpiReset, vec!["--no-reboot"]),
+        (Probe::I8042Reset, vec!["--no-reboot"]),
+        (Probe::UserMode { n: 10_000 }, vec![]),
+        (Probe::Smp, vec!["--cpus", "2"]),
+    ];
+    for (probe, extra) in cases {
+        let plain = run_probe(&probe, false, &extra);
+        let jailed = run_probe(&probe, true, &extra);
+        assert_eq!(plain.code(), Some(0), "{probe:?} unjailed: {plain}");
+        assert_eq!(jailed.code(), Some(0), "{probe:?} jailed: {jailed}");
+        if probe == Probe::Smp {
+            // vCPUs report in any order.
+            let mut a: Vec<&str> = plain.stdout.lines().collect();
+            let mut b: Vec<&str> = jailed.stdout.lines().collect();
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b, "{probe:?}");
+        } else {
+            assert_eq!(plain.stdout, jailed.stdout, "{probe:?}");
+        }
+        assert!(!jailed.stderr.contains("seccomp"), "{jailed}");
+    }
+}
+
+#[test]
+fn a_jailed_guest_reset_restarts_the_vm() {
+    let test = "a_jailed_guest_reset_restarts_the_vm";
+    if skip(test) {
+        return;
+    }
+    let dir = TempDir::new("jail-reboot");
+    let path = probe_file(&dir, &Probe::I8042Reset);
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "kvm", "--kernel"])
+        .arg(&path);
+    let o = run(
+        cmd,
+        TIMEOUT,
+        Some("i8042-reset\ni8042-reset\ni8042-reset\n"),
+    );
+    assert!(!o.timed_out, "{o}");
+    assert!(!o.stderr.contains("seccomp"), "{o}");
+}
+
+#[test]
+fn signals_reach_the_jailed_vmm() {
+    let test = "signals_reach_the_jailed_vmm";
+    if skip(test) {
+        return;
+    }
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let dir = TempDir::new("jail-signal");
+        let mut vm = start_looping(&dir, &[]);
+        let outer = vm.0.id();
+        let inner = inner_pid(outer);
+        // SAFETY: signalling our own child.
+        assert_eq!(unsafe { libc::kill(outer as i32, sig) }, 0);
+        let status = vm.0.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "signal {sig}");
+        assert!(gone(inner));
+        assert!(jail_cgroups(outer).is_empty(), "cgroups left");
+    }
+}
+
+#[test]
+fn the_jailed_vmm_is_confined() {
+    let test = "the_jailed_vmm_is_confined";
+    if skip(test) {
+        return;
+    }
+    let dir = TempDir::new("jail-confined");
+    let vm = start_looping(
+        &dir,
+        &[
+            "--cpus",
+            "2",
+            "--uid",
+            "4242",
+            "--gid",
+            "4343",
+            "--cgroup",
+            "mem=512M,pids=32,cpu=1.5",
+        ],
+    );
+    let outer = vm.0.id();
+    let inner = inner_pid(outer);
+    let status = PathBuf::from(format!("/proc/{inner}/status"));
+    assert_eq!(status_field(&status, "Uid"), "4242\t4242\t4242\t4242");
+    assert_eq!(status_field(&status, "Gid"), "4343\t4343\t4343\t4343");
+    assert_eq!(status_field(&status, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(&status, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    assert_eq!(status_field(&status, "Seccomp"), "2");
+    // Per thread: the jail's filter, plus the main thread's, plus the thread's own.
+    let mut filters = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{inner}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap();
+        let n: u32 = status_field(&t.path().join("status"), "Seccomp_filters")
+            .parse()
+            .unwrap();
+        filters.push((comm.trim().to_string(), n));
+    }
+    filters.sort();
+    let count = |name: &str| filters.iter().find(|(c, _)| c == name).map(|(_, n)| *n);
+    assert_eq!(count("vireo"), Some(2), "main: jail + vmm; {filters:?}");
+    assert_eq!(
+        count("vcpu0"),
+        Some(3),
+        "vcpu: jail + vmm + vcpu; {filters:?}"
+    );
+    assert_eq!(count("vcpu1"), Some(3), "{filters:?}");
+    assert_eq!(
+        count("console"),
+        Some(2),
+        "console: jail + device; {filters:?}"
+    );
+    assert_eq!(count("signals"), Some(2), "{filters:?}");
+    // Namespaces: all new but the user namespace.
+    for ns in ["mnt", "pid", "ipc", "uts", "net", "cgroup"] {
+        let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let jailed = std::fs::read_link(format!("/proc/{inner}/ns/{ns}")).unwrap();
+        assert_ne!(host, jailed, "{ns}");
+    }
+    // Its root holds the kernel, /dev (with kvm) and /proc: nothing else.
+    let root = PathBuf::from(format!("/proc/{inner}/root"));
+    let mut top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["dev", "proc", "vm"]);
+    let vm_files: Vec<String> = std::fs::read_dir(root.join("vm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(vm_files, ["kernel"]);
+    use std::os::unix::fs::MetadataExt;
+    let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
+    assert_eq!(
+        (kvm.uid(), kvm.gid(), kvm.mode() & 0o777),
+        (4242, 4343, 0o600)
+    );
+    // The cgroup limits are in force.
+    let cgroups = jail_cgroups(outer);
+    assert!(!cgroups.is_empty());
+    let mut seen = 0;
+    for d in &cgroups {
+        for (file, want) in [
+            ("pids.max", "32"),
+            ("memory.limit_in_bytes", "536870912"),
+            ("memory.max", "536870912"),
+            ("cpu.cfs_quota_us", "150000"),
+            ("cpu.max", "150000 100000"),
+        ] {
+            if let Ok(v) = std::fs::read_to_string(d.join(file)) {
+                assert_eq!(v.trim(), want, "{}", d.join(file).display());
+                seen += 1;
+            }
+        }
+        if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            assert!(
+                procs.lines().any(|p| p == inner.to_string()),
+                "{}",
+                d.display()
+            );
+        }
+    }
+    assert!(seen >= 3, "limits found in {cgroups:?}");
+    drop(vm);
+    assert!(gone(inner));
+}
+
+#[test]
+fn killing_vireo_kills_the_jailed_vmm() {
+    let test = "killing_vireo_kills_the_jailed_vmm";
+    if skip(test) {
+        return;
+    }
+    let dir = TempDir::new("jail-kill");
+    let mut vm = start_looping(&dir, &["--cgroup", "pids=16"]);
+    let outer = vm.0.id();
+    let inner = inner_pid(outer);
+    vm.0.kill().unwrap();
+    vm.0.wait().unwrap();
+    wait_until("the jailed VMM to die with its parent", || gone(inner));
+    // The next vireo removes the cgroups the killed one left.
+    let o = run(
+        {
+            let mut c = vireo();
+            c.args(["container", "list"]);
+            c
+        },
+        TIMEOUT,
+        None,
+    );
+    assert_eq!(o.code(), Some(0), "{o}");
+    assert!(jail_cgroups(outer).is_empty(), "{:?}", jail_cgroups(outer));
+    assert!(!Path::new(vireo_jail::record::RECORD_DIR)
+        .join(format!("vm-{outer}.json"))
+        .exists());
+}
+
+#[test]
+fn jail_options_are_checked() {
+    let test = "jail_options_are_checked";
+    if skip(test) {
+        return;
+    }
+    let dir = TempDir::new("jail-bad");
+    let path = probe_file(&dir, &Probe::Hello);
+    let expect = |args: &[&str], needle: &str, code: i32| {
+        let mut cmd = vireo();
+        cmd.args(["run", "--accel", "kvm", "--kernel"])
+            .arg(&path)
+            .args(args);
+        let o = run(cmd, TIMEOUT, None);
+        o.assert_clean();
+        assert_eq!(o.code(), Some(code), "{args:?}: {o}");
+        assert!(
+            o.stderr.contains(needle),
+            "{args:?}: expected {needle:?}\n{o}"
+        );
+    };
+    expect(
+        &["--jail", "--cgroup", "cpuset=0-4095"],
+        "is not available here",
+        1,
+    );
+    expect(
+        &["--jail", "--cgroup", "pids=3", "--cpus", "2"],
+        "too low for 2 vCPUs",
+        1,
+    );
+    expect(&["--jail", "--cgroup", "mem=1M"], "minimum", 1);
+    expect(
+        &["--jail", "--cgroup", "disk=1G"],
+        "unknown limit 'disk'",
+        2,
+    );
+    expect(&["--uid", "1000"], "--jail", 2);
+}
+
+/// The serial console on a terminal works from inside the jail: raw mode, Ctrl-A x, and
+/// the terminal restored afterwards.
+#[test]
+fn jailed_console_on_a_terminal() {
+    let test = "jailed_console_on_a_terminal";
+    if skip(test) {
+        return;
+    }
+    let (mut m, mut s) = (0, 0);
+    // SAFETY: openpty writes two new descriptors; null name/termios/winsize.
+    let r = unsafe {
+        libc::openpty(
+            &mut m,
+            &mut s,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0);
+    // SAFETY: fresh descriptors owned by nobody else.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    let lflag = |fd: &OwnedFd| {
+        // SAFETY: termios is plain data filled by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor and pointer.
+        assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag
+    };
+    let dir = TempDir::new("jail-console");
+    let kernel = probe_file(
+        &dir,
+        &Probe::PioLoop {
+            n: u32::MAX,
+            port: 0x510,
+        },
+    );
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "kvm", "--kernel"])
+        .arg(&kernel)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::null());
+    let child = Background(cmd.spawn().unwrap());
+    let mut m = std::fs::File::from(master);
+    let mut buf = [0u8; 64];
+    let n = m.read(&mut buf).unwrap();
+    assert!(n > 0 && buf[0] == b'S', "{:?}", &buf[..n]);
+    assert_eq!(
+        lflag(&slave) & (libc::ICANON | libc::ECHO),
+        0,
+        "not in raw mode"
+    );
+    m.write_all(&[0x01, b'x']).unwrap();
+    let mut child = child;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "Ctrl-A x did not quit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let after = lflag(&slave);
+    assert_ne!(after & libc::ICANON, 0, "terminal left in raw mode");
+}
