@@ -9,6 +9,8 @@
 //! the VMM could not, removes the jail's cgroups, and exits with the VMM's status.
 
 use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -27,6 +29,9 @@ pub struct JailOptions {
     pub uid: u32,
     pub gid: u32,
     pub limits: Limits,
+    /// The API socket: bound here, outside the jail, and handed to the jailed VMM (which
+    /// can then neither create sockets nor write to the host's file system).
+    pub api_socket: Option<PathBuf>,
 }
 
 /// The host paths a VM configuration names, each with the path it gets inside the jail, and
@@ -44,7 +49,40 @@ fn expose_paths(config: &VmConfig) -> (VmConfig, Vec<(PathBuf, PathBuf)>) {
     if let Some(initrd) = &config.initrd {
         inside.initrd = Some(expose(initrd, "initrd"));
     }
+    for (i, disk) in inside.disks.iter_mut().enumerate() {
+        disk.path = expose(&disk.path, &format!("disk{i}"));
+    }
     (inside, binds)
+}
+
+/// Checks that the jail's uid/gid may open `path` (read, and write unless `read_only`) by its
+/// mode bits: the jailed VMM has no capability to override them, and the error is clearer
+/// here than from inside.
+fn check_access(path: &Path, read_only: bool, uid: u32, gid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot use {}", path.display()))?;
+    let mode = meta.mode();
+    let bits = if meta.uid() == uid {
+        mode >> 6
+    } else if meta.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    } & 0o7;
+    let need = if read_only { 0o4 } else { 0o6 };
+    if bits & need != need {
+        bail!(
+            "{} is not {} by uid {uid} / gid {gid}, which the jailed VMM runs as: change its \
+             owner or mode, or pick --uid/--gid",
+            path.display(),
+            if read_only {
+                "readable"
+            } else {
+                "readable and writable"
+            }
+        );
+    }
+    Ok(())
 }
 
 fn saved_terminal() -> Option<libc::termios> {
@@ -74,10 +112,15 @@ pub fn vmm_jail_spec(
     spec.root = Root::Tmpfs { size: 1 << 20 };
     spec.hostname = "vireo-vmm".into();
     for (host, target) in binds {
+        // Disks the guest may write are bind-mounted writable; everything else read-only.
+        let writable = inside
+            .disks
+            .iter()
+            .any(|d| &d.path == target && !d.readonly);
         spec.mounts.push(Mount::Bind {
             source: host.clone(),
             target: target.clone(),
-            read_only: true,
+            read_only: !writable,
         });
     }
     if inside.accel == Accel::Kvm {
@@ -109,13 +152,18 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
             _ => Accel::Emu,
         };
     }
-    // Every vCPU is a thread; so are main, console, signals and VM creation.
-    let threads = u64::from(config.cpus) + 4;
+    // Every vCPU is a thread; so are main, console, signals and VM creation, each virtio
+    // device's worker, and the API's thread and its blocking-task thread.
+    let threads = u64::from(config.cpus)
+        + 4
+        + config.disks.len() as u64
+        + u64::from(config.rng)
+        + if opts.api_socket.is_some() { 2 } else { 0 };
     if let Some(p) = opts.limits.pids_max {
         if p < threads {
             bail!(
                 "--cgroup pids={p} is too low for {} vCPUs: the VMM needs at least {threads} \
-                 (one thread per vCPU, plus 4)",
+                 (one thread per vCPU and per virtio device, plus 4, plus 2 for the API)",
                 config.cpus
             );
         }
@@ -131,12 +179,31 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
         }
     }
     let (inside, binds) = expose_paths(&config);
+    for (host, target) in &binds {
+        let read_only = !inside
+            .disks
+            .iter()
+            .any(|d| &d.path == target && !d.readonly);
+        check_access(host, read_only, opts.uid, opts.gid)?;
+    }
     let name = format!("vm-{}", std::process::id());
-    let spec = vmm_jail_spec(&name, &inside, &binds, opts)?;
+    let mut spec = vmm_jail_spec(&name, &inside, &binds, opts)?;
+    // The API socket is bound out here and passed in as a descriptor.
+    let api = match &opts.api_socket {
+        Some(path) => Some(ApiSocket::bind(path)?),
+        None => None,
+    };
+    if let Some(api) = &api {
+        spec.pass_fds.push(api.listener.as_raw_fd());
+    }
 
     let terminal = saved_terminal();
     let fwd = SignalForwarding::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]);
-    let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(inside))
+    let listener = match &api {
+        Some(a) => Some(a.listener.try_clone().context("the API socket")?),
+        None => None,
+    };
+    let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(inside, listener))
         .context("starting the jailed VMM")?;
     tracing::info!(pid = child.pid(), "jailed VMM running");
     let exit = child.wait_forwarding(&fwd)?;
@@ -164,9 +231,44 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
     }
 }
 
+/// The API socket bound outside the jail: removed when dropped.
+struct ApiSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ApiSocket {
+    /// Binds `path` like the API server does: a stale socket file is replaced, a live one
+    /// refused.
+    fn bind(path: &Path) -> Result<ApiSocket> {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "API socket {}: something is already listening there",
+                path.display()
+            );
+        }
+        let _ = std::fs::remove_file(path);
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("API socket {}", path.display()))?;
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("API socket {}", path.display()))?;
+        Ok(ApiSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The VMM in the jailed child; returns the process's exit status.
-fn vmm_inside(config: VmConfig) -> i32 {
-    let status = match crate::run::run_vm_status(config, true) {
+fn vmm_inside(config: VmConfig, api: Option<UnixListener>) -> i32 {
+    let status = match crate::run::run_jailed_vmm(config, api) {
         Ok(code) => i32::from(code),
         Err(e) => {
             crate::console::restore_terminal();
@@ -212,6 +314,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             limits: Limits::default(),
+            api_socket: None,
         };
         let s = vmm_jail_spec("vm-test", &c, &binds, &opts).unwrap();
         assert!(matches!(s.root, Root::Tmpfs { .. }));

@@ -4,7 +4,9 @@
 
 mod console;
 mod container;
+mod ctl;
 mod jail;
+mod restore;
 mod run;
 mod signals;
 
@@ -22,11 +24,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a VM with its serial console on this terminal.
+    /// Boot a VM with its serial console on this terminal (or, with only --api-socket, wait
+    /// for a configuration over the API).
     Run(run::RunArgs),
     /// OS-level containers: run a command in namespaces and cgroups on a root directory.
     #[command(subcommand)]
     Container(container::ContainerCommand),
+    /// Restore a VM from a snapshot directory and run it on this terminal.
+    Restore(restore::RestoreArgs),
+    /// Control a running vireo through its API socket.
+    Ctl(ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +42,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Container(cmd) => container::run(cmd),
+        Command::Restore(args) => restore::restore(args),
+        Command::Ctl(args) => ctl::ctl(args),
     };
     match result {
         Ok(code) => code,

@@ -1,11 +1,12 @@
 //! `vireo run`: flags → `VmConfig` → a running VM on this terminal.
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vireo_vmm::config::{Accel, ByteSize, VmConfig};
+use vireo_vmm::config::{Accel, ByteSize, DiskConfig, VmConfig};
 use vireo_vmm::{ExitReason, StopReason, Vmm};
 
 use crate::{console, signals};
@@ -25,16 +26,16 @@ pub struct RunArgs {
     /// Kernel command line (replaces the default guest's).
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
-    /// Number of vCPUs (1 to 254), each a host thread.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u32,
-    /// Guest RAM, like 256M or 2G (a bare number means MiB).
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
-    memory: ByteSize,
+    /// Number of vCPUs (1 to 254), each a host thread [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest RAM, like 256M or 2G (a bare number means MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<ByteSize>,
     /// Accelerator: kvm (hardware-assisted), emu (vireo's x86-64 emulator), or auto (KVM when
-    /// it is usable and hardware-backed, else the emulator).
-    #[arg(long, value_name = "ACCEL", default_value = "auto")]
-    accel: Accel,
+    /// it is usable and hardware-backed, else the emulator) [default: auto].
+    #[arg(long, value_name = "ACCEL")]
+    accel: Option<Accel>,
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
@@ -53,6 +54,35 @@ pub struct RunArgs {
     /// (also swap=, weight=, cpuset=).
     #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = parse_limits)]
     cgroup: Option<vireo_jail::Limits>,
+    /// A virtio-blk disk: a raw image file or a block device. Repeatable: the first is the
+    /// guest's /dev/vda, the second /dev/vdb, ... `readonly=on` refuses the guest's writes;
+    /// `serial=STR` (up to 20 bytes) is the disk's ID; `direct=on` bypasses the host page
+    /// cache. A disk another process has open read-write is refused.
+    #[arg(
+        long = "disk",
+        value_name = "path=FILE[,readonly=on][,serial=STR][,direct=on]"
+    )]
+    disks: Vec<DiskConfig>,
+    /// With the default guest: boot from an ext4 root disk at PATH (`root=/dev/vda`) instead
+    /// of staying in the initramfs. A missing PATH is created as a fresh copy of the default
+    /// root image (busybox tree); an existing one is used as it is, so its contents persist.
+    #[arg(long, value_name = "PATH")]
+    root_disk: Option<PathBuf>,
+    /// No virtio-rng entropy device (by default the guest gets one, fed from the host's
+    /// getrandom).
+    #[arg(long)]
+    no_rng: bool,
+    /// Serve the REST API on this Unix socket (`vireo ctl --api-socket PATH ...`). Given
+    /// alone, vireo boots nothing and waits for a configuration over the API.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The VM's configuration as a JSON file (the API's VmConfig); no other VM flag may be
+    /// given with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "accel", "no_reboot", "disks",
+        "root_disk", "no_rng", "command",
+    ])]
+    config: Option<PathBuf>,
     /// With the default guest: run this command in the guest instead of a shell, then power
     /// off (e.g. `vireo run -- uname -a`).
     #[arg(last = true, value_name = "COMMAND")]
@@ -63,12 +93,43 @@ fn parse_limits(s: &str) -> std::result::Result<vireo_jail::Limits, String> {
     vireo_jail::Limits::parse_list(s)
 }
 
+impl RunArgs {
+    /// True when no flag describes a VM (only, perhaps, an API socket).
+    fn describes_no_vm(&self) -> bool {
+        self.kernel.is_none()
+            && self.initrd.is_none()
+            && self.cmdline.is_none()
+            && self.cpus.is_none()
+            && self.memory.is_none()
+            && self.accel.is_none()
+            && !self.no_reboot
+            && self.disks.is_empty()
+            && self.root_disk.is_none()
+            && !self.no_rng
+            && self.command.is_empty()
+            && self.config.is_none()
+    }
+}
+
+/// Read a VmConfig from a JSON file; errors name the file and the field.
+pub fn read_config_file(path: &std::path::Path) -> Result<VmConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the configuration {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("configuration {}", path.display()))
+}
+
 /// Build the configuration: the default guest unless a kernel was given.
 fn config_from(args: &RunArgs) -> Result<VmConfig> {
+    if let Some(path) = &args.config {
+        return read_config_file(path);
+    }
     let mut config = match &args.kernel {
         Some(kernel) => {
             if !args.command.is_empty() {
                 bail!("a command after `--` runs in the default guest; drop --kernel to use it");
+            }
+            if args.root_disk.is_some() {
+                bail!("--root-disk is the default guest's root disk; drop --kernel to use it, or pass your disk with --disk");
             }
             let mut c = VmConfig::new(kernel);
             c.initrd = args.initrd.clone();
@@ -86,6 +147,12 @@ fn config_from(args: &RunArgs) -> Result<VmConfig> {
             let mut c = VmConfig::new(&guest.kernel);
             c.initrd = Some(args.initrd.clone().unwrap_or(guest.initrd.clone()));
             c.cmdline = args.cmdline.clone().unwrap_or(guest.cmdline.clone());
+            if let Some(path) = &args.root_disk {
+                default_guest::root_disk(&cache, &guest, path)
+                    .with_context(|| format!("preparing the root disk {}", path.display()))?;
+                c.disks.push(DiskConfig::new(path));
+                c.cmdline.push_str(" root=/dev/vda");
+            }
             if !args.command.is_empty() {
                 let param = default_guest::command_param(&args.command)
                     .context("passing the command to the guest")?;
@@ -95,14 +162,29 @@ fn config_from(args: &RunArgs) -> Result<VmConfig> {
             c
         }
     };
-    config.cpus = args.cpus;
-    config.memory = args.memory;
-    config.accel = args.accel;
+    config.cpus = args.cpus.unwrap_or(1);
+    config.memory = args.memory.unwrap_or(ByteSize(256 << 20));
+    config.accel = args.accel.unwrap_or_default();
     config.no_reboot = args.no_reboot;
+    config.disks.extend(args.disks.iter().cloned());
+    config.rng = !args.no_rng;
     Ok(config)
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let api_socket = args.api_socket.clone();
+    if api_socket.is_some() && args.describes_no_vm() {
+        if args.jail {
+            bail!(
+                "--jail needs the VM on the command line or in --config: a VM configured later \
+                 over the API would name files the jail does not hold"
+            );
+        }
+        return serve(
+            Vmm::waiting(Box::new(std::io::stdout())),
+            api_socket.as_deref(),
+        );
+    }
     let config = config_from(&args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
@@ -110,32 +192,56 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let opts = crate::jail::JailOptions {
             uid: args.uid,
             gid: args.gid,
-            limits: args.cgroup.unwrap_or_default(),
+            limits: args.cgroup.clone().unwrap_or_default(),
+            api_socket,
         };
         return crate::jail::run_jailed(config, &opts);
-    }
-    run_vm(config, false)
-}
-
-/// Run the VM of `config` on this terminal until it stops.
-pub fn run_vm(config: VmConfig, jailed: bool) -> Result<ExitCode> {
-    run_vm_status(config, jailed).map(ExitCode::from)
-}
-
-/// [`run_vm`] returning the exit status as a number. `jailed`: this process is the VMM inside
-/// a jail (`vireo run --jail`); every thread installs its seccomp filter.
-pub fn run_vm_status(config: VmConfig, jailed: bool) -> Result<u8> {
-    use vireo_vmm::seccomp::{self, ThreadKind};
-    if jailed {
-        seccomp::enable()?;
     }
     let backend = vireo_vmm::select_hypervisor(config.accel)?;
     if let Some(note) = &backend.note {
         eprintln!("vireo: {note}");
     }
     let vmm = Vmm::new(config, backend.hypervisor, Box::new(std::io::stdout()))?;
-    let handle = vmm.handle();
+    serve(vmm, api_socket.as_deref())
+}
 
+/// The VMM inside a jail (`vireo run --jail`): every thread installs its seccomp filter, and
+/// the API (if any) serves on `api`, a socket bound outside the jail. Returns the exit status.
+pub fn run_jailed_vmm(config: VmConfig, api: Option<UnixListener>) -> Result<u8> {
+    vireo_vmm::seccomp::enable()?;
+    let backend = vireo_vmm::select_hypervisor(config.accel)?;
+    if let Some(note) = &backend.note {
+        eprintln!("vireo: {note}");
+    }
+    let vmm = Vmm::new(config, backend.hypervisor, Box::new(std::io::stdout()))?;
+    let api = match api {
+        Some(listener) => Some(
+            vireo_api::server::ApiServer::from_listener(listener, vmm.handle())
+                .context("starting the API")?,
+        ),
+        None => None,
+    };
+    serve_status(vmm, api)
+}
+
+/// Run `vmm` on this terminal (signals, console) with the API on `api_socket` if given, and
+/// turn how it ended into the exit status.
+pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode> {
+    // The API runs only when asked for: without a socket no runtime or thread is started.
+    let api = match api_socket {
+        Some(path) => Some(
+            vireo_api::server::ApiServer::start(path, vmm.handle()).context("starting the API")?,
+        ),
+        None => None,
+    };
+    serve_status(vmm, api).map(ExitCode::from)
+}
+
+/// [`serve`] with the API already started, returning the exit status as a number. In a
+/// jailed VMM (after `seccomp::enable`) each thread installs its seccomp filter.
+fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Result<u8> {
+    use vireo_vmm::seccomp::{self, ThreadKind};
+    let handle = vmm.handle();
     // SIGINT/SIGTERM stop the VM: the handler only records the signal and wakes a thread.
     let signals = signals::install().context("installing signal handlers")?;
     {
@@ -178,8 +284,13 @@ pub fn run_vm_status(config: VmConfig, jailed: bool) -> Result<u8> {
     seccomp::apply(ThreadKind::Vmm)?;
     let result = vmm.run();
     console::restore_terminal();
+    if let Some(api) = api.as_mut() {
+        api.stop();
+    }
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit => Ok(0),
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
+            Ok(0)
+        }
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
             Ok(EXIT_GUEST_PANIC)

@@ -772,7 +772,11 @@ fn no_controlling_terminal_inside() {
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&got).contains('\n') {
         let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "EOF before output: {:?}", String::from_utf8_lossy(&got));
+        assert!(
+            n > 0,
+            "EOF before output: {:?}",
+            String::from_utf8_lossy(&got)
+        );
         got.extend_from_slice(&buf[..n]);
     }
     let text = String::from_utf8_lossy(&got).into_owned();
@@ -784,7 +788,10 @@ fn no_controlling_terminal_inside() {
         .unwrap()
         .parse()
         .unwrap();
-    assert_ne!(tty_nr, 0, "vireo has no controlling terminal: the test proves nothing");
+    assert_ne!(
+        tty_nr, 0,
+        "vireo has no controlling terminal: the test proves nothing"
+    );
     // ... the container's command does not.
     assert!(text.contains("tty=0"), "{text:?}");
     out.write_all(b"\n").unwrap();

@@ -7,29 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{run, vireo};
-
-/// The default guest's files, building them on first use (skip when that is impossible).
-fn default_guest(test: &str) -> Option<vireo_guests::default_guest::DefaultGuest> {
-    use vireo_guests::default_guest::{cache_dir, ensure, Options};
-    let cache = cache_dir().ok()?;
-    match ensure(&cache, &Options::default()) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            common::skip(test, &format!("cannot build the default guest: {e}"));
-            None
-        }
-    }
-}
-
-/// Backends that boot Linux to init in reasonable time here.
-fn full_backends(test: &str) -> Vec<&'static str> {
-    let mut v = Vec::new();
-    if !common::skip_without_full_kvm(test) {
-        v.push("kvm");
-    }
-    v
-}
+use common::{default_guest, field, full_backends, run, vireo};
 
 /// The kernel's own ELF `vmlinux`, unpacked from the bzImage into `dir`.
 fn extract_vmlinux(bzimage: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
@@ -96,13 +74,6 @@ fn boot_and_run(accel: &str, cpus: u32, memory: &str, command: &[&str]) -> commo
     o
 }
 
-/// Value of the line `key: value` printed by the guest.
-fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(key))
-        .map(str::trim)
-}
-
 #[test]
 fn boots_to_init_and_reports_cpus_memory_and_time() {
     let test = "boots_to_init_and_reports_cpus_memory_and_time";
@@ -110,7 +81,9 @@ fn boots_to_init_and_reports_cpus_memory_and_time() {
         return;
     }
     for accel in full_backends(test) {
-        for (cpus, memory, mib) in [(1u32, "64M", 64u64), (2, "256M", 256), (4, "5G", 5120)] {
+        // 96 MiB is about the least Debian's cloud kernel boots in (its image alone takes
+        // ~46 MiB; at 64 MiB it runs out of memory during boot, under QEMU too).
+        for (cpus, memory, mib) in [(1u32, "96M", 96u64), (2, "256M", 256), (4, "5G", 5120)] {
             let o = boot_and_run(
                 accel,
                 cpus,
@@ -127,13 +100,18 @@ fn boots_to_init_and_reports_cpus_memory_and_time() {
                 Some(cpus.to_string().as_str()),
                 "{o}"
             );
-            let kib: u64 = field(&o.stdout, "memtotal:").unwrap().parse().unwrap();
-            // MemTotal excludes the kernel image and reserved areas: at least 70% of RAM.
+            let kib: u64 = field(&o.stdout, "memtotal:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no memtotal\n{o}"));
+            // MemTotal excludes the kernel image (~46 MiB for Debian's cloud kernel), the page
+            // structures (~1.6% of RAM) and reserved areas.
             assert!(
-                kib <= mib * 1024 && kib >= mib * 1024 * 7 / 10,
+                kib <= mib * 1024 && kib + 64 * 1024 >= mib * 1024 * 9 / 10,
                 "{kib} KiB of {memory}\n{o}"
             );
-            let guest: i64 = field(&o.stdout, "date:").unwrap().parse().unwrap();
+            let guest: i64 = field(&o.stdout, "date:")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no date\n{o}"));
             let host = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()

@@ -12,15 +12,6 @@ use vireo_guests::probe::{build, user_mode_expected, Probe};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Backends to test: KVM when /dev/kvm works (probes are small enough even on KVM-PVM).
-fn backends(test: &str) -> Vec<&'static str> {
-    let mut b = Vec::new();
-    if !common::skip_without_kvm(test) {
-        b.push("kvm");
-    }
-    b
-}
-
 fn probe_file(dir: &TempDir, probe: &Probe) -> PathBuf {
     let path = dir.path().join("probe.elf");
     std::fs::write(&path, build(probe)).unwrap();
@@ -43,7 +34,7 @@ fn run_probe(probe: &Probe, accel: &str, extra: &[&str]) -> common::Outcome {
 
 #[test]
 fn hello_prints_and_powers_off() {
-    for accel in backends("hello_prints_and_powers_off") {
+    for accel in common::probe_backends("hello_prints_and_powers_off") {
         let o = run_probe(&Probe::Hello, accel, &[]);
         assert_eq!(o.stdout, "vireo-probe: hello\n", "{accel}: {o}");
         assert_eq!(o.code(), Some(0), "{accel}: {o}");
@@ -52,7 +43,7 @@ fn hello_prints_and_powers_off() {
 
 #[test]
 fn memory_sizes_from_32m_to_above_4g() {
-    for accel in backends("memory_sizes_from_32m_to_above_4g") {
+    for accel in common::probe_backends("memory_sizes_from_32m_to_above_4g") {
         for mem in ["32M", "256M", "3G", "5G"] {
             let o = run_probe(&Probe::Hello, accel, &["--memory", mem]);
             assert_eq!(o.stdout, "vireo-probe: hello\n", "{accel} {mem}: {o}");
@@ -63,7 +54,7 @@ fn memory_sizes_from_32m_to_above_4g() {
 
 #[test]
 fn unknown_ports_and_mmio_read_all_ones() {
-    for accel in backends("unknown_ports_and_mmio_read_all_ones") {
+    for accel in common::probe_backends("unknown_ports_and_mmio_read_all_ones") {
         let o = run_probe(&Probe::UnknownIo, accel, &[]);
         assert_eq!(
             o.stdout, "unknown-io: pio8=ff pio16=ffff pio32=ffffffff mmio32=ffffffff\n",
@@ -75,7 +66,7 @@ fn unknown_ports_and_mmio_read_all_ones() {
 
 #[test]
 fn acpi_power_off_exits_zero() {
-    for accel in backends("acpi_power_off_exits_zero") {
+    for accel in common::probe_backends("acpi_power_off_exits_zero") {
         let o = run_probe(&Probe::PowerOff, accel, &[]);
         assert_eq!(o.stdout, "poweroff\n", "{accel}: {o}");
         assert_eq!(o.code(), Some(0));
@@ -84,7 +75,7 @@ fn acpi_power_off_exits_zero() {
 
 #[test]
 fn resets_stop_at_once_with_no_reboot() {
-    for accel in backends("resets_stop_at_once_with_no_reboot") {
+    for accel in common::probe_backends("resets_stop_at_once_with_no_reboot") {
         for (probe, line) in [
             (Probe::AcpiReset, "acpi-reset\n"),
             (Probe::I8042Reset, "i8042-reset\n"),
@@ -99,7 +90,7 @@ fn resets_stop_at_once_with_no_reboot() {
 
 #[test]
 fn reset_restarts_the_vm() {
-    for accel in backends("reset_restarts_the_vm") {
+    for accel in common::probe_backends("reset_restarts_the_vm") {
         let dir = TempDir::new("reboot");
         let path = probe_file(&dir, &Probe::I8042Reset);
         let mut cmd = vireo();
@@ -120,7 +111,7 @@ fn reset_restarts_the_vm() {
 
 #[test]
 fn smp_every_vcpu_reports_its_apic_id() {
-    for accel in backends("smp_every_vcpu_reports_its_apic_id") {
+    for accel in common::probe_backends("smp_every_vcpu_reports_its_apic_id") {
         for cpus in [1u32, 2, 4] {
             let o = run_probe(&Probe::Smp, accel, &["--cpus", &cpus.to_string()]);
             assert_eq!(o.code(), Some(0), "{accel} {cpus}: {o}");
@@ -144,7 +135,7 @@ fn smp_every_vcpu_reports_its_apic_id() {
 
 #[test]
 fn cmos_reports_host_utc() {
-    for accel in backends("cmos_reports_host_utc") {
+    for accel in common::probe_backends("cmos_reports_host_utc") {
         let o = run_probe(&Probe::CmosTime, accel, &[]);
         let line = o.stdout.trim();
         let t = line.strip_prefix("rtc: ").unwrap_or_else(|| panic!("{o}"));
@@ -181,7 +172,7 @@ fn parse_utc(s: &str) -> Option<i64> {
 
 #[test]
 fn user_mode_loop_runs_at_cpl3() {
-    for accel in backends("user_mode_loop_runs_at_cpl3") {
+    for accel in common::probe_backends("user_mode_loop_runs_at_cpl3") {
         let n = 100_000;
         let o = run_probe(&Probe::UserMode { n }, accel, &[]);
         let expected = format!(
@@ -193,42 +184,11 @@ fn user_mode_loop_runs_at_cpl3() {
     }
 }
 
-#[test]
-fn sigterm_stops_a_running_vm_with_non_zero_status() {
-    for accel in backends("sigterm_stops_a_running_vm_with_non_zero_status") {
-        let dir = TempDir::new("sigterm");
-        let path = probe_file(
-            &dir,
-            &Probe::PioLoop {
-                n: u32::MAX,
-                port: 0x510,
-            },
-        );
-        let mut cmd = vireo();
-        cmd.arg("run")
-            .arg("--kernel")
-            .arg(&path)
-            .args(["--accel", accel]);
-        cmd.stdout(std::process::Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut out = child.stdout.take().unwrap();
-        let mut first = [0u8; 1];
-        std::io::Read::read_exact(&mut out, &mut first).unwrap();
-        assert_eq!(&first, b"S");
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(128 + 15), "{accel}: {status:?}");
-    }
-}
-
-#[test]
-fn sigint_stops_a_running_vm() {
-    for accel in backends("sigint_stops_a_running_vm") {
-        let dir = TempDir::new("sigint");
+/// Start a VM that keeps running, send it `signal` once the guest has printed, and check the
+/// exit status is 128 + the signal.
+fn signal_stops_a_running_vm(test: &str, signal: &str, number: i32) {
+    for accel in common::probe_backends(test) {
+        let dir = TempDir::new("signal");
         let path = probe_file(
             &dir,
             &Probe::PioLoop {
@@ -245,19 +205,30 @@ fn sigint_stops_a_running_vm() {
         let mut child = cmd.spawn().unwrap();
         let mut first = [0u8; 1];
         std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+        assert_eq!(&first, b"S");
         let st = std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+            .args([signal, &child.id().to_string()])
             .status()
             .unwrap();
         assert!(st.success());
         let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(128 + 2), "{accel}: {status:?}");
+        assert_eq!(status.code(), Some(128 + number), "{accel}: {status:?}");
     }
 }
 
 #[test]
+fn sigterm_stops_a_running_vm_with_non_zero_status() {
+    signal_stops_a_running_vm("sigterm_stops_a_running_vm", "-TERM", 15);
+}
+
+#[test]
+fn sigint_stops_a_running_vm() {
+    signal_stops_a_running_vm("sigint_stops_a_running_vm", "-INT", 2);
+}
+
+#[test]
 fn thirty_two_vcpus_all_start() {
-    for accel in backends("thirty_two_vcpus_all_start") {
+    for accel in common::probe_backends("thirty_two_vcpus_all_start") {
         let o = run_probe(&Probe::Smp, accel, &["--cpus", "32"]);
         assert_eq!(o.code(), Some(0), "{accel}: {o}");
         assert!(o.stdout.ends_with("cpus 32\n"), "{accel}: {o}");

@@ -15,6 +15,8 @@ pub struct Sample {
     pub markers: Vec<Option<Duration>>,
     /// Peak resident set size in KiB (ru_maxrss).
     pub max_rss_kib: Option<u64>,
+    /// Everything read from stdout.
+    pub output: String,
 }
 
 /// Spawn `cmd`, read stdout until every marker has been seen (or the process ends or `timeout`
@@ -54,6 +56,7 @@ pub fn measure(mut cmd: Command, markers: &[&str], timeout: Duration) -> std::io
     }
     let _ = child.kill();
     sample.max_rss_kib = wait_rusage(&mut child);
+    sample.output = String::from_utf8_lossy(&seen).into_owned();
     Ok(sample)
 }
 

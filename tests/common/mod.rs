@@ -49,6 +49,16 @@ pub fn skip_without_kvm(test: &str) -> bool {
     false
 }
 
+/// Backends that run probe guests: the emulator always, KVM when /dev/kvm works (probes are
+/// small enough even on KVM-PVM). Every probe must give the same output on both.
+pub fn probe_backends(test: &str) -> Vec<&'static str> {
+    let mut b = vec!["emu"];
+    if !skip_without_kvm(test) {
+        b.push("kvm");
+    }
+    b
+}
+
 /// Skip unless KVM is hardware-backed (not PVM), or `VIREO_TEST_FULL_KVM=1` forces the test.
 pub fn skip_without_full_kvm(test: &str) -> bool {
     if skip_without_kvm(test) {
@@ -70,11 +80,9 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "vireo-test-{name}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vireo-test-{name}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
         TempDir(p)
@@ -210,4 +218,41 @@ pub fn busybox_rootfs(name: &str) -> TempDir {
     vireo_guests::default_guest::busybox::busybox_rootfs(&cache, dir.path())
         .expect("building the busybox root file system");
     dir
+}
+
+// ---- Linux guests ------------------------------------------------------------------------
+
+/// The default guest's files, building them on first use (skip when that is impossible).
+pub fn default_guest(test: &str) -> Option<vireo_guests::default_guest::DefaultGuest> {
+    use vireo_guests::default_guest::{cache_dir, ensure, Options};
+    let cache = cache_dir().ok()?;
+    match ensure(&cache, &Options::default()) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            skip(test, &format!("cannot build the default guest: {e}"));
+            None
+        }
+    }
+}
+
+/// Backends that boot Linux to init in reasonable time here: the emulator everywhere, KVM
+/// where it is hardware-backed.
+pub fn full_backends(test: &str) -> Vec<&'static str> {
+    let mut v = vec!["emu"];
+    if !skip_without_full_kvm(test) {
+        v.push("kvm");
+    }
+    v
+}
+
+/// The number after `key` printed by the guest (kernel messages may share the console, so
+/// look for the key anywhere in a line and take the digits after it).
+pub fn field<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines().find_map(|l| {
+        let rest = l[l.find(key)? + key.len()..].trim_start();
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        (end > 0).then(|| &rest[..end])
+    })
 }

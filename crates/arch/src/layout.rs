@@ -18,13 +18,13 @@
 //!   0xfee0_0000                         local APICs
 //!   0xfeff_c000 - 0xfeff_ffff           hypervisor-private pages (KVM TSS + identity map)
 //! 0x1_0000_0000 - ...                 RAM above the hole (when RAM > 3 GiB)
-//! after RAM, 1 GiB aligned            64-bit PCI BAR window
+//! after RAM, 1 GiB aligned            64-bit PCI BAR window (32 GiB)
 //! ```
 //!
 //! Port I/O: 0x3f8 COM1 (IRQ 4), 0x60/0x64 i8042, 0x70/0x71 CMOS/RTC (IRQ 8), 0x40-0x43 and
 //! 0x61 PIT, 0x20/0xa0 PIC, 0x505 pvpanic, 0x600-0x602 ACPI sleep control/status and reset
 //! registers,
-//! 0xcf8/0xcfc PCI configuration mechanism #1.
+//! 0xcf8/0xcfc PCI configuration mechanism #1, 0x1000-0xffff PCI I/O BAR window.
 
 /// Start of the boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -67,6 +67,13 @@ pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
 /// PCIe enhanced configuration access (ECAM), 1 MiB per bus.
 pub const PCI_ECAM_START: u64 = 0xe000_0000;
 pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// The last bus number the ECAM region covers (buses 0 to this).
+pub const PCI_ECAM_LAST_BUS: u8 = ((PCI_ECAM_SIZE >> 20) - 1) as u8;
+/// Size of the 64-bit PCI BAR window (above RAM, see [`pci_mmio64_start`]).
+pub const PCI_MMIO64_SIZE: u64 = 32 << 30;
+/// PCI I/O BAR window: the ports above the legacy devices' (all below 0x1000).
+pub const PCI_IO_START: u64 = 0x1000;
+pub const PCI_IO_SIZE: u64 = 0x1_0000 - PCI_IO_START;
 /// IOAPIC MMIO registers.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC MMIO registers (default APIC base).
@@ -100,6 +107,9 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLP_TYP: u8 = 5;
 /// SLP_EN bit of the sleep control register.
 pub const ACPI_SLP_EN: u8 = 1 << 5;
+/// The interrupt of the ACPI Generic Event Device (`ACPI0013`) that reports the power
+/// button (an ISA IRQ no other device uses; edge, active high).
+pub const GED_IRQ: u32 = 5;
 /// pvpanic port (ACPI `QEMU0001`).
 pub const PVPANIC_PORT: u16 = 0x505;
 /// PCI configuration mechanism #1 address and data ports.
@@ -131,8 +141,16 @@ pub fn pci_mmio64_start(mem_size: u64) -> u64 {
     ram_end.next_multiple_of(1 << 30)
 }
 
+/// Total RAM described by `ram_ranges`-style regions (start, length).
+pub fn ram_size_of(regions: impl IntoIterator<Item = (u64, u64)>) -> u64 {
+    regions.into_iter().map(|(_, len)| len).sum()
+}
+
 // The fixed regions must not overlap: checked at compile time.
 const _: () = {
+    assert!(PCI_ECAM_SIZE == 256 << 20);
+    assert!((PCI_CONFIG_ADDRESS_PORT as u64) < PCI_IO_START);
+    assert!((PVPANIC_PORT as u64) < PCI_IO_START && (ACPI_RESET_PORT as u64) < PCI_IO_START);
     assert!(ZERO_PAGE_START + 0x1000 <= PML4_START);
     assert!(PDE_START + BOOT_PD_COUNT * 0x1000 <= CMDLINE_START);
     assert!(CMDLINE_START + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
@@ -157,5 +175,7 @@ mod tests {
         let r = ram_ranges(5 << 30);
         assert_eq!(r, vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
         assert_eq!(pci_mmio64_start(5 << 30), 6 << 30);
+        assert_eq!(pci_mmio64_start(256 << 20), 4 << 30);
+        assert_eq!(ram_size_of(r), 5 << 30);
     }
 }

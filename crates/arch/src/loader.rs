@@ -61,6 +61,8 @@ pub enum KernelFormat {
 pub struct LoadedKernel {
     /// The 64-bit entry point (guest-physical).
     pub entry: u64,
+    /// First byte of the loaded image (guest-physical).
+    pub start: u64,
     /// First byte after the loaded image (guest-physical).
     pub end: u64,
     /// The bzImage setup header, when there is one (the zero page starts from it).
@@ -150,6 +152,7 @@ pub fn load_kernel_bytes(mem: &GuestMemory, image: &[u8], name: &str) -> Result<
     })?;
     Ok(LoadedKernel {
         entry: res.kernel_load.0 + 0x200,
+        start: res.kernel_load.0,
         end: res.kernel_load.0 + res.kernel_end,
         setup_header: res.setup_header.or(Some(header)),
         format: KernelFormat::BzImage,
@@ -190,10 +193,40 @@ fn load_elf(
         })?;
     Ok(LoadedKernel {
         entry: res.kernel_load.0,
+        start: elf_load_start(image).unwrap_or(layout::KERNEL_START),
         end: res.kernel_end,
         setup_header,
         format,
     })
+}
+
+/// The lowest physical address of the PT_LOAD segments of an ELF64 image.
+fn elf_load_start(image: &[u8]) -> Option<u64> {
+    let u16_at = |o: usize| {
+        image
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        image
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        image
+            .get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
+    let phentsize = usize::from(u16_at(0x36)?);
+    let phnum = usize::from(u16_at(0x38)?);
+    (0..phnum)
+        .filter_map(|i| {
+            let o = phoff.checked_add(i.checked_mul(phentsize)?)?;
+            (u32_at(o)? == 1).then(|| u64_at(o + 24)).flatten()
+        })
+        .min()
 }
 
 /// The bzImage setup header at offset 0x1f1, if `image` has one.
@@ -285,15 +318,16 @@ fn unlz4_legacy(input: &[u8], size_hint: usize) -> std::result::Result<Vec<u8>, 
     Ok(out)
 }
 
-/// Load an initrd at the top of RAM below `limit` (and below the MMIO hole), page aligned and
-/// above `kernel_end`. Returns (address, size).
+/// Load an initrd, page aligned, at the top of RAM below `initrd_addr_max` (and below the MMIO
+/// hole) above the kernel, or when that does not fit (small VMs), right below the kernel and
+/// above 1 MiB. Returns (address, size).
 pub fn load_initrd(
     mem: &GuestMemory,
     path: &Path,
     mem_size: u64,
-    kernel_end: u64,
-    header: Option<&setup_header>,
+    kernel: &LoadedKernel,
 ) -> Result<(u64, u64)> {
+    let header = kernel.setup_header.as_ref();
     let name = path.display().to_string();
     let data = std::fs::read(path).map_err(|source| Error::ReadInitrd {
         path: name.clone(),
@@ -310,10 +344,16 @@ pub fn load_initrd(
         size,
         limit,
     };
-    let start = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
-    if start < kernel_end.next_multiple_of(0x1000) {
-        return Err(too_large());
-    }
+    let above = limit
+        .checked_sub(size)
+        .map(|s| s & !0xfff)
+        .filter(|&s| s >= kernel.end.next_multiple_of(0x1000));
+    let below = kernel
+        .start
+        .checked_sub(size)
+        .map(|s| s & !0xfff)
+        .filter(|&s| s >= layout::BIOS_END);
+    let start = above.or(below).ok_or_else(too_large)?;
     mem.write_slice(&data, GuestAddress(start))
         .map_err(|_| too_large())?;
     Ok((start, size))
@@ -435,13 +475,28 @@ mod tests {
         let m = mem(64 << 20);
         let dir = std::env::temp_dir().join(format!("vireo-initrd-{}", std::process::id()));
         std::fs::write(&dir, vec![1u8; 10_000]).unwrap();
-        let (addr, size) = load_initrd(&m, &dir, 64 << 20, 0x200_0000, None).unwrap();
+        let kernel = |start: u64, end: u64| LoadedKernel {
+            entry: start,
+            start,
+            end,
+            setup_header: None,
+            format: KernelFormat::Elf,
+        };
+        let (addr, size) =
+            load_initrd(&m, &dir, 64 << 20, &kernel(0x100_0000, 0x200_0000)).unwrap();
         assert_eq!(size, 10_000);
         assert_eq!(addr % 0x1000, 0);
         assert!(addr + size <= 64 << 20);
         assert!(addr >= 0x200_0000);
-        // Does not fit above a kernel that ends near the top.
-        assert!(load_initrd(&m, &dir, 64 << 20, (64 << 20) - 0x1000, None).is_err());
+        // A kernel that ends near the top: the initrd goes right below it.
+        let (addr, _) =
+            load_initrd(&m, &dir, 64 << 20, &kernel(0x100_0000, (64 << 20) - 0x1000)).unwrap();
+        assert!(
+            addr >= layout::BIOS_END && addr + 10_000 <= 0x100_0000,
+            "{addr:#x}"
+        );
+        // No room above or below.
+        assert!(load_initrd(&m, &dir, 64 << 20, &kernel(0x10_2000, (64 << 20) - 0x1000)).is_err());
         std::fs::remove_file(dir).unwrap();
     }
 }

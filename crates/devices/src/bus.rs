@@ -7,10 +7,14 @@
 //! Accesses that hit no device, or straddle the end of a device's range, behave like an
 //! unclaimed bus cycle on a PC: reads return all-ones and writes are dropped. Each such address
 //! is logged once; after [`UNKNOWN_LOG_LIMIT`] distinct addresses the bus stops remembering.
+//!
+//! Ranges may also be added and removed while vCPUs run ([`Bus::map`], [`Bus::unmap`]: a guest
+//! moving a PCI BAR). The map is behind a read-write lock that an access holds only to find its
+//! device, never while the device runs, so a device may remap ranges from inside an access.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use serde::Serialize;
 use tracing::{debug, warn};
@@ -85,7 +89,7 @@ struct Entry {
     last: u64,
     name: &'static str,
     device: Arc<Mutex<dyn BusDevice>>,
-    accesses: AtomicU64,
+    accesses: Arc<AtomicU64>,
 }
 
 impl Entry {
@@ -117,9 +121,17 @@ pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Non-overlapping address ranges mapped to devices.
 pub struct Bus {
     name: &'static str,
-    ranges: BTreeMap<u64, Entry>,
+    ranges: RwLock<BTreeMap<u64, Entry>>,
     unknown: AtomicU64,
     log: Mutex<UnknownLog>,
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Bus {
@@ -127,7 +139,7 @@ impl Bus {
     pub fn new(name: &'static str) -> Self {
         Bus {
             name,
-            ranges: BTreeMap::new(),
+            ranges: RwLock::new(BTreeMap::new()),
             unknown: AtomicU64::new(0),
             log: Mutex::new(UnknownLog {
                 // Sized up front so the unknown-access path never allocates.
@@ -145,15 +157,74 @@ impl Bus {
         len: u64,
         device: Arc<Mutex<dyn BusDevice>>,
     ) -> Result<(), BusError> {
+        let name = lock(&device).name();
         let bus = self.name;
+        let ranges = self
+            .ranges
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        Self::insert_into(ranges, bus, base, len, name, device)
+    }
+
+    /// [`Bus::insert`] on a bus that vCPUs may be using. Call it without holding the lock of a
+    /// device that is on this bus's path to `device` (it locks `device` to learn its name).
+    pub fn map(
+        &self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        let name = lock(&device).name();
+        Self::insert_into(
+            &mut write_lock(&self.ranges),
+            self.name,
+            base,
+            len,
+            name,
+            device,
+        )
+    }
+
+    /// [`Bus::map`] with the device's name given, for a caller that holds the device's lock.
+    pub fn map_named(
+        &self,
+        base: u64,
+        len: u64,
+        name: &'static str,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
+        Self::insert_into(
+            &mut write_lock(&self.ranges),
+            self.name,
+            base,
+            len,
+            name,
+            device,
+        )
+    }
+
+    /// [`Bus::remove`] on a bus that vCPUs may be using. An access already routed to the
+    /// device may still complete after this returns.
+    pub fn unmap(&self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
+        write_lock(&self.ranges).remove(&base).map(|e| e.device)
+    }
+
+    fn insert_into(
+        ranges: &mut BTreeMap<u64, Entry>,
+        bus: &'static str,
+        base: u64,
+        len: u64,
+        name: &'static str,
+        device: Arc<Mutex<dyn BusDevice>>,
+    ) -> Result<(), BusError> {
         if len == 0 {
             return Err(BusError::ZeroLength { bus, base });
         }
         let last = base
             .checked_add(len - 1)
             .ok_or(BusError::Overflow { bus, base, len })?;
-        let below = self.ranges.range(..=base).next_back();
-        let above = self.ranges.range(base..).next();
+        let below = ranges.range(..=base).next_back();
+        let above = ranges.range(base..).next();
         for (&other_base, other) in below.into_iter().chain(above) {
             if other_base <= last && base <= other.last {
                 return Err(BusError::Overlap {
@@ -166,14 +237,13 @@ impl Bus {
                 });
             }
         }
-        let name = lock(&device).name();
-        self.ranges.insert(
+        ranges.insert(
             base,
             Entry {
                 last,
                 name,
                 device,
-                accesses: AtomicU64::new(0),
+                accesses: Arc::new(AtomicU64::new(0)),
             },
         );
         Ok(())
@@ -181,25 +251,27 @@ impl Bus {
 
     /// Unmap the range that starts at `base`, returning its device.
     pub fn remove(&mut self, base: u64) -> Option<Arc<Mutex<dyn BusDevice>>> {
-        self.ranges.remove(&base).map(|e| e.device)
+        self.ranges
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&base)
+            .map(|e| e.device)
     }
 
     /// Number of mapped ranges.
     pub fn len(&self) -> usize {
-        self.ranges.len()
+        read_lock(&self.ranges).len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ranges.is_empty()
+        read_lock(&self.ranges).is_empty()
     }
 
     /// The device whose range contains all of `[addr, addr + size)`, and the offset of `addr`.
-    fn resolve(&self, addr: u64, size: usize) -> Result<(&Entry, u64), Miss> {
-        let (&base, entry) = self
-            .ranges
-            .range(..=addr)
-            .next_back()
-            .ok_or(Miss::Unmapped)?;
+    /// The map's lock is released before the device is called.
+    fn resolve(&self, addr: u64, size: usize) -> Result<(Arc<Mutex<dyn BusDevice>>, u64), Miss> {
+        let ranges = read_lock(&self.ranges);
+        let (&base, entry) = ranges.range(..=addr).next_back().ok_or(Miss::Unmapped)?;
         if addr > entry.last {
             return Err(Miss::Unmapped);
         }
@@ -209,15 +281,15 @@ impl Bus {
         if size as u64 > room.saturating_add(1) {
             return Err(Miss::Straddle);
         }
-        Ok((entry, offset))
+        entry.accesses.fetch_add(1, Ordering::Relaxed);
+        Ok((entry.device.clone(), offset))
     }
 
     /// Route a read; returns false (and fills `data` with all-ones) when no device took it.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Ok((entry, offset)) => {
-                entry.accesses.fetch_add(1, Ordering::Relaxed);
-                lock(&entry.device).read(offset, data);
+            Ok((device, offset)) => {
+                lock(&device).read(offset, data);
                 true
             }
             Err(miss) => {
@@ -231,9 +303,8 @@ impl Bus {
     /// Route a write; returns false (dropping it) when no device took it.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Ok((entry, offset)) => {
-                entry.accesses.fetch_add(1, Ordering::Relaxed);
-                lock(&entry.device).write(offset, data);
+            Ok((device, offset)) => {
+                lock(&device).write(offset, data);
                 true
             }
             Err(miss) => {
@@ -274,8 +345,7 @@ impl Bus {
     /// Access counts per device and of unknown accesses.
     pub fn stats(&self) -> BusStats {
         BusStats {
-            devices: self
-                .ranges
+            devices: read_lock(&self.ranges)
                 .iter()
                 .map(|(&base, e)| DeviceStats {
                     name: e.name,
@@ -292,10 +362,36 @@ impl Bus {
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut m = f.debug_map();
-        for (&base, e) in &self.ranges {
+        for (&base, e) in read_lock(&self.ranges).iter() {
             m.entry(&format_args!("{base:#x}..={:#x}", e.last), &e.name);
         }
         m.finish()
+    }
+}
+
+/// Maps a range at an offset into another device's range: a device whose registers are not
+/// contiguous (the i8042 at ports 0x60 and 0x64) is inserted once per register with the
+/// offset each register has inside the device.
+pub struct Offset {
+    device: Arc<Mutex<dyn BusDevice>>,
+    offset: u64,
+}
+
+impl Offset {
+    pub fn new(device: Arc<Mutex<dyn BusDevice>>, offset: u64) -> Self {
+        Offset { device, offset }
+    }
+}
+
+impl BusDevice for Offset {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        lock(&self.device).read(offset.saturating_add(self.offset), data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        lock(&self.device).write(offset.saturating_add(self.offset), data);
+    }
+    fn name(&self) -> &'static str {
+        lock(&self.device).name()
     }
 }
 
@@ -492,6 +588,22 @@ mod tests {
     }
 
     #[test]
+    fn offset_shifts_into_the_inner_device() {
+        let dev = recorder();
+        let mut bus = Bus::new("pio");
+        bus.insert(0x60, 1, Arc::new(Mutex::new(Offset::new(dev.clone(), 0))))
+            .unwrap();
+        bus.insert(0x64, 1, Arc::new(Mutex::new(Offset::new(dev.clone(), 4))))
+            .unwrap();
+        assert!(bus.write(0x64, &[0xfe]));
+        assert!(bus.write(0x60, &[0x01]));
+        assert!(!bus.write(0x61, &[0x02]), "0x61 stays free");
+        let l = &dev.lock().unwrap().log;
+        assert_eq!(l[l.len() - 2], (true, 4, vec![0xfe]));
+        assert_eq!(l[l.len() - 1], (true, 0, vec![0x01]));
+    }
+
+    #[test]
     fn remove_unmaps() {
         let mut bus = Bus::new("test");
         bus.insert(0x10, 1, recorder()).unwrap();
@@ -555,6 +667,87 @@ mod tests {
         assert_eq!(stats.pio.unknown, 1);
         assert_eq!(stats.mmio.unknown, 1);
         assert_eq!(stats.pio.devices[0].accesses, 2);
+    }
+
+    #[test]
+    fn map_and_unmap_while_shared() {
+        let bus = Arc::new(Bus::new("test"));
+        let a = recorder();
+        bus.map(0x1000, 0x100, a.clone()).unwrap();
+        assert!(matches!(
+            bus.map(0x10ff, 1, recorder()),
+            Err(BusError::Overlap { .. })
+        ));
+        let mut d = [0u8; 4];
+        assert!(bus.read(0x1004, &mut d));
+        assert!(bus.unmap(0x1000).is_some());
+        assert!(!bus.read(0x1004, &mut d));
+        bus.map_named(0x2000, 0x100, "moved", a.clone()).unwrap();
+        assert!(bus.read(0x2004, &mut d));
+        assert_eq!(d, [4, 5, 6, 7]);
+        assert_eq!(bus.stats().devices[0].name, "moved");
+        // Threads reading while another remaps: no deadlock, every read sees one device or none.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (bus, stop) = (bus.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut d = [0u8; 1];
+                    while !stop.load(Ordering::Relaxed) {
+                        bus.read(0x2000, &mut d);
+                    }
+                })
+            })
+            .collect();
+        for _ in 0..1000 {
+            bus.unmap(0x2000).unwrap();
+            bus.map(0x2000, 0x100, a.clone()).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().unwrap();
+        }
+    }
+
+    /// A device that remaps itself from inside an access (a guest moving a BAR through a
+    /// register of the same device) must not deadlock the bus.
+    struct SelfMover {
+        bus: std::sync::Weak<Bus>,
+        me: Option<Arc<Mutex<dyn BusDevice>>>,
+        base: u64,
+    }
+
+    impl BusDevice for SelfMover {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x5a);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {
+            let (Some(bus), Some(me)) = (self.bus.upgrade(), self.me.clone()) else {
+                return;
+            };
+            bus.unmap(self.base);
+            self.base += 0x100;
+            bus.map_named(self.base, 0x10, "mover", me).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_device_may_remap_itself_during_an_access() {
+        let bus = Arc::new(Bus::new("test"));
+        let dev = Arc::new(Mutex::new(SelfMover {
+            bus: Arc::downgrade(&bus),
+            me: None,
+            base: 0x100,
+        }));
+        let as_dyn: Arc<Mutex<dyn BusDevice>> = dev.clone();
+        dev.lock().unwrap().me = Some(as_dyn.clone());
+        bus.map(0x100, 0x10, as_dyn).unwrap();
+        assert!(bus.write(0x100, &[1]));
+        let mut d = [0u8];
+        assert!(!bus.read(0x100, &mut d));
+        assert!(bus.read(0x200, &mut d));
+        assert_eq!(d, [0x5a]);
+        dev.lock().unwrap().me = None; // break the cycle
     }
 
     #[test]

@@ -1,15 +1,18 @@
-//! Devices: the port-I/O and MMIO bus, legacy PC devices and userspace interrupt controllers.
+//! Devices: the port-I/O and MMIO bus, the PCI root complex, legacy PC devices and userspace
+//! interrupt controllers.
 //!
 //! Devices see the hypervisor only through [`vireo_hv::IoHandler`] (implemented by
 //! [`IoBus`]) and [`vireo_hv::IrqLine`]; they never name a backend. A device sees offsets
 //! into its own range: the VMM decides where each device lives.
 
 pub mod bus;
+pub mod irqchip;
 pub mod legacy;
+pub mod pci;
 
 use std::sync::Arc;
 
-pub use bus::{Bus, BusDevice, BusError, BusStats, DeviceStats, IoBus, IoBusStats};
+pub use bus::{Bus, BusDevice, BusError, BusStats, DeviceStats, IoBus, IoBusStats, Offset};
 
 /// Something the guest asked of the platform (not of one device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,6 +11,7 @@ fn main() {
         ("i8042-reset", Probe::I8042Reset),
         ("smp", Probe::Smp),
         ("cmos-time", Probe::CmosTime),
+        ("counter", Probe::Counter),
         ("user-mode", Probe::UserMode { n: 1_000_000 }),
         (
             "pio-loop",

@@ -2,38 +2,79 @@
 //! emulator) and a userspace interrupt-controller set (local APIC per vCPU, IOAPIC, 8259 PIC),
 //! which lives in the `devices` crate. The backend asks it what to deliver; devices raise lines.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::{Kicker, LapicState, MsiMessage};
 
-/// Guest time: a TSC of fixed frequency that runs with host monotonic time. Shared by the CPU
-/// backend (RDTSC, kvmclock) and the interrupt controllers (APIC timer, TSC-deadline).
-#[derive(Debug, Clone, Copy)]
+/// Guest time: a TSC of fixed frequency that runs with host monotonic time while the VM runs
+/// and stands still while it is paused. Shared by the CPU backend (RDTSC, kvmclock) and the
+/// interrupt controllers (APIC timer, TSC-deadline); clones share one clock.
+///
+/// Guest nanoseconds are `host nanoseconds since the clock was made + offset` while running;
+/// [`GuestClock::pause`] freezes them and [`GuestClock::resume`] moves the offset so they go
+/// on from where they stopped. A restored VM's clock starts at the snapshot's value
+/// ([`GuestClock::set_nanos`]), so its TSC never goes backwards.
+#[derive(Debug, Clone)]
 pub struct GuestClock {
-    start: Instant,
-    tsc_hz: u64,
+    inner: Arc<ClockInner>,
 }
+
+#[derive(Debug)]
+struct ClockInner {
+    base: Instant,
+    tsc_hz: u64,
+    /// Guest ns minus host ns since `base` (wrapping), valid while running.
+    offset: AtomicU64,
+    /// Guest ns at the pause, or [`RUNNING`].
+    frozen: AtomicU64,
+}
+
+/// `ClockInner::frozen` while the clock runs.
+const RUNNING: u64 = u64::MAX;
 
 impl GuestClock {
     /// The TSC frequency the emulated CPU advertises (CPUID leaves 0x15/0x16, kvmclock).
     pub const DEFAULT_TSC_HZ: u64 = 1_000_000_000;
 
+    /// A running clock at 0.
     pub fn new(tsc_hz: u64) -> Self {
         GuestClock {
-            start: Instant::now(),
-            tsc_hz: tsc_hz.max(1),
+            inner: Arc::new(ClockInner {
+                base: Instant::now(),
+                tsc_hz: tsc_hz.max(1),
+                offset: AtomicU64::new(0),
+                frozen: AtomicU64::new(RUNNING),
+            }),
         }
     }
 
     pub fn tsc_hz(&self) -> u64 {
-        self.tsc_hz
+        self.inner.tsc_hz
+    }
+
+    fn host_ns(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.inner.base).as_nanos() as u64
+    }
+
+    /// Guest nanoseconds at host instant `t`.
+    fn nanos_at(&self, t: Instant) -> u64 {
+        let f = self.inner.frozen.load(Ordering::SeqCst);
+        if f != RUNNING {
+            return f;
+        }
+        self.host_ns(t)
+            .wrapping_add(self.inner.offset.load(Ordering::SeqCst))
+    }
+
+    fn tsc_of_ns(&self, ns: u64) -> u64 {
+        (ns as u128 * self.inner.tsc_hz as u128 / 1_000_000_000) as u64
     }
 
     /// The TSC value at host instant `t` (0 at VM start).
     pub fn tsc_at(&self, t: Instant) -> u64 {
-        let ns = t.saturating_duration_since(self.start).as_nanos();
-        (ns * self.tsc_hz as u128 / 1_000_000_000) as u64
+        self.tsc_of_ns(self.nanos_at(t))
     }
 
     /// The TSC now.
@@ -41,17 +82,56 @@ impl GuestClock {
         self.tsc_at(Instant::now())
     }
 
-    /// The host instant at which the TSC reaches `tsc`.
+    /// The host instant at which the TSC reaches `tsc` (while paused: as if the clock were
+    /// resumed now; nothing runs then anyway).
     pub fn instant_of(&self, tsc: u64) -> Instant {
-        let ns = tsc as u128 * 1_000_000_000 / self.tsc_hz as u128;
-        self.start + Duration::from_nanos(ns.min(u64::MAX as u128) as u64)
+        let ns =
+            (tsc as u128 * 1_000_000_000 / self.inner.tsc_hz as u128).min(u64::MAX as u128) as u64;
+        let now = Instant::now();
+        let now_ns = self.nanos_at(now);
+        if ns >= now_ns {
+            now + Duration::from_nanos(ns - now_ns)
+        } else {
+            now.checked_sub(Duration::from_nanos(now_ns - ns))
+                .unwrap_or(self.inner.base)
+        }
     }
 
-    /// Nanoseconds since VM start.
+    /// Guest nanoseconds since VM start (paused time not counted).
     pub fn nanos(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.start)
-            .as_nanos() as u64
+        self.nanos_at(Instant::now())
+    }
+
+    /// True while paused.
+    pub fn is_paused(&self) -> bool {
+        self.inner.frozen.load(Ordering::SeqCst) != RUNNING
+    }
+
+    /// Stop the clock (idempotent).
+    pub fn pause(&self) {
+        if !self.is_paused() {
+            let ns = self.nanos().min(RUNNING - 1);
+            self.inner.frozen.store(ns, Ordering::SeqCst);
+        }
+    }
+
+    /// Start the clock again from where it stopped (idempotent).
+    pub fn resume(&self) {
+        let f = self.inner.frozen.load(Ordering::SeqCst);
+        if f == RUNNING {
+            return;
+        }
+        let offset = f.wrapping_sub(self.host_ns(Instant::now()));
+        self.inner.offset.store(offset, Ordering::SeqCst);
+        self.inner.frozen.store(RUNNING, Ordering::SeqCst);
+    }
+
+    /// Pause the clock at `ns` guest nanoseconds (a restored VM; [`GuestClock::resume`]
+    /// starts it).
+    pub fn set_nanos(&self, ns: u64) {
+        self.inner
+            .frozen
+            .store(ns.min(RUNNING - 1), Ordering::SeqCst);
     }
 }
 
@@ -116,4 +196,44 @@ pub trait UserIrqChip: Send + Sync {
     /// Local APIC register page of vCPU `id`, for snapshots.
     fn lapic_state(&self, id: u32) -> LapicState;
     fn set_lapic_state(&self, id: u32, state: &LapicState);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paused_clock_stands_still_and_resumes_where_it_stopped() {
+        let c = GuestClock::new(1_000_000_000);
+        std::thread::sleep(Duration::from_millis(5));
+        c.pause();
+        let at_pause = c.nanos();
+        assert!(at_pause >= 5_000_000, "{at_pause}");
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(c.nanos(), at_pause);
+        assert!(c.is_paused());
+        c.resume();
+        let after = c.nanos();
+        // The 30 ms of pause are not counted.
+        assert!(
+            after >= at_pause && after < at_pause + 20_000_000,
+            "{at_pause} {after}"
+        );
+        let clone = c.clone();
+        clone.pause();
+        assert!(c.is_paused(), "clones share the clock");
+    }
+
+    #[test]
+    fn restored_clock_continues_from_the_saved_value() {
+        let c = GuestClock::new(2_000_000_000);
+        c.set_nanos(10_000_000_000);
+        assert_eq!(c.tsc(), 20_000_000_000);
+        c.resume();
+        assert!(c.tsc() >= 20_000_000_000);
+        let t = c.tsc() + 2_000_000;
+        let when = c.instant_of(t);
+        let d = when.saturating_duration_since(Instant::now());
+        assert!(d <= Duration::from_millis(1), "{d:?}");
+    }
 }

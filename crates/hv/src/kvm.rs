@@ -3,25 +3,29 @@
 //! The in-kernel irqchip (8259 PIC pair, IOAPIC, per-vCPU LAPIC) and PIT are created with the VM.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::{FromRawFd, IntoRawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_regs, kvm_run,
-    kvm_segment, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_fpu, kvm_irq_routing_entry, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_config,
+    kvm_regs, kvm_run, kvm_segment, kvm_sregs, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
+    Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::state::*;
 use crate::{
-    Error, GuestMemory, Hypervisor, IoHandler, IrqLine, Kicker, MsiMessage, Result, Vcpu, Vm,
-    VmExit, VmParams,
+    Datamatch, Error, GuestMemory, Hypervisor, IoEventAddress, IoHandler, IrqLine, Kicker,
+    MsiMessage, MsiVector, Result, Vcpu, Vm, VmExit, VmParams,
 };
 
 /// The KVM hypervisor (`/dev/kvm`).
@@ -99,6 +103,9 @@ impl Hypervisor for KvmHypervisor {
             _memory: params.memory.clone(),
             fd: Arc::new(fd),
             kvm: self.kvm.clone(),
+            routing: Arc::new(Mutex::new(GsiRouting::new())),
+            paused_clock: Mutex::new(None),
+            msr_list: OnceLock::new(),
         }))
     }
 }
@@ -128,7 +135,35 @@ pub struct KvmVm {
     /// The system fd, for KVM_GET_SUPPORTED_CPUID (asked when needed: it takes about a
     /// millisecond, and the VMM overlaps it with memory registration).
     kvm: Arc<Kvm>,
+    /// The GSI routing table, shared with the MSI vectors that change it.
+    routing: Arc<Mutex<GsiRouting>>,
+    /// kvmclock while the VM is paused (`Vm::pause_clock`).
+    paused_clock: Mutex<Option<u64>>,
+    /// The MSRs a snapshot saves: KVM_GET_MSR_INDEX_LIST, asked once.
+    msr_list: OnceLock<Arc<Vec<u32>>>,
 }
+
+impl KvmVm {
+    fn msr_list(&self) -> Arc<Vec<u32>> {
+        self.msr_list
+            .get_or_init(|| {
+                let mut list: Vec<u32> = match self.kvm.get_msr_index_list() {
+                    Ok(l) => l.as_slice().to_vec(),
+                    Err(e) => {
+                        tracing::warn!("KVM_GET_MSR_INDEX_LIST: {e}; saving no MSRs");
+                        Vec::new()
+                    }
+                };
+                // The TSC first: KVM takes later TSC-relative MSRs (TSC_DEADLINE) against it.
+                list.sort_by_key(|&i| i != IA32_TSC);
+                Arc::new(list)
+            })
+            .clone()
+    }
+}
+
+/// IA32_TIME_STAMP_COUNTER.
+const IA32_TSC: u32 = 0x10;
 
 impl Vm for KvmVm {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
@@ -149,6 +184,7 @@ impl Vm for KvmVm {
             id,
             fd,
             kicker: Arc::new(KvmKicker::default()),
+            msr_list: self.msr_list(),
         }))
     }
 
@@ -170,6 +206,269 @@ impl Vm for KvmVm {
             .signal_msi(m)
             .map(|_| ())
             .map_err(|e| Error::call("KVM_SIGNAL_MSI", e))
+    }
+
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        let gsi = lock(&self.routing).allocate()?;
+        let event = match EventFd::new(EFD_NONBLOCK) {
+            Ok(e) => e,
+            Err(e) => {
+                lock(&self.routing).release(gsi);
+                return Err(Error::call("eventfd", e));
+            }
+        };
+        if let Err(e) = self.fd.register_irqfd(&event, gsi) {
+            lock(&self.routing).release(gsi);
+            return Err(Error::call("KVM_IRQFD", e));
+        }
+        Ok(Arc::new(KvmMsiVector {
+            vm: self.fd.clone(),
+            routing: self.routing.clone(),
+            gsi,
+            event,
+        }))
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        fd: &EventFd,
+    ) -> Result<bool> {
+        let addr = kvm_ioevent_address(addr);
+        let r = match datamatch {
+            Datamatch::Any => self.fd.register_ioevent(fd, &addr, NoDatamatch),
+            Datamatch::U8(v) => self.fd.register_ioevent(fd, &addr, v),
+            Datamatch::U16(v) => self.fd.register_ioevent(fd, &addr, v),
+            Datamatch::U32(v) => self.fd.register_ioevent(fd, &addr, v),
+            Datamatch::U64(v) => self.fd.register_ioevent(fd, &addr, v),
+        };
+        r.map(|_| true).map_err(|e| Error::call("KVM_IOEVENTFD", e))
+    }
+
+    fn save_state(&self) -> Result<VmState> {
+        let (pic, ioapic, pit) = crate::kvm_state::get_irqchips(&self.fd)?;
+        let clock_ns = match *lock(&self.paused_clock) {
+            Some(ns) => ns,
+            None => crate::kvm_state::get_clock(&self.fd)?,
+        };
+        Ok(VmState {
+            clock_ns,
+            pic: Some(pic),
+            ioapic: Some(ioapic),
+            pit: Some(pit),
+        })
+    }
+
+    /// The clock is held at the saved value until [`Vm::resume_clock`].
+    fn restore_state(&self, state: &VmState) -> Result<()> {
+        match (&state.pic, &state.ioapic, &state.pit) {
+            (Some(pic), Some(ioapic), Some(pit)) => {
+                crate::kvm_state::set_irqchips(&self.fd, pic, ioapic, pit)?
+            }
+            _ => {
+                return Err(Error::Unsupported(
+                    "the state has no in-kernel interrupt controllers (it is not from KVM)".into(),
+                ))
+            }
+        }
+        // Held until `resume_clock`, as after `pause_clock`.
+        *lock(&self.paused_clock) = Some(state.clock_ns);
+        Ok(())
+    }
+
+    fn pause_clock(&self) -> Result<()> {
+        let mut p = lock(&self.paused_clock);
+        if p.is_none() {
+            *p = Some(crate::kvm_state::get_clock(&self.fd)?);
+        }
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        let mut p = lock(&self.paused_clock);
+        if let Some(ns) = *p {
+            crate::kvm_state::set_clock(&self.fd, ns)?;
+            *p = None;
+        }
+        Ok(())
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        fd: &EventFd,
+    ) -> Result<()> {
+        let addr = kvm_ioevent_address(addr);
+        let r = match datamatch {
+            Datamatch::Any => self.fd.unregister_ioevent(fd, &addr, NoDatamatch),
+            Datamatch::U8(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            Datamatch::U16(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            Datamatch::U32(v) => self.fd.unregister_ioevent(fd, &addr, v),
+            Datamatch::U64(v) => self.fd.unregister_ioevent(fd, &addr, v),
+        };
+        match r {
+            // Not registered (ENOENT): nothing to undo.
+            Err(e) if e.errno() == libc::ENOENT => Ok(()),
+            r => r.map_err(|e| Error::call("KVM_IOEVENTFD (deassign)", e)),
+        }
+    }
+}
+
+fn kvm_ioevent_address(addr: IoEventAddress) -> kvm_ioctls::IoEventAddress {
+    match addr {
+        IoEventAddress::Pio(port) => kvm_ioctls::IoEventAddress::Pio(u64::from(port)),
+        IoEventAddress::Mmio(a) => kvm_ioctls::IoEventAddress::Mmio(a),
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---- GSI routing and MSI vectors ---------------------------------------------------------------
+
+/// GSIs of the in-kernel IOAPIC's pins; KVM routes 0-15 to the PIC pair as well.
+const IOAPIC_PINS: u32 = 24;
+/// The first GSI handed to MSI vectors, and one past the last (KVM_MAX_IRQ_ROUTES is 4096;
+/// GSI numbers must stay below it).
+const MSI_GSI_BASE: u32 = IOAPIC_PINS;
+const MSI_GSI_END: u32 = 4096;
+
+/// vireo's copy of the VM's GSI routing table. `KVM_SET_GSI_ROUTING` replaces the whole table,
+/// so it always carries KVM's default routes for GSIs 0-23 (what `KVM_CREATE_IRQCHIP` sets
+/// up: GSI n to IOAPIC pin n, and for n < 16 also to PIC pin n % 8 of the master or slave)
+/// followed by one MSI route per connected vector.
+struct GsiRouting {
+    /// Connected MSI vectors: GSI → message.
+    msi: BTreeMap<u32, MsiMessage>,
+    /// GSIs owned by live vectors (connected or not).
+    used: std::collections::BTreeSet<u32>,
+}
+
+impl GsiRouting {
+    fn new() -> Self {
+        GsiRouting {
+            msi: BTreeMap::new(),
+            used: std::collections::BTreeSet::new(),
+        }
+    }
+
+    /// The lowest free GSI for an MSI vector.
+    fn allocate(&mut self) -> Result<u32> {
+        let gsi = (MSI_GSI_BASE..MSI_GSI_END)
+            .find(|g| !self.used.contains(g))
+            .ok_or_else(|| Error::Unsupported("no free GSI for another MSI vector".into()))?;
+        self.used.insert(gsi);
+        Ok(gsi)
+    }
+
+    fn release(&mut self, gsi: u32) {
+        self.used.remove(&gsi);
+        self.msi.remove(&gsi);
+    }
+
+    /// The routing table as KVM takes it.
+    fn entries(&self) -> Vec<kvm_irq_routing_entry> {
+        let mut v = Vec::with_capacity(IOAPIC_PINS as usize + 16 + self.msi.len());
+        for gsi in 0..IOAPIC_PINS {
+            v.push(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 8 {
+                v.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
+            } else if gsi < 16 {
+                v.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
+            }
+        }
+        for (&gsi, msg) in &self.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = msg.address as u32;
+            e.u.msi.address_hi = (msg.address >> 32) as u32;
+            e.u.msi.data = msg.data;
+            v.push(e);
+        }
+        v
+    }
+
+    /// Hand the table to KVM.
+    fn commit(&self, vm: &VmFd) -> Result<()> {
+        let entries = self.entries();
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| Error::Unsupported(format!("GSI routing table: {e:?}")))?;
+        vm.set_gsi_routing(&table)
+            .map_err(|e| Error::call("KVM_SET_GSI_ROUTING", e))
+    }
+}
+
+fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = irqchip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+/// An MSI vector on KVM: its own GSI, an MSI route when connected, and an irqfd on that GSI.
+struct KvmMsiVector {
+    vm: Arc<VmFd>,
+    routing: Arc<Mutex<GsiRouting>>,
+    gsi: u32,
+    event: EventFd,
+}
+
+impl MsiVector for KvmMsiVector {
+    fn set_route(&self, msg: Option<MsiMessage>) -> Result<()> {
+        let mut r = lock(&self.routing);
+        let old = r.msi.get(&self.gsi).copied();
+        if old == msg {
+            return Ok(());
+        }
+        match msg {
+            Some(m) => r.msi.insert(self.gsi, m),
+            None => r.msi.remove(&self.gsi),
+        };
+        let result = r.commit(&self.vm);
+        if result.is_err() {
+            // Keep our copy equal to what KVM has.
+            match old {
+                Some(m) => r.msi.insert(self.gsi, m),
+                None => r.msi.remove(&self.gsi),
+            };
+        }
+        result
+    }
+
+    fn trigger(&self) {
+        // The counter saturates only after 2^64 - 2 unread writes; EAGAIN then means an
+        // interrupt is already pending, which is what the caller wants anyway.
+        if let Err(e) = self.event.write(1) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                tracing::warn!("irqfd of GSI {}: {e}", self.gsi);
+            }
+        }
+    }
+}
+
+impl Drop for KvmMsiVector {
+    fn drop(&mut self) {
+        if let Err(e) = self.vm.unregister_irqfd(&self.event, self.gsi) {
+            tracing::warn!("KVM_IRQFD (deassign) GSI {}: {e}", self.gsi);
+        }
+        let mut r = lock(&self.routing);
+        let connected = r.msi.contains_key(&self.gsi);
+        r.release(self.gsi);
+        if connected {
+            if let Err(e) = r.commit(&self.vm) {
+                tracing::warn!("removing the route of GSI {}: {e}", self.gsi);
+            }
+        }
     }
 }
 
@@ -243,6 +542,8 @@ pub struct KvmVcpu {
     id: u32,
     fd: VcpuFd,
     kicker: Arc<KvmKicker>,
+    /// The MSRs `save_state` reads.
+    msr_list: Arc<Vec<u32>>,
 }
 
 enum Step {
@@ -539,6 +840,67 @@ impl Vcpu for KvmVcpu {
             .set_mp_state(kvm_mp_state { mp_state })
             .map_err(|e| Error::call("KVM_SET_MP_STATE", e))
     }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        use crate::kvm_state as ks;
+        let mp_state = self.mp_state()?;
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let fpu = self.fpu()?;
+        let xsave = Some(ks::get_xsave(&self.fd)?);
+        let xcrs = ks::get_xcrs(&self.fd)?;
+        let debug = ks::get_debug(&self.fd)?;
+        let lapic = self.lapic()?;
+        let cpuid = ks::get_cpuid(&self.fd)?;
+        let msrs = ks::get_msrs(&self.fd, &self.msr_list)?;
+        let events = ks::get_events(&self.fd)?;
+        Ok(VcpuState {
+            id: self.id,
+            regs,
+            sregs,
+            fpu,
+            msrs,
+            lapic,
+            mp_state,
+            cpuid,
+            events,
+            debug,
+            xcrs,
+            xsave,
+        })
+    }
+
+    fn restore_state(&mut self, s: &VcpuState) -> Result<()> {
+        use crate::kvm_state as ks;
+        // The order KVM needs: CPUID before anything that depends on it, the LAPIC before
+        // MSRs such as TSC_DEADLINE, events last.
+        if !s.cpuid.is_empty() {
+            self.set_cpuid(&s.cpuid)?;
+        }
+        self.set_mp_state(s.mp_state)?;
+        self.set_regs(&s.regs)?;
+        let mut k = self
+            .fd
+            .get_sregs()
+            .map_err(|e| Error::call("KVM_GET_SREGS", e))?;
+        sregs_to_kvm(&s.sregs, &mut k);
+        // Pending external interrupts are carried by the events, not the sregs bitmap.
+        k.interrupt_bitmap = [0; 4];
+        self.fd
+            .set_sregs(&k)
+            .map_err(|e| Error::call("KVM_SET_SREGS", e))?;
+        match &s.xsave {
+            Some(x) => ks::set_xsave(&self.fd, x)?,
+            None => self.set_fpu(&s.fpu)?,
+        }
+        ks::set_xcrs(&self.fd, &s.xcrs)?;
+        ks::set_debug(&self.fd, &s.debug)?;
+        self.set_lapic(&s.lapic)?;
+        ks::set_msrs_lenient(&self.fd, &s.msrs)?;
+        self.fd
+            .set_vcpu_events(&ks::events_to_kvm(&s.events))
+            .map_err(|e| Error::call("KVM_SET_VCPU_EVENTS", e))
+    }
 }
 
 // ---- conversions ------------------------------------------------------------------------------
@@ -674,7 +1036,7 @@ fn sregs_to_kvm(s: &Sregs, k: &mut kvm_sregs) {
     k.apic_base = s.apic_base;
 }
 
-fn cpuid_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
+pub(crate) fn cpuid_from_kvm(e: &kvm_bindings::kvm_cpuid_entry2) -> CpuidEntry {
     CpuidEntry {
         function: e.function,
         index: e.index,
@@ -724,6 +1086,61 @@ mod tests {
             unusable: false,
         };
         assert_eq!(seg_from_kvm(&seg_to_kvm(&s)), s);
+    }
+
+    #[test]
+    fn routing_table_keeps_the_default_routes() {
+        let mut r = GsiRouting::new();
+        let a = r.allocate().unwrap();
+        let b = r.allocate().unwrap();
+        assert_eq!((a, b), (24, 25));
+        r.msi.insert(
+            b,
+            MsiMessage {
+                address: 0x1_fee0_1000,
+                data: 0x4041,
+            },
+        );
+        let e = r.entries();
+        // 24 IOAPIC routes + 16 PIC routes + one MSI route.
+        assert_eq!(e.len(), 24 + 16 + 1);
+        let pic: Vec<_> = e
+            .iter()
+            .filter(|x| x.type_ == KVM_IRQ_ROUTING_IRQCHIP && x.gsi == 9)
+            .map(unsafe_free_irqchip)
+            .collect();
+        assert_eq!(
+            pic,
+            vec![(KVM_IRQCHIP_IOAPIC, 9), (KVM_IRQCHIP_PIC_SLAVE, 1)]
+        );
+        let msi = e.iter().find(|x| x.type_ == KVM_IRQ_ROUTING_MSI).unwrap();
+        assert_eq!(msi.gsi, 25);
+        // SAFETY: type_ is KVM_IRQ_ROUTING_MSI, so `msi` is the active member (test only).
+        let m = unsafe { msi.u.msi };
+        assert_eq!(
+            (m.address_lo, m.address_hi, m.data),
+            (0xfee0_1000, 1, 0x4041)
+        );
+        // A released GSI is handed out again, lowest first.
+        r.release(a);
+        assert_eq!(r.allocate().unwrap(), 24);
+        assert_eq!(r.allocate().unwrap(), 26);
+    }
+
+    fn unsafe_free_irqchip(e: &kvm_irq_routing_entry) -> (u32, u32) {
+        // SAFETY: the caller filtered on KVM_IRQ_ROUTING_IRQCHIP, so `irqchip` is active.
+        let c = unsafe { e.u.irqchip };
+        (c.irqchip, c.pin)
+    }
+
+    #[test]
+    fn datamatch_compares_width_and_value() {
+        assert!(Datamatch::Any.matches(&[1, 2, 3]));
+        assert!(Datamatch::U16(0x0201).matches(&[1, 2]));
+        assert!(!Datamatch::U16(0x0201).matches(&[1, 2, 0, 0]));
+        assert!(!Datamatch::U32(5).matches(&[6, 0, 0, 0]));
+        assert!(Datamatch::U64(u64::MAX).matches(&[0xff; 8]));
+        assert!(!Datamatch::U8(0).matches(&[]));
     }
 
     #[test]

@@ -8,15 +8,18 @@ pub mod emu;
 pub mod host;
 pub mod irqchip;
 pub mod kvm;
+mod kvm_state;
 pub mod state;
 
 use std::sync::Arc;
 
 pub use irqchip::{CpuEvent, GuestClock, UserIrqChip};
 pub use state::{
-    CpuidEntry, DescriptorTable, FpuState, LapicState, MpState, Msr, Regs, Segment, Sregs,
-    VcpuState,
+    CpuidEntry, DebugRegs, DescriptorTable, FpuState, IoapicState, LapicState, MpState, Msr,
+    PicState, PitChannelState, PitState, Regs, Segment, Sregs, VcpuEvents, VcpuState, VmState, Xcr,
 };
+/// The eventfd type of [`MsiVector`] and [`Vm::register_ioevent`] (a Linux `eventfd(2)`).
+pub use vmm_sys_util::eventfd::EventFd;
 
 /// Guest physical memory as every backend and device sees it.
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
@@ -120,6 +123,57 @@ pub struct MsiMessage {
     pub data: u32,
 }
 
+/// A guest address whose writes signal an eventfd (a queue notification, virtio 1.2 §4.1.4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IoEventAddress {
+    /// A port.
+    Pio(u16),
+    /// A guest-physical MMIO address.
+    Mmio(u64),
+}
+
+/// Which writes to an [`IoEventAddress`] signal the eventfd: any write (of any width), or only
+/// a write of exactly this width and value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Datamatch {
+    Any,
+    U8(u8),
+    U16(u16),
+    U32(u32),
+    U64(u64),
+}
+
+impl Datamatch {
+    /// True when a write of `data` (little-endian, its length is the access width) matches.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        let mut v = [0u8; 8];
+        let n = data.len().min(8);
+        v[..n].copy_from_slice(&data[..n]);
+        let value = u64::from_le_bytes(v);
+        match *self {
+            Datamatch::Any => true,
+            Datamatch::U8(x) => data.len() == 1 && value == u64::from(x),
+            Datamatch::U16(x) => data.len() == 2 && value == u64::from(x),
+            Datamatch::U32(x) => data.len() == 4 && value == u64::from(x),
+            Datamatch::U64(x) => data.len() == 8 && value == x,
+        }
+    }
+}
+
+/// One MSI a device owns (an MSI-X table entry, PCI Local Bus Spec 3.0 §6.8.2). The device
+/// points it at a message when the guest programs and unmasks the entry, and triggers it from
+/// any thread; the backend delivers it without the device naming the backend: on KVM a GSI of
+/// its own, routed with `KVM_SET_GSI_ROUTING` and fired through an irqfd; on the emulator the
+/// userspace interrupt controller's `send_msi`.
+pub trait MsiVector: Send + Sync {
+    /// Point the vector at `msg`, or disconnect it (`None`: later triggers are dropped). The
+    /// message is what the guest wrote: a bad address or data is delivered as the
+    /// interrupt controller would treat it, never refused here.
+    fn set_route(&self, msg: Option<MsiMessage>) -> Result<()>;
+    /// Send the MSI the route names now (nothing when disconnected). Never blocks on the guest.
+    fn trigger(&self);
+}
+
 /// A virtual machine: memory, interrupt routing, vCPUs.
 pub trait Vm: Send + Sync {
     /// CPUID leaves the backend can offer (before per-vCPU adjustment by `arch`).
@@ -130,6 +184,53 @@ pub trait Vm: Send + Sync {
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
     /// Deliver an MSI.
     fn signal_msi(&self, msi: MsiMessage) -> Result<()>;
+    /// A new MSI vector, disconnected until [`MsiVector::set_route`]. Dropping it frees what
+    /// the backend allocated for it (a GSI and an irqfd on KVM).
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        Err(Error::Unsupported("MSI vectors".into()))
+    }
+    /// Ask the backend to signal `fd` on guest writes to `addr` that match `datamatch`, without
+    /// going through the [`IoHandler`]. Returns true when the backend does so (KVM:
+    /// ioeventfd, the write never leaves the kernel); false when it does not (the emulator),
+    /// in which case the write still reaches the `IoHandler` and the device signals `fd`
+    /// itself. Either way the device must handle such a write arriving through the bus.
+    fn register_ioevent(
+        &self,
+        _addr: IoEventAddress,
+        _datamatch: Datamatch,
+        _fd: &EventFd,
+    ) -> Result<bool> {
+        Ok(false)
+    }
+    /// Undo [`Vm::register_ioevent`] with the same arguments (a moved BAR, a reset device).
+    /// Unregistering what is not registered is not an error.
+    fn unregister_ioevent(
+        &self,
+        _addr: IoEventAddress,
+        _datamatch: Datamatch,
+        _fd: &EventFd,
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// The backend's VM-wide state: the guest clock, and the interrupt controllers and PIT
+    /// when the backend has them built in. Call with every vCPU stopped.
+    fn save_state(&self) -> Result<VmState> {
+        Err(Error::Unsupported("saving VM state".into()))
+    }
+    /// Load what [`Vm::save_state`] gave (before the vCPUs' state is restored). The clock
+    /// then stands at the saved value until [`Vm::resume_clock`].
+    fn restore_state(&self, _state: &VmState) -> Result<()> {
+        Err(Error::Unsupported("restoring VM state".into()))
+    }
+    /// Stop the guest clock while the VM is paused, so the guest does not see the pause as
+    /// time passing (KVM: kvmclock is held with KVM_GET/SET_CLOCK).
+    fn pause_clock(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Let the guest clock run again from where [`Vm::pause_clock`] stopped it.
+    fn resume_clock(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One interrupt input pin, as a device sees it.
@@ -170,4 +271,14 @@ pub trait Vcpu: Send {
     fn set_lapic(&mut self, lapic: &LapicState) -> Result<()>;
     fn mp_state(&self) -> Result<MpState>;
     fn set_mp_state(&mut self, state: MpState) -> Result<()>;
+    /// Everything about this vCPU (registers, FPU/XSAVE, MSRs, LAPIC, pending events, MP
+    /// state, CPUID), for snapshots and migration. Call from the thread that runs the vCPU,
+    /// while it is not running.
+    fn save_state(&mut self) -> Result<VcpuState> {
+        Err(Error::Unsupported("saving vCPU state".into()))
+    }
+    /// Load what [`Vcpu::save_state`] gave (on the same backend).
+    fn restore_state(&mut self, _state: &VcpuState) -> Result<()> {
+        Err(Error::Unsupported("restoring vCPU state".into()))
+    }
 }

@@ -167,13 +167,146 @@ pub enum MpState {
     SipiReceived,
 }
 
+/// Events a vCPU has pending or in progress besides its registers (what KVM calls vCPU
+/// events; SDM Vol. 3A §6.9, §6.7.1): an exception or interrupt being injected, the
+/// STI / MOV SS interrupt shadow, NMI state, a latched SIPI.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VcpuEvents {
+    pub exception_injected: bool,
+    pub exception_pending: bool,
+    pub exception_nr: u8,
+    pub exception_has_error_code: bool,
+    pub exception_error_code: u32,
+    pub exception_has_payload: bool,
+    pub exception_payload: u64,
+    pub interrupt_injected: bool,
+    pub interrupt_nr: u8,
+    pub interrupt_soft: bool,
+    /// Interrupt shadow bits (1: STI, 2: MOV SS).
+    pub interrupt_shadow: u8,
+    pub nmi_injected: bool,
+    pub nmi_pending: bool,
+    /// NMIs blocked until the next IRET.
+    pub nmi_masked: bool,
+    pub sipi_vector: u32,
+    pub smm: bool,
+    pub smi_pending: bool,
+    pub smm_inside_nmi: bool,
+    pub latched_init: bool,
+    pub triple_fault_pending: bool,
+}
+
+/// Debug registers DR0-DR3, DR6, DR7 (SDM Vol. 3B §17.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DebugRegs {
+    pub db: [u64; 4],
+    pub dr6: u64,
+    pub dr7: u64,
+}
+
+/// One extended control register (XCR0 is index 0; SDM Vol. 1 §13.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xcr {
+    pub index: u32,
+    pub value: u64,
+}
+
 /// Everything that describes one vCPU, for snapshots and migration.
+///
+/// `fpu` holds x87/SSE state; where the backend has XSAVE state (KVM on a CPU with AVX, ...)
+/// `xsave` carries the whole XSAVE area (SDM Vol. 1 §13.4) and wins over `fpu` on restore.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuState {
+    #[serde(default)]
+    pub id: u32,
     pub regs: Regs,
     pub sregs: Sregs,
     pub fpu: FpuState,
     pub msrs: Vec<Msr>,
     pub lapic: LapicState,
     pub mp_state: MpState,
+    #[serde(default)]
+    pub cpuid: Vec<CpuidEntry>,
+    #[serde(default)]
+    pub events: VcpuEvents,
+    #[serde(default)]
+    pub debug: DebugRegs,
+    #[serde(default)]
+    pub xcrs: Vec<Xcr>,
+    /// The XSAVE area, as 32-bit words (KVM's `kvm_xsave` region).
+    #[serde(default)]
+    pub xsave: Option<Vec<u32>>,
+}
+
+/// One 8259A PIC (Intel 8259A data sheet; the fields KVM keeps, `kvm_pic_state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PicState {
+    pub last_irr: u8,
+    pub irr: u8,
+    pub imr: u8,
+    pub isr: u8,
+    pub priority_add: u8,
+    pub irq_base: u8,
+    pub read_reg_select: u8,
+    pub poll: u8,
+    pub special_mask: u8,
+    pub init_state: u8,
+    pub auto_eoi: u8,
+    pub rotate_on_auto_eoi: u8,
+    pub special_fully_nested_mode: u8,
+    pub init4: u8,
+    pub elcr: u8,
+    pub elcr_mask: u8,
+}
+
+/// The 82093AA IOAPIC: registers and the 24 redirection entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IoapicState {
+    pub base_address: u64,
+    pub ioregsel: u32,
+    pub id: u32,
+    pub irr: u32,
+    pub redirtbl: Vec<u64>,
+}
+
+/// One 8254 PIT counter (the fields KVM keeps, `kvm_pit_channel_state`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitChannelState {
+    pub count: u32,
+    pub latched_count: u16,
+    pub count_latched: u8,
+    pub status_latched: u8,
+    pub status: u8,
+    pub read_state: u8,
+    pub write_state: u8,
+    pub write_latch: u8,
+    pub rw_mode: u8,
+    pub mode: u8,
+    pub bcd: u8,
+    pub gate: u8,
+    /// Host-relative load time (ns); the kernel rebases it on restore.
+    pub count_load_time: i64,
+}
+
+/// The 8254 PIT with its speaker-port flags.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitState {
+    pub channels: Vec<PitChannelState>,
+    pub flags: u32,
+}
+
+/// VM-wide state kept by the hypervisor backend (not by vireo's devices): the in-kernel
+/// interrupt controllers and PIT where the backend has them, and the guest clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// The guest clock in nanoseconds (kvmclock on KVM, `GuestClock` on the emulator).
+    pub clock_ns: u64,
+    /// In-kernel 8259 pair (master, slave), IOAPIC and PIT; `None` when the VMM owns them.
+    #[serde(default)]
+    pub pic: Option<[PicState; 2]>,
+    #[serde(default)]
+    pub ioapic: Option<IoapicState>,
+    #[serde(default)]
+    pub pit: Option<PitState>,
 }

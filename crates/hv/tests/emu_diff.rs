@@ -527,6 +527,51 @@ fn diff_alu() {
     check(forms, CASES, 0x1234_5678_9abc_def1);
 }
 
+/// The same instructions when the block overwrites their flags before anything reads them: the
+/// emulator then runs handlers that skip the flags (`decode::flags_needed`). The trailing CMP
+/// overwrites every flag and touches no other register.
+#[test]
+fn diff_flags_skipped() {
+    let forms = forms![
+        "add r64,r64; cmp", |a| { a.add(rax, rbx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "add r32,imm; cmp", |a| { a.add(ecx, 0x1234_5678)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "add r8,m8; cmp", |a| { a.add(bl, byte_ptr(r15 + 3))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "adc r64,r64; cmp", |a| { a.adc(rax, rbx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "adc r16,imm; cmp", |a| { a.adc(ax, -2)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sbb r32,m32; cmp", |a| { a.sbb(edx, dword_ptr(r15 - 12))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sbb r8,r8; cmp", |a| { a.sbb(al, bl)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sub r16,r16; cmp", |a| { a.sub(ax, bx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "and r32,r32; cmp", |a| { a.and(eax, ebx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "or r64,imm; cmp", |a| { a.or(rax, -128)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "xor r8,r8; cmp", |a| { a.xor(ah, bl)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "cmp r32,m32; cmp", |a| { a.cmp(eax, dword_ptr(r15))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "test r64,r64; cmp", |a| { a.test(rax, rbx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "inc r32; cmp", |a| { a.inc(eax)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "dec r16; cmp", |a| { a.dec(si)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "neg r8; cmp", |a| { a.neg(ch)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "neg r64; cmp", |a| { a.neg(rdx)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "shl r64,cl; cmp", |a| { a.shl(rax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
+        "shr r32,cl; cmp", |a| { a.shr(eax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(40);
+        "sar r16,imm; cmp", |a| { a.sar(ax, 9)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "rol r32,imm; cmp", |a| { a.rol(esi, 7)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "ror r64,cl; cmp", |a| { a.ror(rax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
+        "ror r8,imm; cmp", |a| { a.ror(bl, 3)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "rcl r32,cl; cmp", |a| { a.rcl(eax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(40);
+        "rcr r8,cl; cmp", |a| { a.rcr(al, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(20);
+        "rcr r16,1; cmp", |a| { a.rcr(dx, 1)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        // CF passes through INC into ADC, which alone skips flags.
+        "sub; inc; adc; cmp", |a| { a.sub(rax, rbx)?; a.inc(rcx)?; a.adc(rdx, 0)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        // A shift by a zero CL leaves the ADD's carry for SETC.
+        "add; shl cl; setc; cmp", |a| { a.add(rax, rbx)?; a.shl(rdx, cl)?; a.setc(sil)?; a.cmp(r14, r13) }, def(), Gen::Count(3);
+        "sha256-like", |a| {
+            a.mov(edx, esi)?; a.ror(edx, 6)?; a.ror(esi, 11)?; a.xor(edx, esi)?;
+            a.rol(esi, 7)?; a.xor(edx, esi)?; a.not(ebx)?; a.and(ebx, edi)?; a.add(edx, ebx)?;
+            a.cmp(r14, r13)
+        }, def(), Gen::Any;
+    ];
+    check(forms, CASES, 0x0bad_cafe_f00d_0001);
+}
+
 #[test]
 fn diff_shifts() {
     let forms = vec![

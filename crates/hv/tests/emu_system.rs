@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use emu_common::*;
 use iced_x86::code_asm::*;
 use vireo_hv::irqchip::CpuEvent;
-use vireo_hv::{CpuidEntry, MpState, Regs, Segment, Sregs, Vcpu, VmExit};
+use vireo_hv::{CpuidEntry, GuestMemory, MpState, Regs, Segment, Sregs, UserIrqChip, Vcpu, VmExit};
+use vm_memory::GuestAddress;
 
 /// Where exception handlers record what they saw.
 const REC: u64 = DATA + 0x800;
@@ -705,6 +706,293 @@ fn self_modifying_code_by_a_device_write() {
     assert_eq!(m.r32(DATA), 7);
 }
 
+/// `call target` twice with a store into `target`'s immediate in between (`target: mov eax,
+/// imm32; ret` at `target`, a block of its own, cached by the first call).
+fn patch_between_calls(target: u64) -> u32 {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        // A first store to the page (no code there yet) lets the patch below take the fast
+        // path of stores.
+        a.mov(byte_ptr(target + 0x10), 0).unwrap();
+        a.mov(ecx, 2).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(target).unwrap();
+        a.mov(byte_ptr(target + 1), 42).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        exit(a);
+    });
+    assert!(CODE + code.len() as u64 <= target);
+    let t = asm64(target, |a| {
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.ret().unwrap();
+    });
+    m.write(target, &t);
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    m.r32(DATA)
+}
+
+#[test]
+fn self_modifying_code_in_another_block_of_the_page() {
+    assert_eq!(patch_between_calls(CODE + 0x100), 0x1111_112a);
+}
+
+#[test]
+fn self_modifying_code_in_another_page() {
+    assert_eq!(patch_between_calls(CODE + 0x1000), 0x1111_112a);
+    // The patched instruction straddles two pages (and is never cached).
+    assert_eq!(patch_between_calls(CODE + 0x1ffe), 0x1111_112a);
+}
+
+/// The guest runs `target: mov eax, imm32; mov [DATA], eax; ret` (caching it), lets `device`
+/// rewrite the immediate to 7, waits for the flag at DATA + 8 without exits and runs `target`
+/// again. The device starts on an `OUT` to port 0x80 (`by_port`), or, with no exit at all, on
+/// its own thread once the guest stores 1 at DATA + 16.
+fn patch_by_device(
+    by_port: bool,
+    device: impl Fn(GuestMemory, Arc<dyn vireo_hv::IrqLine>) + Send + Sync + 'static,
+) -> u32 {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let target = PATCH_TARGET;
+    let flag = DATA + 8;
+    let code = asm64(CODE, |a| {
+        let mut spin = a.create_label();
+        a.call(target).unwrap();
+        if by_port {
+            a.out(0x80, al).unwrap();
+        } else {
+            a.mov(dword_ptr(DATA + 16), 1).unwrap();
+        }
+        a.set_label(&mut spin).unwrap();
+        a.cmp(dword_ptr(flag), 0).unwrap();
+        a.je(spin).unwrap();
+        a.call(target).unwrap();
+        exit(a);
+    });
+    let t = asm64(target, |a| {
+        a.mov(eax, 1).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.ret().unwrap();
+    });
+    m.write(target, &t);
+    let mem = m.mem.clone();
+    let line = m.vm.irq_line(5).unwrap();
+    if by_port {
+        let device = Arc::new(device);
+        m.io.on_pio_write(0x80, move |_| device(mem.clone(), line.clone()));
+    } else {
+        std::thread::spawn(move || {
+            use vm_memory::Bytes;
+            while mem.read_obj::<u32>(GuestAddress(DATA + 16)).unwrap() == 0 {
+                std::hint::spin_loop();
+            }
+            device(mem, line);
+        });
+    }
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    m.r32(DATA)
+}
+
+const PATCH_TARGET: u64 = CODE + 0x200;
+
+fn write_patch(mem: &GuestMemory) {
+    use vm_memory::Bytes;
+    mem.write_slice(&7u32.to_le_bytes(), GuestAddress(PATCH_TARGET + 1))
+        .unwrap();
+}
+
+fn set_flag(mem: &GuestMemory) {
+    use vm_memory::Bytes;
+    mem.write_obj(1u32, GuestAddress(DATA + 8)).unwrap();
+}
+
+#[test]
+fn dma_into_code_during_an_io_exit() {
+    // The device writes the code and the flag before the OUT returns.
+    let got = patch_by_device(true, |mem, _| {
+        write_patch(&mem);
+        set_flag(&mem);
+    });
+    assert_eq!(got, 7);
+}
+
+#[test]
+fn dma_into_code_after_an_io_exit() {
+    // A device thread does the transfer later; the guest polls for its completion.
+    let got = patch_by_device(true, |mem, _| {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(2));
+            write_patch(&mem);
+            set_flag(&mem);
+        });
+    });
+    assert_eq!(got, 7);
+}
+
+#[test]
+fn dma_into_code_announced_by_an_interrupt() {
+    // The transfer is announced by an interrupt line, and the guest sees the flag the device
+    // writes after raising it.
+    let got = patch_by_device(false, |mem, line| {
+        write_patch(&mem);
+        line.set_level(true);
+        set_flag(&mem);
+    });
+    assert_eq!(got, 7);
+}
+
+#[test]
+fn code_patched_by_another_vcpu() {
+    // vCPU 0 runs `target`, waits for vCPU 1 to patch it and raise a flag, runs it again.
+    let m = Machine::new(2);
+    let target = CODE + 0x200;
+    let flag = DATA + 8;
+    // vCPU 1 is running (and its TLB holds the page of `target` as writable, so the patch
+    // takes the fast path of stores) before vCPU 0 first runs `target`.
+    let c0 = asm64(CODE, |a| {
+        let mut ready = a.create_label();
+        let mut spin = a.create_label();
+        a.set_label(&mut ready).unwrap();
+        a.cmp(dword_ptr(DATA + 32), 0).unwrap();
+        a.je(ready).unwrap();
+        a.call(target).unwrap();
+        a.mov(dword_ptr(DATA + 16), 1).unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.cmp(dword_ptr(flag), 0).unwrap();
+        a.je(spin).unwrap();
+        a.call(target).unwrap();
+        a.mov(byte_ptr(DATA + 24), 1).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let c1 = asm64(CODE + 0x1000, |a| {
+        let mut wait = a.create_label();
+        a.mov(byte_ptr(target + 0x100), 0).unwrap();
+        a.mov(dword_ptr(DATA + 32), 1).unwrap();
+        a.set_label(&mut wait).unwrap();
+        a.cmp(dword_ptr(DATA + 16), 0).unwrap();
+        a.je(wait).unwrap();
+        a.mov(dword_ptr(target + 1), 7).unwrap();
+        a.mov(dword_ptr(flag), 1).unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let t = asm64(target, |a| {
+        a.mov(eax, 1).unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.ret().unwrap();
+    });
+    m.write(CODE, &c0);
+    m.write(CODE + 0x1000, &c1);
+    m.write(target, &t);
+    let mut handles = Vec::new();
+    let mut kickers = Vec::new();
+    for id in 0..2u32 {
+        let mut v = m.vm.create_vcpu(id).unwrap();
+        v.set_sregs(&Machine::long_sregs()).unwrap();
+        v.set_regs(&Regs {
+            rip: CODE + id as u64 * 0x1000,
+            rsp: STACK_TOP - id as u64 * 0x1000,
+            rflags: 2,
+            ..Regs::default()
+        })
+        .unwrap();
+        v.set_mp_state(MpState::Runnable).unwrap();
+        kickers.push(v.kicker());
+        let io = m.io.clone();
+        handles.push(std::thread::spawn(move || v.run(io.as_ref()).unwrap()));
+    }
+    let start = Instant::now();
+    while m.read(DATA + 24, 1) != [1] {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "vCPU 0 did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for k in &kickers {
+        k.kick();
+    }
+    for h in handles {
+        h.join().unwrap();
+    }
+    assert_eq!(m.r32(DATA), 7);
+}
+
+/// RFLAGS (arithmetic bits) after `mov eax, 0x7fffffff; add eax, 1`.
+const ADD_FLAGS: u64 = 0x800 | 0x80 | 0x10 | 0x4; // OF SF AF PF
+
+/// An instruction whose flags the rest of its block overwrites skips them, but they must be
+/// exact wherever the CPU can stop after it: an exception, a single-step trap, an interrupt
+/// after an interrupt shadow.
+#[test]
+fn skipped_flags_are_exact_at_a_fault() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 14, true);
+    m.w64(PT + 8, 0); // 0x201000 not present
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x7fff_ffff).unwrap();
+        a.add(eax, 1).unwrap();
+        a.mov(ecx, dword_ptr(0x20_1008)).unwrap();
+        a.sub(ecx, ecx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 14);
+    assert_eq!(frame(&m).rflags & 0x8d5, ADD_FLAGS);
+}
+
+#[test]
+fn skipped_flags_are_exact_at_a_single_step_trap() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 1, false);
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x7fff_ffff).unwrap();
+        a.pushfq().unwrap();
+        a.or(qword_ptr(rsp), 0x100).unwrap();
+        a.popfq().unwrap();
+        // The trap comes after the ADD; the SUB (same block) would overwrite its flags.
+        a.add(eax, 1).unwrap();
+        a.sub(ecx, ecx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 1);
+    let f = frame(&m);
+    assert_eq!(f.rflags & 0x8d5, ADD_FLAGS);
+    assert_ne!(f.rflags & 0x100, 0, "TF");
+}
+
+#[test]
+fn skipped_flags_are_exact_after_an_interrupt_shadow() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 0x40, false);
+    let code = asm64(CODE, |a| {
+        a.mov(eax, 0x7fff_ffff).unwrap();
+        // The interrupt waiting since the start is taken after STI's shadow: after the ADD.
+        a.sti().unwrap();
+        a.add(eax, 1).unwrap();
+        a.sub(ecx, ecx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    m.chip.push(0, CpuEvent::Interrupt(0x40));
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 0x40);
+    let f = frame(&m);
+    let add = asm64(0, |a| a.add(eax, 1).unwrap()).len() as u64;
+    assert_eq!(f.rip, CODE + 5 + 1 + add, "after the ADD");
+    assert_eq!(f.rflags & 0x8d5, ADD_FLAGS);
+}
+
 #[test]
 fn locked_increments_from_two_vcpus_are_atomic() {
     let m = Machine::new(2);
@@ -952,12 +1240,23 @@ fn cpuid_reports_the_table_and_set_cpuid_overrides_it() {
 }
 
 #[test]
-fn x87_and_sse_are_stage_two_ud() {
+fn extensions_not_in_cpuid_are_ud() {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);
     recorder(&m, 6, false);
-    let code = asm64(CODE, |a| a.fninit().unwrap());
+    // SSE3 is not advertised, so HADDPS must fault.
+    let code = asm64(CODE, |a| a.haddps(xmm0, xmm1).unwrap());
     m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 6);
+    assert_eq!(frame(&m).rip, CODE);
+}
+
+#[test]
+fn lock_prefix_on_nop_is_ud() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 6, false);
+    m.load_long(v.as_mut(), &[0xf0, 0x90], CODE);
     assert_eq!(run_to_exit(v.as_mut(), &m.io), 6);
     assert_eq!(frame(&m).rip, CODE);
 }
@@ -1364,4 +1663,48 @@ fn int3_breakpoint_handler() {
     run_to_exit(v.as_mut(), &m.io);
     let r = v.regs().unwrap();
     assert_eq!((r.rbx, r.rcx), (1, 3));
+}
+
+/// IA32_TSC_DEADLINE reaches the interrupt controller in the shared clock's units, also when
+/// the guest TSC was set back (the VMM writes IA32_TSC = 0 at boot): a regression test for a
+/// deadline that came out as "already expired" and stormed the guest with timer interrupts.
+#[test]
+fn tsc_deadline_follows_a_reset_tsc() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    v.set_msrs(&[vireo_hv::Msr::new(0x10, 0)]).unwrap();
+    let code = asm64(CODE, |a| {
+        a.rdtsc().unwrap();
+        a.shl(rdx, 32).unwrap();
+        a.or(rax, rdx).unwrap();
+        a.add(rax, 50_000_000).unwrap();
+        a.mov(rdx, rax).unwrap();
+        a.shr(rdx, 32).unwrap();
+        a.mov(ecx, 0x6e0u32).unwrap();
+        a.wrmsr().unwrap();
+        a.rdmsr().unwrap();
+        a.mov(dword_ptr(DATA), eax).unwrap();
+        a.mov(dword_ptr(DATA + 4), edx).unwrap();
+        a.rdtsc().unwrap();
+        a.mov(dword_ptr(DATA + 8), eax).unwrap();
+        a.mov(dword_ptr(DATA + 12), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let (guest_deadline, guest_now) = (m.r64(DATA), m.r64(DATA + 8));
+    // The guest reads back what it wrote: about 50 ms ahead of its TSC.
+    assert!(
+        guest_deadline > guest_now,
+        "{guest_deadline} vs {guest_now}"
+    );
+    assert!(guest_deadline - guest_now < 60_000_000);
+    // The chip holds it in shared-clock units: in the future there too.
+    let chip_deadline = m.chip.tsc_deadline(0);
+    let clock_now = m.chip.clock().tsc();
+    assert!(
+        chip_deadline > clock_now + 30_000_000,
+        "{chip_deadline} vs {clock_now}"
+    );
 }

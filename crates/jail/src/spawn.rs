@@ -179,6 +179,8 @@ struct Plan {
     cwd: CString,
     late_unshare: libc::c_int,
     stdio: [Option<RawFd>; 3],
+    /// `spec.pass_fds`, sorted, without duplicates.
+    pass_fds: Vec<RawFd>,
     userns: bool,
 }
 
@@ -436,6 +438,12 @@ impl Plan {
             cwd: cstring(spec.cwd.as_os_str(), "the working directory")?,
             late_unshare,
             stdio: spec.stdio,
+            pass_fds: {
+                let mut v = spec.pass_fds.clone();
+                v.sort_unstable();
+                v.dedup();
+                v
+            },
             userns,
         })
     }
@@ -679,6 +687,34 @@ impl Drop for JailedChild {
         }
         self.cleanup();
     }
+}
+
+/// Closes every descriptor from 3 up but those in `keep` (sorted) and `extra`, without
+/// allocating (this runs in the forked child).
+fn close_all_but(keep: &[RawFd], extra: RawFd) -> io::Result<()> {
+    let mut next: u32 = 3;
+    let mut close_below = |fd: RawFd| -> io::Result<()> {
+        let Ok(fd) = u32::try_from(fd) else {
+            return Ok(());
+        };
+        if fd > next {
+            sys::close_range(next, fd - 1, 0)?;
+        }
+        next = next.max(fd.saturating_add(1));
+        Ok(())
+    };
+    let mut extra_done = false;
+    for &fd in keep {
+        if !extra_done && extra < fd {
+            close_below(extra)?;
+            extra_done = true;
+        }
+        close_below(fd)?;
+    }
+    if !extra_done {
+        close_below(extra)?;
+    }
+    sys::close_range(next, u32::MAX, 0)
 }
 
 /// Whether this process can create jails (effective uid 0).
@@ -1104,11 +1140,7 @@ fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry) -> ! {
         // Nothing inherited but stdio: close every other descriptor but the error pipe,
         // filter, then close the error pipe too (which tells the parent the jail is up) and
         // run.
-        let keep = err_fd as u32;
-        if keep > 3 {
-            step(Stage::Fds, sys::close_range(3, keep - 1, 0));
-        }
-        step(Stage::Fds, sys::close_range(keep + 1, u32::MAX, 0));
+        step(Stage::Fds, close_all_but(&plan.pass_fds, err_fd));
         for p in &plan.seccomp {
             step(Stage::Seccomp, crate::seccomp::apply_raw(p));
         }
@@ -1121,6 +1153,9 @@ fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry) -> ! {
         Stage::Fds,
         sys::close_range(3, u32::MAX, libc::CLOSE_RANGE_CLOEXEC),
     );
+    for &fd in &plan.pass_fds {
+        step(Stage::Fds, sys::dup2(fd, fd));
+    }
     for p in &plan.seccomp {
         step(Stage::Seccomp, crate::seccomp::apply_raw(p));
     }

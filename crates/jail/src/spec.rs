@@ -102,6 +102,10 @@ pub struct JailSpec {
     /// Descriptors to become the command's stdin, stdout and stderr (`None`: inherit this
     /// process's). They must stay open until [`crate::spawn`] returns.
     pub stdio: [Option<RawFd>; 3],
+    /// Other descriptors the command inherits, under the same numbers (3 or above; e.g. a
+    /// listening socket bound outside). Every descriptor not listed here or in `stdio` is
+    /// closed. They must stay open until [`crate::spawn`] returns.
+    pub pass_fds: Vec<RawFd>,
 }
 
 /// `PATH` for commands when the environment sets none.
@@ -130,6 +134,7 @@ impl JailSpec {
             env: vec![OsString::from(format!("PATH={DEFAULT_PATH}"))],
             cwd: PathBuf::from("/"),
             stdio: [None; 3],
+            pass_fds: Vec::new(),
         }
     }
 
@@ -170,6 +175,11 @@ impl JailSpec {
             }
         }
         inside_components(&self.cwd)?;
+        if let Some(fd) = self.pass_fds.iter().find(|&&fd| fd < 3) {
+            return invalid(format!(
+                "descriptor {fd} cannot be passed: stdio (0 to 2) is set with `stdio`"
+            ));
+        }
         if let Some(map) = &self.user_namespace {
             if map.count == 0
                 || map.inside.checked_add(map.count).is_none()

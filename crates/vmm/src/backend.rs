@@ -53,7 +53,5 @@ pub fn select_hypervisor(accel: Accel) -> Result<Selected, Error> {
 }
 
 fn emulator() -> Result<Box<dyn Hypervisor>, Error> {
-    Err(Error::Hv(vireo_hv::Error::Unavailable(
-        "the emulator backend (--accel emu) is not available yet; use --accel kvm".to_string(),
-    )))
+    Ok(Box::new(vireo_hv::emu::EmuHypervisor::new()))
 }

@@ -140,6 +140,110 @@ pub struct VmConfig {
     /// On a guest reset, exit instead of restarting the VM.
     #[serde(default)]
     pub no_reboot: bool,
+    /// virtio-blk disks, in PCI order (the first is the guest's `/dev/vda`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's `getrandom`.
+    #[serde(default = "default_rng")]
+    pub rng: bool,
+}
+
+fn default_rng() -> bool {
+    true
+}
+
+/// Split `a=1,b=2` at single commas; `,,` is a literal comma (as in QEMU's options), so any
+/// path can be given.
+fn split_options(s: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' if chars.peek() == Some(&',') => {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(',');
+                }
+            }
+            ',' => parts.push(String::new()),
+            c => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(c);
+                }
+            }
+        }
+    }
+    parts
+}
+
+/// One virtio-blk disk: `path=FILE[,readonly=on][,serial=STR][,direct=on]` on the command
+/// line (a bare `FILE` is the path; write a comma in a value as `,,`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// A raw image file or a block device.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub readonly: bool,
+    /// Up to 20 bytes, the guest's `/sys/block/vdX/serial`.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+}
+
+impl DiskConfig {
+    /// A read-write disk at `path` with default options.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig {
+            path: path.into(),
+            readonly: false,
+            serial: None,
+            direct: false,
+        }
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: None,
+            direct: false,
+        };
+        let on_off = |key: &str, v: &str| match v {
+            "on" | "true" | "yes" => Ok(true),
+            "off" | "false" | "no" => Ok(false),
+            _ => Err(format!("--disk {key}={v}: use {key}=on or {key}=off")),
+        };
+        for (i, part) in split_options(s).iter().map(String::as_str).enumerate() {
+            match part.split_once('=') {
+                Some(("path", v)) => disk.path = PathBuf::from(v),
+                Some(("readonly", v)) => disk.readonly = on_off("readonly", v)?,
+                Some(("direct", v)) => disk.direct = on_off("direct", v)?,
+                Some(("serial", v)) => {
+                    if v.len() > 20 {
+                        return Err(format!("--disk serial={v}: a serial is at most 20 bytes"));
+                    }
+                    disk.serial = Some(v.to_string());
+                }
+                None if i == 0 && !part.is_empty() => disk.path = PathBuf::from(part),
+                _ => {
+                    return Err(format!(
+                        "--disk: unknown option '{part}': use \
+                         path=FILE[,readonly=on][,serial=STR][,direct=on]"
+                    ))
+                }
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err("--disk needs path=FILE".to_string());
+        }
+        Ok(disk)
+    }
 }
 
 fn default_cpus() -> u32 {
@@ -178,6 +282,8 @@ impl VmConfig {
             memory: default_memory(),
             accel: Accel::default(),
             no_reboot: false,
+            disks: Vec::new(),
+            rng: default_rng(),
         }
     }
 
@@ -295,6 +401,54 @@ mod tests {
         c.memory = ByteSize(1 << 40);
         let e = c.validate(1 << 34).unwrap_err();
         assert!(e.to_string().contains("16G"), "{e}");
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "path=/img,readonly=on,serial=abc".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img".into(),
+                readonly: true,
+                serial: Some("abc".into()),
+                direct: false,
+            }
+        );
+        let d: DiskConfig = "/some/file.raw".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/some/file.raw"));
+        assert!(!d.readonly);
+        let d: DiskConfig = "path=/a,direct=on,readonly=off".parse().unwrap();
+        assert!(d.direct && !d.readonly);
+        let d: DiskConfig = "path=/a,,b,,,serial=x,,y".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/a,b,"));
+        assert_eq!(d.serial.as_deref(), Some("x,y"));
+        for bad in [
+            "",
+            "readonly=on",
+            "path=/a,readonly=maybe",
+            "path=/a,cache=none",
+            "path=/a,serial=123456789012345678901",
+            "path=/a,,,",
+            "path=/a,",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disks_and_rng_in_json() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k"}"#).unwrap();
+        assert!(c.rng);
+        assert!(c.disks.is_empty());
+        let c: VmConfig = serde_json::from_str(
+            r#"{"kernel":"/k","rng":false,"disks":[{"path":"/d","readonly":true}]}"#,
+        )
+        .unwrap();
+        assert!(!c.rng);
+        assert!(c.disks[0].readonly);
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<VmConfig>(&j).unwrap(), c);
     }
 
     #[test]

@@ -4,11 +4,18 @@
 
 pub mod backend;
 pub mod config;
+mod machine;
+mod pci;
 pub mod seccomp;
+pub mod snapshot;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};
-pub use vm::{ExitReason, StopReason, Vmm, VmmHandle};
+pub use machine::{DeviceCounters, DeviceInfo, VcpuExitCounts};
+pub use vm::{
+    Command, CommandError, CommandErrorKind, CommandReply, Counters, ExitReason, Lifecycle,
+    RestoreRequest, StopReason, VmInfo, Vmm, VmmHandle,
+};
 
 /// Errors building or running a VM, worded for the user.
 #[derive(Debug, thiserror::Error)]
@@ -28,8 +35,12 @@ pub enum Error {
     },
     #[error("device set-up: {0}")]
     Devices(String),
+    #[error("{0}")]
+    Disk(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]
     Guest(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }

@@ -1,17 +1,42 @@
-//! One VM's life: build, run the vCPU threads, wait for a stop reason, tear down; repeat on a
-//! guest reset unless `no_reboot`.
+//! The VM's lifecycle: a state machine driven by the guest (power-off, reset, panic), the
+//! user (signals, the console) and the control plane (commands from the API), all handled on
+//! the thread that called [`Vmm::run`].
+//!
+//! ```text
+//!   not-configured ──configure──▶ created ──boot──▶ running ◀──resume── paused
+//!                                   ▲  │             │  ▲  ──pause──▶   │
+//!                      configure ───┘  └─restore──▶ ─┘  └── reboot ─────┤
+//!   (not-configured, created, stopped: restore → paused or running)     │
+//!   running, paused ──power-off / guest power-off / failure──▶ stopped ◀┘
+//! ```
+//!
+//! Every other request is refused with [`CommandErrorKind::Conflict`] and a message saying
+//! what state the VM is in. `shutdown` presses the ACPI power button (running only): the guest
+//! powers off when it has dealt with it. `snapshot` needs a paused VM (pause first; it is
+//! refused while running, so a snapshot is always of a VM the caller stopped on purpose).
+//!
+//! State, configuration and counters are read from shared data without waiting for the main
+//! thread or any vCPU: a request never queues behind a busy vCPU. Commands are carried out
+//! one at a time on the main thread; a pause waits for the vCPUs (kicked at once) at most
+//! ten seconds.
 
+use std::collections::VecDeque;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
-use vireo_arch::{acpi, boot, cpu, cpuid, layout, loader};
-use vireo_devices::legacy::{AcpiPm, Cmos, PvPanic, Serial, I8042};
-use vireo_devices::{EventSink, IoBus, PlatformEvent};
-use vireo_hv::{GuestMemory, Hypervisor, Kicker, Vcpu, Vm, VmExit, VmParams};
-use vm_memory::GuestAddress;
+use serde::{Deserialize, Serialize};
+use vireo_devices::legacy::Serial;
+use vireo_hv::{Hypervisor, Kicker};
 
-use crate::config::VmConfig;
+use crate::config::{DiskConfig, VmConfig};
+use crate::machine::{
+    DeviceCounters, DeviceInfo, Env, Machine, MachineView, VcpuExitCounts, VcpuMsg,
+};
+use crate::snapshot::{self, MachineState};
 use crate::Error;
 
 /// Why a VM stops (the first reason wins).
@@ -28,7 +53,7 @@ pub enum StopReason {
 /// How `Vmm::run` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest powered off.
+    /// The guest powered off (or was powered off).
     PowerOff,
     /// The guest reset and `no_reboot` was set.
     Reset,
@@ -38,27 +63,195 @@ pub enum ExitReason {
     Signal(i32),
     /// The user quit from the console.
     ConsoleQuit,
+    /// The control plane asked the VMM to exit.
+    Exit,
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Lifecycle {
+    /// Waiting for a configuration (started with only an API socket).
+    NotConfigured,
+    /// Configured, not booted.
+    Created,
+    Running,
+    Paused,
+    /// Powered off, failed, or stopped; with an API, a new configuration may follow.
+    Stopped,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::NotConfigured => "not-configured",
+            Lifecycle::Created => "created",
+            Lifecycle::Running => "running",
+            Lifecycle::Paused => "paused",
+            Lifecycle::Stopped => "stopped",
+        }
+    }
+}
+
+/// What the control plane may ask.
+#[derive(Debug, Clone)]
+pub enum Command {
+    Configure(Box<VmConfig>),
+    Boot,
+    Pause,
+    Resume,
+    /// Press the ACPI power button.
+    Shutdown,
+    /// Stop at once.
+    PowerOff,
+    Reboot,
+    Snapshot(PathBuf),
+    Restore(RestoreRequest),
+    /// Leave `Vmm::run` (the process exits).
+    Exit,
+}
+
+/// A restore: the snapshot directory and what may differ from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub snapshot: PathBuf,
+    /// Replacement disks, in the snapshot's order (same count, same sizes); none: the
+    /// snapshot's own paths.
+    #[serde(default)]
+    pub disks: Option<Vec<DiskConfig>>,
+    /// Leave the restored VM paused.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// What a finished command reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandReply {
+    pub state: Lifecycle,
+    /// Snapshots: bytes of RAM and bytes written for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<snapshot::MemoryStats>,
+    /// How long the command took, in microseconds.
+    pub micros: u64,
+}
+
+/// Why a command was refused or failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum CommandErrorKind {
+    /// The request does not fit the VM's state (HTTP 409).
+    Conflict,
+    /// The request itself is wrong: a bad configuration, a bad snapshot (HTTP 400).
+    BadRequest,
+    /// Carrying it out failed (HTTP 500).
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CommandError {
+    pub kind: CommandErrorKind,
+    pub message: String,
+}
+
+impl CommandError {
+    fn conflict(state: Lifecycle, what: &str, hint: &str) -> Self {
+        CommandError {
+            kind: CommandErrorKind::Conflict,
+            message: format!("cannot {what}: the VM is {}{hint}", state.as_str()),
+        }
+    }
+    fn bad(message: impl Into<String>) -> Self {
+        CommandError {
+            kind: CommandErrorKind::BadRequest,
+            message: message.into(),
+        }
+    }
+    fn failed(message: impl Into<String>) -> Self {
+        CommandError {
+            kind: CommandErrorKind::Failed,
+            message: message.into(),
+        }
+    }
+}
+
+/// `info`: state, configuration, vCPUs and devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub state: Lifecycle,
+    pub config: Option<VmConfig>,
+    /// The backend running the VM (`kvm`, `emu`), once built.
+    pub backend: Option<String>,
+    pub vcpus: u32,
+    pub devices: Vec<DeviceInfo>,
+    /// Boots so far (a guest reboot or `reboot` counts one more).
+    pub boots: u64,
+    /// Why the VM last stopped, if it did.
+    pub stop_reason: Option<String>,
+}
+
+/// `counters`: exits by reason per vCPU, accesses, requests and bytes per device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub state: Lifecycle,
+    pub vcpus: Vec<VcpuExitCounts>,
+    pub devices: Vec<DeviceCounters>,
+}
+
+pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+type Reply = Sender<Result<CommandReply, CommandError>>;
+
 struct Control {
     reason: Mutex<Option<StopReason>>,
+    /// Notified when a stop reason or a command arrives.
     changed: Condvar,
+    commands: Mutex<VecDeque<(Command, Reply)>>,
     serial: Mutex<Option<Arc<Mutex<Serial>>>>,
-    /// Set once a stop reason is known: vCPU threads leave their loop.
+    /// Set once a stop reason is known (or the main thread halts the vCPUs): vCPU threads
+    /// leave their loop.
     stopping: AtomicBool,
     /// The running vCPUs, kicked as soon as a stop reason arrives.
     kickers: Mutex<Vec<Arc<dyn Kicker>>>,
+    /// Mailboxes of the vCPU threads, told to exit when parked.
+    mailboxes: Mutex<Vec<Sender<VcpuMsg>>>,
+    lifecycle: Mutex<Lifecycle>,
+    config: Mutex<Option<VmConfig>>,
+    backend: Mutex<Option<String>>,
+    view: Mutex<Option<Arc<MachineView>>>,
+    boots: Mutex<u64>,
+    last_stop: Mutex<Option<String>>,
+    /// `run` returned: commands are refused.
+    exited: AtomicBool,
 }
 
-/// A thread-safe handle to a running VMM: stop it, type into its console.
+/// A thread-safe handle to a VMM: stop it, type into its console, send it commands, read its
+/// state.
 #[derive(Clone)]
 pub struct VmmHandle(Arc<Control>);
 
 impl VmmHandle {
+    fn new(lifecycle: Lifecycle, config: Option<VmConfig>) -> Self {
+        VmmHandle(Arc::new(Control {
+            reason: Mutex::new(None),
+            changed: Condvar::new(),
+            commands: Mutex::new(VecDeque::new()),
+            serial: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            kickers: Mutex::new(Vec::new()),
+            mailboxes: Mutex::new(Vec::new()),
+            lifecycle: Mutex::new(lifecycle),
+            config: Mutex::new(config),
+            backend: Mutex::new(None),
+            view: Mutex::new(None),
+            boots: Mutex::new(0),
+            last_stop: Mutex::new(None),
+            exited: AtomicBool::new(false),
+        }))
+    }
+
     /// Ask the VM to stop; the first reason given is kept. The vCPUs are kicked right away
     /// (also the calling one, when a device asks from a vCPU thread), so the guest executes
     /// nothing after a power-off or reset write.
@@ -66,12 +259,41 @@ impl VmmHandle {
         let mut r = lock(&self.0.reason);
         if r.is_none() {
             *r = Some(reason);
-            self.0.stopping.store(true, Ordering::SeqCst);
-            for k in lock(&self.0.kickers).iter() {
-                k.kick();
-            }
+            drop(r);
+            self.halt_vcpus();
             self.0.changed.notify_all();
         }
+    }
+
+    /// Make every vCPU thread leave: running ones are kicked, parked ones told to exit.
+    pub(crate) fn halt_vcpus(&self) {
+        self.0.stopping.store(true, Ordering::SeqCst);
+        self.kick_all();
+        for m in lock(&self.0.mailboxes).iter() {
+            let _ = m.send(VcpuMsg::Exit);
+        }
+    }
+
+    pub(crate) fn kick_all(&self) {
+        for k in lock(&self.0.kickers).iter() {
+            k.kick();
+        }
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.0.stopping.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_kickers(&self, k: Vec<Arc<dyn Kicker>>) {
+        *lock(&self.0.kickers) = k;
+    }
+
+    pub(crate) fn set_mailboxes(&self, m: Vec<Sender<VcpuMsg>>) {
+        *lock(&self.0.mailboxes) = m;
+    }
+
+    pub(crate) fn set_serial(&self, s: Option<Arc<Mutex<Serial>>>) {
+        *lock(&self.0.serial) = s;
     }
 
     /// Bytes typed on the console go to the guest's serial port.
@@ -81,28 +303,104 @@ impl VmmHandle {
         }
     }
 
-    fn wait(&self) -> StopReason {
-        let mut r = lock(&self.0.reason);
-        loop {
-            if let Some(reason) = r.as_ref() {
-                return reason.clone();
+    /// Carry out `cmd` on the VMM's main thread and wait for the outcome.
+    pub fn command(&self, cmd: Command) -> Result<CommandReply, CommandError> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut q = lock(&self.0.commands);
+            if self.0.exited.load(Ordering::SeqCst) {
+                return Err(CommandError::conflict(
+                    self.state(),
+                    "do that",
+                    ": the VMM is exiting",
+                ));
             }
-            r = self
+            q.push_back((cmd, tx));
+        }
+        self.0.changed.notify_all();
+        rx.recv()
+            .unwrap_or_else(|_| Err(CommandError::failed("the VMM stopped before answering")))
+    }
+
+    /// The lifecycle state now.
+    pub fn state(&self) -> Lifecycle {
+        *lock(&self.0.lifecycle)
+    }
+
+    fn set_state(&self, s: Lifecycle) {
+        *lock(&self.0.lifecycle) = s;
+    }
+
+    /// State, configuration, vCPUs and devices.
+    pub fn info(&self) -> VmInfo {
+        let config = lock(&self.0.config).clone();
+        let view = lock(&self.0.view).clone();
+        VmInfo {
+            state: self.state(),
+            vcpus: config.as_ref().map_or(0, |c| c.cpus),
+            config,
+            backend: lock(&self.0.backend).clone(),
+            devices: view.map(|v| v.devices()).unwrap_or_default(),
+            boots: *lock(&self.0.boots),
+            stop_reason: lock(&self.0.last_stop).clone(),
+        }
+    }
+
+    /// Exits by reason and device counters of the machine now (empty when none runs).
+    pub fn counters(&self) -> Counters {
+        let view = lock(&self.0.view).clone();
+        Counters {
+            state: self.state(),
+            vcpus: view.as_ref().map(|v| v.vcpu_counts()).unwrap_or_default(),
+            devices: view.as_ref().map(|v| v.device_counts()).unwrap_or_default(),
+        }
+    }
+
+    fn next_event(&self) -> Event {
+        let mut q = lock(&self.0.commands);
+        loop {
+            if let Some(r) = lock(&self.0.reason).clone() {
+                return Event::Stop(r);
+            }
+            if let Some((c, reply)) = q.pop_front() {
+                return Event::Command(c, reply);
+            }
+            q = self
                 .0
                 .changed
-                .wait(r)
+                .wait(q)
                 .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
-    /// Forget a `Reset` so the next boot can run (other reasons stay and stop it at once).
-    fn clear_reset(&self) {
-        let mut r = lock(&self.0.reason);
-        if *r == Some(StopReason::Reset) {
-            *r = None;
-            self.0.stopping.store(false, Ordering::SeqCst);
+    /// Forget the stop reason so a new machine can run.
+    fn clear_reason(&self) {
+        *lock(&self.0.reason) = None;
+        self.0.stopping.store(false, Ordering::SeqCst);
+    }
+
+    /// After the main thread halted the vCPUs itself: running is allowed again unless a stop
+    /// reason arrived meanwhile.
+    fn rearm(&self) {
+        let r = lock(&self.0.reason);
+        self.0.stopping.store(r.is_some(), Ordering::SeqCst);
+    }
+
+    fn finish(&self) {
+        let mut q = lock(&self.0.commands);
+        self.0.exited.store(true, Ordering::SeqCst);
+        for (_, reply) in q.drain(..) {
+            let _ = reply.send(Err(CommandError {
+                kind: CommandErrorKind::Conflict,
+                message: "the VMM is exiting".into(),
+            }));
         }
     }
+}
+
+enum Event {
+    Stop(StopReason),
+    Command(Command, Reply),
 }
 
 /// Serial output that outlives each boot (a reboot builds a new UART on the same sink).
@@ -118,274 +416,437 @@ impl Write for SharedOutput {
     }
 }
 
-/// A VMM for one VM configuration.
+/// What `run` starts with.
+enum Start {
+    Boot,
+    Wait,
+    Restore(Box<(MachineState, PathBuf, bool)>),
+}
+
+/// A VMM: one VM over its lifecycle.
 pub struct Vmm {
-    config: VmConfig,
-    hypervisor: Box<dyn Hypervisor>,
+    config: Option<VmConfig>,
+    hypervisor: Option<Box<dyn Hypervisor>>,
     output: SharedOutput,
     handle: VmmHandle,
+    /// Disk images, open and locked while configured (`crate::pci`).
+    disks: Vec<Arc<vireo_virtio::DiskImage>>,
+    /// Stay in `stopped` (for the API) instead of returning when the VM stops.
+    keep_alive: bool,
+    start: Start,
+}
+
+/// Open the backend for `config` (`select_hypervisor`) and check the vCPU count.
+fn backend_for(config: &VmConfig) -> Result<Box<dyn Hypervisor>, Error> {
+    let sel = crate::select_hypervisor(config.accel)?;
+    if let Some(note) = &sel.note {
+        tracing::info!("{note}");
+    }
+    Ok(sel.hypervisor)
+}
+
+fn check(config: &VmConfig, hypervisor: &dyn Hypervisor) -> Result<(), Error> {
+    let max = hypervisor.max_vcpus();
+    if config.cpus > max {
+        return Err(crate::config::ConfigError::TooManyCpus {
+            given: config.cpus,
+            max,
+            backend: hypervisor.name(),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 impl Vmm {
-    /// Check `config` against the backend; nothing is created yet.
+    /// A VMM that boots `config` when run (and returns when the VM stops).
     pub fn new(
         config: VmConfig,
         hypervisor: Box<dyn Hypervisor>,
         output: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
-        loader::check_kernel(&config.kernel)?;
-        let max = hypervisor.max_vcpus();
-        if config.cpus > max {
-            return Err(crate::config::ConfigError::TooManyCpus {
-                given: config.cpus,
-                max,
-                backend: hypervisor.name(),
-            }
-            .into());
-        }
+        vireo_arch::loader::check_kernel(&config.kernel)?;
+        check(&config, hypervisor.as_ref())?;
+        let disks = crate::pci::open_disks(&config)?;
         Ok(Vmm {
-            config,
-            hypervisor,
+            disks,
+            handle: VmmHandle::new(Lifecycle::Created, Some(config.clone())),
+            config: Some(config),
+            hypervisor: Some(hypervisor),
             output: SharedOutput(Arc::new(Mutex::new(output))),
-            handle: VmmHandle(Arc::new(Control {
-                reason: Mutex::new(None),
-                changed: Condvar::new(),
-                serial: Mutex::new(None),
-                stopping: AtomicBool::new(false),
-                kickers: Mutex::new(Vec::new()),
-            })),
+            keep_alive: false,
+            start: Start::Boot,
         })
+    }
+
+    /// A VMM that waits for commands (a configuration, a restore) and stays alive when its VM
+    /// stops, until told to exit.
+    pub fn waiting(output: Box<dyn Write + Send>) -> Self {
+        Vmm {
+            disks: Vec::new(),
+            handle: VmmHandle::new(Lifecycle::NotConfigured, None),
+            config: None,
+            hypervisor: None,
+            output: SharedOutput(Arc::new(Mutex::new(output))),
+            keep_alive: true,
+            start: Start::Wait,
+        }
+    }
+
+    /// A VMM that restores the snapshot in `req.snapshot` when run. The snapshot is read and
+    /// checked here, before anything is created: a truncated, corrupted or other-version one
+    /// is refused with the reason.
+    pub fn from_snapshot(
+        req: &RestoreRequest,
+        output: Box<dyn Write + Send>,
+    ) -> Result<Self, Error> {
+        let mut vmm = Vmm::waiting(output);
+        vmm.keep_alive = false;
+        let (state, hypervisor, disks, config) =
+            prepare_restore(req).map_err(|e| Error::Snapshot(e.message))?;
+        vmm.disks = disks;
+        vmm.hypervisor = Some(hypervisor);
+        vmm.config = Some(config.clone());
+        *lock(&vmm.handle.0.config) = Some(config);
+        vmm.handle.set_state(Lifecycle::Created);
+        vmm.start = Start::Restore(Box::new((state, req.snapshot.clone(), req.paused)));
+        Ok(vmm)
     }
 
     pub fn handle(&self) -> VmmHandle {
         self.handle.clone()
     }
 
-    /// Boot and run until the VM stops for good.
-    pub fn run(self) -> Result<ExitReason, Error> {
+    /// Run until the VM stops for good (or, for a waiting VMM, until told to exit).
+    pub fn run(mut self) -> Result<ExitReason, Error> {
+        let r = self.main_loop();
+        self.handle.finish();
+        r
+    }
+
+    fn main_loop(&mut self) -> Result<ExitReason, Error> {
+        let mut machine: Option<Machine> = None;
+        match std::mem::replace(&mut self.start, Start::Wait) {
+            Start::Boot => machine = Some(self.boot()?),
+            Start::Wait => {}
+            Start::Restore(r) => {
+                let (state, dir, paused) = *r;
+                machine = Some(self.restore_machine(&state, &dir, paused)?);
+            }
+        }
         loop {
-            let reason = self.boot_once()?;
-            match reason {
-                StopReason::PowerOff => return Ok(ExitReason::PowerOff),
-                StopReason::Reset if self.config.no_reboot => return Ok(ExitReason::Reset),
-                StopReason::Reset => {
-                    tracing::info!("guest reset: restarting the VM");
-                    self.handle.clear_reset();
-                }
-                StopReason::Panic => return Ok(ExitReason::Panic),
-                StopReason::Signal(s) => return Ok(ExitReason::Signal(s)),
-                StopReason::ConsoleQuit => return Ok(ExitReason::ConsoleQuit),
-                StopReason::Failure(e) => return Err(Error::Guest(e)),
-            }
-        }
-    }
-
-    fn boot_once(&self) -> Result<StopReason, Error> {
-        let cfg = &self.config;
-        let mem = create_memory(cfg)?;
-        let params = VmParams {
-            memory: mem.clone(),
-            vcpus: cfg.cpus,
-            user_irqchip: None,
-            private_pages: layout::HV_PRIVATE_START,
-        };
-        // Creating the VM waits on the kernel (milliseconds on some hosts); load the guest
-        // into memory meanwhile.
-        let (vm, entry) = std::thread::scope(|s| {
-            let creating = std::thread::Builder::new()
-                .name("create-vm".into())
-                .spawn_scoped(s, || self.hypervisor.create_vm(&params))
-                .map_err(Error::Thread)?;
-            let entry = load_guest(cfg, &mem);
-            let vm = creating
-                .join()
-                .unwrap_or_else(|_| Err(vireo_hv::Error::Unsupported("VM creation".into())))?;
-            Ok::<_, Error>((vm, entry?))
-        })?;
-        let bus = self.create_devices(vm.as_ref())?;
-        let vcpus = create_vcpus(cfg, vm.as_ref(), entry)?;
-        let reason = self.run_vcpus(vcpus, Arc::new(bus));
-        *lock(&self.handle.0.serial) = None;
-        // Tear-down order: vCPUs (joined in run_vcpus), then the VM, then guest memory.
-        drop(vm);
-        drop(mem);
-        reason
-    }
-
-    fn create_devices(&self, vm: &dyn Vm) -> Result<IoBus, Error> {
-        let dev_err = |e: &dyn std::fmt::Display| Error::Devices(e.to_string());
-        let handle = self.handle.clone();
-        let events: EventSink = Arc::new(move |e| {
-            handle.stop(match e {
-                PlatformEvent::PowerOff => StopReason::PowerOff,
-                PlatformEvent::Reset => StopReason::Reset,
-                PlatformEvent::Panic => StopReason::Panic,
-            })
-        });
-        let mut bus = IoBus::new();
-        let serial = Arc::new(Mutex::new(Serial::new(
-            vm.irq_line(layout::COM1_IRQ)?,
-            Box::new(self.output.clone()),
-        )));
-        bus.pio
-            .insert(layout::COM1_PORT as u64, 8, serial.clone())
-            .map_err(|e| dev_err(&e))?;
-        *lock(&self.handle.0.serial) = Some(serial);
-        bus.pio
-            .insert(
-                layout::I8042_DATA_PORT as u64,
-                5,
-                Arc::new(Mutex::new(
-                    I8042::new(events.clone())
-                        .with_kbd_irq(vm.irq_line(layout::KBD_IRQ)?)
-                        .with_aux_irq(vm.irq_line(layout::AUX_IRQ)?),
-                )),
-            )
-            .map_err(|e| dev_err(&e))?;
-        let mem = self.config.memory.0;
-        bus.pio
-            .insert(
-                layout::CMOS_PORT as u64,
-                2,
-                Arc::new(Mutex::new(Cmos::new(
-                    layout::low_ram_end(mem),
-                    mem.saturating_sub(layout::MMIO_HOLE_START),
-                ))),
-            )
-            .map_err(|e| dev_err(&e))?;
-        bus.pio
-            .insert(
-                layout::ACPI_SLEEP_CONTROL_PORT as u64,
-                3,
-                Arc::new(Mutex::new(AcpiPm::new(
-                    events.clone(),
-                    layout::ACPI_S5_SLP_TYP,
-                    layout::ACPI_RESET_VALUE,
-                ))),
-            )
-            .map_err(|e| dev_err(&e))?;
-        bus.pio
-            .insert(
-                layout::PVPANIC_PORT as u64,
-                1,
-                Arc::new(Mutex::new(PvPanic::new(events))),
-            )
-            .map_err(|e| dev_err(&e))?;
-        Ok(bus)
-    }
-
-    /// Run every vCPU on its own thread until a stop reason arrives, then stop and join them.
-    fn run_vcpus(&self, vcpus: Vec<Box<dyn Vcpu>>, bus: Arc<IoBus>) -> Result<StopReason, Error> {
-        let control = &self.handle.0;
-        *lock(&control.kickers) = vcpus.iter().map(|v| v.kicker()).collect();
-        let mut threads = Vec::with_capacity(vcpus.len());
-        let mut spawn_error = None;
-        for vcpu in vcpus {
-            let id = vcpu.id();
-            let (bus, handle) = (bus.clone(), self.handle.clone());
-            match std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    // A jailed VMM's vCPU threads run under their own seccomp filter.
-                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
-                        handle.stop(StopReason::Failure(e.to_string()));
-                        return;
+            match self.handle.next_event() {
+                Event::Stop(reason) => {
+                    if let Some(m) = machine.take() {
+                        self.retire(m);
                     }
-                    vcpu_loop(vcpu, &bus, &handle)
-                }) {
-                Ok(t) => threads.push(t),
-                Err(e) => {
-                    spawn_error = Some(e);
-                    self.handle.stop(StopReason::Failure("vCPU thread".into()));
-                    break;
+                    let no_reboot = self.config.as_ref().is_some_and(|c| c.no_reboot);
+                    if reason == StopReason::Reset && !no_reboot {
+                        tracing::info!("guest reset: restarting the VM");
+                        self.handle.clear_reason();
+                        machine = Some(self.boot()?);
+                        continue;
+                    }
+                    *lock(&self.handle.0.last_stop) = Some(format!("{reason:?}"));
+                    self.handle.set_state(crate::vm::Lifecycle::Stopped);
+                    let exit = match reason {
+                        StopReason::PowerOff => ExitReason::PowerOff,
+                        StopReason::Reset => ExitReason::Reset,
+                        StopReason::Panic => ExitReason::Panic,
+                        StopReason::Signal(s) => return Ok(ExitReason::Signal(s)),
+                        StopReason::ConsoleQuit => return Ok(ExitReason::ConsoleQuit),
+                        StopReason::Failure(e) if !self.keep_alive => return Err(Error::Guest(e)),
+                        StopReason::Failure(e) => {
+                            tracing::error!("the VM failed: {e}");
+                            ExitReason::PowerOff
+                        }
+                    };
+                    if !self.keep_alive {
+                        return Ok(exit);
+                    }
+                    self.handle.clear_reason();
+                }
+                Event::Command(cmd, reply) => {
+                    let exit = matches!(cmd, Command::Exit);
+                    let start = Instant::now();
+                    let r = self.command(cmd, &mut machine).map(|memory| CommandReply {
+                        state: self.handle.state(),
+                        memory,
+                        micros: start.elapsed().as_micros() as u64,
+                    });
+                    let _ = reply.send(r);
+                    if exit {
+                        if let Some(m) = machine.take() {
+                            self.retire(m);
+                        }
+                        return Ok(ExitReason::Exit);
+                    }
+                    if !self.keep_alive && self.handle.state() == Lifecycle::Stopped {
+                        return Ok(ExitReason::PowerOff);
+                    }
                 }
             }
         }
-        let reason = self.handle.wait();
-        for t in threads {
-            let _ = t.join();
+    }
+
+    /// Tear a machine down (its vCPUs are told to stop if they were not).
+    fn retire(&self, m: Machine) {
+        *lock(&self.handle.0.view) = None;
+        m.teardown(&self.handle);
+        self.handle.rearm();
+    }
+
+    fn env(&self) -> Result<Env<'_>, Error> {
+        let config = self
+            .config
+            .as_ref()
+            .ok_or_else(|| Error::Boot("no configuration".into()))?;
+        let hypervisor = self
+            .hypervisor
+            .as_deref()
+            .ok_or_else(|| Error::Boot("no backend".into()))?;
+        Ok(Env {
+            config,
+            hypervisor,
+            output: Box::new(self.output.clone()),
+            handle: &self.handle,
+            disks: &self.disks,
+        })
+    }
+
+    fn publish(&self, m: &Machine) {
+        *lock(&self.handle.0.view) = Some(Arc::new(m.view()));
+        *lock(&self.handle.0.backend) = self.hypervisor.as_ref().map(|h| h.name().to_string());
+        *lock(&self.handle.0.boots) += 1;
+        *lock(&self.handle.0.last_stop) = None;
+    }
+
+    fn boot(&self) -> Result<Machine, Error> {
+        let m = Machine::boot(self.env()?)?;
+        self.publish(&m);
+        self.handle.set_state(Lifecycle::Running);
+        Ok(m)
+    }
+
+    fn restore_machine(
+        &self,
+        state: &MachineState,
+        dir: &Path,
+        paused: bool,
+    ) -> Result<Machine, Error> {
+        let mem = snapshot::map_memory(dir, state).map_err(|e| Error::Snapshot(e.to_string()))?;
+        let mut m = Machine::restore(self.env()?, state, mem)?;
+        self.publish(&m);
+        self.handle.set_state(Lifecycle::Paused);
+        if !paused {
+            m.resume()?;
+            self.handle.set_state(Lifecycle::Running);
         }
-        lock(&control.kickers).clear();
-        match spawn_error {
-            Some(e) => Err(Error::Thread(e)),
-            None => Ok(reason),
+        tracing::info!(
+            "restored from {}: {}",
+            dir.display(),
+            self.handle.state().as_str()
+        );
+        Ok(m)
+    }
+
+    fn command(
+        &mut self,
+        cmd: Command,
+        machine: &mut Option<Machine>,
+    ) -> Result<Option<snapshot::MemoryStats>, CommandError> {
+        use Lifecycle::*;
+        let state = self.handle.state();
+        let failed = |e: Error| CommandError::failed(e.to_string());
+        match cmd {
+            Command::Configure(config) => {
+                if !matches!(state, NotConfigured | Created | Stopped) {
+                    return Err(CommandError::conflict(
+                        state,
+                        "configure",
+                        "; power it off first",
+                    ));
+                }
+                config
+                    .validate(crate::config::host_memory())
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
+                vireo_arch::loader::check_kernel(&config.kernel)
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
+                let hypervisor =
+                    backend_for(&config).map_err(|e| CommandError::bad(e.to_string()))?;
+                check(&config, hypervisor.as_ref())
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
+                // The old disks are let go first: the new configuration may name the same.
+                self.disks.clear();
+                self.disks = crate::pci::open_disks(&config)
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
+                *lock(&self.handle.0.config) = Some((*config).clone());
+                self.config = Some(*config);
+                self.hypervisor = Some(hypervisor);
+                self.handle.set_state(Created);
+                Ok(None)
+            }
+            Command::Boot => {
+                if state != Created {
+                    return Err(CommandError::conflict(
+                        state,
+                        "boot",
+                        match state {
+                            NotConfigured => "; configure it first",
+                            Stopped => "; configure it again to boot a new VM",
+                            _ => "",
+                        },
+                    ));
+                }
+                *machine = Some(self.boot().map_err(failed)?);
+                Ok(None)
+            }
+            Command::Pause => {
+                let Some(m) = machine.as_mut().filter(|_| state == Running) else {
+                    return Err(CommandError::conflict(state, "pause", ""));
+                };
+                m.pause(&self.handle).map_err(failed)?;
+                self.handle.set_state(Paused);
+                Ok(None)
+            }
+            Command::Resume => {
+                let Some(m) = machine.as_mut().filter(|_| state == Paused) else {
+                    return Err(CommandError::conflict(state, "resume", ""));
+                };
+                m.resume().map_err(failed)?;
+                self.handle.set_state(Running);
+                Ok(None)
+            }
+            Command::Shutdown => {
+                let Some(m) = machine.as_ref().filter(|_| state == Running) else {
+                    return Err(CommandError::conflict(
+                        state,
+                        "press the power button",
+                        if state == Paused {
+                            "; resume it first"
+                        } else {
+                            ""
+                        },
+                    ));
+                };
+                m.power_button().press();
+                Ok(None)
+            }
+            Command::PowerOff => {
+                let Some(m) = machine.take().filter(|_| matches!(state, Running | Paused)) else {
+                    return Err(CommandError::conflict(state, "power off", ""));
+                };
+                self.retire(m);
+                *lock(&self.handle.0.last_stop) = Some("PowerOff (requested)".into());
+                self.handle.set_state(Stopped);
+                Ok(None)
+            }
+            Command::Reboot => {
+                let Some(m) = machine.take().filter(|_| matches!(state, Running | Paused)) else {
+                    return Err(CommandError::conflict(state, "reboot", ""));
+                };
+                self.retire(m);
+                match self.boot() {
+                    Ok(m) => {
+                        *machine = Some(m);
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        self.handle.set_state(Stopped);
+                        Err(failed(e))
+                    }
+                }
+            }
+            Command::Snapshot(dir) => {
+                let Some(m) = machine.as_ref().filter(|_| state == Paused) else {
+                    return Err(CommandError::conflict(
+                        state,
+                        "snapshot",
+                        if state == Running {
+                            "; pause it first"
+                        } else {
+                            ""
+                        },
+                    ));
+                };
+                let (Some(config), Some(h)) = (&self.config, &self.hypervisor) else {
+                    return Err(CommandError::failed("no configuration"));
+                };
+                m.snapshot(&dir, config, h.name()).map(Some).map_err(failed)
+            }
+            Command::Restore(req) => {
+                if !matches!(state, NotConfigured | Created | Stopped) {
+                    return Err(CommandError::conflict(
+                        state,
+                        "restore",
+                        "; power it off first",
+                    ));
+                }
+                self.disks.clear();
+                let (ms, hypervisor, disks, config) = prepare_restore(&req)?;
+                self.disks = disks;
+                self.hypervisor = Some(hypervisor);
+                *lock(&self.handle.0.config) = Some(config.clone());
+                self.config = Some(config);
+                match self.restore_machine(&ms, &req.snapshot, req.paused) {
+                    Ok(m) => {
+                        *machine = Some(m);
+                        Ok(None)
+                    }
+                    Err(e) => {
+                        self.handle.set_state(Stopped);
+                        Err(failed(e))
+                    }
+                }
+            }
+            Command::Exit => Ok(None),
         }
     }
 }
 
-fn vcpu_loop(mut vcpu: Box<dyn Vcpu>, bus: &IoBus, handle: &VmmHandle) {
-    while !handle.0.stopping.load(Ordering::SeqCst) {
-        match vcpu.run(bus) {
-            Ok(VmExit::Interrupted) | Ok(VmExit::Hlt) => {}
-            Ok(VmExit::Shutdown) => {
-                tracing::info!("vCPU {}: triple fault, resetting", vcpu.id());
-                handle.stop(StopReason::Reset);
-            }
-            Ok(VmExit::Reset) => handle.stop(StopReason::Reset),
-            Ok(VmExit::PowerOff) => handle.stop(StopReason::PowerOff),
-            Err(e) => {
-                handle.stop(StopReason::Failure(e.to_string()));
-                return;
-            }
+/// A checked snapshot, ready to be built: its state, backend, open disks, configuration.
+type Prepared = (
+    MachineState,
+    Box<dyn Hypervisor>,
+    Vec<Arc<vireo_virtio::DiskImage>>,
+    VmConfig,
+);
+
+/// Read and check a snapshot, open its disks (or their replacements) and its backend.
+fn prepare_restore(req: &RestoreRequest) -> Result<Prepared, CommandError> {
+    let bad = |e: &dyn std::fmt::Display| CommandError::bad(e.to_string());
+    let state = snapshot::read_state(&req.snapshot).map_err(|e| bad(&e))?;
+    // The memory file is checked (header, id, size) before anything is built.
+    snapshot::check_memory(&req.snapshot, &state).map_err(|e| bad(&e))?;
+    let mut config = state.config.clone();
+    if let Some(disks) = &req.disks {
+        if disks.len() != config.disks.len() {
+            return Err(CommandError::bad(format!(
+                "the snapshot has {} disks; {} were given",
+                config.disks.len(),
+                disks.len()
+            )));
         }
+        config.disks = disks.clone();
     }
-}
-
-fn create_memory(cfg: &VmConfig) -> Result<GuestMemory, Error> {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.memory.0)
-        .into_iter()
-        .map(|(start, len)| (GuestAddress(start), len as usize))
-        .collect();
-    GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory {
-        size: cfg.memory,
-        reason: e.to_string(),
-    })
-}
-
-/// Kernel, initrd, ACPI tables, boot page tables and zero page. Returns the entry point.
-fn load_guest(cfg: &VmConfig, mem: &GuestMemory) -> Result<u64, Error> {
-    let boot_err = |e: &dyn std::fmt::Display| Error::Boot(e.to_string());
-    let kernel = loader::load_kernel(mem, &cfg.kernel)?;
-    let initrd = match &cfg.initrd {
-        Some(path) => Some(loader::load_initrd(
-            mem,
-            path,
-            cfg.memory.0,
-            kernel.end,
-            kernel.setup_header.as_ref(),
-        )?),
-        None => None,
+    let accel = match state.backend.as_str() {
+        "kvm" => crate::config::Accel::Kvm,
+        "emu" => crate::config::Accel::Emu,
+        other => {
+            return Err(CommandError::bad(format!(
+                "unknown backend {other:?} in the snapshot"
+            )))
+        }
     };
-    let rsdp = acpi::write_tables(mem, cfg.cpus, &acpi::LegacyDevices::default())
-        .map_err(|e| boot_err(&e))?;
-    cpu::write_boot_tables(mem).map_err(|e| boot_err(&e))?;
-    boot::write_zero_page(
-        mem,
-        &boot::ZeroPage {
-            mem_size: cfg.memory.0,
-            cmdline: &cfg.cmdline,
-            setup_header: kernel.setup_header,
-            initrd,
-            rsdp,
-        },
-    )
-    .map_err(|e| boot_err(&e))?;
-    Ok(kernel.entry)
-}
-
-fn create_vcpus(cfg: &VmConfig, vm: &dyn Vm, entry: u64) -> Result<Vec<Box<dyn Vcpu>>, Error> {
-    let boot_err = |e: &dyn std::fmt::Display| Error::Boot(e.to_string());
-    let supported = vm.supported_cpuid()?;
-    let mtrr = cpuid::has_mtrr(&supported);
-    let mut vcpus = Vec::with_capacity(cfg.cpus as usize);
-    for id in 0..cfg.cpus {
-        let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.set_cpuid(&cpuid::vcpu_cpuid(&supported, id, cfg.cpus))?;
-        cpu::setup_vcpu_common(vcpu.as_mut(), mtrr).map_err(|e| boot_err(&e))?;
-        if id == 0 {
-            cpu::setup_boot_vcpu(vcpu.as_mut(), entry).map_err(|e| boot_err(&e))?;
-        }
-        vcpus.push(vcpu);
+    config.accel = accel;
+    let hypervisor = backend_for(&config).map_err(|e| bad(&e))?;
+    if hypervisor.name() != state.backend {
+        return Err(CommandError::bad(format!(
+            "the snapshot is of a VM on {}, which is not available here",
+            state.backend
+        )));
     }
-    Ok(vcpus)
+    check(&config, hypervisor.as_ref()).map_err(|e| bad(&e))?;
+    let disks = crate::pci::open_disks(&config).map_err(|e| bad(&e))?;
+    Ok((state, hypervisor, disks, config))
 }

@@ -234,7 +234,45 @@ pub struct Cmos {
     bad_time_logged: bool,
 }
 
+/// The CMOS/RTC state as data (snapshots). The clock is the host's UTC plus the guest's
+/// offset, so a restored guest's RTC shows the host's time then (its time jumps).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    index: u8,
+    data: Vec<u8>,
+    offset_secs: i64,
+    irq_level: bool,
+    flags: u8,
+}
+
 impl Cmos {
+    /// The state as data.
+    pub fn state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            data: self.data.to_vec(),
+            offset_secs: self.offset_secs,
+            irq_level: self.irq_level,
+            flags: self.flags,
+        }
+    }
+
+    /// Load a state from [`Cmos::state`]; a malformed one is refused.
+    pub fn restore(&mut self, s: &CmosState) -> Result<(), String> {
+        self.data = s
+            .data
+            .as_slice()
+            .try_into()
+            .map_err(|_| "CMOS: RAM is not 128 bytes".to_string())?;
+        self.index = s.index;
+        self.offset_secs = s.offset_secs;
+        self.irq_level = s.irq_level;
+        self.flags = s.flags;
+        self.last_update = self.rtc_now().0;
+        self.last_periodic = self.periodic_index().unwrap_or(0);
+        Ok(())
+    }
+
     /// A CMOS with `mem_below_4g` bytes of RAM from address 0 up to the 32-bit MMIO hole
     /// and `mem_above_4g` bytes from 4 GiB up, without an interrupt line.
     pub fn new(mem_below_4g: u64, mem_above_4g: u64) -> Self {
@@ -923,5 +961,24 @@ mod tests {
             hammer(&mut c, CMOS_LEN, 10_000, 7);
             let _ = c.next_deadline();
         }
+    }
+
+    #[test]
+    fn state_round_trips_and_keeps_the_guest_offset() {
+        let clock = TestClock::at(1_700_000_000, 0);
+        let mut a = cmos_at(&clock);
+        a.write(INDEX_OFFSET, &[0x40]);
+        a.write(DATA_OFFSET, &[0x99]);
+        a.offset_secs = -3600;
+        let st = a.state();
+        let mut b = cmos_at(&clock);
+        b.restore(&st).unwrap();
+        assert_eq!(b.state(), st);
+        let mut v = [0u8];
+        b.read(DATA_OFFSET, &mut v);
+        assert_eq!(v[0], 0x99);
+        let mut bad = st;
+        bad.data.pop();
+        assert!(b.restore(&bad).is_err());
     }
 }

@@ -4,12 +4,14 @@
 pub mod acpi_pm;
 pub mod cmos;
 pub mod i8042;
+pub mod power_button;
 pub mod pvpanic;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
 pub use cmos::Cmos;
 pub use i8042::I8042;
+pub use power_button::PowerButton;
 pub use pvpanic::PvPanic;
 pub use serial::Serial;
 

@@ -47,7 +47,73 @@ pub struct Serial {
     output_error_logged: bool,
 }
 
+/// The UART's state as data (snapshots): its registers, receive FIFO and the host input
+/// still queued.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub fifo: Vec<u8>,
+    pub pending_input: Vec<u8>,
+}
+
 impl Serial {
+    /// The state as data.
+    pub fn state(&self) -> SerialState {
+        let u = self.uart.state();
+        SerialState {
+            baud_divisor_low: u.baud_divisor_low,
+            baud_divisor_high: u.baud_divisor_high,
+            interrupt_enable: u.interrupt_enable,
+            interrupt_identification: u.interrupt_identification,
+            line_control: u.line_control,
+            line_status: u.line_status,
+            modem_control: u.modem_control,
+            modem_status: u.modem_status,
+            scratch: u.scratch,
+            fifo: u.in_buffer,
+            pending_input: self.input.iter().copied().collect(),
+        }
+    }
+
+    /// A UART in state `s` (from [`Serial::state`]), raising `irq` and writing to `out`.
+    pub fn from_state(
+        s: &SerialState,
+        irq: Arc<dyn IrqLine>,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let u = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.fifo.clone(),
+        };
+        if s.pending_input.len() > INPUT_QUEUE_LIMIT {
+            return Err("serial: input queue too long".into());
+        }
+        let uart = vm_superio::Serial::from_state(&u, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(Serial {
+            uart,
+            input: s.pending_input.iter().copied().collect(),
+            input_overflowed: false,
+            output_error_logged: false,
+        })
+    }
+
     /// A UART raising `irq` and writing guest output to `out`.
     pub fn new(irq: Arc<dyn IrqLine>, out: Box<dyn Write + Send>) -> Self {
         Serial {
@@ -289,5 +355,23 @@ mod tests {
         let (mut s, _, _) = serial();
         s.queue_input(&[0x55; 300]);
         hammer(&mut s, SERIAL_REGISTERS + 2, 50_000, 0x5e7a1);
+    }
+
+    #[test]
+    fn state_round_trips_with_fifo_and_queued_input() {
+        let (mut s, _, _) = serial();
+        s.write(IER, &[IER_RDA]);
+        s.write(7, &[0x5a]); // scratch
+        s.queue_input(&[b'x'; 100]);
+        let st = s.state();
+        assert_eq!(st.fifo.len() + st.pending_input.len(), 100);
+        let irq = Arc::new(FakeIrq::default());
+        let mut r = Serial::from_state(&st, irq.clone(), Box::new(io::sink())).unwrap();
+        assert_eq!(r.state(), st);
+        assert_eq!(rd(&mut r, 7), 0x5a);
+        assert_eq!(rd(&mut r, DATA), b'x');
+        let mut bad = st.clone();
+        bad.fifo = vec![0; 65];
+        assert!(Serial::from_state(&bad, irq, Box::new(io::sink())).is_err());
     }
 }

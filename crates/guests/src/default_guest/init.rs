@@ -98,44 +98,67 @@ pub fn script(version: &str, modules: &[String], install_applets: bool) -> Strin
     } else {
         ""
     };
-    let module_list = modules.join(" \\\n    ");
+    let module_list = modules.join(" \\\n        ");
     format!(
         r#"#!/bin/sh
 # /init of the vireo default guest (written by vireo-guests; do not edit: it is rebuilt).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-{install}mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+{install}# After a switch from the initramfs these are already mounted (moved over).
+[ -e /proc/self ] || mount -t proc proc /proc
+[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
+grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts
-mount -t devpts devpts /dev/pts
+grep -q ' /dev/pts ' /proc/mounts || mount -t devpts devpts /dev/pts
 hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 
-# Virtio drivers, each after the modules it depends on.
-d=/lib/modules/{version}
-for m in \
-    {module_list}
-do
-    insmod "$d/$m" 2>/tmp/insmod.err ||
-        echo "vireo-guest: insmod ${{m##*/}} failed: $(cat /tmp/insmod.err)"
-done
-rm -f /tmp/insmod.err
-
 cmd=
+root=
 read -r line </proc/cmdline
 set -f
 for p in $line; do
     case "$p" in
     {CMD_PARAM}=*) cmd="${{p#{CMD_PARAM}=}}" ;;
+    root=/dev/*) root="${{p#root=}}" ;;
     esac
 done
 set +f
+
+if [ -e /{MARKER} ]; then
+    # Virtio drivers, each after the modules it depends on.
+    d=/lib/modules/{version}
+    for m in \
+        {module_list}
+    do
+        insmod "$d/$m" 2>/tmp/insmod.err ||
+            echo "vireo-guest: insmod ${{m##*/}} failed: $(cat /tmp/insmod.err)"
+    done
+    rm -f /tmp/insmod.err
+
+    # root=/dev/vdX: mount the root disk and continue with its /init.
+    if [ -n "$root" ]; then
+        mkdir -p /newroot
+        if mount -t ext4 "$root" /newroot; then
+            for m in /dev /proc /sys; do
+                mount --move "$m" "/newroot$m"
+            done
+            exec switch_root /newroot /init
+        fi
+        echo "vireo-guest: cannot mount the root disk $root; staying in the initramfs"
+    fi
+fi
+
+# The ACPI power button shuts the guest down cleanly (/etc/acpi/PWRF/00000080).
+[ -d /sys/module/button ] && acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null
 
 export PS1='\h:\w\$ '
 if [ -n "$cmd" ]; then
     if script=$(echo "$cmd" | base64 -d) && [ -n "$script" ]; then
         echo "{READY_LINE}"
-        setsid cttyhack sh -c "$script"
+        # The command runs under a session leader that waits for the console to drain its
+        # output (busybox stty sets with TCSETSW) before it exits: a session leader's exit
+        # hangs up the console, which discards output not yet sent.
+        setsid cttyhack sh -c 'sh -c "$1"; rc=$?; stty "$(stty -g)" 2>/dev/null; exit $rc' sh "$script"
         echo "{EXIT_STATUS_PREFIX}$?"
     else
         echo "vireo-guest: cannot decode {CMD_PARAM}= from the kernel command line"
@@ -146,7 +169,8 @@ else
 fi
 sync
 poweroff -f
-"#
+"#,
+        MARKER = super::ROOTFS_MARKER_INITRAMFS,
     )
 }
 

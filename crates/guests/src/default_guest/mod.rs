@@ -20,6 +20,7 @@ pub mod busybox;
 pub mod cpio;
 pub mod init;
 pub mod modules;
+mod rootfs;
 
 use std::ffi::OsString;
 use std::fs::{self, File};
@@ -58,6 +59,10 @@ pub const VIRTIO_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
     "pvpanic",
     "pvpanic_mmio",
+    // The ACPI power button (`\_SB.PWRB`, reported through the GED) and the event devices
+    // `acpid` reads it from.
+    "evdev",
+    "button",
 ];
 
 /// The base kernel command line for the default guest on a PC-like machine with a 16550 at
@@ -85,11 +90,27 @@ const MANIFEST: &str = "manifest.json";
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "initrd.cpio";
 
+/// Present in the initramfs only: tells `/init` it runs from the initramfs (and may switch to
+/// a root disk), not from the root disk made of the same tree.
+pub(crate) const ROOTFS_MARKER_INITRAMFS: &str = "etc/vireo-initramfs";
+
 /// Fixed files of the initramfs: `(path, contents, permissions)`.
 const ETC_FILES: &[(&str, &str, u32)] = &[
+    (ROOTFS_MARKER_INITRAMFS, "", 0o644),
     ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
     ("etc/group", "root:x:0:\n", 0o644),
     ("etc/hostname", "vireo\n", 0o644),
+    // busybox acpid runs `<conf dir>/PWRF/00000080` for the power button (KEY_POWER).
+    (
+        "etc/acpi/PWRF/00000080",
+        "#!/bin/sh\n\
+         # The ACPI power button: shut down cleanly.\n\
+         echo 'vireo-guest: power button pressed, shutting down' >/dev/console\n\
+         sync\n\
+         mount -o remount,ro / 2>/dev/null\n\
+         poweroff -f\n",
+        0o755,
+    ),
 ];
 /// Empty directories of the initramfs: `(path, permissions)`.
 const DIRS: &[(&str, u32)] = &[
@@ -108,7 +129,7 @@ const DIRS: &[(&str, u32)] = &[
 /// What to build.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// Reserved: also build an ext4 root disk image. Not implemented yet; `true` is an error.
+    /// Also build the ext4 root disk image (see [`root_disk`]).
     pub root_disk: bool,
 }
 
@@ -169,8 +190,6 @@ pub enum Error {
     Module(String),
     #[error(transparent)]
     Command(#[from] init::CommandError),
-    #[error("a root disk image for the default guest is not implemented yet; run without it")]
-    RootDiskUnsupported,
 }
 
 type Result<T> = std::result::Result<T, Error>;
@@ -218,9 +237,21 @@ pub fn command_param(args: &[String]) -> Result<String> {
 
 /// Build (first time) or verify (later) the default guest in `cache`; returns its paths.
 pub fn ensure(cache: &Path, opts: &Options) -> Result<DefaultGuest> {
+    let guest = ensure_kernel_and_initrd(cache)?;
     if opts.root_disk {
-        return Err(Error::RootDiskUnsupported);
+        rootfs::ensure_root_image(cache, &guest)?;
     }
+    Ok(guest)
+}
+
+/// Give `dest` the default guest's root disk (an ext4 image of the busybox tree) unless it
+/// exists: a new disk is a sparse copy of the pristine image in the cache; an existing one is
+/// used as it is, so what the guest writes persists. Boot it with `root=/dev/vda` (first disk).
+pub fn root_disk(cache: &Path, guest: &DefaultGuest, dest: &Path) -> Result<()> {
+    rootfs::prepare_root_disk(cache, guest, dest)
+}
+
+fn ensure_kernel_and_initrd(cache: &Path) -> Result<DefaultGuest> {
     fs::create_dir_all(cache).map_err(io_err(format!(
         "creating cache directory {}",
         cache.display()
@@ -258,10 +289,10 @@ pub fn ensure(cache: &Path, opts: &Options) -> Result<DefaultGuest> {
 }
 
 /// An exclusive `flock(2)` on the cache's lock file, released when dropped (the file closes).
-struct CacheLock(#[allow(dead_code)] File);
+pub(crate) struct CacheLock(#[allow(dead_code)] File);
 
 impl CacheLock {
-    fn acquire(path: &Path) -> Result<Self> {
+    pub(crate) fn acquire(path: &Path) -> Result<Self> {
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -903,16 +934,6 @@ mod tests {
         // Garbage manifest.
         fs::write(dir.join(MANIFEST), b"{not json").unwrap();
         assert!(verify(&dir).unwrap_err().contains("manifest"));
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn root_disk_is_refused_before_any_work() {
-        let dir = scratch("rootdisk");
-        let cache = dir.join("cache");
-        let e = ensure(&cache, &Options { root_disk: true }).unwrap_err();
-        assert!(matches!(e, Error::RootDiskUnsupported));
-        assert!(!cache.exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -27,6 +27,10 @@
 //! | `CmosTime` | `rtc: 2026-11-29 09:19:20` |
 //! | `UserMode` | `user: cpl=3 result=<16 hex digits>`, `user: back in ring 0` |
 //! | `PioLoop` etc. | `S`, then `n` accesses, `E` |
+//! | `PciScan` | per function `pci 00:SS.F VVVV:DDDD class CCCCCC` and `caps 00:SS.F II II ...`, then per BAR `bar 00:SS.F N io|mem32|mem64 addr=<16 hex> size=<16 hex>`, then `ecam ok` (or `ecam mismatch <n>`) |
+//! | `VirtioBlk` | the `found`/`features-ok`/`driver-ok` lines, then `virtio-blk: get-id irq=1 timeout=0 used=1 len=<n> status=00 serial=<text>`, `virtio-blk: read ... data=<32 hex>`, `virtio-blk: write ... status=00`, `virtio-blk: flush ... status=00` |
+//! | `Counter` | `count 0`, `count 1`, ... every 100 ms, forever |
+//! | `VirtioRng` | `virtio-rng: found at 00:SS.F`, `virtio-rng: features-ok status=0b`, `virtio-rng: driver-ok status=0f vector=0001`, `virtio-rng: irq=<n> timeout=<0/1> used=<n> len=<n> random=yes/no` |
 //!
 //! After its output a probe powers off the [`Platform`]'s way (except the reset probes, which
 //! halt if the reset did not happen), then halts with interrupts off.
@@ -35,6 +39,7 @@ mod asm;
 mod boot;
 mod elf;
 mod memory;
+mod pci;
 mod probes;
 
 pub use memory::LOAD_ADDR;
@@ -84,7 +89,28 @@ pub enum Probe {
     MmioLoop { n: u32, addr: u64 },
     /// `n` times a 32-bit read from `addr` (below 4 GiB).
     MmioReadLoop { n: u32, addr: u64 },
+    /// Enumerates bus 0 through ports 0xCF8/0xCFC (and checks the IDs through ECAM), then
+    /// sizes every BAR with decoding off, as an OS does.
+    PciScan,
+    /// Finds the virtio-rng function (1af4:1044), moves its BAR to 0xc100_0000, initialises
+    /// it (VERSION_1 only), routes the queue's MSI-X vector to the boot CPU, offers one
+    /// 64-byte buffer, notifies, and waits (at most about two seconds of LAPIC timer) for the
+    /// interrupt.
+    VirtioRng,
+    /// Counts forever: a periodic local APIC timer (vector 0x30, every 10 ms at a 1 GHz APIC
+    /// bus) interrupts a `sti; hlt` loop, and every 10 ticks the probe prints `count <n>`
+    /// with `n` = 0, 1, 2, ... (kept in R12). For snapshot tests: a restored probe goes on
+    /// counting from where it was, which needs its registers, IDT, LAPIC timer and pending
+    /// interrupts back.
+    Counter,
+    /// Finds the first virtio-blk function (1af4:1042) and sets it up as `VirtioRng` does
+    /// (accepting VIRTIO_BLK_F_FLUSH too), then, one request at a time: GET_ID (prints the serial), IN of sector 0 (prints its
+    /// first 16 bytes in hex), OUT of sector 1 ([`BLK_PROBE_PATTERN`] repeated), FLUSH.
+    VirtioBlk,
 }
+
+/// What the `VirtioBlk` probe writes to sector 1 of the disk: these 16 bytes, 32 times.
+pub const BLK_PROBE_PATTERN: &[u8; 16] = pci::BLK_PROBE_PATTERN;
 
 /// How a probe powers off and resets: the registers differ between VMMs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

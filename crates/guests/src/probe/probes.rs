@@ -110,8 +110,72 @@ pub(crate) fn emit(
         Probe::MmioReadLoop { n, addr } => {
             io_loop(asm, n, |a| a.mov(rbx, addr), |a| a.mov(eax, dword_ptr(rbx)))?
         }
+        Probe::PciScan => super::pci::pci_scan(asm)?,
+        Probe::VirtioRng => super::pci::virtio_rng(asm)?,
+        Probe::VirtioBlk => super::pci::virtio_blk(asm)?,
+        Probe::Counter => counter(asm)?,
     }
     Ok(None)
+}
+
+/// The counter's timer vector, period (APIC bus clocks, divide by 1) and ticks per line.
+const COUNTER_VECTOR: u32 = 0x30;
+const COUNTER_PERIOD: u32 = 10_000_000;
+const COUNTER_TICKS_PER_LINE: u32 = 10;
+const LAPIC_EOI: i32 = 0xb0;
+const LAPIC_LVT_TIMER: i32 = 0x320;
+const LAPIC_TIMER_INITIAL: i32 = 0x380;
+const LAPIC_TIMER_DIVIDE: i32 = 0x3e0;
+const LVT_TIMER_PERIODIC: u32 = 1 << 17;
+
+/// `Probe::Counter`.
+fn counter(asm: &mut Asm) -> Result<(), IcedError> {
+    let ticks = asm.blob(vec![0u8; 8]);
+    let mut on_tick = asm.label();
+    let mut next = asm.label();
+    let mut wait = asm.label();
+    asm.idt_entries = asm.idt_entries.max(COUNTER_VECTOR + 1);
+    asm.a.mov(edi, COUNTER_VECTOR)?;
+    asm.a.lea(rax, ptr(on_tick))?;
+    asm.a.mov(edx, GATE_INTERRUPT_DPL0)?;
+    asm.a.call(asm.l.set_gate)?;
+    {
+        let a = &mut asm.a;
+        a.mov(ebx, LAPIC_START as u32)?;
+        a.mov(dword_ptr(rbx + LAPIC_SVR), 0x1ffu32)?;
+        a.mov(dword_ptr(rbx + LAPIC_TIMER_DIVIDE), 0xbu32)?; // divide by 1
+        a.mov(
+            dword_ptr(rbx + LAPIC_LVT_TIMER),
+            COUNTER_VECTOR | LVT_TIMER_PERIODIC,
+        )?;
+        a.mov(dword_ptr(rbx + LAPIC_TIMER_INITIAL), COUNTER_PERIOD)?;
+        a.xor(r12d, r12d)?; // the count
+        a.xor(r13d, r13d)?; // ticks at the last line
+    }
+    asm.set(&mut next)?;
+    asm.print("count ")?;
+    asm.print_dec(r12, 1)?;
+    asm.print_char(b'\n')?;
+    asm.a.inc(r12)?;
+    asm.a.add(r13d, COUNTER_TICKS_PER_LINE)?;
+    asm.set(&mut wait)?;
+    // `sti; hlt`: an interrupt pending as hlt starts is still taken, so none is lost.
+    asm.a.sti()?;
+    asm.a.hlt()?;
+    asm.a.cli()?;
+    asm.a.mov(eax, dword_ptr(ticks))?;
+    asm.a.sub(eax, r13d)?;
+    asm.a.cmp(eax, COUNTER_TICKS_PER_LINE)?;
+    // Signed: ticks at or past the next line's (wrapping arithmetic on the 32-bit counts).
+    asm.a.jge(next)?;
+    asm.a.jmp(wait)?;
+    asm.set(&mut on_tick)?;
+    asm.a.push(rbx)?;
+    asm.a.inc(dword_ptr(ticks))?;
+    asm.a.mov(ebx, LAPIC_START as u32)?;
+    asm.a.mov(dword_ptr(rbx + LAPIC_EOI), 0u32)?;
+    asm.a.pop(rbx)?;
+    asm.a.iretq()
 }
 
 /// `still-running`, then halt for good (a reset that did not happen).

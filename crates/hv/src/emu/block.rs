@@ -3,22 +3,106 @@
 //! A block is a run of up to [`MAX_OPS`] instructions inside one 4 KiB page that ends at the
 //! first control transfer or state-changing system instruction. Blocks are keyed by the
 //! guest-physical address of their first byte plus the decoding mode (16/32/64-bit), so one
-//! block serves every linear mapping of the page. Each block keeps a copy of the bytes it was
-//! decoded from; before a block runs, those bytes are compared with guest memory, so a block
-//! never executes stale code, whoever changed it (this CPU, another vCPU, or a device writing
-//! through `vm-memory`). A store into the block that is running ends it after the storing
-//! instruction (see `Exec::note_store`).
+//! block serves every linear mapping of the page.
+//!
+//! Self-modifying code: every block keeps a copy of the bytes it was decoded from and the code
+//! epoch (`Cpu::epoch`) at which those bytes were last seen in guest memory. A block runs
+//! without a check while its epoch is current; otherwise its bytes are compared with guest
+//! memory first (and the block is rebuilt if they differ). The epoch moves whenever code may
+//! have changed behind the cache's back:
+//!
+//! - a store by any vCPU into a *code page* (a page some block was decoded from or validated
+//!   in, flagged in the VM-wide [`CodePages`]): stores check the flag (one load) and the first
+//!   store clears it and bumps the VM-wide epoch (`VmShared::code_changed`);
+//! - a device interrupt (`IrqLine`, MSI) or an I/O exit (port I/O, MMIO): device DMA through
+//!   `vm-memory` does not go through the emulator, and a guest only runs code a device wrote
+//!   after it learned of the transfer, by an interrupt or by polling after its request (an I/O
+//!   exit);
+//! - the VMM entering `Vcpu::run` or replacing the memory map;
+//! - serializing instructions on this vCPU (IRET, CPUID, MOV to CR, WRMSR, INVLPG, ...), as
+//!   the SDM requires of cross-modifying code (Vol. 3A §8.1.3): this covers a store by another
+//!   vCPU that raced with the flag being set.
+//!
+//! A store into the block that is running ends it after the storing instruction
+//! (`Cpu::note_store`, on the code-page path).
 //!
 //! Storage is three arenas (blocks, ops, bytes) and a direct-mapped index; when an arena is
 //! full everything is dropped and rebuilt on demand.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{fence, AtomicU8, Ordering};
+
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::cpu::{Exc, R};
 use super::decode;
 use super::exec::{fetch_cross, Exec, Op};
 use super::mmu::{load, PAGE_SIZE};
+use crate::GuestMemory;
+
+/// One flag per 4 KiB page of guest RAM, shared by all vCPUs: set while decoded blocks may
+/// exist for the page (see the module comment). Index 0 stands for "not RAM" and is never set.
+pub struct CodePages {
+    flags: Box<[AtomicU8]>,
+    /// (guest-physical start, length, index of the region's first page).
+    regions: Vec<(u64, u64, usize)>,
+}
+
+impl CodePages {
+    pub fn new(mem: &GuestMemory) -> CodePages {
+        let mut regions = Vec::new();
+        let mut next = 1usize;
+        for r in mem.iter() {
+            let len = r.len();
+            regions.push((r.start_addr().0, len, next));
+            next = next.saturating_add(len.div_ceil(PAGE_SIZE) as usize);
+        }
+        CodePages {
+            flags: (0..next).map(|_| AtomicU8::new(0)).collect(),
+            regions,
+        }
+    }
+
+    /// Index of the first page of the region starting at guest-physical `start`.
+    pub fn region_base(&self, start: u64) -> usize {
+        self.regions
+            .iter()
+            .find(|r| r.0 == start)
+            .map(|r| r.2)
+            .unwrap_or(0)
+    }
+
+    #[inline(always)]
+    pub fn is_code(&self, i: usize) -> bool {
+        self.flags
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Relaxed) != 0)
+    }
+
+    /// Flag page `i` as holding decoded code; stores into it check in from now on.
+    #[inline]
+    fn set(&self, i: usize) {
+        if i != 0 {
+            if let Some(f) = self.flags.get(i) {
+                if f.load(Ordering::Relaxed) == 0 {
+                    f.store(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // The flag must be visible to other vCPUs' stores before the bytes are read.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Unflag page `i` (a store hit it); true when it was flagged.
+    #[inline]
+    pub fn clear(&self, i: usize) -> bool {
+        self.flags
+            .get(i)
+            .is_some_and(|f| f.swap(0, Ordering::Relaxed) != 0)
+    }
+}
 
 /// Most instructions in one block.
 pub const MAX_OPS: usize = 32;
@@ -36,6 +120,8 @@ pub const DECODER_OPTIONS: u32 = DecoderOptions::NO_MPFX_0FBC | DecoderOptions::
 #[derive(Debug, Clone, Copy)]
 struct Block {
     key: u64,
+    /// The code epoch at which the bytes were last checked against guest memory.
+    epoch: u64,
     op_start: u32,
     op_len: u16,
     byte_start: u32,
@@ -45,6 +131,8 @@ struct Block {
 pub struct BlockCache {
     /// Direct-mapped: slot → block number (`u32::MAX`: empty); the block holds its key.
     index: Vec<u32>,
+    /// Every block built since the last clear, by key (the index only remembers one per slot).
+    all: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     blocks: Vec<Block>,
     ops: Vec<Op>,
     bytes: Vec<u8>,
@@ -53,11 +141,38 @@ pub struct BlockCache {
     pub built: u64,
     /// Blocks found stale (their bytes changed) and rebuilt.
     pub stale: u64,
+    /// Byte comparisons that found a block unchanged after the epoch moved.
+    pub revalidated: u64,
+}
+
+/// The cache key of a block: the guest-physical address of its first byte and the decoding
+/// mode (16, 32 or 64).
+#[inline(always)]
+pub fn block_key(phys: u64, bitness: u8) -> u64 {
+    (phys << 7) | bitness as u64
 }
 
 #[inline(always)]
 fn slot(key: u64) -> usize {
     (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - INDEX_BITS)) as usize
+}
+
+/// A hasher for block keys (guest-physical address and mode): one multiply.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        self.0 = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl Default for BlockCache {
@@ -70,32 +185,79 @@ impl BlockCache {
     pub fn new() -> BlockCache {
         BlockCache {
             index: vec![u32::MAX; 1 << INDEX_BITS],
+            all: HashMap::default(),
             blocks: Vec::new(),
             ops: Vec::new(),
             bytes: Vec::new(),
             tmp: Vec::new(),
             built: 0,
             stale: 0,
+            revalidated: 0,
         }
     }
 
     /// Drop every block.
     pub fn clear(&mut self) {
         self.index.fill(u32::MAX);
+        self.all.clear();
         self.blocks.clear();
         self.ops.clear();
         self.bytes.clear();
     }
 
-    /// The block for `key` whose bytes still match guest memory at host address `host`.
+    /// The ops and byte length of the block for `key`, if it is in the index and valid at code
+    /// epoch `epoch`.
     #[inline(always)]
-    pub fn find(&mut self, key: u64, host: usize) -> Option<u32> {
-        let b = self.index[slot(key)];
-        let blk = self.blocks.get(b as usize).filter(|blk| blk.key == key)?;
+    pub fn find(&self, key: u64, epoch: u64) -> Option<(&[Op], usize)> {
+        let b = *self.index.get(slot(key))?;
+        let blk = self.blocks.get(b as usize)?;
+        if blk.key != key || blk.epoch != epoch {
+            return None;
+        }
+        let ops = self
+            .ops
+            .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
+        Some((ops, blk.byte_len as usize))
+    }
+
+    /// The ops and byte length of block `b` (from `revalidate` or `build`).
+    #[inline]
+    pub fn get(&self, b: u32) -> (&[Op], usize) {
+        (self.ops(b), self.byte_len(b))
+    }
+
+    /// The slow half of [`find`](Self::find): a block for `key` that is not in the index or
+    /// whose epoch is old. Its bytes are compared with guest memory at host address `host`
+    /// (page flag `code_idx` in `code`); if they still match the block is stamped with `epoch`.
+    pub fn revalidate(
+        &mut self,
+        key: u64,
+        epoch: u64,
+        host: usize,
+        code: &CodePages,
+        code_idx: usize,
+    ) -> Option<u32> {
+        let s = slot(key);
+        let mut b = self.index[s];
+        if self.blocks.get(b as usize).is_none_or(|blk| blk.key != key) {
+            // Evicted from the direct-mapped index (or never built): look in the full map
+            // before decoding again.
+            b = *self.all.get(&key)?;
+            self.index[s] = b;
+        }
+        let blk = self.blocks.get(b as usize)?;
+        if blk.epoch == epoch {
+            return Some(b);
+        }
+        code.set(code_idx);
         let want = self
             .bytes
             .get(blk.byte_start as usize..blk.byte_start as usize + blk.byte_len as usize)?;
         if same_bytes(want, host) {
+            self.revalidated += 1;
+            if let Some(blk) = self.blocks.get_mut(b as usize) {
+                blk.epoch = epoch;
+            }
             Some(b)
         } else {
             self.stale += 1;
@@ -125,12 +287,20 @@ impl BlockCache {
             .unwrap_or(0)
     }
 
-    /// Decode a new block at linear `lin` (host address `host`, the physical address is in
-    /// `key`) and insert it.
-    pub fn build(&mut self, x: &mut Exec<'_>, key: u64, lin: u64, host: usize) -> R<u32> {
+    /// Decode a new block at linear `lin` (host address `host`, page flag `code_idx`, the
+    /// physical address is in `key`) and insert it, valid at the current epoch.
+    pub fn build(
+        &mut self,
+        x: &mut Exec<'_>,
+        key: u64,
+        lin: u64,
+        host: usize,
+        code_idx: usize,
+    ) -> R<u32> {
+        x.cpu.mmu.code().set(code_idx);
         let bitness = x.cpu.bitness as u32;
         let rip = x.cpu.rip;
-        let phys = key >> 2;
+        let phys = key >> 7;
         let avail = ((PAGE_SIZE - (phys & 0xfff)) as usize).min(MAX_BYTES);
         let mut buf = [0u8; MAX_BYTES];
         let got = match x.cpu.mmu.memory() {
@@ -152,18 +322,29 @@ impl BlockCache {
         }
         let op_start = self.ops.len();
         let mut decoder = Decoder::with_ip(bitness, &buf[..avail], rip, DECODER_OPTIONS);
-        let mut instr = Instruction::default();
+        let mut insts = [Instruction::default(); MAX_OPS];
+        let mut n = 0;
         let mut used = 0usize;
-        while self.ops.len() - op_start < MAX_OPS {
-            decoder.decode_out(&mut instr);
+        while n < MAX_OPS {
+            let instr = &mut insts[n];
+            decoder.decode_out(instr);
             if instr.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
                 break;
             }
-            let (op, ends) = decode::translate(&instr, bitness);
+            let (op, ends) = decode::translate(instr, bitness, true);
             self.ops.push(op);
             used += instr.len();
+            n += 1;
             if ends {
                 break;
+            }
+        }
+        // Instructions whose flags nobody looks at get handlers that skip them.
+        let mut need = [true; MAX_OPS];
+        decode::flags_needed(&insts[..n], &mut need[..n]);
+        for (i, instr) in insts[..n].iter().enumerate() {
+            if !need[i] {
+                self.ops[op_start + i] = decode::translate(instr, bitness, false).0;
             }
         }
         if self.ops.len() == op_start {
@@ -175,12 +356,14 @@ impl BlockCache {
         let b = self.blocks.len() as u32;
         self.blocks.push(Block {
             key,
+            epoch: x.cpu.epoch,
             op_start: op_start as u32,
             op_len: (self.ops.len() - op_start) as u16,
             byte_start: byte_start as u32,
             byte_len: used as u16,
         });
         self.index[slot(key)] = b;
+        self.all.insert(key, b);
         self.built += 1;
         Ok(b)
     }
@@ -197,7 +380,31 @@ impl BlockCache {
                 code: Some(0),
             });
         }
-        let (op, _) = decode::translate(&instr, bitness);
+        let (op, _) = decode::translate(&instr, bitness, true);
+        self.tmp.clear();
+        self.tmp.push(op);
+        Ok(TMP_BLOCK)
+    }
+
+    /// The instruction at linear `lin` (host address `host`) alone, with every flag computed:
+    /// for single-stepping (TF, an interrupt shadow) when the cached block's first op skips
+    /// flags that the block's later instructions would have overwritten.
+    pub fn build_single(&mut self, x: &mut Exec<'_>, lin: u64, host: usize) -> R<u32> {
+        let bitness = x.cpu.bitness as u32;
+        let rip = x.cpu.rip;
+        let avail = ((PAGE_SIZE - (lin & 0xfff)) as usize).min(15);
+        let mut buf = [0u8; 15];
+        for (i, b) in buf[..avail].iter_mut().enumerate() {
+            // SAFETY: `host` is the translation of `lin` (a RAM page) and `avail` stops at the
+            // end of the page.
+            *b = unsafe { load(host + i, 1) } as u8;
+        }
+        let mut decoder = Decoder::with_ip(bitness, &buf[..avail], rip, DECODER_OPTIONS);
+        let instr = decoder.decode();
+        if instr.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
+            return self.build_cross(x, lin, bitness, rip);
+        }
+        let (op, _) = decode::translate(&instr, bitness, true);
         self.tmp.clear();
         self.tmp.push(op);
         Ok(TMP_BLOCK)

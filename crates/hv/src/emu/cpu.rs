@@ -97,7 +97,9 @@ pub const PF_VEC: u8 = 14;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exc {
     /// A fault: RIP goes back to the start of the instruction, then the exception is delivered.
-    Fault { vector: u8, code: Option<u32> },
+    /// Error codes are 16 bits wide in every exception that has one (SDM Vol. 3A §6.13), which
+    /// keeps `R` small enough to be returned in a register.
+    Fault { vector: u8, code: Option<u16> },
     /// A software interrupt (INT n, INT3, INTO, INT1): RIP already points after the instruction.
     SoftInt { vector: u8, kind: SoftKind },
     /// HLT: RIP points after the instruction; the CPU sleeps until an event.
@@ -125,7 +127,7 @@ pub type R<T = ()> = Result<T, Exc>;
 pub fn fault(vector: u8, code: u32) -> Exc {
     Exc::Fault {
         vector,
-        code: Some(code),
+        code: Some(code as u16),
     }
 }
 #[inline]
@@ -189,6 +191,15 @@ pub struct Cpu {
     /// Host address and length of the bytes of the block being executed.
     pub blk_host: usize,
     pub blk_len: usize,
+    /// This vCPU's code epoch: a block stamped with another value has its bytes checked
+    /// before it runs (`block.rs`). Moves when `VmShared::code_epoch` moves and on
+    /// serializing instructions.
+    pub epoch: u64,
+    /// The last value of `VmShared::code_epoch` this vCPU has seen.
+    pub seen_epoch: u64,
+    /// When the epoch moves on its own next: a store nobody announced (a device writing
+    /// guest memory without an interrupt) is seen within [`EPOCH_REFRESH`].
+    pub epoch_refresh: Instant,
     pub id: u32,
     pub vm: Arc<VmShared>,
     /// The CPUID table the guest sees.
@@ -199,11 +210,16 @@ pub struct Cpu {
     pub apic_base: u64,
     /// The next timer deadline of this CPU's local APIC, cached.
     pub deadline: Option<Instant>,
+    /// Guest RIP samples (`VIREO_EMU_PROFILE`).
+    pub profile: Option<Box<crate::emu::profile::Profile>>,
     /// Instructions retired (approximately: counted per executed op).
     pub icount: u64,
     /// PAUSE instructions executed (to yield the host thread now and then).
     pub pauses: u64,
 }
+
+/// The longest a vCPU runs blocks without checking their bytes against guest memory.
+pub const EPOCH_REFRESH: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// IA32_APIC_BASE bits (SDM Vol. 3A §11.4.4).
 #[allow(dead_code)] // used by stage 2 (x87/SSE) and snapshots
@@ -267,12 +283,16 @@ impl Cpu {
             smc: false,
             blk_host: 0,
             blk_len: 0,
+            epoch: 1,
+            seen_epoch: 0,
+            epoch_refresh: Instant::now() + EPOCH_REFRESH,
             id,
             vm,
             cpuid,
             maxphy: super::cpuid::DEFAULT_MAXPHYADDR,
             apic_base: 0,
             deadline: None,
+            profile: crate::emu::profile::Profile::from_env(),
             icount: 0,
             pauses: 0,
         };
@@ -435,6 +455,26 @@ impl Cpu {
         };
     }
 
+    /// Catch up with the VM-wide code epoch (once per block).
+    #[inline(always)]
+    pub fn sync_epoch(&mut self) {
+        let g = self
+            .vm
+            .code_epoch
+            .load(std::sync::atomic::Ordering::Acquire);
+        if g != self.seen_epoch {
+            self.seen_epoch = g;
+            self.epoch += 1;
+        }
+    }
+
+    /// A serializing instruction (SDM Vol. 3A §8.3): code written by another vCPU must be seen
+    /// from now on, so every block is checked again before it runs.
+    #[inline]
+    pub fn serialize(&mut self) {
+        self.epoch += 1;
+    }
+
     /// IOPL field of RFLAGS.
     #[inline]
     pub fn iopl(&self) -> u8 {
@@ -536,6 +576,12 @@ mod tests {
         assert_eq!(c.rflags(), 2);
         assert_eq!(c.bitness, 16);
         assert_eq!(c.dr[7], 0x400);
+    }
+
+    #[test]
+    fn results_fit_in_a_register() {
+        // Handlers return `R` on every instruction: it must come back in RAX, not memory.
+        assert!(std::mem::size_of::<R>() <= 8);
     }
 
     #[test]

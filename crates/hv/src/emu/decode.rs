@@ -10,17 +10,23 @@ use iced_x86::{Code, ConditionCode, Instruction, MemorySize, Mnemonic as M, OpKi
 use super::exec::alu::{self, MI, MR, RI, RM, RR};
 use super::exec::{
     atomic, bits, branch, data, fpu, muldiv, shift, stack, string, system, Handler, Op, F_CL,
-    F_LOCK, F_MEM, F_REP, F_REPNE, RIPREG, SEG_NONE,
+    F_LOCK, F_MEM, F_NF, F_REP, F_REPNE, RIPREG, SEG_NONE,
 };
 
 /// Translate `i` (decoded in `bitness`-bit mode). Returns the op and whether the block must end
 /// after it (control transfers and instructions that change how code is decoded or run).
-pub fn translate(i: &Instruction, bitness: u32) -> (Op, bool) {
+/// `need_flags` false means no flag the instruction writes is ever looked at (see
+/// [`flags_needed`]): a handler that leaves the flags alone may be chosen (`F_NF`).
+pub fn translate(i: &Instruction, bitness: u32, need_flags: bool) -> (Op, bool) {
     let mut op = Op::new(system::ud_op, i.len() as u8);
     if i.is_invalid() {
         return (op, true);
     }
-    let d = Dec { i, bits: bitness };
+    let d = Dec {
+        i,
+        bits: bitness,
+        need_flags,
+    };
     match d.build(&mut op) {
         Some(ends) => (op, ends),
         None => {
@@ -98,6 +104,44 @@ macro_rules! sizes {
     };
 }
 
+macro_rules! nf_forms {
+    ($op:expr, $s:literal, $form:expr) => {
+        match $form {
+            RR => alu::alu_nf::<{ $op }, $s, { RR }> as Handler,
+            RI => alu::alu_nf::<{ $op }, $s, { RI }>,
+            _ => alu::alu_nf::<{ $op }, $s, { RM }>,
+        }
+    };
+}
+
+macro_rules! nf_sizes {
+    ($op:expr, $s:expr, $form:expr) => {
+        match $s {
+            1 => nf_forms!($op, 1, $form),
+            2 => nf_forms!($op, 2, $form),
+            4 => nf_forms!($op, 4, $form),
+            _ => nf_forms!($op, 8, $form),
+        }
+    };
+}
+
+/// An ALU handler that leaves the flags alone, for forms RR, RI and RM.
+fn alu_nf_handler(opid: u8, s: u8, form: u8) -> Handler {
+    match opid {
+        alu::ADD => nf_sizes!(alu::ADD, s, form),
+        alu::OR => nf_sizes!(alu::OR, s, form),
+        alu::ADC => nf_sizes!(alu::ADC, s, form),
+        alu::SBB => nf_sizes!(alu::SBB, s, form),
+        alu::AND => nf_sizes!(alu::AND, s, form),
+        alu::SUB => nf_sizes!(alu::SUB, s, form),
+        alu::XOR => nf_sizes!(alu::XOR, s, form),
+        // CMP and TEST only write flags: with a memory operand the read (and its faults)
+        // remains.
+        _ if form == RM => nf_sizes!(alu::CMP, s, form),
+        _ => data::nop,
+    }
+}
+
 fn alu_handler(opid: u8, s: u8, form: u8, lock: bool) -> Handler {
     if lock {
         return match opid {
@@ -165,6 +209,28 @@ macro_rules! unary_sizes {
     };
 }
 
+macro_rules! unary_nf_sizes {
+    ($op:expr, $s:expr) => {
+        match $s {
+            1 => alu::unary_nf::<{ $op }, 1> as Handler,
+            2 => alu::unary_nf::<{ $op }, 2>,
+            4 => alu::unary_nf::<{ $op }, 4>,
+            _ => alu::unary_nf::<{ $op }, 8>,
+        }
+    };
+}
+
+macro_rules! shift_nf_sizes {
+    ($k:expr, $s:expr) => {
+        match $s {
+            1 => shift::shift_nf::<{ $k }, 1> as Handler,
+            2 => shift::shift_nf::<{ $k }, 2>,
+            4 => shift::shift_nf::<{ $k }, 4>,
+            _ => shift::shift_nf::<{ $k }, 8>,
+        }
+    };
+}
+
 macro_rules! shift_sizes {
     ($k:expr, $s:expr) => {
         match $s {
@@ -199,9 +265,166 @@ fn movx_handler(d: u8, s: u8, signed: bool, mem: bool) -> Handler {
     }
 }
 
+/// The six arithmetic flags in iced's `RflagsBits` encoding (OF, SF, ZF, AF, CF, PF).
+const ARITH_FLAGS: u32 = 0x3f;
+
+/// How one instruction uses the arithmetic flags, for [`flags_needed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FlagUse {
+    /// Flags it reads.
+    reads: u32,
+    /// Flags it may write.
+    writes: u32,
+    /// Flags it always writes (a shift by CL writes none when the count is 0).
+    kills: u32,
+    /// It may fault: the flags before it must be exact (an exception pushes them).
+    fault: bool,
+    /// It may end the block once done (a store may hit the block, a system instruction may
+    /// stop): the flags after it must be exact.
+    end: bool,
+}
+
+/// Register-only forms of these run without faulting and never end a block early; with a
+/// memory operand they may fault, and they may end the block when they store.
+fn plain_data_op(m: M) -> bool {
+    matches!(
+        m,
+        M::Add
+            | M::Or
+            | M::Adc
+            | M::Sbb
+            | M::And
+            | M::Sub
+            | M::Xor
+            | M::Cmp
+            | M::Test
+            | M::Inc
+            | M::Dec
+            | M::Not
+            | M::Neg
+            | M::Mov
+            | M::Movzx
+            | M::Movsx
+            | M::Movsxd
+            | M::Lea
+            | M::Rol
+            | M::Ror
+            | M::Rcl
+            | M::Rcr
+            | M::Shl
+            | M::Sal
+            | M::Shr
+            | M::Sar
+            | M::Shld
+            | M::Shrd
+            | M::Imul
+            | M::Bswap
+            | M::Bt
+            | M::Bsf
+            | M::Bsr
+            | M::Cbw
+            | M::Cwde
+            | M::Cdqe
+            | M::Cwd
+            | M::Cdq
+            | M::Cqo
+            | M::Nop
+            | M::Cmova
+            | M::Cmovae
+            | M::Cmovb
+            | M::Cmovbe
+            | M::Cmove
+            | M::Cmovg
+            | M::Cmovge
+            | M::Cmovl
+            | M::Cmovle
+            | M::Cmovne
+            | M::Cmovno
+            | M::Cmovnp
+            | M::Cmovns
+            | M::Cmovo
+            | M::Cmovp
+            | M::Cmovs
+            | M::Seta
+            | M::Setae
+            | M::Setb
+            | M::Setbe
+            | M::Sete
+            | M::Setg
+            | M::Setge
+            | M::Setl
+            | M::Setle
+            | M::Setne
+            | M::Setno
+            | M::Setnp
+            | M::Setns
+            | M::Seto
+            | M::Setp
+            | M::Sets
+    )
+}
+
+fn flag_use(i: &Instruction) -> FlagUse {
+    let m = i.mnemonic();
+    let ops = i.op_count();
+    let mut mem = false;
+    let mut plain = plain_data_op(m) && !i.has_lock_prefix() && ops <= 3;
+    for n in 0..ops {
+        match i.op_kind(n) {
+            OpKind::Memory => mem = true,
+            OpKind::Register => plain &= gpr(i.op_register(n)).is_some(),
+            k if is_imm(k) => {}
+            _ => plain = false,
+        }
+    }
+    if !plain {
+        return FlagUse {
+            reads: ARITH_FLAGS,
+            writes: ARITH_FLAGS,
+            kills: 0,
+            fault: true,
+            end: true,
+        };
+    }
+    let writes = i.rflags_modified() & ARITH_FLAGS;
+    let count_by_cl = matches!(
+        m,
+        M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar | M::Shld | M::Shrd
+    ) && (0..ops)
+        .any(|n| i.op_kind(n) == OpKind::Register && i.op_register(n) == Register::CL);
+    // Only the first operand is ever written to memory by these; CMP, TEST and BT only read.
+    let stores = mem && i.op_kind(0) == OpKind::Memory && !matches!(m, M::Cmp | M::Test | M::Bt);
+    FlagUse {
+        reads: i.rflags_read() & ARITH_FLAGS,
+        writes,
+        kills: if count_by_cl { 0 } else { writes },
+        fault: mem,
+        end: stores,
+    }
+}
+
+/// For each instruction of a block, whether any flag it writes may be looked at afterwards: by
+/// a later instruction of the block, after the block (every flag is live at its end), or
+/// because something can stop in between (a fault, a store into the block, a system
+/// instruction). An instruction whose flags are dead may skip computing them.
+pub fn flags_needed(block: &[Instruction], out: &mut [bool]) {
+    let mut live = ARITH_FLAGS;
+    for (i, need) in block.iter().zip(out.iter_mut()).rev() {
+        let u = flag_use(i);
+        let after = if u.end { ARITH_FLAGS } else { live };
+        *need = u.writes & after != 0;
+        live = if u.fault {
+            ARITH_FLAGS
+        } else {
+            (after & !u.kills) | u.reads
+        };
+    }
+}
+
 struct Dec<'a> {
     i: &'a Instruction,
     bits: u32,
+    need_flags: bool,
 }
 
 impl Dec<'_> {
@@ -364,7 +587,12 @@ impl Dec<'_> {
                 };
                 op.size = s;
                 let lock = lock && (form == MR || form == MI) && opid != alu::CMP;
-                op.h = alu_handler(opid, s, form, lock);
+                op.h = if !lock && !self.need_flags && matches!(form, RR | RI | RM) {
+                    op.flags |= F_NF;
+                    alu_nf_handler(opid, s, form)
+                } else {
+                    alu_handler(opid, s, form, lock)
+                };
                 Some(false)
             }
             M::Inc | M::Dec | M::Not | M::Neg => {
@@ -374,11 +602,17 @@ impl Dec<'_> {
                     op.r1 = self.gpr(0)?;
                 }
                 op.h = match m {
+                    M::Inc if !mem && !self.need_flags => unary_nf_sizes!(alu::INC, s),
+                    M::Dec if !mem && !self.need_flags => unary_nf_sizes!(alu::DEC, s),
+                    M::Neg if !mem && !self.need_flags => unary_nf_sizes!(alu::NEG, s),
                     M::Inc => unary_sizes!(alu::INC, s, mem, lock),
                     M::Dec => unary_sizes!(alu::DEC, s, mem, lock),
                     M::Not => unary_sizes!(alu::NOT, s, mem, lock),
                     _ => unary_sizes!(alu::NEG, s, mem, lock),
                 };
+                if !mem && !self.need_flags && m != M::Not {
+                    op.flags |= F_NF;
+                }
                 Some(false)
             }
             M::Mov => self.mov(op),
@@ -669,14 +903,27 @@ impl Dec<'_> {
                     k if is_imm(k) => op.imm = i.immediate(1),
                     _ => return None,
                 }
-                op.h = match m {
-                    M::Rol => shift_sizes!(shift::ROL, s),
-                    M::Ror => shift_sizes!(shift::ROR, s),
-                    M::Rcl => shift_sizes!(shift::RCL, s),
-                    M::Rcr => shift_sizes!(shift::RCR, s),
-                    M::Shl | M::Sal => shift_sizes!(shift::SHL, s),
-                    M::Shr => shift_sizes!(shift::SHR, s),
-                    _ => shift_sizes!(shift::SAR, s),
+                op.h = if !mem && !self.need_flags {
+                    op.flags |= F_NF;
+                    match m {
+                        M::Rol => shift_nf_sizes!(shift::ROL, s),
+                        M::Ror => shift_nf_sizes!(shift::ROR, s),
+                        M::Rcl => shift_nf_sizes!(shift::RCL, s),
+                        M::Rcr => shift_nf_sizes!(shift::RCR, s),
+                        M::Shl | M::Sal => shift_nf_sizes!(shift::SHL, s),
+                        M::Shr => shift_nf_sizes!(shift::SHR, s),
+                        _ => shift_nf_sizes!(shift::SAR, s),
+                    }
+                } else {
+                    match m {
+                        M::Rol => shift_sizes!(shift::ROL, s),
+                        M::Ror => shift_sizes!(shift::ROR, s),
+                        M::Rcl => shift_sizes!(shift::RCL, s),
+                        M::Rcr => shift_sizes!(shift::RCR, s),
+                        M::Shl | M::Sal => shift_sizes!(shift::SHL, s),
+                        M::Shr => shift_sizes!(shift::SHR, s),
+                        _ => shift_sizes!(shift::SAR, s),
+                    }
                 };
                 Some(false)
             }
@@ -1107,12 +1354,13 @@ impl Dec<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use iced_x86::Decoder;
+    use iced_x86::code_asm::*;
+    use iced_x86::{Decoder, IcedError};
 
     fn dec(bits: u32, bytes: &[u8]) -> (Op, bool) {
         let mut d = Decoder::with_ip(bits, bytes, 0x1000, super::super::block::DECODER_OPTIONS);
         let i = d.decode();
-        translate(&i, bits)
+        translate(&i, bits, true)
     }
 
     #[test]
@@ -1165,9 +1413,90 @@ mod tests {
         let (op, ends) = dec(64, &[0x0f, 0x01, 0xc1]);
         assert!(ends);
         assert!(std::ptr::fn_addr_eq(op.h, system::undefined as Handler));
-        // LOCK NOP is an invalid encoding.
-        let (op, _) = dec(64, &[0xf0, 0x90]);
-        assert!(std::ptr::fn_addr_eq(op.h, system::ud_op as Handler));
+        // LOCK NOP (an invalid encoding) is checked by executing it in
+        // `tests/emu_system.rs::extensions_not_in_cpuid_are_ud`: `ud_op` is a one-line body
+        // that release builds may merge with another, so its address proves nothing.
+    }
+
+    /// `flags_needed` for the instructions `f` assembles.
+    fn needed(f: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<bool> {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a).unwrap();
+        let bytes = a.assemble(0x1000).unwrap();
+        let mut d = Decoder::with_ip(64, &bytes, 0x1000, super::super::block::DECODER_OPTIONS);
+        let insts: Vec<Instruction> = d.iter().collect();
+        let mut out = vec![true; insts.len()];
+        flags_needed(&insts, &mut out);
+        out
+    }
+
+    #[test]
+    fn flag_liveness() {
+        // Overwritten by the SUB; the SUB's flags are live at the end of the block. (Only
+        // the plain data instructions are analysed: the rest count as reading and writing
+        // every flag.)
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.sub(ecx, edx)?;
+            a.jz(0x2000u64)
+        });
+        assert_eq!(n, [false, true, true]);
+        // A load may fault (the exception sees the ADD's flags); a store may end the block.
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.mov(ecx, dword_ptr(rax))?;
+            a.sub(ecx, edx)
+        });
+        assert_eq!(n, [true, false, true]);
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.add(dword_ptr(rax), ecx)?;
+            a.sub(ecx, edx)
+        });
+        assert_eq!(n, [true, true, true]);
+        // CF flows through INC into ADC; INC's own flags are overwritten by ADC.
+        let n = needed(|a| {
+            a.sub(eax, ebx)?;
+            a.inc(ecx)?;
+            a.adc(edx, 0)
+        });
+        assert_eq!(n, [true, false, true]);
+        // A shift by CL writes no flag when CL is 0: it does not hide the ADD's CF from SETC.
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.shl(edx, cl)?;
+            a.setc(al)?;
+            a.sub(ecx, edx)
+        });
+        assert_eq!(n, [true, true, false, true]);
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.shl(edx, 3)?;
+            a.setc(al)?;
+            a.sub(ecx, edx)
+        });
+        assert_eq!(n, [false, true, false, true]);
+        // Rotates write CF and OF only.
+        let n = needed(|a| {
+            a.ror(eax, 5)?;
+            a.xor(eax, ebx)
+        });
+        assert_eq!(n, [false, true]);
+        let n = needed(|a| {
+            a.and(eax, ebx)?;
+            a.ror(eax, 5)?;
+            a.adc(eax, ebx)
+        });
+        assert_eq!(n, [false, true, true]);
+        // Anything else (here a locked operation, PUSHF) reads every flag.
+        let n = needed(|a| {
+            a.add(eax, ebx)?;
+            a.lock().add(dword_ptr(rax), ecx)?;
+            a.sub(ecx, edx)?;
+            a.pushfq()?;
+            a.sub(ecx, edx)
+        });
+        assert_eq!(n, [true, true, true, true, true]);
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub fn deliver_from(x: &mut Exec<'_>, ev: Event, insn_rip: Option<u64>) -> Resul
                 if let (Kind::Soft | Kind::Icebp, Some(rip)) = (cur.kind, insn_rip) {
                     x.cpu.rip = rip;
                 }
-                let next = Event::exception(vector, code);
+                let next = Event::exception(vector, code.map(u32::from));
                 if cur.kind == Kind::Exception && cur.vector == DF_VEC {
                     break;
                 }
@@ -412,6 +412,7 @@ fn iret_flags(x: &Exec<'_>, popped: u64, size: u8) -> u64 {
 
 /// IRET / IRETD / IRETQ.
 pub fn iret(x: &mut Exec<'_>, op: &Op) -> R {
+    x.cpu.serialize();
     let s = op.size;
     let sz = s as u64;
     if !x.cpu.protected() {

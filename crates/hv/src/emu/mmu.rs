@@ -15,9 +15,11 @@
 //! the mappings outlive every pointer derived from them.
 
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use super::block::CodePages;
 use super::cpu::*;
 use super::exec::Exec;
 use crate::GuestMemory;
@@ -72,6 +74,8 @@ pub struct TlbEntry {
     pub addend: usize,
     /// Physical address of the page.
     pub phys: u64,
+    /// Index of the page's flag in [`CodePages`] (0: not RAM).
+    pub code: u32,
     pub global: bool,
 }
 
@@ -82,6 +86,7 @@ impl TlbEntry {
         tag_x: TAG_INVALID,
         addend: 0,
         phys: 0,
+        code: 0,
         global: false,
     };
 }
@@ -91,6 +96,8 @@ struct RamRegion {
     start: u64,
     len: u64,
     host: usize,
+    /// Index of the region's first page in [`CodePages`].
+    code_base: usize,
 }
 
 /// The result of a successful page walk.
@@ -104,9 +111,11 @@ struct Walked {
 }
 
 pub struct Mmu {
-    pub tlb: Box<[[TlbEntry; TLB_SIZE]]>,
+    pub tlb: Box<[[TlbEntry; TLB_SIZE]; 2]>,
     ram: Vec<RamRegion>,
     mem: Option<GuestMemory>,
+    /// The VM's code-page flags for this memory map.
+    code: Arc<CodePages>,
     /// Generation of the VM's memory this MMU has loaded.
     pub mem_gen: u64,
     has_large: bool,
@@ -122,17 +131,18 @@ pub fn tlb_index(lin: u64) -> usize {
 impl Mmu {
     pub fn new() -> Mmu {
         Mmu {
-            tlb: vec![[TlbEntry::EMPTY; TLB_SIZE]; 2].into_boxed_slice(),
+            tlb: Box::new([[TlbEntry::EMPTY; TLB_SIZE]; 2]),
             ram: Vec::new(),
             mem: None,
+            code: Arc::new(CodePages::new(&GuestMemory::default())),
             mem_gen: 0,
             has_large: false,
             apic_page: u64::MAX,
         }
     }
 
-    /// Use `mem` as guest RAM.
-    pub fn set_memory(&mut self, mem: GuestMemory, gen: u64) {
+    /// Use `mem` as guest RAM, with the VM's code-page flags `code` (built for `mem`).
+    pub fn set_memory(&mut self, mem: GuestMemory, code: Arc<CodePages>, gen: u64) {
         self.ram = mem
             .iter()
             .filter_map(|r| {
@@ -141,16 +151,45 @@ impl Mmu {
                     start: r.start_addr().0,
                     len: r.len(),
                     host: host as usize,
+                    code_base: code.region_base(r.start_addr().0),
                 })
             })
             .collect();
         self.mem = Some(mem);
+        self.code = code;
         self.mem_gen = gen;
         self.flush_all();
     }
 
     pub fn memory(&self) -> Option<&GuestMemory> {
         self.mem.as_ref()
+    }
+
+    #[inline(always)]
+    pub fn code(&self) -> &CodePages {
+        &self.code
+    }
+
+    /// Code-page index of guest-physical page `page` (0 when it is not RAM).
+    fn code_index(&self, page: u64) -> usize {
+        self.ram
+            .iter()
+            .find_map(|r| {
+                let off = page.checked_sub(r.start)?;
+                (off < r.len).then(|| r.code_base + (off / PAGE_SIZE) as usize)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Code-page index of the page holding host address `p` of guest RAM (0 when none).
+    fn code_index_of_host(&self, p: usize) -> usize {
+        self.ram
+            .iter()
+            .find_map(|r| {
+                let off = p.checked_sub(r.host)? as u64;
+                (off < r.len).then(|| r.code_base + (off / PAGE_SIZE) as usize)
+            })
+            .unwrap_or(0)
     }
 
     /// Host address of guest-physical `pa` when `pa..pa+len` is RAM in one region.
@@ -387,6 +426,8 @@ impl Cpu {
                     {
                         continue 'retry;
                     }
+                    // Page tables are data, but nothing stops a guest from running them.
+                    self.wrote_host(host, 8);
                 }
             }
             return Ok(Walked {
@@ -425,6 +466,11 @@ impl Cpu {
         let phys_page = w.phys & PAGE_MASK;
         let host = self.mmu.host_of_page(phys_page);
         let io = if host.is_none() { TAG_IO } else { 0 };
+        let code_idx = if host.is_some() {
+            self.mmu.code_index(phys_page)
+        } else {
+            0
+        };
         if w.large {
             self.mmu.has_large = true;
         }
@@ -443,6 +489,7 @@ impl Cpu {
         e.addend = host.unwrap_or(0).wrapping_sub(page as usize);
         e.phys = phys_page;
         e.global = w.global;
+        e.code = code_idx as u32;
         Ok(match host {
             Some(h) => Target::Ram(h + (lin & 0xfff) as usize),
             None => Target::Io(w.phys),
@@ -457,7 +504,7 @@ impl Exec<'_> {
     #[inline(always)]
     pub fn read(&mut self, lin: u64, size: u8) -> R<u64> {
         let u = self.cpu.tlb_user;
-        let e = &self.cpu.mmu.tlb[u][tlb_index(lin)];
+        let e = &self.cpu.mmu.tlb[u & 1][tlb_index(lin)];
         if e.tag_r == lin & PAGE_MASK && (lin & 0xfff) + size as u64 <= PAGE_SIZE {
             let p = e.addend.wrapping_add(lin as usize);
             // SAFETY: a read tag equal to the page means `p` is in a mapped RAM page and the
@@ -471,27 +518,20 @@ impl Exec<'_> {
     #[inline(always)]
     pub fn write(&mut self, lin: u64, size: u8, v: u64) -> R<()> {
         let u = self.cpu.tlb_user;
-        let e = &self.cpu.mmu.tlb[u][tlb_index(lin)];
+        let e = &self.cpu.mmu.tlb[u & 1][tlb_index(lin)];
         if e.tag_w == lin & PAGE_MASK && (lin & 0xfff) + size as u64 <= PAGE_SIZE {
             let p = e.addend.wrapping_add(lin as usize);
+            let code = e.code as usize;
             // SAFETY: a write tag equal to the page means `p` is in a mapped, writable RAM page
             // and the access does not leave it.
             unsafe { store(p, size, v) };
-            self.note_store(p, size as usize);
+            if self.cpu.mmu.code().is_code(code) {
+                self.cpu.code_written(code, p, size as usize);
+            }
             return Ok(());
         }
         let bytes = v.to_le_bytes();
         self.write_bytes(lin, &bytes[..size as usize & 15], u != 0)
-    }
-
-    /// A store to host address `p`: detect writes into the block being executed.
-    #[inline(always)]
-    pub fn note_store(&mut self, p: usize, len: usize) {
-        // Overlap of [p, p+len) and [blk_host, blk_host+blk_len), in one unsigned compare.
-        let d = p.wrapping_add(len).wrapping_sub(self.cpu.blk_host);
-        if d.wrapping_sub(1) < (self.cpu.blk_len + len).wrapping_sub(1) {
-            self.cpu.smc = true;
-        }
     }
 
     /// Supervisor-privilege read (descriptor tables, TSS, IDT: SDM Vol. 3A §5.5 implicit
@@ -612,7 +652,7 @@ impl Exec<'_> {
                         unsafe { store(p + i, 1, b as u64) };
                     }
                 }
-                self.note_store(p, data.len());
+                self.cpu.wrote_host(p, data.len());
             }
             Target::Io(pa) => self.io_write(pa, data),
         }
@@ -631,6 +671,8 @@ impl Exec<'_> {
             return;
         }
         self.io.mmio_read(pa, out);
+        // A device may have written guest memory (see `block.rs`).
+        self.cpu.vm.code_changed();
     }
 
     /// A write of a non-RAM physical address: the local APIC page or MMIO.
@@ -654,6 +696,7 @@ impl Exec<'_> {
             return;
         }
         self.io.mmio_write(pa, data);
+        self.cpu.vm.code_changed();
     }
 
     /// Translate `lin` for a locked read-modify-write of `size` bytes: the host address when the
@@ -673,8 +716,16 @@ impl Exec<'_> {
             return Ok(None);
         }
         match self.cpu.translate(lin, Access::Write, user)? {
-            Target::Ram(p) if p % size as usize == 0 => {
-                self.note_store(p, size as usize);
+            // A code page takes the read-and-write path, which tells the block caches after
+            // the store.
+            Target::Ram(p)
+                if p % size as usize == 0
+                    && !self
+                        .cpu
+                        .mmu
+                        .code()
+                        .is_code(self.cpu.mmu.code_index_of_host(p)) =>
+            {
                 Ok(Some(p))
             }
             _ => Ok(None),
@@ -683,6 +734,45 @@ impl Exec<'_> {
 }
 
 impl Cpu {
+    /// A store of `len` bytes at host address `p` hit code page `code` (already written):
+    /// unflag the page, end the running block if the store overlaps it, and tell every vCPU
+    /// (see `block.rs`).
+    #[cold]
+    #[inline(never)]
+    pub fn code_written(&mut self, code: usize, p: usize, len: usize) {
+        self.mmu.code().clear(code);
+        self.note_store(p, len);
+        self.vm.code_changed();
+    }
+
+    /// A store of `len` bytes at host address `p` of guest RAM (not through the inline fast
+    /// path, possibly crossing pages) has been done: check the code-page flags it covers.
+    pub fn wrote_host(&mut self, p: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let first = self.mmu.code_index_of_host(p);
+        let last = self.mmu.code_index_of_host(p + len - 1);
+        let mut hit = false;
+        for i in [first, last] {
+            hit |= self.mmu.code().clear(i);
+        }
+        if hit {
+            self.note_store(p, len);
+            self.vm.code_changed();
+        }
+    }
+
+    /// A store to host address `p`: detect writes into the block being executed.
+    #[inline(always)]
+    pub fn note_store(&mut self, p: usize, len: usize) {
+        // Overlap of [p, p+len) and [blk_host, blk_host+blk_len), in one unsigned compare.
+        let d = p.wrapping_add(len).wrapping_sub(self.blk_host);
+        if d.wrapping_sub(1) < (self.blk_len + len).wrapping_sub(1) {
+            self.smc = true;
+        }
+    }
+
     /// The guest touched its local APIC: interrupts may be deliverable now and the timer may
     /// have moved.
     pub fn lapic_changed(&mut self) {
@@ -699,7 +789,8 @@ mod tests {
     fn cpu_with_memory() -> Cpu {
         let mut c = Cpu::new(0, crate::emu::tests::dummy_vm(), Vec::new());
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
-        c.mmu.set_memory(mem, 1);
+        let code = Arc::new(CodePages::new(&mem));
+        c.mmu.set_memory(mem, code, 1);
         c
     }
 

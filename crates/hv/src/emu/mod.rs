@@ -16,17 +16,22 @@ mod flags;
 mod interrupt;
 mod mmu;
 mod msr;
+mod profile;
 mod seg;
 mod vcpu;
 
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use block::CodePages;
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::irqchip::{GuestClock, UserIrqChip};
 use crate::state::CpuidEntry;
-use crate::{Error, GuestMemory, Hypervisor, IrqLine, MsiMessage, Result, Vcpu, Vm, VmParams};
+use crate::{
+    Error, GuestMemory, Hypervisor, IrqLine, MsiMessage, MsiVector, Result, Vcpu, Vm, VmParams,
+};
 
 pub use msr::SAVED_MSRS;
 pub use vcpu::EmuVcpu;
@@ -71,11 +76,28 @@ impl Hypervisor for EmuHypervisor {
             shared: Arc::new(VmShared {
                 clock: irqchip.clock(),
                 irqchip,
-                mem: RwLock::new(Some(params.memory.clone())),
+                mem: RwLock::new(Some(MemMap::new(&params.memory))),
                 mem_gen: AtomicU64::new(1),
+                code_epoch: AtomicU64::new(0),
                 vcpus: params.vcpus,
             }),
         }))
+    }
+}
+
+/// Guest RAM and the code-page flags that go with it.
+#[derive(Clone)]
+pub(crate) struct MemMap {
+    pub mem: GuestMemory,
+    pub code: Arc<CodePages>,
+}
+
+impl MemMap {
+    fn new(mem: &GuestMemory) -> MemMap {
+        MemMap {
+            mem: mem.clone(),
+            code: Arc::new(CodePages::new(mem)),
+        }
     }
 }
 
@@ -83,10 +105,22 @@ impl Hypervisor for EmuHypervisor {
 pub struct VmShared {
     pub(crate) irqchip: Arc<dyn UserIrqChip>,
     pub(crate) clock: GuestClock,
-    mem: RwLock<Option<GuestMemory>>,
+    mem: RwLock<Option<MemMap>>,
     /// Bumped whenever the memory map changes; vCPUs reload their map when it does.
     mem_gen: AtomicU64,
+    /// The VM-wide code epoch: bumped whenever guest code may have changed behind the back of
+    /// the vCPUs' block caches (a store into a code page, a device interrupt, an I/O exit, a
+    /// VMM re-entering `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
+    pub(crate) code_epoch: AtomicU64,
     vcpus: u32,
+}
+
+impl VmShared {
+    /// Code may have changed: every vCPU revalidates its blocks before running them again.
+    #[inline]
+    pub(crate) fn code_changed(&self) {
+        self.code_epoch.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 /// An emulated VM.
@@ -98,8 +132,9 @@ impl EmuVm {
     /// Replace the guest memory map (memory hotplug, tests); vCPUs pick it up at their next
     /// block boundary.
     pub fn set_memory(&self, mem: &GuestMemory) {
-        *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem.clone());
+        *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(MemMap::new(mem));
         self.shared.mem_gen.fetch_add(1, Ordering::AcqRel);
+        self.shared.code_changed();
     }
 }
 
@@ -124,26 +159,93 @@ impl Vm for EmuVm {
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
         Ok(Arc::new(EmuIrqLine {
-            chip: self.shared.irqchip.clone(),
+            vm: self.shared.clone(),
             gsi,
         }))
     }
 
     fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
+        // A device interrupt may announce DMA into guest code (see `VmShared::code_epoch`).
+        self.shared.code_changed();
         self.shared.irqchip.send_msi(msi);
+        Ok(())
+    }
+
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        Ok(Arc::new(EmuMsiVector {
+            vm: self.shared.clone(),
+            route: Mutex::new(None),
+        }))
+    }
+
+    // register_ioevent: the trait's default (not handled here: the device's notify region
+    // signals the eventfd when the write reaches the bus).
+
+    /// Only the clock: the interrupt controllers and PIT are the VMM's (`UserIrqChip`).
+    fn save_state(&self) -> Result<crate::VmState> {
+        Ok(crate::VmState {
+            clock_ns: self.shared.clock.nanos(),
+            ..Default::default()
+        })
+    }
+
+    /// Sets the clock, paused until [`Vm::resume_clock`].
+    fn restore_state(&self, state: &crate::VmState) -> Result<()> {
+        if state.pic.is_some() || state.ioapic.is_some() || state.pit.is_some() {
+            return Err(Error::Unsupported(
+                "the state has in-kernel interrupt controllers (it is from KVM)".into(),
+            ));
+        }
+        self.shared.clock.set_nanos(state.clock_ns);
+        Ok(())
+    }
+
+    fn pause_clock(&self) -> Result<()> {
+        self.shared.clock.pause();
+        Ok(())
+    }
+
+    fn resume_clock(&self) -> Result<()> {
+        self.shared.clock.resume();
         Ok(())
     }
 }
 
-/// An interrupt line into the userspace interrupt controllers.
+/// An MSI vector: `trigger` sends the current route to the userspace interrupt controllers.
+/// Device interrupts bump the code epoch: they may announce DMA into guest code.
+struct EmuMsiVector {
+    vm: Arc<VmShared>,
+    route: Mutex<Option<MsiMessage>>,
+}
+
+impl MsiVector for EmuMsiVector {
+    fn set_route(&self, msg: Option<MsiMessage>) -> Result<()> {
+        *self.route.lock().unwrap_or_else(|e| e.into_inner()) = msg;
+        Ok(())
+    }
+
+    fn trigger(&self) {
+        let route = *self.route.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(msg) = route {
+            self.vm.code_changed();
+            self.vm.irqchip.send_msi(msg);
+        }
+    }
+}
+
+/// An interrupt line into the userspace interrupt controllers (bumps the code epoch like
+/// [`EmuMsiVector`]).
 struct EmuIrqLine {
-    chip: Arc<dyn UserIrqChip>,
+    vm: Arc<VmShared>,
     gsi: u32,
 }
 
 impl IrqLine for EmuIrqLine {
     fn set_level(&self, level: bool) {
-        self.chip.set_irq(self.gsi, level);
+        if level {
+            self.vm.code_changed();
+        }
+        self.vm.irqchip.set_irq(self.gsi, level);
     }
 }
 
@@ -169,7 +271,11 @@ pub(crate) fn log_once(key: LogOnce, msg: fmt::Arguments<'_>) {
     let mut g = SEEN.lock().unwrap_or_else(|e| e.into_inner());
     let set = g.get_or_insert_with(HashSet::new);
     if set.len() < 4096 && set.insert(key) {
-        tracing::warn!("{msg}");
+        match key {
+            // Guests probe MSRs with `rdmsr_safe` all the time: the #GP is the answer.
+            LogOnce::Msr(_) => tracing::debug!("{msg}"),
+            _ => tracing::warn!("{msg}"),
+        }
     }
 }
 
@@ -225,6 +331,7 @@ pub(crate) mod tests {
             irqchip: chip,
             mem: RwLock::new(None),
             mem_gen: AtomicU64::new(0),
+            code_epoch: AtomicU64::new(0),
             vcpus: 1,
         })
     }

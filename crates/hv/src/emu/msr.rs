@@ -238,10 +238,10 @@ impl Cpu {
                 self.refresh_apic_base();
             }
             IA32_TSC_DEADLINE => {
-                // The guest's TSC runs `tsc_offset` ahead of the shared clock.
+                // The guest's TSC is the shared clock plus `tsc_offset` (modulo 2^64).
                 let d = match v {
                     0 => 0,
-                    v => v.checked_sub(self.msr.tsc_offset).unwrap_or(1).max(1),
+                    v => v.wrapping_sub(self.msr.tsc_offset).max(1),
                 };
                 self.vm.irqchip.set_tsc_deadline(self.id, d);
             }
@@ -339,7 +339,7 @@ impl Cpu {
             return;
         }
         let gpa = v & !1;
-        let clock = self.vm.clock;
+        let clock = self.vm.clock.clone();
         let raw = clock.tsc();
         let ns = (raw as u128 * 1_000_000_000 / clock.tsc_hz() as u128) as u64;
         let (mul, shift) = pvclock_scale(clock.tsc_hz());

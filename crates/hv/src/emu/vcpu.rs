@@ -90,6 +90,14 @@ pub struct EmuVcpu {
     kicker: Arc<EmuKicker>,
 }
 
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        if let Some(p) = &self.cpu.profile {
+            p.write(self.cpu.id);
+        }
+    }
+}
+
 impl EmuVcpu {
     pub(crate) fn new(id: u32, vm: Arc<VmShared>) -> EmuVcpu {
         let table = super::cpuid::table(id, vm.vcpus, vm.clock.tsc_hz());
@@ -121,7 +129,7 @@ impl EmuVcpu {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(m) = mem {
-            self.cpu.mmu.set_memory(m, gen);
+            self.cpu.mmu.set_memory(m.mem, m.code, gen);
             self.cache.clear();
         }
     }
@@ -134,6 +142,12 @@ impl EmuVcpu {
     /// Blocks decoded so far, and how many of those replaced a block whose bytes had changed.
     pub fn block_stats(&self) -> (u64, u64) {
         (self.cache.built, self.cache.stale)
+    }
+
+    /// Times a block's bytes were compared with guest memory after the code epoch moved and
+    /// found unchanged.
+    pub fn blocks_revalidated(&self) -> u64 {
+        self.cache.revalidated
     }
 
     /// Take and act on what the interrupt controller has for this vCPU. `Err(())`: triple
@@ -227,6 +241,8 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VmExit> {
+        // The VMM may have written guest memory (a loader, a test) since the last exit.
+        self.cpu.vm.code_changed();
         self.sync_memory();
         self.cpu.refresh_apic_base();
         self.cpu.poll = true;
@@ -438,5 +454,110 @@ impl Vcpu for EmuVcpu {
         self.cpu.mp_state = state;
         self.cpu.poll = true;
         Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<VcpuState> {
+        let c = &self.cpu;
+        Ok(VcpuState {
+            id: c.id,
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            fpu: c.fpu,
+            msrs: self.msrs(super::SAVED_MSRS)?,
+            lapic: self.lapic()?,
+            mp_state: c.mp_state,
+            cpuid: c.cpuid.clone(),
+            events: VcpuEvents {
+                interrupt_shadow: u8::from(c.shadow),
+                nmi_pending: c.nmi_pending,
+                nmi_masked: c.nmi_blocked,
+                ..Default::default()
+            },
+            debug: DebugRegs {
+                db: [c.dr[0], c.dr[1], c.dr[2], c.dr[3]],
+                dr6: c.dr[6],
+                dr7: c.dr[7],
+            },
+            xcrs: Vec::new(),
+            xsave: None,
+        })
+    }
+
+    /// Everything but the local APIC, which lives in the userspace interrupt controller and
+    /// is restored with it (before the vCPUs, after the VM clock: the TSC MSR is taken
+    /// relative to the clock).
+    fn restore_state(&mut self, s: &VcpuState) -> Result<()> {
+        if s.xsave.is_some() {
+            return Err(Error::Unsupported(
+                "emu: an XSAVE area (the state is from KVM)".into(),
+            ));
+        }
+        if !s.cpuid.is_empty() {
+            self.set_cpuid(&s.cpuid)?;
+        }
+        self.set_sregs(&s.sregs)?;
+        self.set_regs(&s.regs)?;
+        self.set_fpu(&s.fpu)?;
+        self.set_msrs(&s.msrs)?;
+        let c = &mut self.cpu;
+        c.mp_state = s.mp_state;
+        c.shadow = s.events.interrupt_shadow != 0;
+        c.nmi_pending = s.events.nmi_pending;
+        c.nmi_blocked = s.events.nmi_masked;
+        c.dr = [
+            s.debug.db[0],
+            s.debug.db[1],
+            s.debug.db[2],
+            s.debug.db[3],
+            0xffff_0ff0,
+            0x400,
+            s.debug.dr6,
+            s.debug.dr7,
+        ];
+        c.refresh_apic_base();
+        c.poll = true;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::tests::dummy_vm;
+
+    #[test]
+    fn state_round_trips_through_a_fresh_vcpu() {
+        let mut a = EmuVcpu::new(0, dummy_vm());
+        let mut regs = a.regs().unwrap();
+        regs.rax = 0x1234;
+        regs.r15 = u64::MAX;
+        regs.rip = 0x10_0000;
+        regs.rflags = 0x202;
+        a.set_regs(&regs).unwrap();
+        let mut fpu = a.fpu().unwrap();
+        fpu.xmm[3] = [7; 16];
+        fpu.mxcsr = 0x1f80;
+        a.set_fpu(&fpu).unwrap();
+        a.cpu.nmi_blocked = true;
+        a.cpu.shadow = true;
+        a.cpu.dr[7] = 0x401;
+        a.set_msrs(&[Msr::new(0xc000_0082, 0xffff_ffff_8100_0000)])
+            .unwrap();
+        let saved = a.save_state().unwrap();
+        assert!(saved.events.nmi_masked && saved.events.interrupt_shadow == 1);
+
+        let mut b = EmuVcpu::new(0, dummy_vm());
+        b.restore_state(&saved).unwrap();
+        let again = b.save_state().unwrap();
+        // The TSC moves on between the two saves; everything else is equal.
+        let no_tsc = |s: &VcpuState| {
+            let mut s = s.clone();
+            s.msrs.retain(|m| m.index != 0x10);
+            s
+        };
+        assert_eq!(no_tsc(&again), no_tsc(&saved));
+        let mut kvm_state = saved;
+        kvm_state.xsave = Some(vec![0; 1024]);
+        assert!(b.restore_state(&kvm_state).is_err());
     }
 }

@@ -81,7 +81,7 @@ impl FakeChip {
 
 impl UserIrqChip for FakeChip {
     fn clock(&self) -> GuestClock {
-        self.clock
+        self.clock.clone()
     }
     fn attach_vcpu(&self, id: u32, waker: Arc<dyn Kicker>) {
         let mut v = self.vcpus.lock().unwrap();
@@ -176,6 +176,9 @@ impl UserIrqChip for FakeChip {
 /// The port a test program writes to when it is done (like QEMU's isa-debug-exit).
 pub const EXIT_PORT: u16 = 0xf4;
 
+/// A device model run synchronously on a port write (`TestIo::on_pio_write`).
+pub type PioHook = Box<dyn Fn(&[u8]) + Send>;
+
 /// Records port and MMIO writes; `OUT` to [`EXIT_PORT`] kicks the registered vCPUs so `run`
 /// returns. MMIO reads return `0x5a` bytes, port reads `0xa5` bytes unless scripted.
 #[derive(Default)]
@@ -185,11 +188,17 @@ pub struct TestIo {
     pub mmio_reads: Mutex<Vec<(u64, usize)>>,
     pub pio_in: Mutex<HashMap<u16, VecDeque<u8>>>,
     pub kickers: Mutex<Vec<Arc<dyn Kicker>>>,
+    pub pio_hooks: Mutex<HashMap<u16, PioHook>>,
 }
 
 impl TestIo {
     pub fn new() -> Arc<TestIo> {
         Arc::new(TestIo::default())
+    }
+
+    /// Run `hook` (a device) whenever the guest writes to `port`, inside the `OUT`.
+    pub fn on_pio_write(&self, port: u16, hook: impl Fn(&[u8]) + Send + 'static) {
+        self.pio_hooks.lock().unwrap().insert(port, Box::new(hook));
     }
 
     pub fn exit_value(&self) -> Option<u8> {
@@ -212,6 +221,9 @@ impl IoHandler for TestIo {
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
         self.pio.lock().unwrap().push((port, data.to_vec()));
+        if let Some(h) = self.pio_hooks.lock().unwrap().get(&port) {
+            h(data);
+        }
         if port == EXIT_PORT {
             for k in self.kickers.lock().unwrap().iter() {
                 k.kick();

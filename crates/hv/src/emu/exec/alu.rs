@@ -109,6 +109,35 @@ pub fn alu<const OP: u8, const S: u8, const FORM: u8>(x: &mut Exec<'_>, op: &Op)
     Ok(())
 }
 
+/// `OP reg, src` (forms RR, RI, RM) when no flag it writes is ever looked at (the decoder's
+/// flag liveness, `decode::flags_needed`): the result only. ADC and SBB still read CF; CMP and
+/// TEST with a memory operand still read it (and may fault).
+pub fn alu_nf<const OP: u8, const S: u8, const FORM: u8>(x: &mut Exec<'_>, op: &Op) -> R {
+    let m = mask(S);
+    let b = match FORM {
+        RR => x.cpu.reg(op.r2, S),
+        RI => op.imm & m,
+        _ => {
+            let lin = x.lin(op);
+            x.read(lin, S)?
+        }
+    };
+    if writes(OP) {
+        let a = x.cpu.reg(op.r1, S);
+        let r = match OP {
+            ADD => a.wrapping_add(b),
+            OR => a | b,
+            ADC => a.wrapping_add(b).wrapping_add(x.cpu.cf() as u64),
+            SBB => a.wrapping_sub(b).wrapping_sub(x.cpu.cf() as u64),
+            AND => a & b,
+            XOR => a ^ b,
+            _ => a.wrapping_sub(b),
+        };
+        x.cpu.set_reg(op.r1, S, r & m);
+    }
+    Ok(())
+}
+
 /// Result and flag record of a unary operation. NOT leaves the flags alone (`None`).
 #[inline(always)]
 pub fn unary_compute(op: u8, size: u8, a: u64) -> (u64, Option<(u8, u64)>) {
@@ -131,6 +160,14 @@ pub fn unary_flags(cpu: &mut Cpu, op: u8, size: u8, a: u64, r: u64, f: Option<(u
             cpu.set_lazy(fop, size, r, a, b);
         }
     }
+}
+
+/// INC/DEC/NEG on a register when no flag they write is looked at (see [`alu_nf`]).
+pub fn unary_nf<const OP: u8, const S: u8>(x: &mut Exec<'_>, op: &Op) -> R {
+    let a = x.cpu.reg(op.r1, S);
+    let (r, _) = unary_compute(OP, S, a);
+    x.cpu.set_reg(op.r1, S, r);
+    Ok(())
 }
 
 /// INC/DEC/NOT/NEG on a register (`MEM = false`) or memory.

@@ -219,12 +219,9 @@ fn cas128(x: &mut Exec<'_>, lin: u64, old: u128, new: u128) -> R<u128> {
 }
 
 impl Exec<'_> {
-    /// Host address for a 16-byte locked access at 16-byte aligned `lin`, if it is RAM.
+    /// Host address for a 16-byte locked access at 16-byte aligned `lin`, if it is RAM and
+    /// not a code page (`rmw_host`).
     fn rmw_host16(&mut self, lin: u64) -> R<Option<usize>> {
-        let p = self.rmw_host(lin, 8)?.filter(|p| p % 16 == 0);
-        if let Some(p) = p {
-            self.note_store(p, 16);
-        }
-        Ok(p)
+        Ok(self.rmw_host(lin, 8)?.filter(|p| p % 16 == 0))
     }
 }

@@ -7,16 +7,24 @@ pub mod bits;
 pub mod branch;
 pub mod data;
 pub mod fpu;
+pub mod fxsave;
 pub mod muldiv;
+pub mod rcp_table;
 pub mod shift;
+pub mod simd;
+pub mod simd_move;
+pub mod softfloat;
+pub mod sse;
 pub mod stack;
 pub mod string;
 pub mod system;
+pub mod x87;
+pub mod x87_math;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::block::BlockCache;
+use super::block::{block_key, BlockCache};
 use super::cpu::*;
 use super::flags::TF;
 use super::interrupt::{self, Event};
@@ -40,6 +48,9 @@ pub const F_REPNE: u8 = 4;
 pub const F_LOCK: u8 = 8;
 /// The count of a shift comes from CL (otherwise from `imm`).
 pub const F_CL: u8 = 16;
+/// The handler leaves the flags alone: the block's later instructions overwrite every flag it
+/// would write before anything can look at them (`decode::flags_needed`).
+pub const F_NF: u8 = 32;
 
 /// One decoded instruction in the compact internal form. Built once per block from iced's
 /// `Instruction` (see `decode.rs`); executing it never looks at iced again. Position-dependent
@@ -249,35 +260,24 @@ pub enum Stop {
 /// Blocks between two looks at the clock for timer deadlines.
 const TIME_CHECK_BLOCKS: u32 = 2048;
 
-/// The mode part of a block key.
-#[inline(always)]
-fn mode_key(bitness: u8) -> u64 {
-    match bitness {
-        64 => 2,
-        32 => 1,
-        _ => 0,
-    }
-}
-
 /// Run blocks until something needs the caller's attention.
 pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBool) -> Stop {
     let mut budget = TIME_CHECK_BLOCKS;
     loop {
-        if !x.cpu.shadow && (x.cpu.poll || attention.load(Ordering::Relaxed)) {
+        if (x.cpu.poll || attention.load(Ordering::Relaxed)) && !x.cpu.shadow {
             return Stop::Attention;
         }
         budget -= 1;
         if budget == 0 {
             budget = TIME_CHECK_BLOCKS;
-            if let Some(d) = x.cpu.deadline {
-                if Instant::now() >= d {
-                    x.cpu.poll = true;
-                    continue;
-                }
+            if time_check(x) {
+                continue;
             }
         }
+        x.cpu.sync_epoch();
 
-        // Translate RIP (SDM Vol. 3A §3.4.2: in 64-bit mode the CS base is 0).
+        // The fast path: RIP's page is in the execute TLB and its block in the index, checked
+        // at the current epoch.
         let rip = x.cpu.rip;
         let lin = if x.cpu.bitness == 64 {
             rip
@@ -286,80 +286,135 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         };
         let user = x.cpu.cpl == 3;
         let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
-        let (host, phys) = if e.tag_x == lin & PAGE_MASK {
-            (e.addend.wrapping_add(lin as usize), e.phys | (lin & 0xfff))
+        let host = e.addend.wrapping_add(lin as usize);
+        let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
+        let hit = if e.tag_x == lin & PAGE_MASK {
+            cache.find(key, x.cpu.epoch)
         } else {
-            match x.cpu.translate(lin, Access::Exec, user) {
-                Ok(Target::Ram(h)) => {
-                    let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
-                    (h, e.phys | (lin & 0xfff))
-                }
-                Ok(Target::Io(pa)) => {
-                    return Stop::Failure(format!(
-                        "executing non-RAM address {pa:#x} (RIP {rip:#x})"
-                    ))
-                }
-                Err(e) => {
-                    if let Some(s) = handle_exc(x, e, rip) {
-                        return s;
-                    }
-                    continue;
-                }
-            }
+            None
         };
-
-        let key = (phys << 2) | mode_key(x.cpu.bitness);
-        let blk = match cache.find(key, host) {
-            Some(b) => b,
-            None => match cache.build(x, key, lin, host) {
-                Ok(b) => b,
-                Err(e) => {
-                    if let Some(s) = handle_exc(x, e, rip) {
-                        return s;
-                    }
-                    continue;
+        let (ops, byte_len, host) = match hit {
+            Some((ops, len)) => (ops, len, host),
+            None => match find_slow(x, cache, rip, lin) {
+                Ok((b, host)) => {
+                    let (ops, len) = cache.get(b);
+                    (ops, len, host)
                 }
+                Err(Some(stop)) => return stop,
+                Err(None) => continue,
             },
         };
 
-        let ops = cache.ops(blk);
-        // TF only changes through instructions that end a block, so it is constant here.
+        // TF only changes through instructions that end a block, so it is constant here. With
+        // TF or an interrupt shadow, one instruction runs.
         let tf = x.cpu.flags & TF != 0;
-        let single = x.cpu.shadow || tf;
-        x.cpu.shadow = false;
-        let n = if single { 1 } else { ops.len() };
-        x.cpu.blk_host = host;
-        x.cpu.blk_len = cache.byte_len(blk);
-        x.cpu.smc = false;
-        x.cpu.icount += n as u64;
-        for op in &ops[..n.min(ops.len())] {
-            let start = x.cpu.rip;
-            x.cpu.rip = start.wrapping_add(op.len as u64);
-            match (op.h)(x, op) {
-                r @ (Ok(()) | Err(Exc::Stop)) => {
-                    // Single-step trap after a completed instruction (SDM Vol. 3A §17.3.1.4);
-                    // a REP instruction that yielded (RIP back at its start) is not complete.
-                    if tf && x.cpu.rip != start {
-                        x.cpu.dr[6] |= 1 << 14;
-                        if interrupt::deliver(x, Event::exception(DB, None)).is_err() {
-                            return Stop::Shutdown;
+        let ops = if x.cpu.shadow || tf {
+            x.cpu.shadow = false;
+            if ops.first().is_some_and(|op| op.flags & F_NF != 0) {
+                match cache.build_single(x, lin, host) {
+                    Ok(b) => cache.get(b).0,
+                    Err(e) => {
+                        if let Some(s) = handle_exc(x, e, rip) {
+                            return s;
                         }
-                        break;
-                    }
-                    if r.is_err() || x.cpu.smc {
-                        break;
+                        continue;
                     }
                 }
+            } else {
+                &ops[..ops.len().min(1)]
+            }
+        } else {
+            ops
+        };
+        x.cpu.blk_host = host;
+        x.cpu.blk_len = byte_len;
+        x.cpu.icount += ops.len() as u64;
+        let mut start = rip;
+        let mut faulted = false;
+        for op in ops {
+            start = x.cpu.rip;
+            x.cpu.rip = start.wrapping_add(op.len as u64);
+            let r = (op.h)(x, op);
+            if r.is_ok() && !x.cpu.smc {
+                continue;
+            }
+            x.cpu.smc = false;
+            match r {
+                Ok(()) | Err(Exc::Stop) => {}
                 Err(e) => {
+                    faulted = true;
                     if let Some(s) = handle_exc(x, e, start) {
                         x.cpu.blk_len = 0;
                         return s;
                     }
-                    break;
                 }
             }
+            break;
         }
         x.cpu.blk_len = 0;
+        // Single-step trap after a completed instruction (SDM Vol. 3A §17.3.1.4); a REP
+        // instruction that yielded (RIP back at its start) is not complete.
+        if tf && !faulted && x.cpu.rip != start {
+            x.cpu.dr[6] |= 1 << 14;
+            if interrupt::deliver(x, Event::exception(DB, None)).is_err() {
+                return Stop::Shutdown;
+            }
+        }
+    }
+}
+
+/// Every [`TIME_CHECK_BLOCKS`] blocks: take a profile sample, let the code epoch move on its
+/// own (`EPOCH_REFRESH`) and look at the timer deadline. True when the timer is due.
+#[cold]
+#[inline(never)]
+fn time_check(x: &mut Exec<'_>) -> bool {
+    if let Some(p) = x.cpu.profile.as_mut() {
+        p.sample(x.cpu.rip);
+    }
+    let now = Instant::now();
+    if now >= x.cpu.epoch_refresh {
+        x.cpu.epoch_refresh = now + EPOCH_REFRESH;
+        x.cpu.serialize();
+    }
+    if x.cpu.deadline.is_some_and(|d| now >= d) {
+        x.cpu.poll = true;
+        return true;
+    }
+    false
+}
+
+/// The block at `rip` (linear `lin`) when the fast path missed: translate for execution,
+/// check an old block's bytes or decode a new one. Returns the block and the host address of
+/// its first byte; `Err(Some(stop))` ends the loop, `Err(None)` restarts it (an exception was
+/// delivered).
+#[cold]
+#[inline(never)]
+fn find_slow(
+    x: &mut Exec<'_>,
+    cache: &mut BlockCache,
+    rip: u64,
+    lin: u64,
+) -> Result<(u32, usize), Option<Stop>> {
+    let user = x.cpu.cpl == 3;
+    let host = match x.cpu.translate(lin, Access::Exec, user) {
+        Ok(Target::Ram(h)) => h,
+        Ok(Target::Io(pa)) => {
+            return Err(Some(Stop::Failure(format!(
+                "executing non-RAM address {pa:#x} (RIP {rip:#x})"
+            ))))
+        }
+        Err(e) => return Err(handle_exc(x, e, rip)),
+    };
+    let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
+    let code_idx = e.code as usize;
+    let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
+    let epoch = x.cpu.epoch;
+    if let Some(b) = cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx) {
+        return Ok((b, host));
+    }
+    match cache.build(x, key, lin, host, code_idx) {
+        Ok(b) => Ok((b, host)),
+        Err(e) => Err(handle_exc(x, e, rip)),
     }
 }
 
@@ -369,7 +424,7 @@ pub fn handle_exc(x: &mut Exec<'_>, e: Exc, start: u64) -> Option<Stop> {
     match e {
         Exc::Fault { vector, code } => {
             x.cpu.rip = start;
-            interrupt::deliver(x, Event::exception(vector, code))
+            interrupt::deliver(x, Event::exception(vector, code.map(u32::from)))
                 .err()
                 .map(|_| Stop::Shutdown)
         }

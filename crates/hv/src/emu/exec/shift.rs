@@ -29,6 +29,12 @@ fn count(x: &Exec<'_>, op: &Op, size: u8) -> u32 {
 /// Result of shift/rotate `k` of `a` by masked count `c` (non-zero), updating the flags.
 #[inline(always)]
 pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
+    shift_compute_f::<true>(cpu, k, size, a, c)
+}
+
+/// [`shift_compute`], updating the flags only when `F`.
+#[inline(always)]
+fn shift_compute_f<const F: bool>(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
     let bits = size as u32 * 8;
     let m = mask(size);
     let sb = sign(size);
@@ -39,8 +45,10 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
             } else {
                 (0, c == bits && a & 1 != 0)
             };
-            let of = (r & sb != 0) != cf;
-            set_shift_flags(cpu, r, size, cf, of);
+            if F {
+                let of = (r & sb != 0) != cf;
+                set_shift_flags(cpu, r, size, cf, of);
+            }
             r
         }
         SHR => {
@@ -49,7 +57,9 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
             } else {
                 (0, c == bits && a & sb != 0)
             };
-            set_shift_flags(cpu, r, size, cf, a & sb != 0);
+            if F {
+                set_shift_flags(cpu, r, size, cf, a & sb != 0);
+            }
             r
         }
         SAR => {
@@ -59,7 +69,9 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
             } else {
                 ((sa >> 63) as u64 & m, sa < 0)
             };
-            set_shift_flags(cpu, r, size, cf, false);
+            if F {
+                set_shift_flags(cpu, r, size, cf, false);
+            }
             r
         }
         ROL => {
@@ -69,9 +81,11 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
             } else {
                 ((a << rc) | (a >> (bits - rc))) & m
             };
-            let cf = r & 1 != 0;
-            let of = (r & sb != 0) != cf;
-            set_cf_of(cpu, cf, of);
+            if F {
+                let cf = r & 1 != 0;
+                let of = (r & sb != 0) != cf;
+                set_cf_of(cpu, cf, of);
+            }
             r
         }
         ROR => {
@@ -81,9 +95,11 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
             } else {
                 ((a >> rc) | (a << (bits - rc))) & m
             };
-            let cf = r & sb != 0;
-            let of = ((r >> (bits - 1)) ^ (r >> (bits - 2))) & 1 != 0;
-            set_cf_of(cpu, cf, of);
+            if F {
+                let cf = r & sb != 0;
+                let of = ((r >> (bits - 1)) ^ (r >> (bits - 2))) & 1 != 0;
+                set_cf_of(cpu, cf, of);
+            }
             r
         }
         RCL | RCR => {
@@ -104,13 +120,15 @@ pub fn shift_compute(cpu: &mut Cpu, k: u8, size: u8, a: u64, c: u32) -> u64 {
                 ((val >> rc) | (val << (width - rc))) & wm
             };
             let r = (rot as u64) & m;
-            let cf = (rot >> bits) & 1 != 0;
-            let of = if k == RCL {
-                (r & sb != 0) != cf
-            } else {
-                (a & sb != 0) != cin
-            };
-            set_cf_of(cpu, cf, of);
+            if F {
+                let cf = (rot >> bits) & 1 != 0;
+                let of = if k == RCL {
+                    (r & sb != 0) != cf
+                } else {
+                    (a & sb != 0) != cin
+                };
+                set_cf_of(cpu, cf, of);
+            }
             r
         }
         _ => a,
@@ -161,6 +179,21 @@ pub fn shift<const K: u8, const S: u8>(x: &mut Exec<'_>, op: &Op) -> R {
         let r = shift_compute(x.cpu, K, S, a, c);
         x.cpu.set_reg(op.r2, S, r);
     }
+    Ok(())
+}
+
+/// Shift or rotate kind `K`, size `S`, of a register when no flag it writes is looked at
+/// (see `alu::alu_nf`).
+pub fn shift_nf<const K: u8, const S: u8>(x: &mut Exec<'_>, op: &Op) -> R {
+    let c = count(x, op, S);
+    let a = x.cpu.reg(op.r2, S);
+    let r = if c == 0 {
+        a
+    } else {
+        shift_compute_f::<false>(x.cpu, K, S, a, c)
+    };
+    // (A zero count still zero-extends a 32-bit register destination.)
+    x.cpu.set_reg(op.r2, S, r);
     Ok(())
 }
 

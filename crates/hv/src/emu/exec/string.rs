@@ -143,6 +143,7 @@ fn element(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8, am: u64, step: u64) -> R 
             let mut buf = [0u8; 8];
             let port = x.cpu.gpr[RDX] as u16;
             x.io.pio_read(port, &mut buf[..s as usize]);
+            x.cpu.vm.code_changed();
             x.write(dst, s, u64::from_le_bytes(buf))?;
             x.cpu.add_masked(RDI, step, am);
         }
@@ -151,6 +152,7 @@ fn element(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8, am: u64, step: u64) -> R 
             let v = x.read(src, s)?;
             let port = x.cpu.gpr[RDX] as u16;
             x.io.pio_write(port, &v.to_le_bytes()[..s as usize]);
+            x.cpu.vm.code_changed();
             x.cpu.add_masked(RSI, step, am);
         }
     }
@@ -207,7 +209,7 @@ fn bulk(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8) -> R<Option<R>> {
                 }
             }
         }
-        x.note_store(pd, n as usize);
+        x.cpu.wrote_host(pd, n as usize);
         let elems = n / s as u64;
         x.cpu.gpr[RCX] -= elems;
         x.cpu.gpr[RDI] = x.cpu.gpr[RDI].wrapping_add(n);

@@ -50,6 +50,7 @@ pub fn ud_op(_x: &mut Exec<'_>, _op: &Op) -> R {
 }
 
 pub fn cpuid(x: &mut Exec<'_>, _op: &Op) -> R {
+    x.cpu.serialize();
     let leaf = x.cpu.gpr[RAX] as u32;
     let sub = x.cpu.gpr[RCX] as u32;
     let r = cpuid::query(&x.cpu.cpuid, leaf, sub);
@@ -86,6 +87,10 @@ pub fn rdmsr(x: &mut Exec<'_>, _op: &Op) -> R {
 pub fn wrmsr(x: &mut Exec<'_>, _op: &Op) -> R {
     cpl0(x)?;
     let idx = x.cpu.gpr[RCX] as u32;
+    // WRMSR serializes, except to IA32_TSC_DEADLINE and the x2APIC MSRs (SDM Vol. 3A §8.3).
+    if idx != 0x6e0 && !(0x800..=0x8ff).contains(&idx) {
+        x.cpu.serialize();
+    }
     let v = (x.cpu.gpr[RAX] & 0xffff_ffff) | (x.cpu.gpr[RDX] << 32);
     if !x.cpu.wrmsr(idx, v, false) {
         return Err(gp0());
@@ -144,6 +149,7 @@ pub fn smsw(x: &mut Exec<'_>, op: &Op) -> R {
 }
 
 pub fn invlpg(x: &mut Exec<'_>, op: &Op) -> R {
+    x.cpu.serialize();
     cpl0(x)?;
     let lin = x.lin(op);
     x.cpu.mmu.flush_page(lin);
@@ -152,6 +158,7 @@ pub fn invlpg(x: &mut Exec<'_>, op: &Op) -> R {
 
 /// WBINVD / INVD: caches are not modelled.
 pub fn wbinvd(x: &mut Exec<'_>, _op: &Op) -> R {
+    x.cpu.serialize();
     cpl0(x)
 }
 
@@ -242,6 +249,10 @@ pub fn write_cr(x: &mut Exec<'_>, n: u8, v: u64) -> R {
 
 /// MOV CRn, reg (`ext` = n, `r2` = the register).
 pub fn mov_to_cr(x: &mut Exec<'_>, op: &Op) -> R {
+    // Serializing, except MOV to CR8 (SDM Vol. 3A §8.3).
+    if op.ext != 8 {
+        x.cpu.serialize();
+    }
     cpl0(x)?;
     let v = x.cpu.reg(op.r2, op.size);
     write_cr(x, op.ext, v)?;
@@ -273,6 +284,7 @@ fn dr_index(x: &Exec<'_>, n: u8) -> R<usize> {
 
 /// MOV DRn, reg (breakpoints are stored, not armed).
 pub fn mov_to_dr(x: &mut Exec<'_>, op: &Op) -> R {
+    x.cpu.serialize();
     cpl0(x)?;
     let n = dr_index(x, op.ext)?;
     let v = x.cpu.reg(op.r2, op.size);
@@ -297,6 +309,7 @@ pub fn mov_from_dr(x: &mut Exec<'_>, op: &Op) -> R {
 
 /// LGDT (ext 0) / LIDT (ext 1): limit, then a 64-bit (64-bit mode), 32-bit or 24-bit base.
 pub fn load_dt(x: &mut Exec<'_>, op: &Op) -> R {
+    x.cpu.serialize();
     cpl0(x)?;
     let lin = x.lin(op);
     let limit = x.read(lin, 2)? as u16;
@@ -334,6 +347,7 @@ pub fn store_dt(x: &mut Exec<'_>, op: &Op) -> R {
 
 /// LLDT (ext 0) / LTR (ext 1).
 pub fn load_system_seg(x: &mut Exec<'_>, op: &Op) -> R {
+    x.cpu.serialize();
     need_protected(x)?;
     cpl0(x)?;
     let sel = x.rm_read(op, 2)? as u16;
@@ -614,10 +628,12 @@ pub fn in_out(x: &mut Exec<'_>, op: &Op) -> R {
     if op.ext & 1 == 0 {
         let mut b = [0u8; 8];
         x.io.pio_read(port, &mut b[..s]);
+        x.cpu.vm.code_changed();
         x.cpu.set_reg(RAX as u8, op.size, u64::from_le_bytes(b));
     } else {
         let v = x.cpu.gpr[RAX].to_le_bytes();
         x.io.pio_write(port, &v[..s]);
+        x.cpu.vm.code_changed();
     }
     Ok(())
 }
