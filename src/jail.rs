@@ -193,16 +193,17 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
         Some(path) => Some(ApiSocket::bind(path)?),
         None => None,
     };
-    if let Some(api) = &api {
-        spec.pass_fds.push(api.listener.as_raw_fd());
-    }
 
     let terminal = saved_terminal();
     let fwd = SignalForwarding::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT]);
+    // The child's copy of the listener keeps its descriptor number through the jail.
     let listener = match &api {
         Some(a) => Some(a.listener.try_clone().context("the API socket")?),
         None => None,
     };
+    if let Some(l) = &listener {
+        spec.pass_fds.push(l.as_raw_fd());
+    }
     let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(inside, listener))
         .context("starting the jailed VMM")?;
     tracing::info!(pid = child.pid(), "jailed VMM running");

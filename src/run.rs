@@ -249,7 +249,7 @@ fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Resu
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if let Err(e) = seccomp::apply(ThreadKind::Device) {
+                if let Err(e) = seccomp::apply(ThreadKind::Console) {
                     handle.stop(StopReason::Failure(e.to_string()));
                     return;
                 }
@@ -266,7 +266,7 @@ fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Resu
         std::thread::Builder::new()
             .name("console".into())
             .spawn(move || {
-                if let Err(e) = seccomp::apply(ThreadKind::Device) {
+                if let Err(e) = seccomp::apply(ThreadKind::Console) {
                     handle.stop(StopReason::Failure(e.to_string()));
                     return;
                 }

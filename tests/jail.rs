@@ -238,19 +238,32 @@ fn the_jailed_vmm_is_confined() {
     assert_eq!(status_field(&status, "CapBnd"), "0000000000000000");
     assert_eq!(status_field(&status, "NoNewPrivs"), "1");
     assert_eq!(status_field(&status, "Seccomp"), "2");
-    // Per thread: the jail's filter, plus the main thread's, plus the thread's own.
-    let mut filters = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{inner}/task"))
-        .unwrap()
-        .flatten()
-    {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap();
-        let n: u32 = status_field(&t.path().join("status"), "Seccomp_filters")
-            .parse()
-            .unwrap();
-        filters.push((comm.trim().to_string(), n));
-    }
-    filters.sort();
+    // Per thread: the jail's filter, plus the main thread's, plus the thread's own. A thread
+    // installs its own filter first thing, but may not have run yet: wait for every vCPU.
+    let read_filters = || {
+        let mut filters = Vec::new();
+        for t in std::fs::read_dir(format!("/proc/{inner}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let n: u32 = status_field(&t.path().join("status"), "Seccomp_filters")
+                .parse()
+                .unwrap_or(0);
+            filters.push((comm.trim().to_string(), n));
+        }
+        filters.sort();
+        filters
+    };
+    let mut filters = read_filters();
+    wait_until("both vCPU threads filtered", || {
+        filters = read_filters();
+        filters
+            .iter()
+            .filter(|(c, n)| c.starts_with("vcpu") && *n == 3)
+            .count()
+            == 2
+    });
     let count = |name: &str| filters.iter().find(|(c, _)| c == name).map(|(_, n)| *n);
     assert_eq!(count("vireo"), Some(2), "main: jail + vmm; {filters:?}");
     assert_eq!(
@@ -459,4 +472,210 @@ fn jailed_console_on_a_terminal() {
     assert_eq!(status.code(), Some(0));
     let after = lflag(&slave);
     assert_ne!(after & libc::ICANON, 0, "terminal left in raw mode");
+}
+
+/// A disk image of 1 MiB whose sector 0 starts with bytes 0..16, owned by the jailed VMM's
+/// default uid/gid (it has no capability to override file modes).
+fn jail_disk(dir: &TempDir, name: &str) -> PathBuf {
+    use std::os::unix::fs::FileExt;
+    let path = dir.path().join(name);
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(&(0..16u8).collect::<Vec<_>>(), 0).unwrap();
+    std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+    path
+}
+
+fn sector(path: &Path, n: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; 512];
+    std::fs::File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, n * 512)
+        .unwrap();
+    b
+}
+
+/// A jailed VMM's disk works on both backends: the virtio-blk probe reads sector 0, writes
+/// sector 1 and flushes, through the device worker thread (started from the vCPU thread at
+/// DRIVER_OK, under the vCPU and device filters).
+#[test]
+fn jailed_virtio_blk_probe_on_both_backends() {
+    let test = "jailed_virtio_blk_probe_on_both_backends";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        for direct in [false, true] {
+            let dir = TempDir::new("jail-blk");
+            let img = jail_disk(&dir, "a.img");
+            let kernel = probe_file(&dir, &Probe::VirtioBlk);
+            let mut cmd = vireo();
+            cmd.args(["run", "--jail", "--accel", accel, "--kernel"])
+                .arg(&kernel)
+                .arg("--disk")
+                .arg(format!(
+                    "path={},serial=jailed{}",
+                    img.display(),
+                    if direct { ",direct=on" } else { "" }
+                ));
+            let o = run(cmd, TIMEOUT, None);
+            o.assert_clean();
+            assert_eq!(o.code(), Some(0), "{accel} direct={direct}: {o}");
+            for want in [
+                "virtio-blk: driver-ok status=0f",
+                "status=00 serial=jailed",
+                "status=00 data=000102030405060708090a0b0c0d0e0f",
+                "virtio-blk: write irq=3 timeout=0 used=3 len=1 status=00",
+                "virtio-blk: flush irq=4 timeout=0 used=4 len=1 status=00",
+            ] {
+                assert!(
+                    o.stdout.contains(want),
+                    "{accel} direct={direct}: {want}\n{o}"
+                );
+            }
+            assert_eq!(
+                sector(&img, 1),
+                vireo_guests::probe::BLK_PROBE_PATTERN.repeat(32),
+                "{accel} direct={direct}"
+            );
+        }
+    }
+}
+
+/// The default Linux guest on the emulator, jailed, writes its disk; the host reads the data.
+#[test]
+fn jailed_linux_guest_on_the_emulator_writes_its_disk() {
+    let test = "jailed_linux_guest_on_the_emulator_writes_its_disk";
+    if common::skip_unless_root(test) || common::default_guest(test).is_none() {
+        return;
+    }
+    let dir = TempDir::new("jail-linux-disk");
+    let img = jail_disk(&dir, "d.img");
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "emu", "--disk"])
+        .arg(format!("path={}", img.display()))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo written-by-a-jailed-guest | dd of=/dev/vda bs=512 seek=2 conv=sync \
+             oflag=direct 2>/dev/null; echo id: $(id -u) host: $(hostname)",
+        ]);
+    let o = run(cmd, Duration::from_secs(300), None);
+    o.assert_clean();
+    assert_eq!(o.code(), Some(0), "{o}");
+    assert!(o.stdout.contains("vireo-guest: exit status 0"), "{o}");
+    assert!(
+        sector(&img, 2).starts_with(b"written-by-a-jailed-guest\n"),
+        "{o}"
+    );
+}
+
+/// Files the jailed VMM's uid cannot open are refused before anything starts, with a message
+/// that says what to do.
+#[test]
+fn a_disk_the_jail_uid_cannot_write_is_refused() {
+    let test = "a_disk_the_jail_uid_cannot_write_is_refused";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    let dir = TempDir::new("jail-disk-perm");
+    let img = jail_disk(&dir, "a.img");
+    std::os::unix::fs::chown(&img, Some(0), Some(0)).unwrap();
+    let kernel = probe_file(&dir, &Probe::VirtioBlk);
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "emu", "--kernel"])
+        .arg(&kernel)
+        .arg("--disk")
+        .arg(format!("path={}", img.display()));
+    let o = run(cmd, TIMEOUT, None);
+    o.assert_clean();
+    assert_eq!(o.code(), Some(1), "{o}");
+    assert!(
+        o.stderr
+            .contains("is not readable and writable by uid 65534 / gid 65534"),
+        "{o}"
+    );
+    // Read-only is enough for a read-only disk (the file is world-readable).
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "emu", "--kernel"])
+        .arg(&kernel)
+        .arg("--disk")
+        .arg(format!("path={},readonly=on", img.display()));
+    let o = run(cmd, TIMEOUT, None);
+    o.assert_clean();
+    assert_eq!(o.code(), Some(0), "{o}");
+    assert!(
+        o.stdout
+            .contains("write irq=3 timeout=0 used=3 len=1 status=01"),
+        "{o}"
+    );
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Outcome {
+    let mut cmd = vireo();
+    cmd.arg("ctl").arg("--api-socket").arg(socket).args(args);
+    let o = run(cmd, TIMEOUT, None);
+    o.assert_clean();
+    o
+}
+
+/// A jailed VMM serves the API on a socket bound outside the jail: queries, pause/resume, a
+/// snapshot refused with an error (the jail holds no writable directory) rather than a
+/// seccomp kill, power-off; the socket is removed afterwards. The API thread runs under its
+/// own filter.
+#[test]
+fn jailed_vmm_serves_the_api() {
+    let test = "jailed_vmm_serves_the_api";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        let dir = TempDir::new("jail-api");
+        let kernel = probe_file(&dir, &Probe::Counter);
+        let socket = dir.path().join("api.sock");
+        let mut cmd = vireo();
+        cmd.args(["run", "--jail", "--accel", accel, "--kernel"])
+            .arg(&kernel)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut vm = Background(cmd.spawn().unwrap());
+        let mut first = [0u8; 7];
+        vm.0.stdout
+            .as_mut()
+            .unwrap()
+            .read_exact(&mut first)
+            .unwrap();
+        assert_eq!(&first, b"count 0");
+        let o = ctl(&socket, &["info"]);
+        assert!(o.stdout.contains("state: running"), "{accel}: {o}");
+        assert!(
+            o.stdout.contains(&format!("backend: {accel}")),
+            "{accel}: {o}"
+        );
+        assert!(ctl(&socket, &["pause"]).stdout.contains("state: paused"));
+        let snap = dir.path().join("snap");
+        let o = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
+        assert_ne!(o.code(), Some(0), "{accel}: {o}");
+        assert!(o.stderr.contains("Permission denied"), "{accel}: {o}");
+        assert!(ctl(&socket, &["resume"]).stdout.contains("state: running"));
+        // The API thread starts before the main thread's filter: it has the jail's and its
+        // own.
+        let inner = inner_pid(vm.0.id());
+        let api_filters = std::fs::read_dir(format!("/proc/{inner}/task"))
+            .unwrap()
+            .flatten()
+            .find(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default() == "api\n")
+            .map(|t| status_field(&t.path().join("status"), "Seccomp_filters"));
+        assert_eq!(api_filters.as_deref(), Some("2"), "{accel}");
+        let o = ctl(&socket, &["power-off"]);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        let status = vm.0.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{accel}");
+        assert!(!socket.exists(), "{accel}: socket left behind");
+    }
 }

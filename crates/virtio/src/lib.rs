@@ -30,7 +30,7 @@ use virtio_queue::Queue;
 pub use block::{Block, DiskImage, DiskOptions};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VirtioPciState};
-pub use worker::QueuePosition;
+pub use worker::{set_worker_start_hook, QueuePosition};
 
 /// Device types (§5).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
