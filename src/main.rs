@@ -26,7 +26,7 @@ struct Cli {
 enum Command {
     /// Boot a VM with its serial console on this terminal (or, with only --api-socket, wait
     /// for a configuration over the API).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// OS-level containers: run a command in namespaces and cgroups on a root directory.
     #[command(subcommand)]
     Container(container::ContainerCommand),
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Container(cmd) => container::run(cmd),
         Command::Restore(args) => restore::restore(args),
         Command::Ctl(args) => ctl::ctl(args),
