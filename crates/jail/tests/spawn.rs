@@ -205,3 +205,43 @@ fn hostile_symlink_in_the_root_is_refused() {
     );
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// `pass_fds`: the listed descriptors reach the jailed command under their numbers; every
+/// other one (here an open directory of the host, a way back to the old root) is closed.
+#[test]
+fn passed_descriptors_survive_and_others_are_closed() {
+    if skip("passed_descriptors_survive_and_others_are_closed") {
+        return;
+    }
+    let mut fds = [0; 2];
+    // SAFETY: a pipe for the test's own use.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: fresh descriptors owned by nobody else.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let w_fd = w.as_raw_fd();
+    // A host directory left open without O_CLOEXEC: must not reach the jail.
+    let leak = std::fs::File::open("/").unwrap();
+    let leak_fd = leak.as_raw_fd();
+    // SAFETY: clearing FD_CLOEXEC on a descriptor this test owns.
+    assert_eq!(unsafe { libc::fcntl(leak_fd, libc::F_SETFD, 0) }, 0);
+    let script = format!("echo through-the-passed-fd >&{w_fd}; ls /proc/self/fd");
+    let mut spec = sh("t-passfd", &script);
+    spec.pass_fds = vec![w_fd];
+    let (exit, out) = run(&spec);
+    drop(w);
+    let mut passed = String::new();
+    std::fs::File::from(r).read_to_string(&mut passed).unwrap();
+    assert_eq!(exit, Exit::Code(0), "{out}");
+    assert_eq!(passed, "through-the-passed-fd\n");
+    let listed: Vec<i32> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    assert!(listed.contains(&w_fd), "{out}");
+    assert!(
+        !listed.contains(&leak_fd),
+        "the host directory leaked in: {out}"
+    );
+    drop(leak);
+    // Descriptors below 3 are stdio's business.
+    let mut bad = sh("t-passfd-bad", "true");
+    bad.pass_fds = vec![1];
+    assert!(spawn(&bad).is_err());
+}

@@ -292,19 +292,53 @@ mod tests {
             "clone3",
             "fork",
             "vfork",
-            "mprotect",
             "ptrace",
             "mount",
             "setuid",
             "kill",
             "prctl",
-            "seccomp",
             "unshare",
             "setns",
             "process_vm_writev",
         ] {
             assert!(!v.allows(call, [0; 6]), "vcpu thread must not {call}");
         }
+        // No executable memory.
+        let exec = libc::PROT_READ as u64 | libc::PROT_EXEC as u64;
+        assert!(!v.allows("mprotect", [0, 4096, exec, 0, 0, 0]));
+        assert!(!v.allows("mmap", [0, 4096, exec, 0, 0, 0]));
+        assert!(v.allows("mprotect", [0, 4096, libc::PROT_READ as u64, 0, 0, 0]));
+        // Threads (for device workers), never processes or namespaces; clone3 fails so that
+        // glibc uses clone, whose flags the filter sees.
+        let thread = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        assert!(v.allows("clone", [thread, 0, 0, 0, 0, 0]));
+        assert!(
+            !v.allows("clone", [libc::SIGCHLD as u64, 0, 0, 0, 0, 0]),
+            "fork"
+        );
+        for ns in [libc::CLONE_NEWUSER, libc::CLONE_NEWNS, libc::CLONE_NEWNET] {
+            assert!(!v.allows("clone", [thread | ns as u64, 0, 0, 0, 0, 0]));
+        }
+        for kind in ThreadKind::ALL {
+            let l = list(kind).unwrap();
+            if l.allows("clone", [thread, 0, 0, 0, 0, 0]) {
+                assert_eq!(
+                    l.fails_with("clone3"),
+                    Some(libc::ENOSYS),
+                    "{}",
+                    kind.name()
+                );
+            }
+        }
+        assert_eq!(
+            process_list().unwrap().fails_with("clone3"),
+            Some(libc::ENOSYS)
+        );
         let vmm = list(ThreadKind::Vmm).unwrap();
         assert!(!vmm.allows("execve", [0; 6]), "the main thread never execs");
         assert!(!vmm.allows("socket", [0; 6]));
@@ -360,6 +394,58 @@ mod tests {
             err.contains("thread `vcpu0` (vcpu filter) made a forbidden system call: openat"),
             "{err}"
         );
+    }
+
+    /// Device, console and API threads are killed and reported the same way: each in a
+    /// child, a thread named like the real one installs its kind's filter and opens a socket.
+    #[test]
+    fn forbidden_calls_from_device_console_and_api_threads_are_reported() {
+        const ENV: &str = "VIREO_SECCOMP_CHILD_KIND";
+        if let Ok(kind) = std::env::var(ENV) {
+            let kind = ThreadKind::ALL
+                .into_iter()
+                .find(|k| k.name() == kind)
+                .unwrap();
+            enable().unwrap();
+            std::thread::Builder::new()
+                .name(format!("{}-thread", kind.name()))
+                .spawn(move || {
+                    apply(kind).unwrap();
+                    // SAFETY: socket(2) with constant arguments (refused by the filter).
+                    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+                    // SAFETY: writing a valid buffer to stderr.
+                    unsafe { libc::write(2, b"survived\n".as_ptr().cast(), 9) };
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+            std::process::exit(0);
+        }
+        for kind in [ThreadKind::Device, ThreadKind::Console, ThreadKind::Api] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "seccomp::tests::forbidden_calls_from_device_console_and_api_threads_are_reported",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(ENV, kind.name())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(
+                out.status.code(),
+                Some(EXIT_SECCOMP),
+                "{}: {err}",
+                kind.name()
+            );
+            assert!(!err.contains("survived"), "{err}");
+            let want = format!(
+                "thread `{0}-thread` ({0} filter) made a forbidden system call: socket",
+                kind.name()
+            );
+            assert!(err.contains(&want), "{err}");
+        }
     }
 
     /// The vCPU filter refuses a terminal ioctl even though ioctl itself is allowed.
