@@ -148,8 +148,15 @@ fn config_from(args: &RunArgs) -> Result<VmConfig> {
             c.initrd = Some(args.initrd.clone().unwrap_or(guest.initrd.clone()));
             c.cmdline = args.cmdline.clone().unwrap_or(guest.cmdline.clone());
             if let Some(path) = &args.root_disk {
+                let created = !path.exists();
                 default_guest::root_disk(&cache, &guest, path)
                     .with_context(|| format!("preparing the root disk {}", path.display()))?;
+                // A root disk made just now for a jailed VMM belongs to the jail's ids (an
+                // existing one is left as it is: vireo checks it is usable before starting).
+                if created && args.jail {
+                    std::os::unix::fs::chown(path, Some(args.uid), Some(args.gid))
+                        .with_context(|| format!("handing {} to the jail", path.display()))?;
+                }
                 c.disks.push(DiskConfig::new(path));
                 c.cmdline.push_str(" root=/dev/vda");
             }

@@ -569,7 +569,31 @@ fn jailed_linux_guest_on_the_emulator_writes_its_disk() {
     assert!(
         sector(&img, 2).starts_with(b"written-by-a-jailed-guest\n"),
         "{o}"
-    );
+    ); // A root disk vireo creates for a jailed run belongs to the jail's ids: the guest boots
+       // from it and writes to it.
+    let root = dir.path().join("root.img");
+    let mut cmd = vireo();
+    cmd.args(["run", "--jail", "--accel", "emu", "--root-disk"])
+        .arg(&root)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "grep ' / ' /proc/mounts; echo kept > /jailed; sync",
+        ]);
+    let o = run(cmd, Duration::from_secs(300), None);
+    o.assert_clean();
+    assert_eq!(o.code(), Some(0), "{o}");
+    assert!(o.stdout.contains("/dev/vda / ext4 rw"), "{o}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(&root).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /jailed"])
+        .arg(&root)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
 }
 
 /// Files the jailed VMM's uid cannot open are refused before anything starts, with a message
