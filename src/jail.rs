@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use vireo_jail::{Exit, JailSpec, Limits, Mount, Root, SignalForwarding, Violation};
 use vireo_vmm::config::{Accel, VmConfig};
+use vireo_vmm::RestoreRequest;
 
 /// The uid and gid a jailed VMM runs as by default (`nobody`/`nogroup`).
 pub const DEFAULT_ID: u32 = 65534;
@@ -101,29 +102,64 @@ fn restore_terminal(t: &libc::termios) {
     unsafe { libc::tcsetattr(0, libc::TCSANOW, t) };
 }
 
-/// The jail for a VMM running `inside` (a configuration already rewritten to inside paths).
-pub fn vmm_jail_spec(
-    name: &str,
-    inside: &VmConfig,
-    binds: &[(PathBuf, PathBuf)],
-    opts: &JailOptions,
-) -> Result<JailSpec> {
+/// A host file the jailed VMM uses, and where it appears inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub host: PathBuf,
+    pub target: PathBuf,
+    /// Bind-mounted writable (disks the guest may write); everything else is read-only.
+    pub writable: bool,
+}
+
+/// What a jailed VMM needs from the host.
+pub struct VmmNeeds {
+    pub binds: Vec<Bind>,
+    /// `/dev/kvm` (the KVM backend).
+    pub kvm: bool,
+    /// vCPUs, virtio devices and whether an API runs: the threads the VMM will have.
+    pub cpus: u32,
+    pub devices: u64,
+    /// Guest RAM, for a warning when the memory limit is below it.
+    pub memory: u64,
+}
+
+impl VmmNeeds {
+    /// The needs of a VMM running `inside` (a configuration rewritten by [`expose_paths`]).
+    fn of(inside: &VmConfig, binds: Vec<(PathBuf, PathBuf)>) -> VmmNeeds {
+        let binds = binds
+            .into_iter()
+            .map(|(host, target)| {
+                let writable = inside.disks.iter().any(|d| d.path == target && !d.readonly);
+                Bind {
+                    host,
+                    target,
+                    writable,
+                }
+            })
+            .collect();
+        VmmNeeds {
+            binds,
+            kvm: inside.accel == Accel::Kvm,
+            cpus: inside.cpus,
+            devices: inside.disks.len() as u64 + u64::from(inside.rng),
+            memory: inside.memory.0,
+        }
+    }
+}
+
+/// The jail for a VMM with `needs`.
+pub fn vmm_jail_spec(name: &str, needs: &VmmNeeds, opts: &JailOptions) -> Result<JailSpec> {
     let mut spec = JailSpec::new(name, vec!["vireo-vmm".into()]);
     spec.root = Root::Tmpfs { size: 1 << 20 };
     spec.hostname = "vireo-vmm".into();
-    for (host, target) in binds {
-        // Disks the guest may write are bind-mounted writable; everything else read-only.
-        let writable = inside
-            .disks
-            .iter()
-            .any(|d| &d.path == target && !d.readonly);
+    for b in &needs.binds {
         spec.mounts.push(Mount::Bind {
-            source: host.clone(),
-            target: target.clone(),
-            read_only: !writable,
+            source: b.host.clone(),
+            target: b.target.clone(),
+            read_only: !b.writable,
         });
     }
-    if inside.accel == Accel::Kvm {
+    if needs.kvm {
         spec.mounts.push(Mount::Device {
             source: "/dev/kvm".into(),
             target: "/dev/kvm".into(),
@@ -136,10 +172,15 @@ pub fn vmm_jail_spec(
     Ok(spec)
 }
 
-pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> {
+fn need_root() -> Result<()> {
     if !vireo_jail::is_root() {
         bail!("--jail needs root: namespaces, cgroups and pivot_root need CAP_SYS_ADMIN");
     }
+    Ok(())
+}
+
+pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> {
+    need_root()?;
     // Decide `auto` out here, where /sys is visible: the jail has no /sys, and `auto` must
     // pick the same backend jailed as not. (An explicit choice is checked inside.)
     if config.accel == Accel::Auto {
@@ -152,42 +193,105 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
             _ => Accel::Emu,
         };
     }
+    let (inside, binds) = expose_paths(&config);
+    let needs = VmmNeeds::of(&inside, binds);
+    run_in_jail(&needs, opts, move |api| {
+        crate::run::run_jailed_vmm(inside, api)
+    })
+}
+
+/// `vireo restore --jail`: the snapshot directory, the kernel, initrd and disks its VM was
+/// built from (or the replacement disks) appear in the jail at their host paths, so the
+/// snapshot's configuration needs no rewriting and a guest reboot after the restore finds its
+/// kernel.
+pub fn restore_jailed(req: RestoreRequest, opts: &JailOptions) -> Result<ExitCode> {
+    need_root()?;
+    let snapshot = std::fs::canonicalize(&req.snapshot)
+        .with_context(|| format!("snapshot {}", req.snapshot.display()))?;
+    let state = vireo_vmm::snapshot::read_state(&snapshot)?;
+    let config = &state.config;
+    let disks = req.disks.clone().unwrap_or_else(|| config.disks.clone());
+    let mut binds = vec![Bind {
+        host: snapshot.clone(),
+        target: snapshot.clone(),
+        writable: false,
+    }];
+    let mut file = |path: &Path, writable: bool| -> Result<()> {
+        if !path.is_absolute() {
+            bail!(
+                "the snapshot names {} by a relative path: a jailed restore needs absolute \
+                 paths",
+                path.display()
+            );
+        }
+        binds.push(Bind {
+            host: path.to_path_buf(),
+            target: path.to_path_buf(),
+            writable,
+        });
+        Ok(())
+    };
+    file(&config.kernel, false)?;
+    if let Some(initrd) = &config.initrd {
+        file(initrd, false)?;
+    }
+    for d in &disks {
+        file(&d.path, !d.readonly)?;
+    }
+    let needs = VmmNeeds {
+        binds,
+        kvm: state.backend == "kvm",
+        cpus: config.cpus,
+        devices: disks.len() as u64 + u64::from(config.rng),
+        memory: config.memory.0,
+    };
+    let req = RestoreRequest {
+        snapshot,
+        disks: req.disks,
+        paused: req.paused,
+    };
+    run_in_jail(&needs, opts, move |api| {
+        crate::restore::restore_jailed_vmm(&req, api)
+    })
+}
+
+/// Forks a VMM into a jail holding `needs`, where it runs `vmm` (given the API listener, if
+/// any), and waits for it.
+fn run_in_jail(
+    needs: &VmmNeeds,
+    opts: &JailOptions,
+    vmm: impl FnOnce(Option<UnixListener>) -> Result<u8>,
+) -> Result<ExitCode> {
     // Every vCPU is a thread; so are main, console, signals and VM creation, each virtio
     // device's worker, and the API's thread and its blocking-task thread.
-    let threads = u64::from(config.cpus)
-        + 4
-        + config.disks.len() as u64
-        + u64::from(config.rng)
-        + if opts.api_socket.is_some() { 2 } else { 0 };
+    let threads =
+        u64::from(needs.cpus) + 4 + needs.devices + if opts.api_socket.is_some() { 2 } else { 0 };
     if let Some(p) = opts.limits.pids_max {
         if p < threads {
             bail!(
                 "--cgroup pids={p} is too low for {} vCPUs: the VMM needs at least {threads} \
                  (one thread per vCPU and per virtio device, plus 4, plus 2 for the API)",
-                config.cpus
+                needs.cpus
             );
         }
     }
     if let Some(m) = opts.limits.memory_max {
-        if m < config.memory.0 {
+        if m < needs.memory {
             tracing::warn!(
                 "the jail's memory limit ({}) is below the guest's memory ({}): the VMM is \
                  killed if the guest uses it all",
                 vireo_jail::cgroup::fmt_size(m),
-                config.memory
+                vireo_jail::cgroup::fmt_size(needs.memory)
             );
         }
     }
-    let (inside, binds) = expose_paths(&config);
-    for (host, target) in &binds {
-        let read_only = !inside
-            .disks
-            .iter()
-            .any(|d| &d.path == target && !d.readonly);
-        check_access(host, read_only, opts.uid, opts.gid)?;
+    for b in &needs.binds {
+        if b.host.is_file() || !b.host.exists() {
+            check_access(&b.host, !b.writable, opts.uid, opts.gid)?;
+        }
     }
     let name = format!("vm-{}", std::process::id());
-    let mut spec = vmm_jail_spec(&name, &inside, &binds, opts)?;
+    let mut spec = vmm_jail_spec(&name, needs, opts)?;
     // The API socket is bound out here and passed in as a descriptor.
     let api = match &opts.api_socket {
         Some(path) => Some(ApiSocket::bind(path)?),
@@ -204,7 +308,7 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
     if let Some(l) = &listener {
         spec.pass_fds.push(l.as_raw_fd());
     }
-    let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(inside, listener))
+    let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(vmm, listener))
         .context("starting the jailed VMM")?;
     tracing::info!(pid = child.pid(), "jailed VMM running");
     let exit = child.wait_forwarding(&fwd)?;
@@ -268,8 +372,11 @@ impl Drop for ApiSocket {
 }
 
 /// The VMM in the jailed child; returns the process's exit status.
-fn vmm_inside(config: VmConfig, api: Option<UnixListener>) -> i32 {
-    let status = match crate::run::run_jailed_vmm(config, api) {
+fn vmm_inside(
+    vmm: impl FnOnce(Option<UnixListener>) -> Result<u8>,
+    api: Option<UnixListener>,
+) -> i32 {
+    let status = match vmm(api) {
         Ok(code) => i32::from(code),
         Err(e) => {
             crate::console::restore_terminal();
@@ -308,27 +415,79 @@ mod tests {
 
     #[test]
     fn jail_spec_exposes_only_what_the_vm_needs() {
-        let mut c = VmConfig::new("/vm/kernel");
+        let mut c = VmConfig::new("/boot/vmlinuz");
         c.accel = Accel::Kvm;
-        let binds = vec![(PathBuf::from("/etc/hostname"), PathBuf::from("/vm/kernel"))];
+        c.disks = vec![
+            "path=/srv/rw.img".parse().unwrap(),
+            "path=/srv/ro.img,readonly=on".parse().unwrap(),
+        ];
+        let (inside, binds) = expose_paths(&c);
+        let needs = VmmNeeds::of(&inside, binds);
+        assert_eq!((needs.cpus, needs.devices), (1, 3), "two disks and the rng");
         let opts = JailOptions {
             uid: 1000,
             gid: 1000,
             limits: Limits::default(),
             api_socket: None,
         };
-        let s = vmm_jail_spec("vm-test", &c, &binds, &opts).unwrap();
+        let s = vmm_jail_spec("vm-test", &needs, &opts).unwrap();
         assert!(matches!(s.root, Root::Tmpfs { .. }));
-        let targets: Vec<_> = s.mounts.iter().map(|m| m.target().to_path_buf()).collect();
-        assert_eq!(
-            targets,
-            [PathBuf::from("/vm/kernel"), PathBuf::from("/dev/kvm")]
-        );
+        let mounts: Vec<_> = s
+            .mounts
+            .iter()
+            .map(|m| match m {
+                Mount::Bind {
+                    target, read_only, ..
+                } => (target.display().to_string(), *read_only),
+                other => (other.target().display().to_string(), false),
+            })
+            .collect();
+        let want: Vec<(String, bool)> = [
+            ("/vm/kernel", true),
+            ("/vm/disk0", false),
+            ("/vm/disk1", true),
+            ("/dev/kvm", false),
+        ]
+        .iter()
+        .map(|(t, ro)| (t.to_string(), *ro))
+        .collect();
+        assert_eq!(mounts, want);
         assert_eq!((s.uid, s.gid), (1000, 1000));
         assert!(s.keep_caps.names().is_empty());
         let (list, violation) = s.seccomp.as_ref().unwrap();
         assert_eq!(*violation, Violation::Trap);
         assert!(!list.allows("execve", [0; 6]));
         assert!(!list.allows("mount", [0; 6]));
+        assert!(!list.allows("socket", [0; 6]));
+        // The emulator gets no /dev/kvm.
+        let mut emu = needs;
+        emu.kvm = false;
+        let s = vmm_jail_spec("vm-test", &emu, &opts).unwrap();
+        assert!(s.mounts.iter().all(|m| m.target() != Path::new("/dev/kvm")));
+    }
+
+    #[test]
+    fn disk_access_is_checked_by_mode_bits() {
+        let dir = std::env::temp_dir().join(format!("vireo-jail-acc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("d.img");
+        std::fs::write(&f, b"x").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (uid, gid) = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(&f).unwrap();
+            (m.uid(), m.gid())
+        };
+        // Owner: rw; others: read only.
+        assert!(check_access(&f, false, uid, gid).is_ok());
+        assert!(check_access(&f, true, uid + 1, gid + 1).is_ok());
+        let e = check_access(&f, false, uid + 1, gid + 1).unwrap_err();
+        assert!(e.to_string().contains("not readable and writable"), "{e}");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o660)).unwrap();
+        assert!(check_access(&f, false, uid + 1, gid).is_ok(), "group rw");
+        assert!(check_access(&f, true, uid + 1, gid + 1).is_err());
+        assert!(check_access(&dir.join("missing"), true, uid, gid).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

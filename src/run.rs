@@ -89,7 +89,7 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
-fn parse_limits(s: &str) -> std::result::Result<vireo_jail::Limits, String> {
+pub fn parse_limits(s: &str) -> std::result::Result<vireo_jail::Limits, String> {
     vireo_jail::Limits::parse_list(s)
 }
 
@@ -246,7 +246,7 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
 
 /// [`serve`] with the API already started, returning the exit status as a number. In a
 /// jailed VMM (after `seccomp::enable`) each thread installs its seccomp filter.
-fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Result<u8> {
+pub fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Result<u8> {
     use vireo_vmm::seccomp::{self, ThreadKind};
     let handle = vmm.handle();
     // SIGINT/SIGTERM stop the VM: the handler only records the signal and wakes a thread.

@@ -703,3 +703,86 @@ fn jailed_vmm_serves_the_api() {
         assert!(!socket.exists(), "{accel}: socket left behind");
     }
 }
+
+/// `vireo restore --jail`: a snapshot taken by an unjailed vireo resumes in a jail (the
+/// snapshot, kernel and disks appear at their host paths) and keeps counting where it
+/// stopped; its API works and powers it off.
+#[test]
+fn jailed_restore_continues_a_snapshot() {
+    let test = "jailed_restore_continues_a_snapshot";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        let dir = TempDir::new("jail-restore");
+        let kernel = probe_file(&dir, &Probe::Counter);
+        let socket = dir.path().join("api.sock");
+        let snap = dir.path().join("snap");
+        let mut cmd = vireo();
+        cmd.args(["run", "--accel", accel, "--kernel"])
+            .arg(&kernel)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut vm = Background(cmd.spawn().unwrap());
+        let mut out = vm.0.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("count 2\n") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "{accel}: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert_eq!(ctl(&socket, &["pause"]).code(), Some(0));
+        let o = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        assert_eq!(ctl(&socket, &["power-off"]).code(), Some(0));
+        assert!(vm.0.wait().unwrap().success());
+        std::io::Read::read_to_string(&mut out, &mut seen).unwrap();
+        let last: u32 = seen
+            .lines()
+            .filter_map(|l| l.strip_prefix("count "))
+            .filter_map(|n| n.trim().parse().ok())
+            .max()
+            .unwrap();
+
+        let mut cmd = vireo();
+        cmd.args(["restore", "--jail", "--snapshot"])
+            .arg(&snap)
+            .arg("--api-socket")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut vm = Background(cmd.spawn().unwrap());
+        let mut out = vm.0.stdout.take().unwrap();
+        let mut after = String::new();
+        while after.lines().filter(|l| l.starts_with("count ")).count() < 3 {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "{accel}: {after}");
+            after.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        let first: u32 = after
+            .lines()
+            .find_map(|l| l.strip_prefix("count "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap();
+        assert_eq!(
+            first,
+            last + 1,
+            "{accel}: counting resumes where it stopped"
+        );
+        // It runs in the jail: the VMM is the outer vireo's only child, in its own PID
+        // namespace, as uid 65534.
+        let inner = inner_pid(vm.0.id());
+        let status = PathBuf::from(format!("/proc/{inner}/status"));
+        assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
+        assert_eq!(status_field(&status, "NSpid").split('\t').nth(1), Some("1"));
+        assert!(ctl(&socket, &["info"]).stdout.contains("state: running"));
+        assert_eq!(ctl(&socket, &["power-off"]).code(), Some(0));
+        let status = vm.0.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{accel}");
+    }
+}
