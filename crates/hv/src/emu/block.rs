@@ -26,8 +26,9 @@
 //! A store into the block that is running ends it after the storing instruction
 //! (`Cpu::note_store`, on the code-page path).
 //!
-//! Storage is three arenas (blocks, ops, bytes) and a direct-mapped index; when an arena is
-//! full everything is dropped and rebuilt on demand.
+//! Storage is three arenas (blocks, ops, bytes) and a two-way set-associative index (the
+//! most recently inserted block of a set in way 0) backed by a map of every block; when an
+//! arena is full everything is dropped and rebuilt on demand.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -82,13 +83,18 @@ impl CodePages {
     }
 
     /// Flag page `i` as holding decoded code; stores into it check in from now on.
+    ///
+    /// A flag that is already set needs no fence: a store that races with the caller's read
+    /// of the bytes either finds the flag still set (and moves the epoch) or finds it cleared
+    /// by another store, which moved the epoch itself.
     #[inline]
-    fn set(&self, i: usize) {
+    pub(super) fn set(&self, i: usize) {
         if i != 0 {
             if let Some(f) = self.flags.get(i) {
-                if f.load(Ordering::Relaxed) == 0 {
-                    f.store(1, Ordering::Relaxed);
+                if f.load(Ordering::Relaxed) != 0 {
+                    return;
                 }
+                f.store(1, Ordering::Relaxed);
             }
         }
         // The flag must be visible to other vCPUs' stores before the bytes are read.
@@ -129,8 +135,9 @@ struct Block {
 }
 
 pub struct BlockCache {
-    /// Direct-mapped: slot → block number (`u32::MAX`: empty); the block holds its key.
-    index: Vec<u32>,
+    /// Two-way set-associative: set → two block numbers (`u32::MAX`: empty); the block holds
+    /// its key.
+    index: Vec<[u32; 2]>,
     /// Every block built since the last clear, by key (the index only remembers one per slot).
     all: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     blocks: Vec<Block>,
@@ -184,7 +191,7 @@ impl Default for BlockCache {
 impl BlockCache {
     pub fn new() -> BlockCache {
         BlockCache {
-            index: vec![u32::MAX; 1 << INDEX_BITS],
+            index: vec![[u32::MAX; 2]; 1 << INDEX_BITS],
             all: HashMap::default(),
             blocks: Vec::new(),
             ops: Vec::new(),
@@ -198,7 +205,7 @@ impl BlockCache {
 
     /// Drop every block.
     pub fn clear(&mut self) {
-        self.index.fill(u32::MAX);
+        self.index.fill([u32::MAX; 2]);
         self.all.clear();
         self.blocks.clear();
         self.ops.clear();
@@ -209,8 +216,11 @@ impl BlockCache {
     /// epoch `epoch`.
     #[inline(always)]
     pub fn find(&self, key: u64, epoch: u64) -> Option<(&[Op], usize)> {
-        let b = *self.index.get(slot(key))?;
-        let blk = self.blocks.get(b as usize)?;
+        let set = self.index.get(slot(key))?;
+        let mut blk = self.blocks.get(set[0] as usize)?;
+        if blk.key != key {
+            blk = self.blocks.get(set[1] as usize)?;
+        }
         if blk.key != key || blk.epoch != epoch {
             return None;
         }
@@ -237,14 +247,23 @@ impl BlockCache {
         code: &CodePages,
         code_idx: usize,
     ) -> Option<u32> {
-        let s = slot(key);
-        let mut b = self.index[s];
-        if self.blocks.get(b as usize).is_none_or(|blk| blk.key != key) {
-            // Evicted from the direct-mapped index (or never built): look in the full map
-            // before decoding again.
-            b = *self.all.get(&key)?;
-            self.index[s] = b;
-        }
+        let set = *self.index.get(slot(key))?;
+        let is = |b: u32| {
+            self.blocks
+                .get(b as usize)
+                .is_some_and(|blk| blk.key == key)
+        };
+        let b = if is(set[0]) {
+            set[0]
+        } else if is(set[1]) {
+            set[1]
+        } else {
+            // Evicted from the index (or never built): look in the full map before decoding
+            // again.
+            let b = *self.all.get(&key)?;
+            self.insert(key, b);
+            b
+        };
         let blk = self.blocks.get(b as usize)?;
         if blk.epoch == epoch {
             return Some(b);
@@ -263,6 +282,20 @@ impl BlockCache {
             self.stale += 1;
             None
         }
+    }
+
+    /// Put block `b` (key `key`) in way 0 of its set; way 0's block moves to way 1 unless it
+    /// is an older block for the same key (a rebuilt stale block), which is dropped.
+    #[inline]
+    fn insert(&mut self, key: u64, b: u32) {
+        let Some(set) = self.index.get_mut(slot(key)) else {
+            return;
+        };
+        let same = self
+            .blocks
+            .get(set[0] as usize)
+            .is_some_and(|blk| blk.key == key);
+        *set = if same { [b, set[1]] } else { [b, set[0]] };
     }
 
     #[inline(always)]
@@ -362,7 +395,7 @@ impl BlockCache {
             byte_start: byte_start as u32,
             byte_len: used as u16,
         });
-        self.index[slot(key)] = b;
+        self.insert(key, b);
         self.all.insert(key, b);
         self.built += 1;
         Ok(b)
@@ -433,4 +466,89 @@ fn same_bytes(want: &[u8], host: usize) -> bool {
         i += 1;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::exec::system::ud_op;
+
+    /// A one-op block for `key` whose bytes are `bytes`, stamped with `epoch`, as `build`
+    /// inserts it.
+    fn add(c: &mut BlockCache, key: u64, epoch: u64, bytes: &[u8]) -> u32 {
+        let b = c.blocks.len() as u32;
+        c.blocks.push(Block {
+            key,
+            epoch,
+            op_start: c.ops.len() as u32,
+            op_len: 1,
+            byte_start: c.bytes.len() as u32,
+            byte_len: bytes.len() as u16,
+        });
+        c.ops.push(Op::new(ud_op, bytes.len() as u8));
+        c.bytes.extend_from_slice(bytes);
+        c.insert(key, b);
+        c.all.insert(key, b);
+        b
+    }
+
+    /// Three keys of one index set.
+    fn colliding() -> [u64; 3] {
+        let first = block_key(0x1000, 64);
+        let mut keys = vec![first];
+        let mut phys = 0x1000u64;
+        while keys.len() < 3 {
+            phys += 1;
+            let k = block_key(phys, 64);
+            if slot(k) == slot(first) {
+                keys.push(k);
+            }
+        }
+        [keys[0], keys[1], keys[2]]
+    }
+
+    #[test]
+    fn two_blocks_of_one_set_stay_in_the_index() {
+        let mut c = BlockCache::new();
+        let [a, b, d] = colliding();
+        add(&mut c, a, 1, &[0x90]);
+        add(&mut c, b, 1, &[0x90]);
+        assert!(c.find(a, 1).is_some() && c.find(b, 1).is_some());
+        assert!(c.find(a, 2).is_none(), "another epoch needs a check");
+        // A third block pushes out the oldest; the full map still has it.
+        add(&mut c, d, 1, &[0x90]);
+        assert!(c.find(a, 1).is_none());
+        assert!(c.find(b, 1).is_some() && c.find(d, 1).is_some());
+        let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        let mem = [0x90u8; 8];
+        let host = mem.as_ptr() as usize;
+        assert_eq!(c.revalidate(a, 1, host, &code, 0), Some(0));
+        assert!(c.find(a, 1).is_some(), "back in the index");
+    }
+
+    #[test]
+    fn a_rebuilt_block_replaces_its_stale_copy() {
+        let mut c = BlockCache::new();
+        let [a, b, _] = colliding();
+        add(&mut c, b, 1, &[0x90]);
+        add(&mut c, a, 1, &[0x90]);
+        let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        // The bytes changed: the old block is stale at epoch 2 ...
+        let mem = [0xccu8; 8];
+        assert_eq!(c.revalidate(a, 2, mem.as_ptr() as usize, &code, 0), None);
+        assert_eq!(c.stale, 1);
+        // ... and its rebuild takes its way without pushing out the other block of the set.
+        let new = add(&mut c, a, 2, &[0xcc]);
+        assert_eq!(c.index[slot(a)], [new, 0]);
+        assert!(c.find(a, 2).is_some());
+        assert!(c.find(b, 1).is_some());
+        // Bytes that still match are stamped with the new epoch.
+        let same = [0x90u8; 8];
+        assert_eq!(
+            c.revalidate(b, 3, same.as_ptr() as usize, &code, 0),
+            Some(0)
+        );
+        assert!(c.find(b, 3).is_some());
+        assert_eq!(c.revalidated, 1);
+    }
 }
