@@ -21,14 +21,20 @@
 //! - the VMM entering `Vcpu::run` or replacing the memory map;
 //! - serializing instructions on this vCPU (IRET, CPUID, MOV to CR, WRMSR, INVLPG, ...), as
 //!   the SDM requires of cross-modifying code (Vol. 3A §8.1.3): this covers a store by another
-//!   vCPU that raced with the flag being set.
+//!   vCPU that raced with the flag being set. With a single vCPU there is no such store and
+//!   serializing instructions leave the epoch alone (they were most of the bumps: every IRET);
+//! - every `EPOCH_REFRESH` (10 ms), for a device store nobody announced.
 //!
 //! A store into the block that is running ends it after the storing instruction
 //! (`Cpu::note_store`, on the code-page path).
 //!
 //! Storage is three arenas (blocks, ops, bytes) and a two-way set-associative index (the
 //! most recently inserted block of a set in way 0) backed by a map of every block; when an
-//! arena is full everything is dropped and rebuilt on demand.
+//! arena is full everything is dropped and rebuilt on demand. Each block also remembers its
+//! last two successors, so the block loop usually finds the next block without touching the
+//! index (a link is a hint: the block it names is checked by key and epoch like an index
+//! hit). After an epoch move the check of a block's bytes starts from the block loop's
+//! execute-TLB hit, without a page walk.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -119,6 +125,10 @@ const MAX_TOTAL_OPS: usize = 1 << 19;
 const MAX_TOTAL_BYTES: usize = 1 << 22;
 /// Block number of the one-instruction block used for an instruction that crosses a page.
 const TMP_BLOCK: u32 = u32::MAX;
+/// No block (an empty index way or successor link).
+pub const NO_BLOCK: u32 = u32::MAX;
+/// The key of an empty successor link (no block key has 127 in its mode bits).
+const NO_KEY: u64 = u64::MAX;
 
 /// The iced decoder options: `F3 0F BC`/`F3 0F BD` are BSF/BSR on a CPU without BMI1/LZCNT.
 pub const DECODER_OPTIONS: u32 = DecoderOptions::NO_MPFX_0FBC | DecoderOptions::NO_MPFX_0FBD;
@@ -132,6 +142,11 @@ struct Block {
     op_len: u16,
     byte_start: u32,
     byte_len: u16,
+    /// The last two blocks that ran after this one (keys and block numbers, most recent
+    /// first): the next lookup usually finds its block here without touching the index.
+    /// Only a hint: the block found is checked like an index hit.
+    next_key: [u64; 2],
+    next: [u32; 2],
 }
 
 pub struct BlockCache {
@@ -213,8 +228,8 @@ impl BlockCache {
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code
-    /// epoch `epoch`.
-    #[inline(always)]
+    /// epoch `epoch` (the block loop uses [`find_after`](Self::find_after)).
+    #[cfg(test)]
     pub fn find(&self, key: u64, epoch: u64) -> Option<(&[Op], usize)> {
         let set = self.index.get(slot(key))?;
         let mut blk = self.blocks.get(set[0] as usize)?;
@@ -228,6 +243,44 @@ impl BlockCache {
             .ops
             .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
         Some((ops, blk.byte_len as usize))
+    }
+
+    /// The block for `key` if it is valid at code epoch `epoch`, looked up among the recent
+    /// successors of block `prev` first, then in the index; an index hit becomes `prev`'s most
+    /// recent successor.
+    #[inline(always)]
+    pub fn find_after(&mut self, prev: u32, key: u64, epoch: u64) -> Option<u32> {
+        let valid = |c: &Self, b: u32| {
+            c.blocks
+                .get(b as usize)
+                .is_some_and(|blk| blk.key == key && blk.epoch == epoch)
+        };
+        if let Some(p) = self.blocks.get(prev as usize) {
+            let b = if p.next_key[0] == key {
+                p.next[0]
+            } else if p.next_key[1] == key {
+                p.next[1]
+            } else {
+                NO_BLOCK
+            };
+            if b != NO_BLOCK && valid(self, b) {
+                return Some(b);
+            }
+        }
+        let set = self.index.get(slot(key))?;
+        let b = if self.blocks.get(set[0] as usize)?.key == key {
+            set[0]
+        } else {
+            set[1]
+        };
+        if !valid(self, b) {
+            return None;
+        }
+        if let Some(p) = self.blocks.get_mut(prev as usize) {
+            p.next_key = [key, p.next_key[0]];
+            p.next = [b, p.next[0]];
+        }
+        Some(b)
     }
 
     /// The ops and byte length of block `b` (from `revalidate` or `build`).
@@ -394,6 +447,8 @@ impl BlockCache {
             op_len: (self.ops.len() - op_start) as u16,
             byte_start: byte_start as u32,
             byte_len: used as u16,
+            next_key: [NO_KEY; 2],
+            next: [NO_BLOCK; 2],
         });
         self.insert(key, b);
         self.all.insert(key, b);
@@ -484,6 +539,8 @@ mod tests {
             op_len: 1,
             byte_start: c.bytes.len() as u32,
             byte_len: bytes.len() as u16,
+            next_key: [NO_KEY; 2],
+            next: [NO_BLOCK; 2],
         });
         c.ops.push(Op::new(ud_op, bytes.len() as u8));
         c.bytes.extend_from_slice(bytes);
@@ -550,5 +607,28 @@ mod tests {
         );
         assert!(c.find(b, 3).is_some());
         assert_eq!(c.revalidated, 1);
+    }
+
+    #[test]
+    fn successor_links_are_hints_checked_like_index_hits() {
+        let mut c = BlockCache::new();
+        let [a, b, d] = colliding();
+        let pa = add(&mut c, a, 1, &[0x90]);
+        let pb = add(&mut c, b, 1, &[0x90]);
+        // The index finds b after a, and a remembers it.
+        assert_eq!(c.find_after(pa, b, 1), Some(pb));
+        assert_eq!(c.blocks[pa as usize].next, [pb, NO_BLOCK]);
+        assert_eq!(c.find_after(pb, a, 1), Some(pa));
+        // A third block of the set pushes a out of the index; b's link still finds it.
+        let pd = add(&mut c, d, 1, &[0x90]);
+        assert!(c.find(a, 1).is_none());
+        assert_eq!(c.find_after(pa, b, 1), Some(pb));
+        assert_eq!(c.find_after(pb, a, 1), Some(pa));
+        // A link to a block checked at an older epoch is not taken.
+        assert_eq!(c.find_after(pa, b, 2), None);
+        // Nor is a link for another key.
+        assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), None);
+        // No previous block: the index alone.
+        assert_eq!(c.find_after(NO_BLOCK, d, 1), Some(pd));
     }
 }

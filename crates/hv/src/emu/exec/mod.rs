@@ -24,7 +24,7 @@ pub mod x87_math;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::block::{block_key, BlockCache};
+use super::block::{block_key, BlockCache, NO_BLOCK};
 use super::cpu::*;
 use super::flags::TF;
 use super::interrupt::{self, Event};
@@ -263,6 +263,8 @@ const TIME_CHECK_BLOCKS: u32 = 2048;
 /// Run blocks until something needs the caller's attention.
 pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBool) -> Stop {
     let mut budget = TIME_CHECK_BLOCKS;
+    // The block that ran last (its successor links are looked at first).
+    let mut prev = NO_BLOCK;
     loop {
         if (x.cpu.poll || attention.load(Ordering::Relaxed)) && !x.cpu.shadow {
             return Stop::Attention;
@@ -290,32 +292,32 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
         let tlb_hit = e.tag_x == lin & PAGE_MASK;
         let hit = if tlb_hit {
-            match cache.find(key, x.cpu.epoch) {
-                Some(hit) => Some(hit),
+            match cache.find_after(prev, key, x.cpu.epoch) {
+                Some(b) => Some(b),
                 // The page is translated for execution: only the block's bytes need a look
-                // (the epoch moved, or the block left the direct-mapped index).
+                // (the epoch moved, or the block left the index).
                 None => {
                     let code_idx = e.code as usize;
                     let epoch = x.cpu.epoch;
-                    cache
-                        .revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx)
-                        .map(|b| cache.get(b))
+                    cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx)
                 }
             }
         } else {
             None
         };
-        let (ops, byte_len, host) = match hit {
-            Some((ops, len)) => (ops, len, host),
+        let (b, host) = match hit {
+            Some(b) => (b, host),
             None => match find_slow(x, cache, rip, lin, tlb_hit) {
-                Ok((b, host)) => {
-                    let (ops, len) = cache.get(b);
-                    (ops, len, host)
-                }
+                Ok(found) => found,
                 Err(Some(stop)) => return stop,
-                Err(None) => continue,
+                Err(None) => {
+                    prev = NO_BLOCK;
+                    continue;
+                }
             },
         };
+        prev = b;
+        let (ops, byte_len) = cache.get(b);
 
         // TF only changes through instructions that end a block, so it is constant here. With
         // TF or an interrupt shadow, one instruction runs.
