@@ -284,9 +284,18 @@ impl BlockCache {
     }
 
     /// The ops and byte length of block `b` (from `revalidate` or `build`).
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, b: u32) -> (&[Op], usize) {
-        (self.ops(b), self.byte_len(b))
+        match self.blocks.get(b as usize) {
+            Some(blk) => (
+                self.ops
+                    .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)
+                    .unwrap_or(&[]),
+                blk.byte_len as usize,
+            ),
+            None if b == TMP_BLOCK => (&self.tmp, 0),
+            None => (&[], 0),
+        }
     }
 
     /// The slow half of [`find`](Self::find): a block for `key` that is not in the index or
@@ -349,28 +358,6 @@ impl BlockCache {
             .get(set[0] as usize)
             .is_some_and(|blk| blk.key == key);
         *set = if same { [b, set[1]] } else { [b, set[0]] };
-    }
-
-    #[inline(always)]
-    pub fn ops(&self, b: u32) -> &[Op] {
-        if b == TMP_BLOCK {
-            return &self.tmp;
-        }
-        match self.blocks.get(b as usize) {
-            Some(blk) => self
-                .ops
-                .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)
-                .unwrap_or(&[]),
-            None => &[],
-        }
-    }
-
-    #[inline(always)]
-    pub fn byte_len(&self, b: u32) -> usize {
-        self.blocks
-            .get(b as usize)
-            .map(|b| b.byte_len as usize)
-            .unwrap_or(0)
     }
 
     /// Decode a new block at linear `lin` (host address `host`, page flag `code_idx`, the
