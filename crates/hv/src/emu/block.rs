@@ -21,13 +21,20 @@
 //! - the VMM entering `Vcpu::run` or replacing the memory map;
 //! - serializing instructions on this vCPU (IRET, CPUID, MOV to CR, WRMSR, INVLPG, ...), as
 //!   the SDM requires of cross-modifying code (Vol. 3A §8.1.3): this covers a store by another
-//!   vCPU that raced with the flag being set.
+//!   vCPU that raced with the flag being set. With a single vCPU there is no such store and
+//!   serializing instructions leave the epoch alone (they were most of the bumps: every IRET);
+//! - every `EPOCH_REFRESH` (10 ms), for a device store nobody announced.
 //!
 //! A store into the block that is running ends it after the storing instruction
 //! (`Cpu::note_store`, on the code-page path).
 //!
-//! Storage is three arenas (blocks, ops, bytes) and a direct-mapped index; when an arena is
-//! full everything is dropped and rebuilt on demand.
+//! Storage is three arenas (blocks, ops, bytes) and a two-way set-associative index (the
+//! most recently inserted block of a set in way 0) backed by a map of every block; when an
+//! arena is full everything is dropped and rebuilt on demand. Each block also remembers its
+//! last two successors, so the block loop usually finds the next block without touching the
+//! index (a link is a hint: the block it names is checked by key and epoch like an index
+//! hit). After an epoch move the check of a block's bytes starts from the block loop's
+//! execute-TLB hit, without a page walk.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -82,13 +89,18 @@ impl CodePages {
     }
 
     /// Flag page `i` as holding decoded code; stores into it check in from now on.
+    ///
+    /// A flag that is already set needs no fence: a store that races with the caller's read
+    /// of the bytes either finds the flag still set (and moves the epoch) or finds it cleared
+    /// by another store, which moved the epoch itself.
     #[inline]
-    fn set(&self, i: usize) {
+    pub(super) fn set(&self, i: usize) {
         if i != 0 {
             if let Some(f) = self.flags.get(i) {
-                if f.load(Ordering::Relaxed) == 0 {
-                    f.store(1, Ordering::Relaxed);
+                if f.load(Ordering::Relaxed) != 0 {
+                    return;
                 }
+                f.store(1, Ordering::Relaxed);
             }
         }
         // The flag must be visible to other vCPUs' stores before the bytes are read.
@@ -113,6 +125,10 @@ const MAX_TOTAL_OPS: usize = 1 << 19;
 const MAX_TOTAL_BYTES: usize = 1 << 22;
 /// Block number of the one-instruction block used for an instruction that crosses a page.
 const TMP_BLOCK: u32 = u32::MAX;
+/// No block (an empty index way or successor link).
+pub const NO_BLOCK: u32 = u32::MAX;
+/// The key of an empty successor link (no block key has 127 in its mode bits).
+const NO_KEY: u64 = u64::MAX;
 
 /// The iced decoder options: `F3 0F BC`/`F3 0F BD` are BSF/BSR on a CPU without BMI1/LZCNT.
 pub const DECODER_OPTIONS: u32 = DecoderOptions::NO_MPFX_0FBC | DecoderOptions::NO_MPFX_0FBD;
@@ -126,11 +142,17 @@ struct Block {
     op_len: u16,
     byte_start: u32,
     byte_len: u16,
+    /// The last two blocks that ran after this one (keys and block numbers, most recent
+    /// first): the next lookup usually finds its block here without touching the index.
+    /// Only a hint: the block found is checked like an index hit.
+    next_key: [u64; 2],
+    next: [u32; 2],
 }
 
 pub struct BlockCache {
-    /// Direct-mapped: slot → block number (`u32::MAX`: empty); the block holds its key.
-    index: Vec<u32>,
+    /// Two-way set-associative: set → two block numbers (`u32::MAX`: empty); the block holds
+    /// its key.
+    index: Vec<[u32; 2]>,
     /// Every block built since the last clear, by key (the index only remembers one per slot).
     all: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
     blocks: Vec<Block>,
@@ -184,7 +206,7 @@ impl Default for BlockCache {
 impl BlockCache {
     pub fn new() -> BlockCache {
         BlockCache {
-            index: vec![u32::MAX; 1 << INDEX_BITS],
+            index: vec![[u32::MAX; 2]; 1 << INDEX_BITS],
             all: HashMap::default(),
             blocks: Vec::new(),
             ops: Vec::new(),
@@ -198,7 +220,7 @@ impl BlockCache {
 
     /// Drop every block.
     pub fn clear(&mut self) {
-        self.index.fill(u32::MAX);
+        self.index.fill([u32::MAX; 2]);
         self.all.clear();
         self.blocks.clear();
         self.ops.clear();
@@ -206,11 +228,14 @@ impl BlockCache {
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code
-    /// epoch `epoch`.
-    #[inline(always)]
+    /// epoch `epoch` (the block loop uses [`find_after`](Self::find_after)).
+    #[cfg(test)]
     pub fn find(&self, key: u64, epoch: u64) -> Option<(&[Op], usize)> {
-        let b = *self.index.get(slot(key))?;
-        let blk = self.blocks.get(b as usize)?;
+        let set = self.index.get(slot(key))?;
+        let mut blk = self.blocks.get(set[0] as usize)?;
+        if blk.key != key {
+            blk = self.blocks.get(set[1] as usize)?;
+        }
         if blk.key != key || blk.epoch != epoch {
             return None;
         }
@@ -220,10 +245,57 @@ impl BlockCache {
         Some((ops, blk.byte_len as usize))
     }
 
+    /// The block for `key` if it is valid at code epoch `epoch`, looked up among the recent
+    /// successors of block `prev` first, then in the index; an index hit becomes `prev`'s most
+    /// recent successor.
+    #[inline(always)]
+    pub fn find_after(&mut self, prev: u32, key: u64, epoch: u64) -> Option<u32> {
+        let valid = |c: &Self, b: u32| {
+            c.blocks
+                .get(b as usize)
+                .is_some_and(|blk| blk.key == key && blk.epoch == epoch)
+        };
+        if let Some(p) = self.blocks.get(prev as usize) {
+            let b = if p.next_key[0] == key {
+                p.next[0]
+            } else if p.next_key[1] == key {
+                p.next[1]
+            } else {
+                NO_BLOCK
+            };
+            if b != NO_BLOCK && valid(self, b) {
+                return Some(b);
+            }
+        }
+        let set = self.index.get(slot(key))?;
+        let b = if self.blocks.get(set[0] as usize)?.key == key {
+            set[0]
+        } else {
+            set[1]
+        };
+        if !valid(self, b) {
+            return None;
+        }
+        if let Some(p) = self.blocks.get_mut(prev as usize) {
+            p.next_key = [key, p.next_key[0]];
+            p.next = [b, p.next[0]];
+        }
+        Some(b)
+    }
+
     /// The ops and byte length of block `b` (from `revalidate` or `build`).
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, b: u32) -> (&[Op], usize) {
-        (self.ops(b), self.byte_len(b))
+        match self.blocks.get(b as usize) {
+            Some(blk) => (
+                self.ops
+                    .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)
+                    .unwrap_or(&[]),
+                blk.byte_len as usize,
+            ),
+            None if b == TMP_BLOCK => (&self.tmp, 0),
+            None => (&[], 0),
+        }
     }
 
     /// The slow half of [`find`](Self::find): a block for `key` that is not in the index or
@@ -237,14 +309,23 @@ impl BlockCache {
         code: &CodePages,
         code_idx: usize,
     ) -> Option<u32> {
-        let s = slot(key);
-        let mut b = self.index[s];
-        if self.blocks.get(b as usize).is_none_or(|blk| blk.key != key) {
-            // Evicted from the direct-mapped index (or never built): look in the full map
-            // before decoding again.
-            b = *self.all.get(&key)?;
-            self.index[s] = b;
-        }
+        let set = *self.index.get(slot(key))?;
+        let is = |b: u32| {
+            self.blocks
+                .get(b as usize)
+                .is_some_and(|blk| blk.key == key)
+        };
+        let b = if is(set[0]) {
+            set[0]
+        } else if is(set[1]) {
+            set[1]
+        } else {
+            // Evicted from the index (or never built): look in the full map before decoding
+            // again.
+            let b = *self.all.get(&key)?;
+            self.insert(key, b);
+            b
+        };
         let blk = self.blocks.get(b as usize)?;
         if blk.epoch == epoch {
             return Some(b);
@@ -265,26 +346,18 @@ impl BlockCache {
         }
     }
 
-    #[inline(always)]
-    pub fn ops(&self, b: u32) -> &[Op] {
-        if b == TMP_BLOCK {
-            return &self.tmp;
-        }
-        match self.blocks.get(b as usize) {
-            Some(blk) => self
-                .ops
-                .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)
-                .unwrap_or(&[]),
-            None => &[],
-        }
-    }
-
-    #[inline(always)]
-    pub fn byte_len(&self, b: u32) -> usize {
-        self.blocks
-            .get(b as usize)
-            .map(|b| b.byte_len as usize)
-            .unwrap_or(0)
+    /// Put block `b` (key `key`) in way 0 of its set; way 0's block moves to way 1 unless it
+    /// is an older block for the same key (a rebuilt stale block), which is dropped.
+    #[inline]
+    fn insert(&mut self, key: u64, b: u32) {
+        let Some(set) = self.index.get_mut(slot(key)) else {
+            return;
+        };
+        let same = self
+            .blocks
+            .get(set[0] as usize)
+            .is_some_and(|blk| blk.key == key);
+        *set = if same { [b, set[1]] } else { [b, set[0]] };
     }
 
     /// Decode a new block at linear `lin` (host address `host`, page flag `code_idx`, the
@@ -361,8 +434,10 @@ impl BlockCache {
             op_len: (self.ops.len() - op_start) as u16,
             byte_start: byte_start as u32,
             byte_len: used as u16,
+            next_key: [NO_KEY; 2],
+            next: [NO_BLOCK; 2],
         });
-        self.index[slot(key)] = b;
+        self.insert(key, b);
         self.all.insert(key, b);
         self.built += 1;
         Ok(b)
@@ -433,4 +508,114 @@ fn same_bytes(want: &[u8], host: usize) -> bool {
         i += 1;
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::exec::system::ud_op;
+
+    /// A one-op block for `key` whose bytes are `bytes`, stamped with `epoch`, as `build`
+    /// inserts it.
+    fn add(c: &mut BlockCache, key: u64, epoch: u64, bytes: &[u8]) -> u32 {
+        let b = c.blocks.len() as u32;
+        c.blocks.push(Block {
+            key,
+            epoch,
+            op_start: c.ops.len() as u32,
+            op_len: 1,
+            byte_start: c.bytes.len() as u32,
+            byte_len: bytes.len() as u16,
+            next_key: [NO_KEY; 2],
+            next: [NO_BLOCK; 2],
+        });
+        c.ops.push(Op::new(ud_op, bytes.len() as u8));
+        c.bytes.extend_from_slice(bytes);
+        c.insert(key, b);
+        c.all.insert(key, b);
+        b
+    }
+
+    /// Three keys of one index set.
+    fn colliding() -> [u64; 3] {
+        let first = block_key(0x1000, 64);
+        let mut keys = vec![first];
+        let mut phys = 0x1000u64;
+        while keys.len() < 3 {
+            phys += 1;
+            let k = block_key(phys, 64);
+            if slot(k) == slot(first) {
+                keys.push(k);
+            }
+        }
+        [keys[0], keys[1], keys[2]]
+    }
+
+    #[test]
+    fn two_blocks_of_one_set_stay_in_the_index() {
+        let mut c = BlockCache::new();
+        let [a, b, d] = colliding();
+        add(&mut c, a, 1, &[0x90]);
+        add(&mut c, b, 1, &[0x90]);
+        assert!(c.find(a, 1).is_some() && c.find(b, 1).is_some());
+        assert!(c.find(a, 2).is_none(), "another epoch needs a check");
+        // A third block pushes out the oldest; the full map still has it.
+        add(&mut c, d, 1, &[0x90]);
+        assert!(c.find(a, 1).is_none());
+        assert!(c.find(b, 1).is_some() && c.find(d, 1).is_some());
+        let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        let mem = [0x90u8; 8];
+        let host = mem.as_ptr() as usize;
+        assert_eq!(c.revalidate(a, 1, host, &code, 0), Some(0));
+        assert!(c.find(a, 1).is_some(), "back in the index");
+    }
+
+    #[test]
+    fn a_rebuilt_block_replaces_its_stale_copy() {
+        let mut c = BlockCache::new();
+        let [a, b, _] = colliding();
+        add(&mut c, b, 1, &[0x90]);
+        add(&mut c, a, 1, &[0x90]);
+        let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+        // The bytes changed: the old block is stale at epoch 2 ...
+        let mem = [0xccu8; 8];
+        assert_eq!(c.revalidate(a, 2, mem.as_ptr() as usize, &code, 0), None);
+        assert_eq!(c.stale, 1);
+        // ... and its rebuild takes its way without pushing out the other block of the set.
+        let new = add(&mut c, a, 2, &[0xcc]);
+        assert_eq!(c.index[slot(a)], [new, 0]);
+        assert!(c.find(a, 2).is_some());
+        assert!(c.find(b, 1).is_some());
+        // Bytes that still match are stamped with the new epoch.
+        let same = [0x90u8; 8];
+        assert_eq!(
+            c.revalidate(b, 3, same.as_ptr() as usize, &code, 0),
+            Some(0)
+        );
+        assert!(c.find(b, 3).is_some());
+        assert_eq!(c.revalidated, 1);
+    }
+
+    #[test]
+    fn successor_links_are_hints_checked_like_index_hits() {
+        let mut c = BlockCache::new();
+        let [a, b, d] = colliding();
+        let pa = add(&mut c, a, 1, &[0x90]);
+        let pb = add(&mut c, b, 1, &[0x90]);
+        // The index finds b after a, and a remembers it.
+        assert_eq!(c.find_after(pa, b, 1), Some(pb));
+        assert_eq!(c.blocks[pa as usize].next, [pb, NO_BLOCK]);
+        assert_eq!(c.find_after(pb, a, 1), Some(pa));
+        // A third block of the set pushes a out of the index; b's link still finds it.
+        let pd = add(&mut c, d, 1, &[0x90]);
+        assert!(c.find(a, 1).is_none());
+        assert_eq!(c.find_after(pa, b, 1), Some(pb));
+        assert_eq!(c.find_after(pb, a, 1), Some(pa));
+        // A link to a block checked at an older epoch is not taken.
+        assert_eq!(c.find_after(pa, b, 2), None);
+        // Nor is a link for another key.
+        assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), None);
+        // No previous block: the index alone.
+        assert_eq!(c.find_after(NO_BLOCK, d, 1), Some(pd));
+    }
 }

@@ -470,8 +470,20 @@ impl Cpu {
 
     /// A serializing instruction (SDM Vol. 3A §8.3): code written by another vCPU must be seen
     /// from now on, so every block is checked again before it runs.
+    ///
+    /// With one vCPU there is no other vCPU whose store could have raced with a code-page
+    /// flag being set (`block.rs`): this vCPU's own stores check the flags, device DMA moves
+    /// the VM-wide epoch, so nothing is left for a serializing instruction to catch.
     #[inline]
     pub fn serialize(&mut self) {
+        if self.vm.vcpus > 1 {
+            self.epoch += 1;
+        }
+    }
+
+    /// Move this vCPU's code epoch unconditionally (the periodic `EPOCH_REFRESH`).
+    #[inline]
+    pub fn refresh_epoch(&mut self) {
         self.epoch += 1;
     }
 
@@ -549,6 +561,21 @@ mod tests {
 
     fn cpu() -> Cpu {
         Cpu::new(0, super::super::tests::dummy_vm(), Vec::new())
+    }
+
+    #[test]
+    fn serializing_moves_the_code_epoch_only_with_other_vcpus() {
+        let mut one = cpu();
+        let e = one.epoch;
+        one.serialize();
+        assert_eq!(one.epoch, e, "nothing to catch with one vCPU");
+        one.refresh_epoch();
+        assert_eq!(one.epoch, e + 1);
+
+        let mut two = Cpu::new(0, super::super::tests::dummy_vm_with(2), Vec::new());
+        let e = two.epoch;
+        two.serialize();
+        assert_eq!(two.epoch, e + 1);
     }
 
     #[test]

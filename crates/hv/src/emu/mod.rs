@@ -325,6 +325,11 @@ pub(crate) mod tests {
     }
 
     pub fn dummy_vm() -> Arc<VmShared> {
+        dummy_vm_with(1)
+    }
+
+    /// A VM with `vcpus` vCPUs, no memory and a do-nothing interrupt controller.
+    pub fn dummy_vm_with(vcpus: u32) -> Arc<VmShared> {
         let chip: Arc<dyn UserIrqChip> = Arc::new(NullChip);
         Arc::new(VmShared {
             clock: chip.clock(),
@@ -332,7 +337,7 @@ pub(crate) mod tests {
             mem: RwLock::new(None),
             mem_gen: AtomicU64::new(0),
             code_epoch: AtomicU64::new(0),
-            vcpus: 1,
+            vcpus,
         })
     }
 

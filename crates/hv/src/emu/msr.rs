@@ -332,6 +332,14 @@ impl Cpu {
         self.mmu.set_apic_page(page);
     }
 
+    /// This vCPU wrote `len` bytes of guest-physical memory at `gpa` through `vm-memory`:
+    /// tell the block caches if that was code (the write does not serialize on its own).
+    fn wrote_guest(&mut self, gpa: u64, len: usize) {
+        if let Some(h) = self.mmu.host_range(gpa, len as u64) {
+            self.wrote_host(h, len);
+        }
+    }
+
     /// Fill the guest's `pvclock_vcpu_time_info` if kvmclock is enabled.
     pub fn kvmclock_publish(&mut self) {
         let v = self.msr.kvm_system_time;
@@ -368,6 +376,7 @@ impl Cpu {
                 .write_slice(&ver.to_le_bytes(), GuestAddress(gpa))
                 .is_ok();
         self.msr.pvclock_version = ver;
+        self.wrote_guest(gpa, 32);
         if !ok {
             log_once(
                 LogOnce::Kvmclock,
@@ -392,7 +401,9 @@ impl Cpu {
         b[0..4].copy_from_slice(&2u32.to_le_bytes());
         b[4..8].copy_from_slice(&sec.to_le_bytes());
         b[8..12].copy_from_slice(&nsec.to_le_bytes());
-        if mem.write_slice(&b, GuestAddress(gpa)).is_err() {
+        let ok = mem.write_slice(&b, GuestAddress(gpa)).is_ok();
+        self.wrote_guest(gpa, b.len());
+        if !ok {
             log_once(
                 LogOnce::Kvmclock,
                 format_args!("vCPU {}: kvmclock wall clock {gpa:#x} is not RAM", self.id),
@@ -404,6 +415,38 @@ impl Cpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::emu::block::CodePages;
+    use crate::GuestMemory;
+    use std::sync::Arc;
+
+    /// The kvmclock area is written by this vCPU behind the block cache's back; with one vCPU
+    /// the WRMSR does not move the code epoch by serializing, so the write itself must.
+    #[test]
+    fn kvmclock_area_in_a_code_page_invalidates_its_blocks() {
+        let mut c = Cpu::new(0, crate::emu::tests::dummy_vm(), Vec::new());
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let code = Arc::new(CodePages::new(&mem));
+        c.mmu.set_memory(mem, code.clone(), 1);
+        let (code_page, data_page) = (0x5000u64, 0x8000u64);
+        let idx = |pa: u64| code.region_base(0) + (pa / 4096) as usize;
+        code.set(idx(code_page));
+        let vm = c.vm.clone();
+        let epoch = || vm.code_epoch.load(Ordering::Relaxed);
+
+        let before = epoch();
+        assert!(c.wrmsr(MSR_KVM_SYSTEM_TIME_NEW, data_page | 1, false));
+        assert_eq!(epoch(), before, "a data page is not code");
+
+        assert!(c.wrmsr(MSR_KVM_SYSTEM_TIME_NEW, code_page | 1, false));
+        assert!(!code.is_code(idx(code_page)));
+        assert!(epoch() > before);
+
+        code.set(idx(code_page));
+        let before = epoch();
+        assert!(c.wrmsr(MSR_KVM_WALL_CLOCK_NEW, code_page + 0x40, false));
+        assert!(!code.is_code(idx(code_page)));
+        assert!(epoch() > before);
+    }
 
     fn ns_of(tsc: u64, mul: u32, shift: i8) -> u64 {
         let t = if shift >= 0 {

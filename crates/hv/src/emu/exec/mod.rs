@@ -24,7 +24,7 @@ pub mod x87_math;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use super::block::{block_key, BlockCache};
+use super::block::{block_key, BlockCache, NO_BLOCK};
 use super::cpu::*;
 use super::flags::TF;
 use super::interrupt::{self, Event};
@@ -263,6 +263,8 @@ const TIME_CHECK_BLOCKS: u32 = 2048;
 /// Run blocks until something needs the caller's attention.
 pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBool) -> Stop {
     let mut budget = TIME_CHECK_BLOCKS;
+    // The block that ran last (its successor links are looked at first).
+    let mut prev = NO_BLOCK;
     loop {
         if (x.cpu.poll || attention.load(Ordering::Relaxed)) && !x.cpu.shadow {
             return Stop::Attention;
@@ -288,22 +290,34 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
         let host = e.addend.wrapping_add(lin as usize);
         let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
-        let hit = if e.tag_x == lin & PAGE_MASK {
-            cache.find(key, x.cpu.epoch)
+        let tlb_hit = e.tag_x == lin & PAGE_MASK;
+        let hit = if tlb_hit {
+            match cache.find_after(prev, key, x.cpu.epoch) {
+                Some(b) => Some(b),
+                // The page is translated for execution: only the block's bytes need a look
+                // (the epoch moved, or the block left the index).
+                None => {
+                    let code_idx = e.code as usize;
+                    let epoch = x.cpu.epoch;
+                    cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx)
+                }
+            }
         } else {
             None
         };
-        let (ops, byte_len, host) = match hit {
-            Some((ops, len)) => (ops, len, host),
-            None => match find_slow(x, cache, rip, lin) {
-                Ok((b, host)) => {
-                    let (ops, len) = cache.get(b);
-                    (ops, len, host)
-                }
+        let (b, host) = match hit {
+            Some(b) => (b, host),
+            None => match find_slow(x, cache, rip, lin, tlb_hit) {
+                Ok(found) => found,
                 Err(Some(stop)) => return stop,
-                Err(None) => continue,
+                Err(None) => {
+                    prev = NO_BLOCK;
+                    continue;
+                }
             },
         };
+        prev = b;
+        let (ops, byte_len) = cache.get(b);
 
         // TF only changes through instructions that end a block, so it is constant here. With
         // TF or an interrupt shadow, one instruction runs.
@@ -374,7 +388,7 @@ fn time_check(x: &mut Exec<'_>) -> bool {
     let now = Instant::now();
     if now >= x.cpu.epoch_refresh {
         x.cpu.epoch_refresh = now + EPOCH_REFRESH;
-        x.cpu.serialize();
+        x.cpu.refresh_epoch();
     }
     if x.cpu.deadline.is_some_and(|d| now >= d) {
         x.cpu.poll = true;
@@ -386,7 +400,8 @@ fn time_check(x: &mut Exec<'_>) -> bool {
 /// The block at `rip` (linear `lin`) when the fast path missed: translate for execution,
 /// check an old block's bytes or decode a new one. Returns the block and the host address of
 /// its first byte; `Err(Some(stop))` ends the loop, `Err(None)` restarts it (an exception was
-/// delivered).
+/// delivered). `checked`: the fast path already looked for an old block with the same
+/// translation (and found none, or a stale one).
 #[cold]
 #[inline(never)]
 fn find_slow(
@@ -394,6 +409,7 @@ fn find_slow(
     cache: &mut BlockCache,
     rip: u64,
     lin: u64,
+    checked: bool,
 ) -> Result<(u32, usize), Option<Stop>> {
     let user = x.cpu.cpl == 3;
     let host = match x.cpu.translate(lin, Access::Exec, user) {
@@ -409,8 +425,10 @@ fn find_slow(
     let code_idx = e.code as usize;
     let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
     let epoch = x.cpu.epoch;
-    if let Some(b) = cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx) {
-        return Ok((b, host));
+    if !checked {
+        if let Some(b) = cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx) {
+            return Ok((b, host));
+        }
     }
     match cache.build(x, key, lin, host, code_idx) {
         Ok(b) => Ok((b, host)),
