@@ -249,9 +249,13 @@ fn net_multiqueue_guest_sees_n_queues() {
                 "2",
                 "--net",
                 "tap=vt0,queues=2,host-ip=10.0.0.1/24,ip=10.0.0.2/24",
+                // `--net` is repeatable: a second NIC is eth1.
+                "--net",
+                "tap=vt1,mac=52:54:00:00:00:09",
             ],
             "echo QUEUES $(ls /sys/class/net/eth0/queues); \
              grep -c virtio1-input /proc/interrupts | sed 's/^/RXIRQS /'; \
+             echo NICS $(ls /sys/class/net) $(cat /sys/class/net/eth1/address); \
              ping -c 3 -W 10 10.0.0.1 && echo PING-OK",
         );
         assert!(vm.wait_for("PING-OK", LONG), "{accel}: {}", vm.report());
@@ -265,7 +269,15 @@ fn net_multiqueue_guest_sees_n_queues() {
             .trim()
             .to_string();
         assert_eq!(q, "rx-0 rx-1 tx-0 tx-1", "{accel}\n{o}");
-        // The host TAP is multi-queue with both queues attached.
+        // One MSI-X vector per receive queue.
+        assert!(
+            o.stdout.lines().any(|l| l.trim() == "RXIRQS 2"),
+            "{accel}\n{o}"
+        );
+        assert!(
+            o.stdout.contains("NICS eth0 eth1 lo 52:54:00:00:00:09"),
+            "{accel}\n{o}"
+        );
         assert_eq!(o.code(), Some(0), "{o}");
     }
 }
