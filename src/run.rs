@@ -1,5 +1,6 @@
 //! `vireo run`: flags → `VmConfig` → a running VM on this terminal.
 
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,6 +40,21 @@ pub struct RunArgs {
     /// Exit (status 0) when the guest reboots instead of restarting it.
     #[arg(long)]
     no_reboot: bool,
+    /// Run the VMM in a jail: new namespaces, a root holding only the kernel, initrd and
+    /// /dev/kvm, no capabilities, an unprivileged uid/gid and per-thread seccomp filters
+    /// (needs root).
+    #[arg(long)]
+    jail: bool,
+    /// With --jail: the uid the VMM runs as.
+    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    uid: u32,
+    /// With --jail: the gid the VMM runs as.
+    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    gid: u32,
+    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5
+    /// (also swap=, weight=, cpuset=).
+    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = parse_limits)]
+    cgroup: Option<vireo_jail::Limits>,
     /// A virtio-blk disk: a raw image file or a block device. Repeatable: the first is the
     /// guest's /dev/vda, the second /dev/vdb, ... `readonly=on` refuses the guest's writes;
     /// `serial=STR` (up to 20 bytes) is the disk's ID; `direct=on` bypasses the host page
@@ -89,6 +105,10 @@ pub struct RunArgs {
     command: Vec<String>,
 }
 
+pub fn parse_limits(s: &str) -> std::result::Result<vireo_jail::Limits, String> {
+    vireo_jail::Limits::parse_list(s)
+}
+
 impl RunArgs {
     /// True when no flag describes a VM (only, perhaps, an API socket).
     fn describes_no_vm(&self) -> bool {
@@ -117,7 +137,7 @@ pub fn read_config_file(path: &std::path::Path) -> Result<VmConfig> {
 }
 
 /// Build the configuration: the default guest unless a kernel was given.
-fn config_from(args: RunArgs) -> Result<VmConfig> {
+fn config_from(args: &RunArgs) -> Result<VmConfig> {
     if let Some(path) = &args.config {
         return read_config_file(path);
     }
@@ -159,8 +179,15 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
                 }
             }
             if let Some(path) = &args.root_disk {
+                let created = !path.exists();
                 default_guest::root_disk(&cache, &guest, path)
                     .with_context(|| format!("preparing the root disk {}", path.display()))?;
+                // A root disk made just now for a jailed VMM belongs to the jail's ids (an
+                // existing one is left as it is: vireo checks it is usable before starting).
+                if created && args.jail {
+                    std::os::unix::fs::chown(path, Some(args.uid), Some(args.gid))
+                        .with_context(|| format!("handing {} to the jail", path.display()))?;
+                }
                 c.disks.push(DiskConfig::new(path));
                 c.cmdline.push_str(" root=/dev/vda");
             }
@@ -177,24 +204,39 @@ fn config_from(args: RunArgs) -> Result<VmConfig> {
     config.memory = args.memory.unwrap_or(ByteSize(256 << 20));
     config.accel = args.accel.unwrap_or_default();
     config.no_reboot = args.no_reboot;
-    config.disks.extend(args.disks);
+    config.disks.extend(args.disks.iter().cloned());
     config.rng = !args.no_rng;
-    config.nets = args.nets;
-    config.vsock = args.vsock;
+    config.nets = args.nets.clone();
+    config.vsock = args.vsock.clone();
     Ok(config)
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let api_socket = args.api_socket.clone();
     if api_socket.is_some() && args.describes_no_vm() {
+        if args.jail {
+            bail!(
+                "--jail needs the VM on the command line or in --config: a VM configured later \
+                 over the API would name files the jail does not hold"
+            );
+        }
         return serve(
             Vmm::waiting(Box::new(std::io::stdout())),
             api_socket.as_deref(),
         );
     }
-    let config = config_from(args)?;
+    let config = config_from(&args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
+    if args.jail {
+        let opts = crate::jail::JailOptions {
+            uid: args.uid,
+            gid: args.gid,
+            limits: args.cgroup.clone().unwrap_or_default(),
+            api_socket,
+        };
+        return crate::jail::run_jailed(config, &opts);
+    }
     let backend = vireo_vmm::select_hypervisor(config.accel)?;
     if let Some(note) = &backend.note {
         eprintln!("vireo: {note}");
@@ -203,19 +245,43 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     serve(vmm, api_socket.as_deref())
 }
 
-/// Run `vmm` on this terminal (signals, console) with the API on `api_socket` if given, and
-/// turn how it ended into the exit status.
-pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode> {
-    let handle = vmm.handle();
-    // The API runs only when asked for: without a socket no runtime or thread is started.
-    let mut api = match api_socket {
-        Some(path) => Some(
-            vireo_api::server::ApiServer::start(path, handle.clone())
+/// The VMM inside a jail (`vireo run --jail`): every thread installs its seccomp filter, and
+/// the API (if any) serves on `api`, a socket bound outside the jail. Returns the exit status.
+pub fn run_jailed_vmm(config: VmConfig, api: Option<UnixListener>) -> Result<u8> {
+    vireo_vmm::seccomp::enable()?;
+    let backend = vireo_vmm::select_hypervisor(config.accel)?;
+    if let Some(note) = &backend.note {
+        eprintln!("vireo: {note}");
+    }
+    let vmm = Vmm::new(config, backend.hypervisor, Box::new(std::io::stdout()))?;
+    let api = match api {
+        Some(listener) => Some(
+            vireo_api::server::ApiServer::from_listener(listener, vmm.handle())
                 .context("starting the API")?,
         ),
         None => None,
     };
+    serve_status(vmm, api)
+}
 
+/// Run `vmm` on this terminal (signals, console) with the API on `api_socket` if given, and
+/// turn how it ended into the exit status.
+pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode> {
+    // The API runs only when asked for: without a socket no runtime or thread is started.
+    let api = match api_socket {
+        Some(path) => Some(
+            vireo_api::server::ApiServer::start(path, vmm.handle()).context("starting the API")?,
+        ),
+        None => None,
+    };
+    serve_status(vmm, api).map(ExitCode::from)
+}
+
+/// [`serve`] with the API already started, returning the exit status as a number. In a
+/// jailed VMM (after `seccomp::enable`) each thread installs its seccomp filter.
+pub fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> Result<u8> {
+    use vireo_vmm::seccomp::{self, ThreadKind};
+    let handle = vmm.handle();
     // SIGINT/SIGTERM stop the VM: the handler only records the signal and wakes a thread.
     let signals = signals::install().context("installing signal handlers")?;
     {
@@ -223,6 +289,10 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Console) {
+                    handle.stop(StopReason::Failure(e.to_string()));
+                    return;
+                }
                 if let Some(sig) = signals.wait() {
                     handle.stop(StopReason::Signal(sig));
                 }
@@ -236,6 +306,10 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
         std::thread::Builder::new()
             .name("console".into())
             .spawn(move || {
+                if let Err(e) = seccomp::apply(ThreadKind::Console) {
+                    handle.stop(StopReason::Failure(e.to_string()));
+                    return;
+                }
                 let quit = handle.clone();
                 console::input_loop(
                     |bytes| handle.console_input(bytes),
@@ -245,6 +319,9 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
             .context("starting the console thread")?;
     }
 
+    // The main thread's filter goes on last: the threads above are not bound by it, the vCPU
+    // threads it starts are (their lists are subsets of its list).
+    seccomp::apply(ThreadKind::Vmm)?;
     let result = vmm.run();
     console::restore_terminal();
     if let Some(api) = api.as_mut() {
@@ -252,12 +329,12 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
     }
     match result? {
         ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
-            Ok(ExitCode::SUCCESS)
+            Ok(0)
         }
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
-            Ok(ExitCode::from(EXIT_GUEST_PANIC))
+            Ok(EXIT_GUEST_PANIC)
         }
-        ExitReason::Signal(sig) => Ok(ExitCode::from(128u8.wrapping_add(sig as u8))),
+        ExitReason::Signal(sig) => Ok(128u8.wrapping_add(sig as u8)),
     }
 }

@@ -7,6 +7,7 @@ pub mod config;
 mod machine;
 pub mod net;
 mod pci;
+pub mod seccomp;
 pub mod snapshot;
 mod vm;
 

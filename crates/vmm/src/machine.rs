@@ -612,8 +612,14 @@ impl Machine {
             );
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(vcpu, &bus, &handle2, &park, &rx, &c))
-            {
+                .spawn(move || {
+                    // A jailed VMM's vCPU threads run under their own seccomp filter.
+                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+                        handle2.stop(StopReason::Failure(e.to_string()));
+                        return;
+                    }
+                    vcpu_loop(vcpu, &bus, &handle2, &park, &rx, &c)
+                }) {
                 Ok(t) => {
                     self.threads.push(t);
                     self.mailboxes.push(tx);
