@@ -302,4 +302,22 @@ fn net_bad_configurations_are_refused_clearly() {
         assert_eq!(o.code(), Some(2), "{args:?}: {o}");
         assert!(o.stderr.contains(want), "{args:?}: {o}");
     }
+    // Not yet with --jail: refused before anything is opened.
+    let probe = dir.path().join("probe.elf");
+    std::fs::write(
+        &probe,
+        vireo_guests::probe::build(&vireo_guests::probe::Probe::Counter),
+    )
+    .unwrap();
+    let sock = dir.path().join("v.sock");
+    let mut c = common::vireo();
+    c.arg("run")
+        .arg("--kernel")
+        .arg(&probe)
+        .args(["--jail", "--vsock"])
+        .arg(format!("cid=3,socket={}", sock.display()));
+    let o = common::run(c, Duration::from_secs(30), None);
+    assert_ne!(o.code(), Some(0), "{o}");
+    assert!(o.stderr.contains("--jail does not support"), "{o}");
+    assert!(!sock.exists(), "{o}");
 }
