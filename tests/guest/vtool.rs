@@ -15,6 +15,7 @@
 //! vtool tcp-sink PORT              accept one TCP connection, read to EOF; prints
 //!                                  "tcp-sink BYTES SECONDS"
 //! vtool tcp-source ADDR:PORT BYTES connect, send BYTES; prints "tcp-source BYTES SECONDS"
+//! vtool tcp-send-file ADDR:PORT FILE  connect, send FILE, close; prints "tcp-send-file BYTES"
 //! ```
 
 use std::io::{Read, Write};
@@ -278,6 +279,15 @@ fn main() {
             source_fast(&c, bytes);
             drop(c);
             println!("tcp-source {bytes} {:.3}", t.elapsed().as_secs_f64());
+        }
+        "tcp-send-file" => {
+            let to: String = arg(&args, 2);
+            let path: String = arg(&args, 3);
+            let mut f = std::fs::File::open(&path).unwrap_or_else(|_| die("open"));
+            let mut c = std::net::TcpStream::connect(&to).unwrap_or_else(|_| die("connect"));
+            let n = std::io::copy(&mut f, &mut c).unwrap_or_else(|_| die("send"));
+            drop(c);
+            println!("tcp-send-file {n}");
         }
         _ => {
             eprintln!("vtool: unknown command '{cmd}'; see the source for usage");
