@@ -423,7 +423,7 @@ pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, Snaps
     let mut ranges = Vec::new();
     for r in &state.memory {
         let len = usize::try_from(r.len).map_err(|_| invalid(&path, "region too large"))?;
-        let region = MmapRegion::<()>::build(
+        let region = MmapRegion::<vm_memory::bitmap::AtomicBitmap>::build(
             Some(FileOffset::new(
                 f.try_clone().map_err(io_err(&path))?,
                 r.file_offset,
