@@ -3,6 +3,7 @@
 
 mod console;
 mod ctl;
+mod migrate;
 mod restore;
 mod run;
 mod signals;
@@ -28,6 +29,9 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Control a running vireo through its API socket.
     Ctl(ctl::CtlArgs),
+    /// Live migration: `vireo migrate receive --listen ADDR:PORT` waits for a VM (send one
+    /// with `vireo ctl --api-socket PATH migrate --to ADDR:PORT`).
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Restore(args) => restore::restore(args),
         Command::Ctl(args) => ctl::ctl(args),
+        Command::Migrate(args) => migrate::migrate(args),
     };
     match result {
         Ok(code) => code,

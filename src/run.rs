@@ -218,9 +218,11 @@ pub fn serve(vmm: Vmm, api_socket: Option<&std::path::Path>) -> Result<ExitCode>
         api.stop();
     }
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
-            Ok(ExitCode::SUCCESS)
-        }
+        ExitReason::PowerOff
+        | ExitReason::Reset
+        | ExitReason::ConsoleQuit
+        | ExitReason::Exit
+        | ExitReason::Migrated => Ok(ExitCode::SUCCESS),
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
             Ok(ExitCode::from(EXIT_GUEST_PANIC))

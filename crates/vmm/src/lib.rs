@@ -5,12 +5,14 @@
 pub mod backend;
 pub mod config;
 mod machine;
+pub mod migrate;
 mod pci;
 pub mod snapshot;
 mod vm;
 
 pub use backend::{select_hypervisor, Selected};
 pub use machine::{DeviceCounters, DeviceInfo, VcpuExitCounts};
+pub use migrate::{MigrateRequest, MigrationPhase, MigrationProgress, ReceiveRequest};
 pub use vm::{
     Command, CommandError, CommandErrorKind, CommandReply, Counters, ExitReason, Lifecycle,
     RestoreRequest, StopReason, VmInfo, Vmm, VmmHandle,
