@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use emu_common::*;
 use iced_x86::code_asm::*;
-use vireo_hv::{take_vmm_dirty, Vm};
+use vireo_hv::take_vmm_dirty;
 use vm_memory::{Bytes, GuestAddress};
 
 fn dirty_pages(log: &[Vec<u64>]) -> Vec<u64> {

@@ -914,7 +914,7 @@ impl Vmm {
                         self.migration_reply = Some(p);
                         Ok(None)
                     }
-                    Err((e, _)) => Err(CommandError::failed(format!(
+                    Err(e) => Err(CommandError::failed(format!(
                         "migration to {} failed (the VM runs on here): {e}",
                         req.to
                     ))),

@@ -121,7 +121,7 @@ fn receive_memory(c: &mut Conn, mem: &GuestMemory) -> Result<MachineState, Migra
         let (kind, arg) = proto::read_frame(&mut c.r, &mut c.buf)?;
         match kind {
             Kind::Pages => {
-                if arg % PAGE != 0 || c.buf.len() as u64 % PAGE != 0 {
+                if !arg.is_multiple_of(PAGE) || !(c.buf.len() as u64).is_multiple_of(PAGE) {
                     return Err(MigrateError::Protocol(format!(
                         "corrupted stream: pages at {arg:#x}, {} bytes",
                         c.buf.len()
@@ -144,7 +144,7 @@ fn receive_memory(c: &mut Conn, mem: &GuestMemory) -> Result<MachineState, Migra
                 let end = n
                     .checked_mul(PAGE)
                     .and_then(|l| l.checked_add(addr))
-                    .filter(|_| addr % PAGE == 0 && n <= 1 << 40)
+                    .filter(|_| addr.is_multiple_of(PAGE) && n <= 1 << 40)
                     .ok_or_else(|| MigrateError::Protocol("corrupted stream: zero pages".into()))?;
                 let mut at = addr;
                 while at < end {

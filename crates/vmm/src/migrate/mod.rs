@@ -95,7 +95,7 @@ pub enum MigrationPhase {
 pub struct MigrationProgress {
     pub phase: MigrationPhase,
     pub destination: String,
-    /// Rounds done (1: the full copy).
+    /// The round in progress, or the last one (1: the full copy).
     pub round: u32,
     /// Bytes of guest RAM.
     pub ram_bytes: u64,

@@ -25,6 +25,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const THROTTLE_INITIAL: u32 = 20;
 const THROTTLE_STEP: u32 = 10;
 const THROTTLE_MAX: u32 = 99;
+/// How often the statistics are published in the middle of a round.
+const REPORT_EVERY: Duration = Duration::from_millis(200);
 
 /// What the source works with.
 pub(crate) struct Source<'a> {
@@ -127,8 +129,10 @@ fn send_pages(
     bm: &[Vec<u64>],
     skip_zero: bool,
     stop: &dyn Fn() -> bool,
+    report: &mut dyn FnMut(u64, u64),
 ) -> Result<u64, MigrateError> {
     let t0 = Instant::now();
+    let mut reported = t0;
     let mut buf = vec![0u8; (MAX_FRAME_PAGES * PAGE) as usize];
     let mut total = 0;
     for (r, words) in mem.iter().zip(bm) {
@@ -137,7 +141,7 @@ fn send_pages(
         let mut p = 0u64;
         while p < pages {
             let w = words.get((p / 64) as usize).copied().unwrap_or(0);
-            if w == 0 && p % 64 == 0 {
+            if w == 0 && p.is_multiple_of(64) {
                 p += 64;
                 continue;
             }
@@ -177,6 +181,15 @@ fn send_pages(
                     )?;
                 } else if !skip_zero {
                     link.frame(Kind::Zeros, (i - s) as u64, &addr.to_le_bytes())?;
+                }
+            }
+            if reported.elapsed() >= REPORT_EVERY {
+                reported = Instant::now();
+                report(total, link.sent);
+                if stop() {
+                    return Err(MigrateError::Vmm(
+                        "the guest stopped during the migration".into(),
+                    ));
                 }
             }
         }
@@ -263,7 +276,7 @@ fn connect(to: &str) -> Result<TcpStream, MigrateError> {
 pub(crate) fn migrate(
     src: Source<'_>,
     req: &MigrateRequest,
-) -> Result<MigrationProgress, (MigrateError, MigrationProgress)> {
+) -> Result<MigrationProgress, MigrateError> {
     let ram: u64 = src.machine.memory().iter().map(|r| r.len()).sum();
     let mut p = MigrationProgress::new(&req.to, ram);
     let start = Instant::now();
@@ -290,7 +303,7 @@ pub(crate) fn migrate(
             p.phase = MigrationPhase::Failed;
             p.error = Some(e.to_string());
             progress(&p);
-            Err((e, p))
+            Err(e)
         }
     }
 }
@@ -423,10 +436,18 @@ fn precopy(
     let mut pending = populated(mem);
     let mut last_take = Instant::now();
     let mut throttle = 0u32;
+    progress(p);
     loop {
         p.round += 1;
         let first = p.round == 1;
-        let n = send_pages(link, mem, &pending, first, &stop)?;
+        let sent_before = p.pages_sent;
+        let n = send_pages(link, mem, &pending, first, &stop, &mut |pages, bytes| {
+            p.pages_sent = sent_before + pages;
+            p.bytes_sent = bytes;
+            p.elapsed_ms = start.elapsed().as_millis() as u64;
+            progress(p);
+        })?;
+        p.pages_sent = sent_before;
         link.flush()?;
         p.pages_sent += n;
         p.last_round_pages = n;
@@ -500,7 +521,7 @@ fn switch(
         d.unlock()
             .map_err(|e| vmm_err(format!("unlocking {}: {e}", d.path().display())))?;
     }
-    let n = send_pages(link, mem, &remaining, false, &|| false)?;
+    let n = send_pages(link, mem, &remaining, false, &|| false, &mut |_, _| {})?;
     p.pages_sent += n;
     p.last_round_pages = n;
     p.dirty_pages = 0;
