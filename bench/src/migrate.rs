@@ -157,7 +157,12 @@ fn vireo_case(vireo: &Path, g: &Guest, dir: &Path, accel: &str) -> Result_ {
     let ticks: Ticks = Arc::default();
     let started = Arc::default();
     let Ok(mut dst) = Command::new(vireo)
-        .args(["migrate", "receive", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "migrate",
+            "receive",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .arg("--api-socket")
         .arg(&dst_sock)
         .stdin(Stdio::null())
@@ -186,7 +191,9 @@ fn vireo_case(vireo: &Path, g: &Guest, dir: &Path, accel: &str) -> Result_ {
         return r;
     };
     watch(&mut src, &ticks, &started);
-    if wait_path(&src_sock) && wait_path(&dst_sock) && wait_started(&started, Duration::from_secs(300))
+    if wait_path(&src_sock)
+        && wait_path(&dst_sock)
+        && wait_started(&started, Duration::from_secs(300))
     {
         std::thread::sleep(WARMUP);
         let t0 = Instant::now();

@@ -541,7 +541,15 @@ fn switch(
     link.expect(Kind::Restored)?;
     link.frame(Kind::Commit, 0, &[])?;
     link.flush()?;
-    link.expect(Kind::Running)?;
+    link.expect(Kind::Running).map_err(|e| {
+        // The destination may have started the guest before the link broke: nothing here
+        // can tell. The guest resumes here (a dead destination must not lose it).
+        tracing::error!(
+            "migration: no answer after the commit ({e}); if the destination runs the guest, \
+             two copies now run: stop one"
+        );
+        MigrateError::Vmm(format!("after the commit: {e}"))
+    })?;
     Ok(())
 }
 
