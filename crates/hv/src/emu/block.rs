@@ -118,11 +118,18 @@ impl CodePages {
     }
 
     /// A store hit page `i`: clear its flags, log it when [`ARMED`]; returns the old flags.
-    #[inline]
+    #[inline(always)]
     pub fn store_hit(&self, i: usize) -> u8 {
-        let Some(f) = self.flags.get(i) else {
-            return 0;
-        };
+        match self.flags.get(i) {
+            // Most stores on this path hit unflagged pages: no locked exchange then.
+            Some(f) if f.load(Ordering::Relaxed) != 0 => self.take_flags(i, f),
+            _ => 0,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_flags(&self, i: usize, f: &AtomicU8) -> u8 {
         let old = f.swap(0, Ordering::Relaxed);
         if old & ARMED != 0 {
             if let Some(w) = self.dirty.get(i / 64) {
