@@ -125,6 +125,7 @@ fn free_port() -> u16 {
 fn json_number(text: &str, key: &str) -> Option<f64> {
     text.split(&format!("\"{key}\":"))
         .nth(1)?
+        .trim_start()
         .split(|c: char| !(c.is_ascii_digit() || c == '.'))
         .next()?
         .parse()
