@@ -1,9 +1,12 @@
 //! `vireo`: the command-line front end. It parses flags into a `VmConfig`, sets up the
-//! terminal and signals, and hands over to `vireo-vmm`.
+//! terminal and signals, and hands over to `vireo-vmm` (directly, or inside a jail); and it
+//! runs containers with `vireo-jail`.
 
 mod console;
+mod container;
 mod ctl;
 mod migrate;
+mod jail;
 mod restore;
 mod run;
 mod signals;
@@ -24,7 +27,10 @@ struct Cli {
 enum Command {
     /// Boot a VM with its serial console on this terminal (or, with only --api-socket, wait
     /// for a configuration over the API).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
+    /// OS-level containers: run a command in namespaces and cgroups on a root directory.
+    #[command(subcommand)]
+    Container(container::ContainerCommand),
     /// Restore a VM from a snapshot directory and run it on this terminal.
     Restore(restore::RestoreArgs),
     /// Control a running vireo through its API socket.
@@ -38,7 +44,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let result = match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
+        Command::Container(cmd) => container::run(cmd),
         Command::Restore(args) => restore::restore(args),
         Command::Ctl(args) => ctl::ctl(args),
         Command::Migrate(args) => migrate::migrate(args),

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use std::os::unix::net::UnixListener;
+
+use anyhow::{Context, Result};
 use clap::Args;
 use vireo_vmm::config::DiskConfig;
 use vireo_vmm::{RestoreRequest, Vmm};
@@ -26,6 +28,19 @@ pub struct RestoreArgs {
     /// Leave the VM paused (resume it with `vireo ctl resume`).
     #[arg(long)]
     paused: bool,
+    /// Run the VMM in a jail, as `vireo run --jail` does (needs root); the snapshot, kernel,
+    /// initrd and disks appear in it at their host paths.
+    #[arg(long)]
+    jail: bool,
+    /// With --jail: the uid the VMM runs as.
+    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    uid: u32,
+    /// With --jail: the gid the VMM runs as.
+    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
+    gid: u32,
+    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5.
+    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = crate::run::parse_limits)]
+    cgroup: Option<vireo_jail::Limits>,
 }
 
 pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -34,7 +49,30 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         disks: (!args.disks.is_empty()).then_some(args.disks),
         paused: args.paused,
     };
+    if args.jail {
+        let opts = crate::jail::JailOptions {
+            uid: args.uid,
+            gid: args.gid,
+            limits: args.cgroup.unwrap_or_default(),
+            api_socket: args.api_socket,
+        };
+        return crate::jail::restore_jailed(req, &opts);
+    }
     // Reads and checks the snapshot before anything is created.
     let vmm = Vmm::from_snapshot(&req, Box::new(std::io::stdout()))?;
     crate::run::serve(vmm, args.api_socket.as_deref())
+}
+
+/// The restored VMM inside a jail (`vireo restore --jail`); see `run::run_jailed_vmm`.
+pub fn restore_jailed_vmm(req: &RestoreRequest, api: Option<UnixListener>) -> Result<u8> {
+    vireo_vmm::seccomp::enable()?;
+    let vmm = Vmm::from_snapshot(req, Box::new(std::io::stdout()))?;
+    let api = match api {
+        Some(listener) => Some(
+            vireo_api::server::ApiServer::from_listener(listener, vmm.handle())
+                .context("starting the API")?,
+        ),
+        None => None,
+    };
+    crate::run::serve_status(vmm, api)
 }

@@ -51,7 +51,7 @@ fn main() {
          read b _ < /proc/uptime; dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct 2>/dev/null; \
          read c _ < /proc/uptime; \
          echo \"read-mibs: $(awk \"BEGIN{{print {mib}/($b-$a)}}\")\"; \
-         echo \"write-mibs: $(awk \"BEGIN{{print {mib}/($c-$b)}}\")\""
+         echo \"write-mibs: $(awk \"BEGIN{{print {mib}/($c-$b)}}\")\"; echo bench-done"
     );
     let cmd = command_param(&["sh".into(), "-c".into(), script]).expect("command");
     let cmdline = format!("{} {cmd}", guest.cmdline);
@@ -102,7 +102,7 @@ fn main() {
         for (i, (_, cmd)) in vmms.iter().enumerate() {
             let mut c = Command::new(cmd.get_program());
             c.args(cmd.get_args());
-            if let Ok(s) = measure(c, &["write-mibs:"], Duration::from_secs(600)) {
+            if let Ok(s) = measure(c, &["bench-done"], Duration::from_secs(600)) {
                 results[i].0.extend(value(&s.output, "read-mibs:"));
                 results[i].1.extend(value(&s.output, "write-mibs:"));
             }

@@ -58,7 +58,20 @@ impl Runs {
         };
         self.to_init_ms.extend(s.0);
         self.uptime_s.extend(field(&s.1, "uptime-at-init:"));
-        self.sha_s.extend(field(&s.1, "sha256-seconds:"));
+        match field(&s.1, "sha256-seconds:") {
+            Some(v) => self.sha_s.push(v),
+            None => {
+                let tail: String =
+                    s.1.chars()
+                        .rev()
+                        .take(600)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                eprintln!("note: a run printed no sha256 time; its output ends with:\n{tail}");
+            }
+        }
     }
 }
 

@@ -201,6 +201,25 @@ pub fn run(mut cmd: Command, timeout: Duration, stop_when: Option<&str>) -> Outc
     }
 }
 
+/// Skip (return true, printing why) unless running as root (jails and containers need it).
+pub fn skip_unless_root(test: &str) -> bool {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip(test, "needs root (namespaces, cgroups, pivot_root)");
+        return true;
+    }
+    false
+}
+
+/// A busybox root file system (the default guest's static busybox) in a fresh directory.
+pub fn busybox_rootfs(name: &str) -> TempDir {
+    let dir = TempDir::new(name);
+    let cache = vireo_guests::default_guest::cache_dir().expect("cache dir");
+    vireo_guests::default_guest::busybox::busybox_rootfs(&cache, dir.path())
+        .expect("building the busybox root file system");
+    dir
+}
+
 // ---- Linux guests ------------------------------------------------------------------------
 
 /// The default guest's files, building them on first use (skip when that is impossible).

@@ -46,7 +46,8 @@ pub enum ServerError {
 pub struct ApiServer {
     stop: watch::Sender<bool>,
     thread: Option<std::thread::JoinHandle<()>>,
-    path: PathBuf,
+    /// The socket file to remove when stopping (none for a listener bound elsewhere).
+    path: Option<PathBuf>,
 }
 
 impl ApiServer {
@@ -62,21 +63,46 @@ impl ApiServer {
                 path: path.to_path_buf(),
                 source,
             })?;
-        std_listener
+        let mut server = Self::from_listener(std_listener, handle).map_err(|e| match e {
+            ServerError::Socket { source, .. } => ServerError::Socket {
+                path: path.to_path_buf(),
+                source,
+            },
+            e => e,
+        })?;
+        server.path = Some(path.to_path_buf());
+        Ok(server)
+    }
+
+    /// Serve `handle` on a socket already bound and listening (for a jailed VMM: bound
+    /// outside the jail, whose owner removes the file). In a VMM with seccomp filters
+    /// enabled the API thread installs the `api` filter first.
+    pub fn from_listener(
+        listener: std::os::unix::net::UnixListener,
+        handle: VmmHandle,
+    ) -> Result<ApiServer, ServerError> {
+        listener
             .set_nonblocking(true)
             .map_err(|source| ServerError::Socket {
-                path: path.to_path_buf(),
+                path: PathBuf::new(),
                 source,
             })?;
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || serve(std_listener, handle, stopped))
+            .spawn(move || {
+                use vireo_vmm::seccomp::{apply, ThreadKind};
+                if let Err(e) = apply(ThreadKind::Api) {
+                    tracing::error!("API: {e}; not serving");
+                    return;
+                }
+                serve(listener, handle, stopped)
+            })
             .map_err(ServerError::Thread)?;
         Ok(ApiServer {
             stop,
             thread: Some(thread),
-            path: path.to_path_buf(),
+            path: None,
         })
     }
 
@@ -86,7 +112,9 @@ impl ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! virtio 1.2: the PCI transport (§4.1), split virtqueues handled with `virtio-queue`, and the
-//! devices with their host back ends: block (§5.2) on a raw file or block device, entropy
-//! (§5.4) from the host's `getrandom`.
+//! devices with their host back ends: network (§5.1) on a TAP device, block (§5.2) on a raw
+//! file or block device, entropy (§5.4) from the host's `getrandom`, socket (vsock, §5.10) to
+//! Unix sockets on the host.
 //!
 //! One transport serves every device: a device implements [`VirtioDevice`] (its type, features,
 //! configuration space, what to do with its queues) and [`VirtioPciDevice`] does the rest —
@@ -15,10 +16,12 @@
 
 pub mod block;
 pub mod driver;
+pub mod net;
 pub mod queue;
 pub mod rng;
 mod sys;
 pub mod transport;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;
@@ -28,13 +31,17 @@ use vireo_hv::{EventFd, GuestMemory};
 use virtio_queue::Queue;
 
 pub use block::{Block, DiskImage, DiskOptions};
+pub use net::{MacAddr, Net, NetBackend, NetControl, Tap, TapError};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VirtioPciState};
-pub use worker::QueuePosition;
+pub use vsock::{Vsock, VsockBackend, VsockControl};
+pub use worker::{set_worker_start_hook, QueuePosition};
 
 /// Device types (§5).
+pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_ID_BLOCK: u32 = 2;
 pub const VIRTIO_ID_RNG: u32 = 4;
+pub const VIRTIO_ID_VSOCK: u32 = 19;
 
 /// Device status bits (§2.1).
 pub const STATUS_ACKNOWLEDGE: u8 = 1;
@@ -73,6 +80,10 @@ pub enum Error {
     Disk(String),
     #[error("activating the device: {0}")]
     Activate(String),
+    #[error(transparent)]
+    Tap(#[from] net::TapError),
+    #[error("vsock: {0}")]
+    Vsock(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -55,6 +55,17 @@ pub fn positions(queues: &[crate::ActiveQueue]) -> Vec<QueuePosition> {
         .collect()
 }
 
+/// What every worker thread runs first (a VMM installs its seccomp filter for device threads
+/// here); an error stops the thread before it serves anything.
+static START_HOOK: std::sync::OnceLock<fn() -> std::result::Result<(), String>> =
+    std::sync::OnceLock::new();
+
+/// Sets the function every device thread calls first thing (once per process; later calls
+/// are ignored).
+pub fn set_worker_start_hook(hook: fn() -> std::result::Result<(), String>) {
+    let _ = START_HOOK.set(hook);
+}
+
 /// epoll data of the stop eventfd (queue indices are small).
 const STOP: u64 = u64::MAX;
 
@@ -95,6 +106,12 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
+                if let Some(hook) = START_HOOK.get() {
+                    if let Err(e) = hook() {
+                        tracing::error!("{name}: {e}; the device does not run");
+                        return;
+                    }
+                }
                 for (index, _) in &queues {
                     handler.queue_notified(*index);
                 }

@@ -146,6 +146,12 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's `getrandom`.
     #[serde(default = "default_rng")]
     pub rng: bool,
+    /// virtio-net devices on host TAPs, in PCI order (the first is the guest's `eth0`).
+    #[serde(default)]
+    pub nets: Vec<crate::net::NetConfig>,
+    /// A virtio-vsock device whose host side is a Unix socket.
+    #[serde(default)]
+    pub vsock: Option<crate::net::VsockConfig>,
 }
 
 fn default_rng() -> bool {
@@ -154,7 +160,7 @@ fn default_rng() -> bool {
 
 /// Split `a=1,b=2` at single commas; `,,` is a literal comma (as in QEMU's options), so any
 /// path can be given.
-fn split_options(s: &str) -> Vec<String> {
+pub(crate) fn split_options(s: &str) -> Vec<String> {
     let mut parts = vec![String::new()];
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -284,6 +290,8 @@ impl VmConfig {
             no_reboot: false,
             disks: Vec::new(),
             rng: default_rng(),
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 

@@ -6,7 +6,9 @@ pub mod backend;
 pub mod config;
 mod machine;
 pub mod migrate;
+pub mod net;
 mod pci;
+pub mod seccomp;
 pub mod snapshot;
 mod vm;
 
@@ -38,6 +40,8 @@ pub enum Error {
     Devices(String),
     #[error("{0}")]
     Disk(String),
+    #[error("{0}")]
+    Net(String),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
     #[error("the guest stopped with an error: {0}")]

@@ -297,6 +297,7 @@ pub(crate) struct Env<'a> {
     pub output: Box<dyn Write + Send>,
     pub handle: &'a VmmHandle,
     pub disks: &'a [Arc<vireo_virtio::DiskImage>],
+    pub net: &'a crate::net::NetBackends,
 }
 
 fn dev_err(e: &dyn std::fmt::Display) -> Error {
@@ -562,7 +563,12 @@ impl Machine {
         if let Some(chip) = &irqchip {
             chip.register(&mut bus).map_err(|e| dev_err(&e))?;
         }
-        let pci = crate::pci::PciDevices::create(&vm, &mem, env.config, env.disks, &mut bus)?;
+        let backends = crate::pci::Backends {
+            disks: env.disks,
+            nets: &env.net.nets,
+            vsock: env.net.vsock.as_ref(),
+        };
+        let pci = crate::pci::PciDevices::create(&vm, &mem, env.config, &backends, &mut bus)?;
         if let Some(s) = saved {
             pci.restore(&s.virtio)?;
         }
@@ -614,8 +620,14 @@ impl Machine {
             );
             match std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu_loop(vcpu, &bus, &handle2, &park, &rx, &c))
-            {
+                .spawn(move || {
+                    // A jailed VMM's vCPU threads run under their own seccomp filter.
+                    if let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu) {
+                        handle2.stop(StopReason::Failure(e.to_string()));
+                        return;
+                    }
+                    vcpu_loop(vcpu, &bus, &handle2, &park, &rx, &c)
+                }) {
                 Ok(t) => {
                     self.threads.push(t);
                     self.mailboxes.push(tx);

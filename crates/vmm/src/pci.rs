@@ -1,7 +1,10 @@
 //! The PCI side of a VM: the root complex (configuration ports 0xCF8-0xCFF, ECAM) and the
 //! virtio devices on it — the disks in the order given (the first is the guest's
-//! `/dev/vda`), then the entropy device. Disks are opened (and locked) once per VMM and
-//! reused across guest reboots; the devices and their threads live for one boot.
+//! `/dev/vda`), the entropy device, the network devices in the order given (the first is the
+//! guest's `eth0`), then the vsock device. Disks, TAPs and the vsock socket are opened once
+//! per configuration and reused across guest reboots; the devices and their threads live for
+//! one boot. A restore opens the TAPs again by name and tells the guest its vsock connections
+//! were reset.
 
 use std::sync::{Arc, Mutex};
 
@@ -11,9 +14,12 @@ use vireo_devices::pci::{
 };
 use vireo_devices::IoBus;
 use vireo_hv::{GuestMemory, Vm};
-use vireo_virtio::{Block, DiskImage, DiskOptions, Rng, VirtioPciDevice};
+use vireo_virtio::{
+    Block, DiskImage, DiskOptions, Net, NetControl, Rng, VirtioPciDevice, Vsock, VsockControl,
+};
 
 use crate::config::VmConfig;
+use crate::net::OpenNet;
 use crate::Error;
 
 /// Open and lock every disk of `cfg`, in order.
@@ -52,9 +58,20 @@ pub(crate) fn windows(mem_size: u64) -> PciWindows {
     }
 }
 
+/// Host back ends that outlive a boot: disks, TAPs, the vsock socket.
+pub(crate) struct Backends<'a> {
+    pub(crate) disks: &'a [Arc<DiskImage>],
+    pub(crate) nets: &'a [OpenNet],
+    pub(crate) vsock: Option<&'a Arc<vireo_virtio::VsockBackend>>,
+}
+
 /// The PCI devices of one boot.
 pub(crate) struct PciDevices {
     root: Arc<Mutex<PciRoot>>,
+    /// Link status, announcements and counters of the network devices, in order.
+    nets: Vec<NetControl>,
+    /// Transport resets of the vsock device.
+    vsock: Option<VsockControl>,
     /// The virtio functions in slot order, with their addresses.
     virtio: Vec<(PciAddress, Arc<Mutex<VirtioPciDevice>>)>,
 }
@@ -70,7 +87,7 @@ impl PciDevices {
         vm: &Arc<dyn Vm>,
         mem: &GuestMemory,
         cfg: &VmConfig,
-        disks: &[Arc<DiskImage>],
+        backends: &Backends<'_>,
         bus: &mut IoBus,
     ) -> Result<Self, Error> {
         let dev_err = |e: &dyn std::fmt::Display| Error::Devices(e.to_string());
@@ -85,7 +102,7 @@ impl PciDevices {
             virtio.push((at, typed));
             Ok(())
         };
-        for (i, disk) in disks.iter().enumerate() {
+        for (i, disk) in backends.disks.iter().enumerate() {
             let blk = Block::new(disk.clone(), i);
             add(VirtioPciDevice::new(Box::new(blk), mem.clone(), vm.clone())
                 .map_err(|e| dev_err(&e))?)?;
@@ -95,6 +112,20 @@ impl PciDevices {
                 VirtioPciDevice::new(Box::new(Rng::new()), mem.clone(), vm.clone())
                     .map_err(|e| dev_err(&e))?,
             )?;
+        }
+        let mut nets = Vec::new();
+        for (i, n) in backends.nets.iter().enumerate() {
+            let net = Net::new(n.tap.clone(), n.mac, i);
+            nets.push(net.control());
+            add(VirtioPciDevice::new(Box::new(net), mem.clone(), vm.clone())
+                .map_err(|e| dev_err(&e))?)?;
+        }
+        let mut vsock = None;
+        if let (Some(v), Some(backend)) = (&cfg.vsock, backends.vsock) {
+            let dev = Vsock::new(u64::from(v.cid), backend.clone());
+            vsock = Some(dev.control());
+            add(VirtioPciDevice::new(Box::new(dev), mem.clone(), vm.clone())
+                .map_err(|e| dev_err(&e))?)?;
         }
         let root = Arc::new(Mutex::new(root));
         bus.pio
@@ -111,7 +142,12 @@ impl PciDevices {
                 Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
             )
             .map_err(|e| dev_err(&e))?;
-        Ok(PciDevices { root, virtio })
+        Ok(PciDevices {
+            root,
+            nets,
+            vsock,
+            virtio,
+        })
     }
 
     /// The virtio functions, by address (`00:01.0`).
@@ -174,6 +210,17 @@ impl PciDevices {
             }
             d.restore(s)
                 .map_err(|e| Error::Devices(format!("PCI {a}: {e}")))?;
+        }
+        // A restored machine starts paused: its devices too, until `resume`.
+        self.pause()?;
+        // What the host side of the network devices did not keep: the guest is told its vsock
+        // connections are gone (their host sockets were not in the snapshot) and asked to
+        // announce its addresses (its NICs may now be on another host's bridge).
+        if let Some(v) = &self.vsock {
+            v.transport_reset();
+        }
+        for n in &self.nets {
+            n.announce();
         }
         Ok(())
     }

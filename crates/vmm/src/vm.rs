@@ -457,6 +457,8 @@ pub struct Vmm {
     handle: VmmHandle,
     /// Disk images, open and locked while configured (`crate::pci`).
     disks: Vec<Arc<vireo_virtio::DiskImage>>,
+    /// TAP devices and the vsock socket, open while configured (`crate::net`).
+    net: crate::net::NetBackends,
     /// Stay in `stopped` (for the API) instead of returning when the VM stops.
     keep_alive: bool,
     start: Start,
@@ -491,15 +493,17 @@ fn check(config: &VmConfig, hypervisor: &dyn Hypervisor) -> Result<(), Error> {
 impl Vmm {
     /// A VMM that boots `config` when run (and returns when the VM stops).
     pub fn new(
-        config: VmConfig,
+        mut config: VmConfig,
         hypervisor: Box<dyn Hypervisor>,
         output: Box<dyn Write + Send>,
     ) -> Result<Self, Error> {
         vireo_arch::loader::check_kernel(&config.kernel)?;
         check(&config, hypervisor.as_ref())?;
         let disks = crate::pci::open_disks(&config)?;
+        let net = crate::net::NetBackends::open(&mut config)?;
         Ok(Vmm {
             disks,
+            net,
             handle: VmmHandle::new(Lifecycle::Created, Some(config.clone())),
             config: Some(config),
             hypervisor: Some(hypervisor),
@@ -516,6 +520,7 @@ impl Vmm {
     pub fn waiting(output: Box<dyn Write + Send>) -> Self {
         Vmm {
             disks: Vec::new(),
+            net: crate::net::NetBackends::default(),
             handle: VmmHandle::new(Lifecycle::NotConfigured, None),
             config: None,
             hypervisor: None,
@@ -546,9 +551,10 @@ impl Vmm {
     ) -> Result<Self, Error> {
         let mut vmm = Vmm::waiting(output);
         vmm.keep_alive = false;
-        let (state, hypervisor, disks, config) =
+        let (state, hypervisor, disks, net, config) =
             prepare_restore(req).map_err(|e| Error::Snapshot(e.message))?;
         vmm.disks = disks;
+        vmm.net = net;
         vmm.hypervisor = Some(hypervisor);
         vmm.config = Some(config.clone());
         *lock(&vmm.handle.0.config) = Some(config);
@@ -677,6 +683,7 @@ impl Vmm {
             output: Box::new(self.output.clone()),
             handle: &self.handle,
             disks: &self.disks,
+            net: &self.net,
         })
     }
 
@@ -744,7 +751,11 @@ impl Vmm {
                     .map_err(|e| CommandError::bad(e.to_string()))?;
                 // The old disks are let go first: the new configuration may name the same.
                 self.disks.clear();
+                self.net = crate::net::NetBackends::default();
                 self.disks = crate::pci::open_disks(&config)
+                    .map_err(|e| CommandError::bad(e.to_string()))?;
+                let mut config = config;
+                self.net = crate::net::NetBackends::open(&mut config)
                     .map_err(|e| CommandError::bad(e.to_string()))?;
                 *lock(&self.handle.0.config) = Some((*config).clone());
                 self.config = Some(*config);
@@ -849,8 +860,10 @@ impl Vmm {
                     ));
                 }
                 self.disks.clear();
-                let (ms, hypervisor, disks, config) = prepare_restore(&req)?;
+                self.net = crate::net::NetBackends::default();
+                let (ms, hypervisor, disks, net, config) = prepare_restore(&req)?;
                 self.disks = disks;
+                self.net = net;
                 self.hypervisor = Some(hypervisor);
                 *lock(&self.handle.0.config) = Some(config.clone());
                 self.config = Some(config);
@@ -1037,10 +1050,12 @@ type Prepared = (
     MachineState,
     Box<dyn Hypervisor>,
     Vec<Arc<vireo_virtio::DiskImage>>,
+    crate::net::NetBackends,
     VmConfig,
 );
 
-/// Read and check a snapshot, open its disks (or their replacements) and its backend.
+/// Read and check a snapshot, open its disks (or their replacements), its TAPs and vsock
+/// socket, and its backend.
 fn prepare_restore(req: &RestoreRequest) -> Result<Prepared, CommandError> {
     let bad = |e: &dyn std::fmt::Display| CommandError::bad(e.to_string());
     let state = snapshot::read_state(&req.snapshot).map_err(|e| bad(&e))?;
@@ -1076,5 +1091,8 @@ fn prepare_restore(req: &RestoreRequest) -> Result<Prepared, CommandError> {
     }
     check(&config, hypervisor.as_ref()).map_err(|e| bad(&e))?;
     let disks = crate::pci::open_disks(&config).map_err(|e| bad(&e))?;
-    Ok((state, hypervisor, disks, config))
+    // The TAPs are opened again by name (created if gone), with the snapshot's MACs; vsock
+    // connections do not survive (the guest is told with a transport reset).
+    let net = crate::net::NetBackends::open(&mut config).map_err(|e| bad(&e))?;
+    Ok((state, hypervisor, disks, net, config))
 }

@@ -5,6 +5,12 @@
 /// it to init's argv/environment; init reads it from `/proc/cmdline`.
 pub const CMD_PARAM: &str = "vireo.cmd";
 
+/// Name of the kernel command-line parameter that configures a network interface:
+/// `vireo.ip=[IFACE:]ADDR/PREFIX[,gw=GW]`, e.g. `vireo.ip=eth0:10.0.2.15/24,gw=10.0.2.2`.
+/// IFACE defaults to `eth0`; give the parameter once per interface. Init brings the
+/// interface up, adds the address and, with `gw=`, a default route through GW.
+pub const IP_PARAM: &str = "vireo.ip";
+
 /// The line init prints right before it starts the command or shell.
 pub const READY_LINE: &str = "vireo-guest: init ready";
 
@@ -113,12 +119,14 @@ hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 
 cmd=
+nets=
 root=
 read -r line </proc/cmdline
 set -f
 for p in $line; do
     case "$p" in
     {CMD_PARAM}=*) cmd="${{p#{CMD_PARAM}=}}" ;;
+    {IP_PARAM}=*) nets="$nets ${{p#{IP_PARAM}=}}" ;;
     root=/dev/*) root="${{p#root=}}" ;;
     esac
 done
@@ -147,6 +155,24 @@ if [ -e /{MARKER} ]; then
         echo "vireo-guest: cannot mount the root disk $root; staying in the initramfs"
     fi
 fi
+
+# Network interfaces (after the virtio_net module): {IP_PARAM}=[IFACE:]ADDR/PREFIX[,gw=GW],
+# one per interface.
+set -f
+for spec in $nets; do
+    dev=eth0
+    case "$spec" in *:*) dev="${{spec%%:*}}"; spec="${{spec#*:}}" ;; esac
+    gw=
+    case "$spec" in *,gw=*) gw="${{spec#*,gw=}}"; spec="${{spec%%,gw=*}}" ;; esac
+    if ip link set "$dev" up && ip addr add "$spec" dev "$dev"; then
+        if [ -n "$gw" ] && ! ip route add default via "$gw" dev "$dev"; then
+            echo "vireo-guest: cannot add a default route via $gw"
+        fi
+    else
+        echo "vireo-guest: cannot configure $dev with $spec"
+    fi
+done
+set +f
 
 # The ACPI power button shuts the guest down cleanly (/etc/acpi/PWRF/00000080).
 [ -d /sys/module/button ] && acpid -c /etc/acpi -l /tmp/acpid.log 2>/dev/null
@@ -313,6 +339,7 @@ mod tests {
         let b = s.find("virtio/virtio_ring.ko").unwrap();
         assert!(a < b);
         assert!(s.contains("vireo.cmd=*)"));
+        assert!(s.contains("vireo.ip=*)"));
         assert!(s.contains(READY_LINE));
         assert!(s.trim_end().ends_with("poweroff -f"));
         assert!(!s.contains("--install"));
@@ -328,5 +355,41 @@ mod tests {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// The network part of `/init`, run by the host's shell with `ip` replaced by a function
+    /// that prints its arguments: each `vireo.ip=` becomes the right `ip` commands.
+    #[test]
+    fn ip_parameters_configure_interfaces() {
+        let s = script("v", &[], false);
+        // The command line's parsing, then the network set-up (after the modules load).
+        let start = s.find("cmd=\nnets=").unwrap();
+        let end = s.find("set +f\n").unwrap() + "set +f\n".len();
+        let net = s.find("# Network interfaces").unwrap();
+        let net_end = net + s[net..].find("set +f\n").unwrap() + "set +f\n".len();
+        let part = format!("{}{}", &s[start..end], &s[net..net_end]);
+        let cmdline = "console=ttyS0 vireo.ip=10.0.2.15/24,gw=10.0.2.2 quiet \
+                       vireo.ip=eth1:192.168.7.2/16 vireo.cmd=eA==";
+        let prog = format!(
+            "ip() {{ echo \"ip $*\"; }}\n{}\necho \"cmd=$cmd\"",
+            part.replace("</proc/cmdline", &format!("<<'EOF'\n{cmdline}\nEOF"))
+        );
+        let Ok(out) = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&prog)
+            .output()
+        else {
+            eprintln!("skipping: no host sh");
+            return;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text,
+            "ip link set eth0 up\nip addr add 10.0.2.15/24 dev eth0\n\
+             ip route add default via 10.0.2.2 dev eth0\n\
+             ip link set eth1 up\nip addr add 192.168.7.2/16 dev eth1\ncmd=eA==\n",
+            "{prog}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! serialised by an `flock(2)` on `<cache>/default-guest.lock`; a build happens in a temporary
 //! directory inside the cache and is renamed into place, so a reader never sees half a guest.
 
+pub mod busybox;
 pub mod cpio;
 pub mod init;
 pub mod modules;

@@ -201,12 +201,8 @@ fn bulk(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8) -> R<Option<R>> {
             Some(Target::Io(_)) => return Ok(None),
             None => {
                 let v = x.cpu.reg(RAX as u8, s);
-                let mut off = 0;
-                while off < n as usize {
-                    // SAFETY: `pd..pd+n` was translated for write and lies in one RAM page.
-                    unsafe { store(pd + off, s, v) };
-                    off += s as usize;
-                }
+                // SAFETY: `pd..pd+n` was translated for write and lies in one RAM page.
+                unsafe { fill(pd, n as usize, s, v) };
             }
         }
         x.cpu.wrote_host(pd, n as usize);
@@ -219,6 +215,76 @@ fn bulk(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8) -> R<Option<R>> {
         chunks += 1;
         if chunks >= 64 && x.cpu.gpr[RCX] != 0 {
             return Ok(Some(yield_restart(x, op)));
+        }
+    }
+}
+
+/// Store `n` bytes of the `s`-byte element `v` repeated from host address `p` (`n` a multiple
+/// of `s`): a memset when the element is one repeated byte (`REP STOSB`, zeroing), else
+/// 8-byte stores of the replicated element.
+///
+/// # Safety
+/// `p..p+n` must lie inside a guest RAM mapping that stays mapped for the call.
+unsafe fn fill(p: usize, n: usize, s: u8, v: u64) {
+    let bytes = v.to_le_bytes();
+    let elem = &bytes[..s as usize];
+    if elem.iter().all(|&b| b == elem[0]) {
+        // SAFETY: the caller's guarantee.
+        unsafe { std::ptr::write_bytes(p as *mut u8, elem[0], n) };
+        return;
+    }
+    let mut pattern = [0u8; 8];
+    for (i, b) in pattern.iter_mut().enumerate() {
+        *b = elem[i % elem.len()];
+    }
+    let wide = u64::from_le_bytes(pattern);
+    let mut off = 0;
+    while off + 8 <= n {
+        // SAFETY: the caller's guarantee; `off + 8 <= n`.
+        unsafe { store(p + off, 8, wide) };
+        off += 8;
+    }
+    // 8 is a multiple of `s`, so what is left is whole elements.
+    while off < n {
+        // SAFETY: the caller's guarantee; `n` is a multiple of `s`.
+        unsafe { store(p + off, s, v) };
+        off += s as usize;
+    }
+}
+
+#[cfg(test)]
+mod fill_tests {
+    use super::fill;
+
+    #[test]
+    fn fill_repeats_the_element_for_every_size_and_alignment() {
+        for s in [1u8, 2, 4, 8] {
+            for start in 0..8 {
+                for elems in [0usize, 1, 3, 17, 600] {
+                    let n = elems * s as usize;
+                    let mut buf = vec![0xeeu8; n + 32];
+                    let v = 0x1122_3344_5566_7788u64;
+                    let p = buf.as_mut_ptr() as usize + start;
+                    // SAFETY: `p..p+n` lies inside `buf`.
+                    unsafe { fill(p, n, s, v) };
+                    let elem = &v.to_le_bytes()[..s as usize];
+                    for i in 0..n {
+                        assert_eq!(
+                            buf[start + i],
+                            elem[i % s as usize],
+                            "s={s} start={start} i={i}"
+                        );
+                    }
+                    assert!(buf[..start].iter().all(|&b| b == 0xee));
+                    assert!(buf[start + n..].iter().all(|&b| b == 0xee));
+                    // A repeated-byte element takes the memset path.
+                    let mut z = vec![0xeeu8; n + 8];
+                    // SAFETY: inside `z`.
+                    unsafe { fill(z.as_mut_ptr() as usize + 1, n, s, 0) };
+                    assert!(z[1..1 + n].iter().all(|&b| b == 0));
+                    assert_eq!(z[0], 0xee);
+                }
+            }
         }
     }
 }

@@ -1,0 +1,282 @@
+//! virtio-net with Linux guests on TAP devices, each test inside a network namespace it
+//! creates and always removes (root only; skipped otherwise): ping both ways, 100 MiB of TCP
+//! each way with matching checksums (MD5) (busybox `nc` in the guest), two VMs on a bridge, and a
+//! multi-queue device. The guests run on the emulator (KVM-PVM hosts cannot boot Linux in
+//! reasonable time) and also on KVM where it is hardware-backed.
+
+mod common;
+mod netutil;
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use netutil::{default_guest, md5_hex, net_unavailable, ping, random_bytes, Netns, Vm};
+
+const BOOT: Duration = Duration::from_secs(300);
+const LONG: Duration = Duration::from_secs(900);
+
+/// Skip unless root with `ip` and TAP, and the default guest builds.
+fn prerequisites(test: &str) -> bool {
+    if let Some(why) = net_unavailable() {
+        common::skip(test, &why);
+        return false;
+    }
+    default_guest(test).is_some()
+}
+
+/// Backends that boot Linux in reasonable time here.
+fn backends(test: &str) -> Vec<&'static str> {
+    let mut v = vec!["emu"];
+    if !common::skip_without_full_kvm(test) {
+        v.push("kvm");
+    }
+    v
+}
+
+/// `vireo run` inside `ns` with the default guest running `script`.
+fn vireo_in(ns: &Netns, accel: &str, extra: &[&str], script: &str) -> Vm {
+    let mut c = ns.command(env!("CARGO_BIN_EXE_vireo"));
+    c.args(["run", "--accel", accel])
+        .args(extra)
+        .args(["--", "sh", "-c", script]);
+    Vm::spawn(c)
+}
+
+#[test]
+fn net_ping_host_to_guest_and_back() {
+    let test = "net_ping_host_to_guest_and_back";
+    if !prerequisites(test) {
+        return;
+    }
+    for accel in backends(test) {
+        let ns = Netns::new("ping");
+        // vireo creates the TAP, addresses its host side and the guest's eth0.
+        let mut vm = vireo_in(
+            &ns,
+            accel,
+            &["--net", "tap=vt0,host-ip=10.0.0.1/24,ip=10.0.0.2/24"],
+            "ping -c 3 -W 10 10.0.0.1 && echo GUEST-PING-OK; \
+             cat /sys/class/net/eth0/address; nc -l -p 7000 >/dev/null; echo DONE",
+        );
+        assert!(
+            vm.wait_for("GUEST-PING-OK", BOOT),
+            "{accel}: {}",
+            vm.report()
+        );
+        let replies = ns.run(|| ping(Ipv4Addr::new(10, 0, 0, 2), 3));
+        assert_eq!(replies, 3, "{accel}: host ping\n{}", vm.report());
+        // Tell the guest to finish.
+        ns.run(|| connect_retry("10.0.0.2:7000").map(drop));
+        let o = vm.finish(BOOT);
+        o.assert_clean();
+        assert_eq!(o.code(), Some(0), "{o}");
+        assert!(o.stdout.contains("DONE"), "{o}");
+        // A random MAC: locally administered unicast.
+        let mac = o
+            .stdout
+            .lines()
+            .find(|l| l.trim().len() == 17 && l.matches(':').count() == 5)
+            .unwrap_or_else(|| panic!("no MAC\n{o}"));
+        let first = u8::from_str_radix(&mac.trim()[..2], 16).unwrap();
+        assert_eq!(first & 3, 2, "{mac}");
+    }
+}
+
+/// Connect to `addr`, retrying while the guest's listener is not up yet.
+fn connect_retry(addr: &str) -> Option<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(s) = TcpStream::connect(addr) {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+#[test]
+fn net_tcp_100mib_each_way_with_matching_checksums() {
+    let test = "net_tcp_100mib_each_way_with_matching_checksums";
+    if !prerequisites(test) {
+        return;
+    }
+    const SIZE: usize = 100 << 20;
+    let data = random_bytes(SIZE, 0x5eed);
+    let want = md5_hex(&data);
+    let data = std::sync::Arc::new(data);
+    for accel in backends(test) {
+        let ns = Netns::new("tcp");
+        // The guest receives 100 MiB into tmpfs, reports its MD5, then sends it back.
+        let mut vm = vireo_in(
+            &ns,
+            accel,
+            &[
+                "--memory",
+                "512M",
+                "--net",
+                "tap=vt0,host-ip=10.0.0.1/24,ip=10.0.0.2/24",
+            ],
+            "nc -l -p 5001 > /tmp/f; echo \"RX-MD5 $(md5sum < /tmp/f)\"; \
+             nc 10.0.0.1 5002 < /tmp/f; echo TX-DONE",
+        );
+        assert!(
+            vm.wait_for("vireo-guest: init ready", BOOT),
+            "{accel}: {}",
+            vm.report()
+        );
+        let d = data.clone();
+        let t0 = Instant::now();
+        let (to_guest, from_guest) = ns.run(move || {
+            let back = TcpListener::bind("10.0.0.1:5002").expect("bind 10.0.0.1:5002");
+            let mut s = connect_retry("10.0.0.2:5001").expect("connect to the guest");
+            let t = Instant::now();
+            s.write_all(&d).expect("send to the guest");
+            drop(s);
+            let to_guest = t.elapsed();
+            let (mut c, _) = back.accept().expect("the guest connects back");
+            let t = Instant::now();
+            let mut got = Vec::with_capacity(d.len());
+            let mut buf = vec![0u8; 1 << 20];
+            // busybox nc may keep its end open after its input ends: stop at the size.
+            while got.len() < d.len() {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            (to_guest, (got, t.elapsed()))
+        });
+        let (got, back_time) = from_guest;
+        let o = vm.finish(LONG);
+        o.assert_clean();
+        let rx = o
+            .stdout
+            .lines()
+            .find_map(|l| l.split("RX-MD5 ").nth(1))
+            .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_else(|| panic!("{accel}: no guest checksum\n{o}"));
+        assert_eq!(rx, want, "{accel}: host → guest checksum\n{o}");
+        assert_eq!(got.len(), SIZE, "{accel}: guest → host length");
+        assert_eq!(md5_hex(&got), want, "{accel}: guest → host checksum");
+        assert_eq!(o.code(), Some(0), "{o}");
+        eprintln!(
+            "{test} [{accel}]: 100 MiB host→guest {:.1} s, guest→host {:.1} s, total {:.1} s",
+            to_guest.as_secs_f64(),
+            back_time.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+}
+
+#[test]
+fn net_two_vms_on_a_bridge_reach_each_other() {
+    let test = "net_two_vms_on_a_bridge_reach_each_other";
+    if !prerequisites(test) {
+        return;
+    }
+    for accel in backends(test) {
+        let ns = Netns::new("bridge");
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        for tap in ["vt1", "vt2"] {
+            ns.ip(&["tuntap", "add", tap, "mode", "tap"]);
+            ns.ip(&["link", "set", tap, "master", "br0"]);
+        }
+        let wait_peer = |peer: &str| {
+            format!(
+                "i=0; until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do \
+                 i=$((i+1)); [ $i -gt 120 ] && break; done"
+            )
+        };
+        // B listens, pings A, waits for A's goodbye; A pings B, then says goodbye.
+        let mut b = vireo_in(
+            &ns,
+            accel,
+            &["--net", "tap=vt2,mac=52:54:00:00:00:03,ip=10.0.0.3/24"],
+            &format!(
+                "nc -l -p 7000 > /tmp/bye & {}; ping -c 3 10.0.0.2 && echo B-PING-OK; \
+                 wait; echo \"B-GOT $(cat /tmp/bye)\"",
+                wait_peer("10.0.0.2")
+            ),
+        );
+        let mut a = vireo_in(
+            &ns,
+            accel,
+            &["--net", "tap=vt1,mac=52:54:00:00:00:02,ip=10.0.0.2/24"],
+            &format!(
+                "{}; ping -c 3 10.0.0.3 && echo A-PING-OK; \
+                 i=0; until echo bye | nc 10.0.0.3 7000; do sleep 1; i=$((i+1)); \
+                 [ $i -gt 60 ] && break; done; echo A-DONE",
+                wait_peer("10.0.0.3")
+            ),
+        );
+        assert!(a.wait_for("A-DONE", LONG), "{accel} A: {}", a.report());
+        assert!(b.wait_for("B-GOT", LONG), "{accel} B: {}", b.report());
+        let (oa, ob) = (a.finish(BOOT), b.finish(BOOT));
+        oa.assert_clean();
+        ob.assert_clean();
+        assert!(oa.stdout.contains("A-PING-OK"), "{oa}");
+        assert!(ob.stdout.contains("B-PING-OK"), "{ob}");
+        assert!(ob.stdout.contains("B-GOT bye"), "{ob}");
+    }
+}
+
+#[test]
+fn net_multiqueue_guest_sees_n_queues() {
+    let test = "net_multiqueue_guest_sees_n_queues";
+    if !prerequisites(test) {
+        return;
+    }
+    for accel in backends(test) {
+        let ns = Netns::new("mq");
+        let mut vm = vireo_in(
+            &ns,
+            accel,
+            &[
+                "--cpus",
+                "2",
+                "--net",
+                "tap=vt0,queues=2,host-ip=10.0.0.1/24,ip=10.0.0.2/24",
+            ],
+            "echo QUEUES $(ls /sys/class/net/eth0/queues); \
+             grep -c virtio1-input /proc/interrupts | sed 's/^/RXIRQS /'; \
+             ping -c 3 -W 10 10.0.0.1 && echo PING-OK",
+        );
+        assert!(vm.wait_for("PING-OK", LONG), "{accel}: {}", vm.report());
+        let o = vm.finish(BOOT);
+        o.assert_clean();
+        let q = o
+            .stdout
+            .lines()
+            .find_map(|l| l.split("QUEUES ").nth(1))
+            .unwrap_or_else(|| panic!("{o}"))
+            .trim()
+            .to_string();
+        assert_eq!(q, "rx-0 rx-1 tx-0 tx-1", "{accel}\n{o}");
+        // The host TAP is multi-queue with both queues attached.
+        assert_eq!(o.code(), Some(0), "{o}");
+    }
+}
+
+/// Bad `--net` / `--vsock` values are refused before anything starts (no privileges needed).
+#[test]
+fn net_bad_configurations_are_refused_clearly() {
+    let dir = common::TempDir::new("netcfg");
+    let k = dir.path().join("k");
+    std::fs::write(&k, b"not a kernel").unwrap();
+    for (args, want) in [
+        (vec!["--net", "tap=a/b"], "interface name"),
+        (vec!["--net", "tap=t0,queues=99"], "queue pairs"),
+        (vec!["--net", "tap=t0,mac=01:00:00:00:00:01"], "unicast"),
+        (vec!["--net", "ip=10.0.0.2/24"], "tap=NAME"),
+        (vec!["--vsock", "cid=2,socket=/tmp/x"], "out of range"),
+        (vec!["--vsock", "cid=3"], "socket="),
+    ] {
+        let mut c = common::vireo();
+        c.arg("run").args(["--kernel"]).arg(&k).args(&args);
+        let o = common::run(c, Duration::from_secs(30), None);
+        assert_eq!(o.code(), Some(2), "{args:?}: {o}");
+        assert!(o.stderr.contains(want), "{args:?}: {o}");
+    }
+}
