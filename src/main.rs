@@ -5,8 +5,8 @@
 mod console;
 mod container;
 mod ctl;
-mod migrate;
 mod jail;
+mod migrate;
 mod restore;
 mod run;
 mod signals;
