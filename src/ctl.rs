@@ -8,7 +8,10 @@ use clap::{Args, Subcommand};
 use vireo_api::client::{Client, Response};
 use vireo_api::{ErrorBody, Method, SnapshotRequest};
 use vireo_vmm::config::DiskConfig;
-use vireo_vmm::{CommandReply, Counters, RestoreRequest, VmInfo};
+use vireo_vmm::{
+    CommandReply, Counters, MigrateRequest, MigrationPhase, MigrationProgress, ReceiveRequest,
+    RestoreRequest, VmInfo,
+};
 
 #[derive(Args, Debug)]
 pub struct CtlArgs {
@@ -62,6 +65,36 @@ enum Verb {
         #[arg(long)]
         paused: bool,
     },
+    /// Live-migrate the running VM to a `vireo migrate receive --listen ADDR:PORT`, with a
+    /// progress bar (rounds, pages, dirty rate, bandwidth, estimated downtime, throttle).
+    Migrate {
+        /// The destination.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        /// The longest pause allowed for the switch, in milliseconds [default: 300].
+        #[arg(long, value_name = "MS")]
+        max_downtime: Option<u64>,
+        /// Cap on the link use, in MiB/s [default: none].
+        #[arg(long, value_name = "MBPS")]
+        bandwidth: Option<u64>,
+        /// Pre-copy rounds before the switch happens anyway [default: 30].
+        #[arg(long, value_name = "N")]
+        max_rounds: Option<u32>,
+        /// Never throttle the vCPUs (by default they are, step by step, when the guest
+        /// dirties memory faster than the link carries it).
+        #[arg(long)]
+        no_auto_converge: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// The statistics of the migration in progress, or of the last one.
+    Migration,
+    /// Wait for a VM migrated to ADDR:PORT (into a vireo waiting with `--api-socket` alone).
+    ReceiveMigration {
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: String,
+    },
     /// Make the vireo process exit (its VM is powered off).
     Exit,
 }
@@ -102,9 +135,41 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode> {
             };
             (Method::Put, "/vm/restore", body(&req)?)
         }
+        Verb::Migrate {
+            to,
+            max_downtime,
+            bandwidth,
+            max_rounds,
+            no_auto_converge,
+            ..
+        } => {
+            let req = MigrateRequest {
+                to: to.clone(),
+                max_downtime_ms: *max_downtime,
+                bandwidth_mbps: *bandwidth,
+                max_rounds: *max_rounds,
+                auto_converge: Some(!no_auto_converge),
+            };
+            (Method::Put, "/vm/migrate", body(&req)?)
+        }
+        Verb::Migration => (Method::Get, "/vm/migration", None),
+        Verb::ReceiveMigration { listen } => (
+            Method::Put,
+            "/vm/receive-migration",
+            body(&ReceiveRequest {
+                listen: listen.clone(),
+            })?,
+        ),
         Verb::Exit => (Method::Put, "/vmm/exit", None),
     };
-    let resp = client.request(method, path, body.as_deref())?;
+    let resp = match &args.verb {
+        Verb::Migrate { quiet: false, .. } if !args.json => {
+            with_progress(&args.api_socket, || {
+                client.request(method, path, body.as_deref())
+            })??
+        }
+        _ => client.request(method, path, body.as_deref())?,
+    };
     if args.json {
         println!("{}", resp.body);
         return Ok(if resp.status < 300 {
@@ -121,6 +186,66 @@ pub fn ctl(args: CtlArgs) -> Result<ExitCode> {
     }
     print!("{}", human(&args.verb, &resp)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Run `request` (a migration) while drawing its progress on stderr from `GET /vm/migration`.
+fn with_progress<T: Send>(
+    socket: &std::path::Path,
+    request: impl FnOnce() -> T + Send,
+) -> Result<T> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let poll = Client::new(socket).with_timeout(std::time::Duration::from_secs(5));
+    let r = std::thread::scope(|s| {
+        let drawer = s.spawn(|| {
+            let mut drawn = false;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                if let Ok(r) = poll.request(Method::Get, "/vm/migration", None) {
+                    if let Ok(p) = serde_json::from_str::<MigrationProgress>(&r.body) {
+                        if p.phase != MigrationPhase::Completed && p.phase != MigrationPhase::Failed
+                        {
+                            eprint!("\r{}\x1b[K", progress_line(&p));
+                            drawn = true;
+                        }
+                    }
+                }
+            }
+            if drawn {
+                eprintln!();
+            }
+        });
+        let r = request();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = drawer.join();
+        r
+    });
+    Ok(r)
+}
+
+/// One line of the progress bar.
+pub fn progress_line(p: &MigrationProgress) -> String {
+    let ram_pages = (p.ram_bytes / 4096).max(1);
+    let frac = match p.phase {
+        MigrationPhase::Connecting => 0.0,
+        MigrationPhase::Copying => (p.pages_sent as f64 / ram_pages as f64).min(0.99),
+        _ => 1.0,
+    };
+    const WIDTH: usize = 24;
+    let filled = (frac * WIDTH as f64) as usize;
+    format!(
+        "[{}{}] {:>3.0}% {:<13} round {:>2}  sent {} MiB  dirty {} pages @ {}/s  {} MiB/s  est. downtime {} ms  throttle {}%",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        frac * 100.0,
+        format!("{:?}", p.phase).to_lowercase(),
+        p.round,
+        p.bytes_sent >> 20,
+        p.dirty_pages,
+        p.dirty_rate_pages_per_sec,
+        p.bandwidth_mbps,
+        p.estimated_downtime_ms,
+        p.throttle_percent
+    )
 }
 
 /// The text `vireo ctl` prints for a successful answer.
@@ -184,6 +309,32 @@ fn human(verb: &Verb, resp: &Response) -> Result<String> {
                     write!(line, " {k}={v}")?;
                 }
                 writeln!(out, "{line}")?;
+            }
+        }
+        Verb::Migration => {
+            let p: MigrationProgress = serde_json::from_str(&resp.body)?;
+            writeln!(out, "{}", progress_line(&p))?;
+            if let Some(d) = p.downtime_ms {
+                writeln!(out, "downtime: {d} ms, total {} ms", p.elapsed_ms)?;
+            }
+            if let Some(e) = &p.error {
+                writeln!(out, "failed: {e}")?;
+            }
+        }
+        Verb::Migrate { to, .. } => {
+            let r: CommandReply = serde_json::from_str(&resp.body)?;
+            match r.migration {
+                Some(p) => writeln!(
+                    out,
+                    "migrated to {to} in {} ms ({} rounds, {} MiB sent, downtime {} ms, throttle {}%); state here: {}",
+                    p.elapsed_ms,
+                    p.round,
+                    p.bytes_sent >> 20,
+                    p.downtime_ms.unwrap_or(0),
+                    p.throttle_percent,
+                    r.state.as_str()
+                )?,
+                None => writeln!(out, "state: {}", r.state.as_str())?,
             }
         }
         _ => {

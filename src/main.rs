@@ -6,6 +6,7 @@ mod console;
 mod container;
 mod ctl;
 mod jail;
+mod migrate;
 mod restore;
 mod run;
 mod signals;
@@ -34,6 +35,9 @@ enum Command {
     Restore(restore::RestoreArgs),
     /// Control a running vireo through its API socket.
     Ctl(ctl::CtlArgs),
+    /// Live migration: `vireo migrate receive --listen ADDR:PORT` waits for a VM (send one
+    /// with `vireo ctl --api-socket PATH migrate --to ADDR:PORT`).
+    Migrate(migrate::MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Container(cmd) => container::run(cmd),
         Command::Restore(args) => restore::restore(args),
         Command::Ctl(args) => ctl::ctl(args),
+        Command::Migrate(args) => migrate::migrate(args),
     };
     match result {
         Ok(code) => code,

@@ -333,9 +333,11 @@ pub fn serve_status(vmm: Vmm, mut api: Option<vireo_api::server::ApiServer>) -> 
         api.stop();
     }
     match result? {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::ConsoleQuit | ExitReason::Exit => {
-            Ok(0)
-        }
+        ExitReason::PowerOff
+        | ExitReason::Reset
+        | ExitReason::ConsoleQuit
+        | ExitReason::Exit
+        | ExitReason::Migrated => Ok(0),
         ExitReason::Panic => {
             eprintln!("vireo: the guest kernel panicked");
             Ok(EXIT_GUEST_PANIC)

@@ -44,6 +44,9 @@ pub enum Action {
     Reboot,
     Snapshot,
     Restore,
+    Migrate,
+    ReceiveMigration,
+    MigrationStatus,
     Exit,
     OpenApi,
 }
@@ -124,6 +127,24 @@ pub const ROUTES: &[Route] = &[
         path: "/vm/restore",
         action: Action::Restore,
         body: true,
+    },
+    Route {
+        method: Method::Put,
+        path: "/vm/migrate",
+        action: Action::Migrate,
+        body: true,
+    },
+    Route {
+        method: Method::Put,
+        path: "/vm/receive-migration",
+        action: Action::ReceiveMigration,
+        body: true,
+    },
+    Route {
+        method: Method::Get,
+        path: "/vm/migration",
+        action: Action::MigrationStatus,
+        body: false,
     },
     Route {
         method: Method::Put,

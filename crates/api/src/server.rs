@@ -16,7 +16,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use vireo_vmm::config::VmConfig;
-use vireo_vmm::{Command, CommandErrorKind, RestoreRequest, VmmHandle};
+use vireo_vmm::{
+    Command, CommandErrorKind, MigrateRequest, ReceiveRequest, RestoreRequest, VmmHandle,
+};
 
 use crate::{Action, ErrorBody, Method, SnapshotRequest, OPENAPI, PREFIX, ROUTES};
 
@@ -291,6 +293,20 @@ async fn respond(handle: &VmmHandle, req: Request<Incoming>) -> Response<Full<By
             Ok(r) => Command::Restore(r),
             Err(r) => return *r,
         },
+        Action::Migrate => match parse::<MigrateRequest>(&body) {
+            Ok(r) => Command::Migrate(r),
+            Err(r) => return *r,
+        },
+        Action::ReceiveMigration => match parse::<ReceiveRequest>(&body) {
+            Ok(r) => Command::ReceiveMigration(r),
+            Err(r) => return *r,
+        },
+        Action::MigrationStatus => {
+            return match handle.migration() {
+                Some(p) => ok(StatusCode::OK, &p),
+                None => error(StatusCode::NOT_FOUND, "no migration has run in this vireo"),
+            }
+        }
         Action::Boot => Command::Boot,
         Action::Pause => Command::Pause,
         Action::Resume => Command::Resume,

@@ -24,8 +24,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::state::*;
 use crate::{
-    Datamatch, Error, GuestMemory, Hypervisor, IoEventAddress, IoHandler, IrqLine, Kicker,
-    MsiMessage, MsiVector, Result, Vcpu, Vm, VmExit, VmParams,
+    Datamatch, DirtyBitmap, Error, GuestMemory, Hypervisor, IoEventAddress, IoHandler, IrqLine,
+    Kicker, MsiMessage, MsiVector, Result, Vcpu, Vm, VmExit, VmParams,
 };
 
 /// The KVM hypervisor (`/dev/kvm`).
@@ -111,10 +111,17 @@ impl Hypervisor for KvmHypervisor {
 }
 
 fn register_memory(fd: &VmFd, mem: &GuestMemory) -> Result<()> {
+    set_memory_flags(fd, mem, 0)
+}
+
+/// (Re-)register every RAM region as a memory slot with `flags` (0, or
+/// `KVM_MEM_LOG_DIRTY_PAGES` to log the slot's dirty pages: Linux
+/// `Documentation/virt/kvm/api.rst`, 4.35 KVM_SET_USER_MEMORY_REGION).
+fn set_memory_flags(fd: &VmFd, mem: &GuestMemory, flags: u32) -> Result<()> {
     for (slot, region) in mem.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
@@ -166,6 +173,34 @@ impl KvmVm {
 const IA32_TSC: u32 = 0x10;
 
 impl Vm for KvmVm {
+    fn enable_dirty_log(&self) -> Result<()> {
+        set_memory_flags(
+            &self.fd,
+            &self._memory,
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+        )?;
+        // The log starts now: drop what the flag change may have collected.
+        self.take_dirty_log().map(|_| ())
+    }
+
+    fn disable_dirty_log(&self) -> Result<()> {
+        set_memory_flags(&self.fd, &self._memory, 0)
+    }
+
+    /// `KVM_GET_DIRTY_LOG` on every slot (api.rst 4.8): KVM returns the slot's bitmap and
+    /// write-protects the pages again, flushing the TLBs before the ioctl returns.
+    fn take_dirty_log(&self) -> Result<Vec<DirtyBitmap>> {
+        self._memory
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| {
+                self.fd
+                    .get_dirty_log(slot as u32, r.len() as usize)
+                    .map_err(|e| Error::call("KVM_GET_DIRTY_LOG", e))
+            })
+            .collect()
+    }
+
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
         let cpuid = self
             .kvm

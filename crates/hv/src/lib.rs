@@ -21,8 +21,31 @@ pub use state::{
 /// The eventfd type of [`MsiVector`] and [`Vm::register_ioevent`] (a Linux `eventfd(2)`).
 pub use vmm_sys_util::eventfd::EventFd;
 
-/// Guest physical memory as every backend and device sees it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+/// Guest physical memory as every backend and device sees it. Each region carries a dirty
+/// bitmap (`vm-memory`'s `AtomicBitmap`, one bit per 4 KiB page) that every write made
+/// through `vm-memory` marks: the VMM's own writes (virtio DMA, the loader), which neither
+/// KVM's dirty log nor the emulator sees. Live migration reads and clears it
+/// ([`take_vmm_dirty`]).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// A dirty-page bitmap of one RAM region: bit `i % 64` of word `i / 64` is page `i` of the
+/// region (4 KiB pages), the layout of `KVM_GET_DIRTY_LOG`.
+pub type DirtyBitmap = Vec<u64>;
+
+/// Page size of the dirty logs.
+pub const DIRTY_PAGE_SIZE: u64 = 4096;
+
+/// Read and clear the pages written through `vm-memory` (by the VMM, not by vCPUs) since the
+/// last call, one bitmap per region in `mem`'s order.
+pub fn take_vmm_dirty(mem: &GuestMemory) -> Vec<DirtyBitmap> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .map(|r| {
+            let region: &vm_memory::MmapRegion<_> = r;
+            region.bitmap().get_and_reset()
+        })
+        .collect()
+}
 
 /// Errors of the hypervisor layer.
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +253,22 @@ pub trait Vm: Send + Sync {
     /// Let the guest clock run again from where [`Vm::pause_clock`] stopped it.
     fn resume_clock(&self) -> Result<()> {
         Ok(())
+    }
+    /// Start logging the pages the vCPUs write (KVM: `KVM_MEM_LOG_DIRTY_PAGES` on every
+    /// memory slot; the emulator write-protects its pages in software). The log starts empty.
+    fn enable_dirty_log(&self) -> Result<()> {
+        Err(Error::Unsupported("dirty-page logging".into()))
+    }
+    /// Stop logging (and forget the log).
+    fn disable_dirty_log(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The pages the vCPUs wrote since logging started or since the last call, one bitmap per
+    /// RAM region in the order of `VmParams::memory`; the log restarts empty. When this
+    /// returns, every write counted in it is visible in guest memory, and every later write
+    /// is counted in the next call (KVM: `KVM_GET_DIRTY_LOG`).
+    fn take_dirty_log(&self) -> Result<Vec<DirtyBitmap>> {
+        Err(Error::Unsupported("dirty-page logging".into()))
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod config;
 mod machine;
+pub mod migrate;
 pub mod net;
 mod pci;
 pub mod seccomp;
@@ -13,6 +14,7 @@ mod vm;
 
 pub use backend::{select_hypervisor, Selected};
 pub use machine::{DeviceCounters, DeviceInfo, VcpuExitCounts};
+pub use migrate::{MigrateRequest, MigrationPhase, MigrationProgress, ReceiveRequest};
 pub use vm::{
     Command, CommandError, CommandErrorKind, CommandReply, Counters, ExitReason, Lifecycle,
     RestoreRequest, StopReason, VmInfo, Vmm, VmmHandle,

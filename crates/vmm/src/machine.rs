@@ -8,7 +8,7 @@
 //! stops, so a paused VM changes nothing, not even its memory.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -28,6 +28,10 @@ use crate::config::VmConfig;
 use crate::snapshot::{self, DevicesState, MachineState, MemoryStats};
 use crate::vm::{lock, StopReason, VmmHandle};
 use crate::Error;
+
+/// The period of auto-converge's kicks: a vCPU throttled at `t` percent sleeps `t` percent of
+/// it after each kick.
+pub(crate) const THROTTLE_PERIOD: Duration = Duration::from_millis(20);
 
 /// How long a pause waits for every vCPU to leave guest code.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,6 +125,9 @@ struct Park {
     epoch: AtomicU64,
     parked: Mutex<usize>,
     changed: Condvar,
+    /// Auto-converge (live migration): the share of time, in percent, each vCPU sleeps after
+    /// a kick instead of running guest code.
+    throttle: AtomicU32,
 }
 
 /// A device of the machine, for `info`.
@@ -395,7 +402,7 @@ fn create_devices(
     })
 }
 
-fn create_memory(cfg: &VmConfig) -> Result<GuestMemory, Error> {
+pub(crate) fn create_memory(cfg: &VmConfig) -> Result<GuestMemory, Error> {
     let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(cfg.memory.0)
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
@@ -584,6 +591,7 @@ impl Machine {
                 epoch: AtomicU64::new(0),
                 parked: Mutex::new(0),
                 changed: Condvar::new(),
+                throttle: AtomicU32::new(0),
             }),
             mailboxes: Vec::new(),
             threads: Vec::new(),
@@ -714,13 +722,9 @@ impl Machine {
         Ok(())
     }
 
-    /// Write a snapshot of this (paused) machine into `dir`.
-    pub fn snapshot(
-        &self,
-        dir: &std::path::Path,
-        config: &VmConfig,
-        backend: &str,
-    ) -> Result<MemoryStats, Error> {
+    /// Everything but RAM, of this (paused) machine: every vCPU (read on its own thread),
+    /// the backend's VM state and every device. `memory` is left empty for the caller.
+    pub fn machine_state(&self, config: &VmConfig, backend: &str) -> Result<MachineState, Error> {
         if !self.paused {
             return Err(Error::Guest("the VM must be paused".into()));
         }
@@ -742,22 +746,49 @@ impl Machine {
             irqchip: self.irqchip.as_ref().map(|c| c.state()),
             virtio: self.pci.states(),
         };
-        let snap_err = |e: snapshot::SnapshotError| Error::Snapshot(e.to_string());
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Snapshot(format!("{}: {e}", dir.display())))?;
-        let id = snapshot::new_id();
-        let (memory, stats) = snapshot::write_memory(dir, &self.mem, &id).map_err(snap_err)?;
-        let state = MachineState {
-            id,
+        Ok(MachineState {
+            id: snapshot::new_id(),
             config: config.clone(),
             backend: backend.to_string(),
-            memory,
+            memory: Vec::new(),
             vm,
             vcpus,
             devices,
-        };
+        })
+    }
+
+    /// Write a snapshot of this (paused) machine into `dir`.
+    pub fn snapshot(
+        &self,
+        dir: &std::path::Path,
+        config: &VmConfig,
+        backend: &str,
+    ) -> Result<MemoryStats, Error> {
+        let mut state = self.machine_state(config, backend)?;
+        let snap_err = |e: snapshot::SnapshotError| Error::Snapshot(e.to_string());
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", dir.display())))?;
+        let (memory, stats) =
+            snapshot::write_memory(dir, &self.mem, &state.id).map_err(snap_err)?;
+        state.memory = memory;
         snapshot::write_state(dir, &state).map_err(snap_err)?;
         Ok(stats)
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The backend's VM (dirty-page log).
+    pub fn vm(&self) -> &Arc<dyn Vm> {
+        &self.vm
+    }
+
+    /// Auto-converge: make every vCPU sleep `percent` of each [`THROTTLE_PERIOD`] (the caller
+    /// kicks them every period); 0 lets them run freely.
+    pub fn set_throttle(&self, percent: u32) {
+        self.park.throttle.store(percent.min(99), Ordering::Relaxed);
     }
 
     /// Stop every vCPU thread and wait for them; the devices' threads and the VM go with
@@ -823,6 +854,11 @@ fn vcpu_loop(
         match vcpu.run(&io) {
             Ok(VmExit::Interrupted) => {
                 c.interrupted.fetch_add(1, Ordering::Relaxed);
+                let t = park.throttle.load(Ordering::Relaxed).min(99);
+                if t > 0 && !park.pause.load(Ordering::SeqCst) && !handle.stopping() {
+                    // Throttled (auto-converge): the throttler kicks every THROTTLE_PERIOD.
+                    std::thread::sleep(THROTTLE_PERIOD * t / 100);
+                }
             }
             Ok(VmExit::Hlt) => {
                 c.hlt.fetch_add(1, Ordering::Relaxed);

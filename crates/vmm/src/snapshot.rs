@@ -18,7 +18,7 @@
 //! snapshot directory holds either the old pair or the new one; the shared id catches a
 //! `state` paired with another snapshot's `memory`.
 //!
-//! Migration (later) streams the same [`MachineState`] and the same pages over a socket.
+//! Live migration (`migrate/`) streams the same [`MachineState`] and the same pages over TCP.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -234,15 +234,15 @@ fn memory_header(id: &str, ram: u64) -> Vec<u8> {
 /// Which pages of a host mapping were ever populated, from `/proc/self/pagemap` (bit 63:
 /// present, bit 62: swapped; Linux `Documentation/admin-guide/mm/pagemap.rst`). `None` when
 /// the file cannot be read: then every page is read.
-struct PageMap(Option<File>);
+pub(crate) struct PageMap(Option<File>);
 
 impl PageMap {
-    fn open() -> Self {
+    pub(crate) fn open() -> Self {
         PageMap(File::open("/proc/self/pagemap").ok())
     }
 
     /// For pages `[first, first + n)` of the host address space: true when populated.
-    fn populated(&self, host_page: u64, n: usize, out: &mut Vec<bool>) {
+    pub(crate) fn populated(&self, host_page: u64, n: usize, out: &mut Vec<bool>) {
         out.clear();
         let Some(f) = &self.0 else {
             out.resize(n, true);
@@ -423,7 +423,7 @@ pub fn map_memory(dir: &Path, state: &MachineState) -> Result<GuestMemory, Snaps
     let mut ranges = Vec::new();
     for r in &state.memory {
         let len = usize::try_from(r.len).map_err(|_| invalid(&path, "region too large"))?;
-        let region = MmapRegion::<()>::build(
+        let region = MmapRegion::<vm_memory::bitmap::AtomicBitmap>::build(
             Some(FileOffset::new(
                 f.try_clone().map_err(io_err(&path))?,
                 r.file_offset,

@@ -22,6 +22,7 @@
 
 use std::collections::VecDeque;
 use std::io::Write;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -36,6 +37,7 @@ use crate::config::{DiskConfig, VmConfig};
 use crate::machine::{
     DeviceCounters, DeviceInfo, Env, Machine, MachineView, VcpuExitCounts, VcpuMsg,
 };
+use crate::migrate::{MigrateError, MigrateRequest, MigrationProgress, ReceiveRequest};
 use crate::snapshot::{self, MachineState};
 use crate::Error;
 
@@ -65,6 +67,8 @@ pub enum ExitReason {
     ConsoleQuit,
     /// The control plane asked the VMM to exit.
     Exit,
+    /// The VM was migrated away: it runs at the destination now.
+    Migrated,
 }
 
 /// Where a VM is in its life.
@@ -107,6 +111,10 @@ pub enum Command {
     Reboot,
     Snapshot(PathBuf),
     Restore(RestoreRequest),
+    /// Live-migrate the running VM to another vireo (`migrate/`).
+    Migrate(MigrateRequest),
+    /// Wait for a VM migrated from another vireo.
+    ReceiveMigration(ReceiveRequest),
     /// Leave `Vmm::run` (the process exits).
     Exit,
 }
@@ -132,6 +140,9 @@ pub struct CommandReply {
     /// Snapshots: bytes of RAM and bytes written for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<snapshot::MemoryStats>,
+    /// Migrations: the final statistics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
     /// How long the command took, in microseconds.
     pub micros: u64,
 }
@@ -225,6 +236,8 @@ struct Control {
     last_stop: Mutex<Option<String>>,
     /// `run` returned: commands are refused.
     exited: AtomicBool,
+    /// The statistics of the migration in progress, or of the last one.
+    migration: Mutex<Option<MigrationProgress>>,
 }
 
 /// A thread-safe handle to a VMM: stop it, type into its console, send it commands, read its
@@ -249,6 +262,7 @@ impl VmmHandle {
             boots: Mutex::new(0),
             last_stop: Mutex::new(None),
             exited: AtomicBool::new(false),
+            migration: Mutex::new(None),
         }))
     }
 
@@ -320,6 +334,16 @@ impl VmmHandle {
         self.0.changed.notify_all();
         rx.recv()
             .unwrap_or_else(|_| Err(CommandError::failed("the VMM stopped before answering")))
+    }
+
+    /// The migration in progress (updated after every round), or the last one.
+    pub fn migration(&self) -> Option<MigrationProgress> {
+        lock(&self.0.migration).clone()
+    }
+
+    /// True once a stop reason is known.
+    fn stop_pending(&self) -> bool {
+        lock(&self.0.reason).is_some()
     }
 
     /// The lifecycle state now.
@@ -421,6 +445,8 @@ enum Start {
     Boot,
     Wait,
     Restore(Box<(MachineState, PathBuf, bool)>),
+    /// Wait for incoming migrations on the listener until one succeeds.
+    Receive(TcpListener),
 }
 
 /// A VMM: one VM over its lifecycle.
@@ -436,6 +462,10 @@ pub struct Vmm {
     /// Stay in `stopped` (for the API) instead of returning when the VM stops.
     keep_alive: bool,
     start: Start,
+    /// The statistics of a migration command just finished, for its reply.
+    migration_reply: Option<MigrationProgress>,
+    /// The VM left by live migration.
+    migrated: bool,
 }
 
 /// Open the backend for `config` (`select_hypervisor`) and check the vCPU count.
@@ -480,6 +510,8 @@ impl Vmm {
             output: SharedOutput(Arc::new(Mutex::new(output))),
             keep_alive: false,
             start: Start::Boot,
+            migration_reply: None,
+            migrated: false,
         })
     }
 
@@ -495,7 +527,19 @@ impl Vmm {
             output: SharedOutput(Arc::new(Mutex::new(output))),
             keep_alive: true,
             start: Start::Wait,
+            migration_reply: None,
+            migrated: false,
         }
+    }
+
+    /// A VMM that waits for a VM migrated to `listener` (`vireo migrate receive`), runs it,
+    /// and returns when it stops. A failed or refused incoming migration is logged and the
+    /// next connection is awaited.
+    pub fn receiving(listener: TcpListener, output: Box<dyn Write + Send>) -> Self {
+        let mut vmm = Vmm::waiting(output);
+        vmm.keep_alive = false;
+        vmm.start = Start::Receive(listener);
+        vmm
     }
 
     /// A VMM that restores the snapshot in `req.snapshot` when run. The snapshot is read and
@@ -539,6 +583,19 @@ impl Vmm {
                 let (state, dir, paused) = *r;
                 machine = Some(self.restore_machine(&state, &dir, paused)?);
             }
+            Start::Receive(listener) => loop {
+                match self.accept_migration(&listener) {
+                    Ok(m) => {
+                        machine = Some(m);
+                        break;
+                    }
+                    Err(e) if self.handle.stop_pending() => {
+                        tracing::debug!("incoming migration: {e}");
+                        break;
+                    }
+                    Err(e) => tracing::error!("incoming migration failed: {e}"),
+                }
+            },
         }
         loop {
             match self.handle.next_event() {
@@ -578,7 +635,12 @@ impl Vmm {
                     let r = self.command(cmd, &mut machine).map(|memory| CommandReply {
                         state: self.handle.state(),
                         memory,
+                        migration: None,
                         micros: start.elapsed().as_micros() as u64,
+                    });
+                    let r = r.map(|mut reply| {
+                        reply.migration = self.migration_reply.take();
+                        reply
                     });
                     let _ = reply.send(r);
                     if exit {
@@ -588,7 +650,11 @@ impl Vmm {
                         return Ok(ExitReason::Exit);
                     }
                     if !self.keep_alive && self.handle.state() == Lifecycle::Stopped {
-                        return Ok(ExitReason::PowerOff);
+                        return Ok(if self.migrated {
+                            ExitReason::Migrated
+                        } else {
+                            ExitReason::PowerOff
+                        });
                     }
                 }
             }
@@ -812,8 +878,170 @@ impl Vmm {
                     }
                 }
             }
+            Command::Migrate(req) => {
+                let Some(m) = machine.as_mut().filter(|_| state == Running) else {
+                    return Err(CommandError::conflict(
+                        state,
+                        "migrate",
+                        if state == Paused {
+                            "; resume it first"
+                        } else {
+                            ""
+                        },
+                    ));
+                };
+                let (Some(config), Some(h)) = (&self.config, &self.hypervisor) else {
+                    return Err(CommandError::failed("no configuration"));
+                };
+                let handle = self.handle.clone();
+                let progress = move |p: &MigrationProgress| {
+                    *lock(&handle.0.migration) = Some(p.clone());
+                };
+                let r = crate::migrate::source::migrate(
+                    crate::migrate::source::Source {
+                        machine: m,
+                        handle: &self.handle,
+                        config,
+                        backend: h.name(),
+                        disks: &self.disks,
+                        progress: &progress,
+                    },
+                    &req,
+                );
+                match r {
+                    Ok(p) => {
+                        tracing::info!(
+                            "migrated to {}: {} ms, downtime {} ms",
+                            req.to,
+                            p.elapsed_ms,
+                            p.downtime_ms.unwrap_or(0)
+                        );
+                        if let Some(m) = machine.take() {
+                            self.retire(m);
+                        }
+                        // The destination holds the disks now.
+                        self.disks.clear();
+                        *lock(&self.handle.0.last_stop) = Some(format!("migrated to {}", req.to));
+                        self.handle.set_state(Stopped);
+                        self.migrated = true;
+                        self.migration_reply = Some(p);
+                        Ok(None)
+                    }
+                    Err(e) => Err(CommandError::failed(format!(
+                        "migration to {} failed (the VM runs on here): {e}",
+                        req.to
+                    ))),
+                }
+            }
+            Command::ReceiveMigration(req) => {
+                if !matches!(state, NotConfigured | Created | Stopped) {
+                    return Err(CommandError::conflict(
+                        state,
+                        "receive a migration",
+                        "; power it off first",
+                    ));
+                }
+                let listener = TcpListener::bind(&req.listen)
+                    .map_err(|e| CommandError::bad(format!("listening on {}: {e}", req.listen)))?;
+                let m = self
+                    .accept_migration(&listener)
+                    .map_err(|e| CommandError::failed(format!("incoming migration: {e}")))?;
+                *machine = Some(m);
+                Ok(None)
+            }
             Command::Exit => Ok(None),
         }
+    }
+
+    /// Wait for one connection on `listener` (giving up when a stop reason arrives) and
+    /// receive the VM it brings.
+    fn accept_migration(&mut self, listener: &TcpListener) -> Result<Machine, MigrateError> {
+        let io = |what| move |source| MigrateError::Io { what, source };
+        listener.set_nonblocking(true).map_err(io("listening"))?;
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, peer)) => {
+                    tracing::info!("incoming migration from {peer}");
+                    break s;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if self.handle.stop_pending() {
+                        return Err(MigrateError::Vmm("stopped while waiting".into()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(io("accepting")(e)),
+            }
+        };
+        stream.set_nonblocking(false).map_err(io("accepting"))?;
+        let before = self.handle.state();
+        let mut dest = Incoming { vmm: self, before };
+        crate::migrate::dest::receive(stream, &mut dest)
+    }
+}
+
+/// The VMM as the destination of a migration.
+struct Incoming<'a> {
+    vmm: &'a mut Vmm,
+    before: Lifecycle,
+}
+
+impl crate::migrate::dest::Destination for Incoming<'_> {
+    fn accept(&mut self, offer: &crate::migrate::Offer) -> Result<vireo_hv::GuestMemory, String> {
+        let mut config = offer.config.clone();
+        config.accel = match offer.backend.as_str() {
+            "kvm" => crate::config::Accel::Kvm,
+            "emu" => crate::config::Accel::Emu,
+            other => return Err(format!("unknown backend {other:?}")),
+        };
+        config
+            .validate(crate::config::host_memory())
+            .map_err(|e| e.to_string())?;
+        let hypervisor = backend_for(&config).map_err(|e| e.to_string())?;
+        if hypervisor.name() != offer.backend {
+            return Err(format!(
+                "the VM runs on {}, which is not available here",
+                offer.backend
+            ));
+        }
+        check(&config, hypervisor.as_ref()).map_err(|e| e.to_string())?;
+        let mem = crate::machine::create_memory(&config).map_err(|e| e.to_string())?;
+        self.vmm.disks.clear();
+        self.vmm.hypervisor = Some(hypervisor);
+        *lock(&self.vmm.handle.0.config) = Some(config.clone());
+        self.vmm.config = Some(config);
+        Ok(mem)
+    }
+
+    fn build(
+        &mut self,
+        state: &MachineState,
+        mem: vireo_hv::GuestMemory,
+    ) -> Result<Machine, String> {
+        let config = self.vmm.config.clone().ok_or("no configuration")?;
+        if state.vcpus.len() != config.cpus as usize || state.config.memory != config.memory {
+            return Err("the state does not match the offered configuration".into());
+        }
+        // The source flushed and released the disks before it sent the state.
+        self.vmm.disks = crate::pci::open_disks(&config).map_err(|e| e.to_string())?;
+        let m = Machine::restore(self.vmm.env().map_err(|e| e.to_string())?, state, mem)
+            .map_err(|e| e.to_string())?;
+        self.vmm.publish(&m);
+        self.vmm.handle.set_state(Lifecycle::Paused);
+        Ok(m)
+    }
+
+    fn start(&mut self, m: &mut Machine) -> Result<(), String> {
+        m.resume().map_err(|e| e.to_string())?;
+        self.vmm.handle.set_state(Lifecycle::Running);
+        tracing::info!("migrated VM running");
+        Ok(())
+    }
+
+    fn discard(&mut self, m: Machine) {
+        self.vmm.retire(m);
+        self.vmm.disks.clear();
+        self.vmm.handle.set_state(self.before);
     }
 }
 

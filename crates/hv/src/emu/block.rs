@@ -38,7 +38,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -55,7 +55,18 @@ pub struct CodePages {
     flags: Box<[AtomicU8]>,
     /// (guest-physical start, length, index of the region's first page).
     regions: Vec<(u64, u64, usize)>,
+    /// The dirty log (`Vm::take_dirty_log`): one bit per page, indexed like `flags`.
+    dirty: Box<[AtomicU64]>,
+    /// Dirty logging is on: clean pages carry [`ARMED`].
+    logging: AtomicBool,
 }
+
+/// Flag bit: blocks may have been decoded from the page.
+const CODE: u8 = 1;
+/// Flag bit: dirty logging is on and the page is clean; the next store logs it. Stores check
+/// the flag byte already (for code), so logging costs the fast path nothing: the first store
+/// to a page per round takes the slow path once, like a write-protection fault.
+pub(crate) const ARMED: u8 = 2;
 
 impl CodePages {
     pub fn new(mem: &GuestMemory) -> CodePages {
@@ -69,6 +80,8 @@ impl CodePages {
         CodePages {
             flags: (0..next).map(|_| AtomicU8::new(0)).collect(),
             regions,
+            dirty: (0..next.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            logging: AtomicBool::new(false),
         }
     }
 
@@ -81,6 +94,8 @@ impl CodePages {
             .unwrap_or(0)
     }
 
+    /// True when a store to page `i` must take the slow path (code, or a clean page while
+    /// dirty logging is on).
     #[inline(always)]
     pub fn is_code(&self, i: usize) -> bool {
         self.flags
@@ -97,22 +112,102 @@ impl CodePages {
     pub(super) fn set(&self, i: usize) {
         if i != 0 {
             if let Some(f) = self.flags.get(i) {
-                if f.load(Ordering::Relaxed) != 0 {
+                if f.load(Ordering::Relaxed) & CODE != 0 {
                     return;
                 }
-                f.store(1, Ordering::Relaxed);
+                f.fetch_or(CODE, Ordering::Relaxed);
             }
         }
         // The flag must be visible to other vCPUs' stores before the bytes are read.
         fence(Ordering::SeqCst);
     }
 
-    /// Unflag page `i` (a store hit it); true when it was flagged.
+    /// A store hit page `i`: unflag it and log it dirty if logging armed it. True when it was
+    /// flagged as code.
     #[inline]
     pub fn clear(&self, i: usize) -> bool {
-        self.flags
-            .get(i)
-            .is_some_and(|f| f.swap(0, Ordering::Relaxed) != 0)
+        self.store_hit(i) & CODE != 0
+    }
+
+    /// A store hit page `i`: clear its flags, log it when [`ARMED`]; returns the old flags.
+    #[inline(always)]
+    pub fn store_hit(&self, i: usize) -> u8 {
+        match self.flags.get(i) {
+            // Most stores on this path hit unflagged pages: no locked exchange then.
+            Some(f) if f.load(Ordering::Relaxed) != 0 => self.take_flags(i, f),
+            _ => 0,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_flags(&self, i: usize, f: &AtomicU8) -> u8 {
+        let old = f.swap(0, Ordering::Relaxed);
+        if old & ARMED != 0 {
+            if let Some(w) = self.dirty.get(i / 64) {
+                w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+            }
+        }
+        old
+    }
+
+    /// Start dirty logging: every page is armed, the log is empty.
+    pub fn enable_dirty_log(&self) {
+        for w in self.dirty.iter() {
+            w.store(0, Ordering::Relaxed);
+        }
+        self.logging.store(true, Ordering::SeqCst);
+        for f in self.flags.iter().skip(1) {
+            f.fetch_or(ARMED, Ordering::Relaxed);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Stop dirty logging: no page is armed any more.
+    pub fn disable_dirty_log(&self) {
+        self.logging.store(false, Ordering::SeqCst);
+        for f in self.flags.iter() {
+            f.fetch_and(!ARMED, Ordering::Relaxed);
+        }
+    }
+
+    /// Take the log (one bitmap per region, in memory order) and arm the logged pages again.
+    /// The caller must then make every vCPU pass a barrier (`EmuVm::sync_vcpus`) before it
+    /// reads the pages: a store that raced with the re-arming is then visible.
+    pub fn take_dirty_log(&self) -> Vec<Vec<u64>> {
+        let logging = self.logging.load(Ordering::SeqCst);
+        let mut out = Vec::with_capacity(self.regions.len());
+        for &(_, len, base) in &self.regions {
+            let pages = len.div_ceil(PAGE_SIZE) as usize;
+            let mut bm = vec![0u64; pages.div_ceil(64)];
+            for (k, word) in bm.iter_mut().enumerate() {
+                // Global page indices base + 64k .. base + 64k + 63, from up to two words.
+                let first = base + 64 * k;
+                let n = (pages - 64 * k).min(64);
+                let mut v = 0u64;
+                for j in 0..n {
+                    let i = first + j;
+                    let Some(w) = self.dirty.get(i / 64) else {
+                        break;
+                    };
+                    let bit = 1u64 << (i % 64);
+                    if w.load(Ordering::Relaxed) & bit != 0
+                        && w.fetch_and(!bit, Ordering::Relaxed) & bit != 0
+                    {
+                        v |= 1 << j;
+                        if logging {
+                            if let Some(f) = self.flags.get(i) {
+                                f.fetch_or(ARMED, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                *word = v;
+            }
+            out.push(bm);
+        }
+        fence(Ordering::SeqCst);
+        out
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::block::CodePages;
+use super::block::{self, CodePages};
 use super::cpu::*;
 use super::exec::Exec;
 use crate::GuestMemory;
@@ -740,7 +740,11 @@ impl Cpu {
     #[cold]
     #[inline(never)]
     pub fn code_written(&mut self, code: usize, p: usize, len: usize) {
-        self.mmu.code().clear(code);
+        let old = self.mmu.code().store_hit(code);
+        if old == block::ARMED {
+            // Only the dirty log's trap: the page holds no code.
+            return;
+        }
         self.note_store(p, len);
         self.vm.code_changed();
     }

@@ -80,6 +80,7 @@ impl Hypervisor for EmuHypervisor {
                 mem_gen: AtomicU64::new(1),
                 code_epoch: AtomicU64::new(0),
                 vcpus: params.vcpus,
+                vcpu_shared: Mutex::new(Vec::new()),
             }),
         }))
     }
@@ -113,6 +114,8 @@ pub struct VmShared {
     /// VMM re-entering `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
     pub(crate) code_epoch: AtomicU64,
     vcpus: u32,
+    /// Every vCPU's shared half, for [`EmuVm::sync_vcpus`].
+    pub(crate) vcpu_shared: Mutex<Vec<Arc<vcpu::VcpuShared>>>,
 }
 
 impl VmShared {
@@ -135,6 +138,42 @@ impl EmuVm {
         *self.shared.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(MemMap::new(mem));
         self.shared.mem_gen.fetch_add(1, Ordering::AcqRel);
         self.shared.code_changed();
+    }
+
+    fn code_pages(&self) -> Option<Arc<CodePages>> {
+        self.shared
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|m| m.code.clone())
+    }
+
+    /// Make every vCPU inside `Vcpu::run` pass a full barrier (take its attention flag) and
+    /// wait for it, so a store that raced with a change of the page flags is visible here
+    /// and every later store sees the new flags (the software form of the TLB shootdown that
+    /// follows write-protection). A vCPU outside `run` stores nothing and counts as synced.
+    fn sync_vcpus(&self) -> Result<()> {
+        let vcpus = self
+            .shared
+            .vcpu_shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        for v in vcpus {
+            let before = v.acks.load(Ordering::SeqCst);
+            v.wake();
+            while v.in_run.load(Ordering::SeqCst) && v.acks.load(Ordering::SeqCst) == before {
+                if std::time::Instant::now() > deadline {
+                    return Err(Error::Unsupported(
+                        "emu: a vCPU did not answer the dirty-log barrier in 10 s".into(),
+                    ));
+                }
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
     }
 }
 
@@ -208,6 +247,30 @@ impl Vm for EmuVm {
     fn resume_clock(&self) -> Result<()> {
         self.shared.clock.resume();
         Ok(())
+    }
+
+    /// Arms every page: the first store to each takes the slow path and logs it.
+    fn enable_dirty_log(&self) -> Result<()> {
+        if let Some(c) = self.code_pages() {
+            c.enable_dirty_log();
+        }
+        self.sync_vcpus()
+    }
+
+    fn disable_dirty_log(&self) -> Result<()> {
+        if let Some(c) = self.code_pages() {
+            c.disable_dirty_log();
+        }
+        Ok(())
+    }
+
+    fn take_dirty_log(&self) -> Result<Vec<crate::DirtyBitmap>> {
+        let Some(c) = self.code_pages() else {
+            return Ok(Vec::new());
+        };
+        let log = c.take_dirty_log();
+        self.sync_vcpus()?;
+        Ok(log)
     }
 }
 
@@ -338,6 +401,7 @@ pub(crate) mod tests {
             mem_gen: AtomicU64::new(0),
             code_epoch: AtomicU64::new(0),
             vcpus,
+            vcpu_shared: Mutex::new(Vec::new()),
         })
     }
 

@@ -1,7 +1,7 @@
 //! The emulated vCPU: `Vcpu::run`, event handling (interrupts, NMI, INIT/SIPI), HLT sleeping
 //! and kicking, and the state accessors.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,11 @@ pub struct VcpuShared {
     pub attention: AtomicBool,
     /// `Kicker::kick` was called: `run` must return `Interrupted`.
     kicked: AtomicBool,
+    /// Inside `Vcpu::run` (executing guest code or waiting in HLT).
+    pub(crate) in_run: AtomicBool,
+    /// Times `attention` was taken (a SeqCst read-modify-write: a full barrier), for
+    /// `EmuVm::sync_vcpus`.
+    pub(crate) acks: AtomicU64,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -30,12 +35,14 @@ impl VcpuShared {
         VcpuShared {
             attention: AtomicBool::new(true),
             kicked: AtomicBool::new(false),
+            in_run: AtomicBool::new(false),
+            acks: AtomicU64::new(0),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         }
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.attention.store(true, Ordering::SeqCst);
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.cv.notify_all();
@@ -102,6 +109,10 @@ impl EmuVcpu {
     pub(crate) fn new(id: u32, vm: Arc<VmShared>) -> EmuVcpu {
         let table = super::cpuid::table(id, vm.vcpus, vm.clock.tsc_hz());
         let shared = Arc::new(VcpuShared::new());
+        vm.vcpu_shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(shared.clone());
         vm.irqchip
             .attach_vcpu(id, Arc::new(EventWaker(shared.clone())));
         let mut v = EmuVcpu {
@@ -150,10 +161,54 @@ impl EmuVcpu {
         self.cache.revalidated
     }
 
+    fn run_inner(&mut self, io: &dyn IoHandler) -> Result<VmExit> {
+        // The VMM may have written guest memory (a loader, a test) since the last exit.
+        self.cpu.vm.code_changed();
+        self.sync_memory();
+        self.cpu.refresh_apic_base();
+        self.cpu.poll = true;
+        loop {
+            if self.shared.kicked.swap(false, Ordering::SeqCst) {
+                return Ok(VmExit::Interrupted);
+            }
+            if self.service_events(io).is_err() {
+                return Ok(VmExit::Shutdown);
+            }
+            if self.shared.kicked.load(Ordering::SeqCst) {
+                continue;
+            }
+            if self.cpu.mp_state != MpState::Runnable {
+                self.wait();
+                continue;
+            }
+            let mut x = Exec {
+                cpu: &mut self.cpu,
+                io,
+            };
+            match run_blocks(&mut x, &mut self.cache, &self.shared.attention) {
+                Stop::Attention => {}
+                Stop::Halt => {
+                    self.cpu.mp_state = MpState::Halted;
+                    self.cpu.poll = true;
+                }
+                Stop::Shutdown => return Ok(VmExit::Shutdown),
+                Stop::Failure(reason) => {
+                    return Err(Error::GuestFailure {
+                        vcpu: self.cpu.id,
+                        reason,
+                    })
+                }
+            }
+        }
+    }
+
     /// Take and act on what the interrupt controller has for this vCPU. `Err(())`: triple
     /// fault while delivering.
     fn service_events(&mut self, io: &dyn IoHandler) -> std::result::Result<(), ()> {
         let attention = self.shared.attention.swap(false, Ordering::SeqCst);
+        if attention {
+            self.shared.acks.fetch_add(1, Ordering::SeqCst);
+        }
         if !attention && !self.cpu.poll {
             return Ok(());
         }
@@ -241,50 +296,15 @@ impl Vcpu for EmuVcpu {
     }
 
     fn run(&mut self, io: &dyn IoHandler) -> Result<VmExit> {
-        // The VMM may have written guest memory (a loader, a test) since the last exit.
-        self.cpu.vm.code_changed();
-        self.sync_memory();
-        self.cpu.refresh_apic_base();
-        self.cpu.poll = true;
-        loop {
-            if self.shared.kicked.swap(false, Ordering::SeqCst) {
-                return Ok(VmExit::Interrupted);
-            }
-            if self.service_events(io).is_err() {
-                return Ok(VmExit::Shutdown);
-            }
-            if self.shared.kicked.load(Ordering::SeqCst) {
-                continue;
-            }
-            if self.cpu.mp_state != MpState::Runnable {
-                self.wait();
-                continue;
-            }
-            let mut x = Exec {
-                cpu: &mut self.cpu,
-                io,
-            };
-            match run_blocks(&mut x, &mut self.cache, &self.shared.attention) {
-                Stop::Attention => {}
-                Stop::Halt => {
-                    self.cpu.mp_state = MpState::Halted;
-                    self.cpu.poll = true;
-                }
-                Stop::Shutdown => return Ok(VmExit::Shutdown),
-                Stop::Failure(reason) => {
-                    return Err(Error::GuestFailure {
-                        vcpu: self.cpu.id,
-                        reason,
-                    })
-                }
-            }
-        }
+        self.shared.in_run.store(true, Ordering::SeqCst);
+        let r = self.run_inner(io);
+        self.shared.in_run.store(false, Ordering::SeqCst);
+        r
     }
 
     fn kicker(&self) -> Arc<dyn Kicker> {
         self.kicker.clone()
     }
-
     fn regs(&self) -> Result<Regs> {
         let g = &self.cpu.gpr;
         Ok(Regs {

@@ -147,6 +147,29 @@ impl DiskImage {
         &self.path
     }
 
+    /// Release the image's lock (live migration: the destination opens the same shared file
+    /// while this process still holds it open). [`DiskImage::relock`] takes it back.
+    pub fn unlock(&self) -> std::io::Result<()> {
+        self.file.unlock()
+    }
+
+    /// Take the lock again after [`DiskImage::unlock`] (shared when read-only); fails when
+    /// another process took it meanwhile.
+    pub fn relock(&self) -> std::io::Result<()> {
+        let r = if self.readonly {
+            self.file.try_lock_shared()
+        } else {
+            self.file.try_lock()
+        };
+        r.map_err(|e| match e {
+            TryLockError::WouldBlock => std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!("disk {} is locked by another process", self.path.display()),
+            ),
+            TryLockError::Error(e) => e,
+        })
+    }
+
     /// The open file (for asynchronous I/O on it).
     pub(crate) fn file(&self) -> &File {
         &self.file
