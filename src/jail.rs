@@ -33,6 +33,10 @@ pub struct JailOptions {
     /// The API socket: bound here, outside the jail, and handed to the jailed VMM (which
     /// can then neither create sockets nor write to the host's file system).
     pub api_socket: Option<PathBuf>,
+    /// A host directory bind-mounted writable at the same path inside the jail, so that
+    /// `vireo ctl snapshot DIR/NAME` can write a snapshot from the jailed VMM (the jail's
+    /// root is otherwise read-only to it). Absolute and canonical.
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// The host paths a VM configuration names, each with the path it gets inside the jail, and
@@ -81,6 +85,32 @@ fn check_access(path: &Path, read_only: bool, uid: u32, gid: u32) -> Result<()> 
             } else {
                 "readable and writable"
             }
+        );
+    }
+    Ok(())
+}
+
+/// Checks that `dir` is a directory in which the jail's uid/gid may create files (write and
+/// search bits), for `--snapshot-dir`.
+fn check_dir_writable(dir: &Path, uid: u32, gid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {}", dir.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory", dir.display());
+    }
+    let mode = meta.mode();
+    let bits = if meta.uid() == uid {
+        mode >> 6
+    } else if meta.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    } & 0o7;
+    if bits & 0o3 != 0o3 {
+        bail!(
+            "{} is not writable by uid {uid} / gid {gid}, which the jailed VMM runs as: change \
+             its owner or mode, or pick --uid/--gid",
+            dir.display()
         );
     }
     Ok(())
@@ -157,6 +187,13 @@ pub fn vmm_jail_spec(name: &str, needs: &VmmNeeds, opts: &JailOptions) -> Result
             source: b.host.clone(),
             target: b.target.clone(),
             read_only: !b.writable,
+        });
+    }
+    if let Some(dir) = &opts.snapshot_dir {
+        spec.mounts.push(Mount::Bind {
+            source: dir.clone(),
+            target: dir.clone(),
+            read_only: false,
         });
     }
     if needs.kvm {
@@ -289,6 +326,9 @@ fn run_in_jail(
         if b.host.is_file() || !b.host.exists() {
             check_access(&b.host, !b.writable, opts.uid, opts.gid)?;
         }
+    }
+    if let Some(dir) = &opts.snapshot_dir {
+        check_dir_writable(dir, opts.uid, opts.gid)?;
     }
     let name = format!("vm-{}", std::process::id());
     let mut spec = vmm_jail_spec(&name, needs, opts)?;
@@ -429,6 +469,7 @@ mod tests {
             gid: 1000,
             limits: Limits::default(),
             api_socket: None,
+            snapshot_dir: None,
         };
         let s = vmm_jail_spec("vm-test", &needs, &opts).unwrap();
         assert!(matches!(s.root, Root::Tmpfs { .. }));
@@ -464,6 +505,36 @@ mod tests {
         emu.kvm = false;
         let s = vmm_jail_spec("vm-test", &emu, &opts).unwrap();
         assert!(s.mounts.iter().all(|m| m.target() != Path::new("/dev/kvm")));
+        // --snapshot-dir: the one writable directory, at its host path.
+        let snaps = JailOptions {
+            snapshot_dir: Some(PathBuf::from("/srv/snaps")),
+            ..opts
+        };
+        let s = vmm_jail_spec("vm-test", &emu, &snaps).unwrap();
+        assert!(s.mounts.iter().any(|m| matches!(m,
+            Mount::Bind { source, target, read_only: false }
+                if source == Path::new("/srv/snaps") && target == Path::new("/srv/snaps"))));
+    }
+
+    #[test]
+    fn snapshot_dir_access_is_checked_by_mode_bits() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = std::env::temp_dir().join(format!("vireo-jail-snapdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = std::fs::metadata(&dir).unwrap();
+        let (uid, gid) = (m.uid(), m.gid());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_dir_writable(&dir, uid, gid).is_ok(), "owner rwx");
+        let e = check_dir_writable(&dir, uid + 1, gid + 1).unwrap_err();
+        assert!(e.to_string().contains("not writable"), "{e}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(check_dir_writable(&dir, uid + 1, gid).is_ok(), "group rwx");
+        let f = dir.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let e = check_dir_writable(&f, uid, gid).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        assert!(check_dir_writable(&dir.join("missing"), uid, gid).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
             gid: args.gid,
             limits: args.cgroup.unwrap_or_default(),
             api_socket: args.api_socket,
+            snapshot_dir: None,
         };
         return crate::jail::restore_jailed(req, &opts);
     }

@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// (also swap=, weight=, cpuset=).
     #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = parse_limits)]
     cgroup: Option<vireo_jail::Limits>,
+    /// With --jail: a directory the jailed VMM may write snapshots under (bind-mounted
+    /// writable at the same path; `vireo ctl snapshot DIR/NAME`). It must be writable by
+    /// --uid/--gid.
+    #[arg(long, value_name = "DIR", requires = "jail")]
+    snapshot_dir: Option<PathBuf>,
     /// A virtio-blk disk: a raw image file or a block device. Repeatable: the first is the
     /// guest's /dev/vda, the second /dev/vdb, ... `readonly=on` refuses the guest's writes;
     /// `serial=STR` (up to 20 bytes) is the disk's ID; `direct=on` bypasses the host page
@@ -234,11 +239,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         bail!("--jail does not support --net or --vsock yet; run without --jail");
     }
     if args.jail {
+        // Their threads do not install the device filter yet, a TAP must be opened before
+        // the jail drops privileges and the vsock socket directory is not bound in: refuse
+        // rather than run them half-confined.
+        if !config.nets.is_empty() || config.vsock.is_some() {
+            bail!("--jail does not support --net or --vsock yet");
+        }
         let opts = crate::jail::JailOptions {
             uid: args.uid,
             gid: args.gid,
             limits: args.cgroup.clone().unwrap_or_default(),
             api_socket,
+            snapshot_dir: match &args.snapshot_dir {
+                Some(d) => Some(
+                    std::fs::canonicalize(d)
+                        .with_context(|| format!("--snapshot-dir {}", d.display()))?,
+                ),
+                None => None,
+            },
         };
         return crate::jail::run_jailed(config, &opts);
     }

@@ -401,6 +401,22 @@ fn jail_options_are_checked() {
         2,
     );
     expect(&["--uid", "1000"], "--jail", 2);
+    expect(
+        &["--jail", "--net", "tap=vrtest0"],
+        "does not support --net or --vsock",
+        1,
+    );
+    expect(
+        &["--jail", "--vsock", "cid=3,socket=/tmp/vireo-jail-vsock"],
+        "does not support --net or --vsock",
+        1,
+    );
+    expect(&["--snapshot-dir", "/tmp"], "--jail", 2);
+    expect(
+        &["--jail", "--snapshot-dir", "/nonexistent-vireo-dir"],
+        "--snapshot-dir",
+        1,
+    );
 }
 
 /// The serial console on a terminal works from inside the jail: raw mode, Ctrl-A x, and
@@ -784,5 +800,58 @@ fn jailed_restore_continues_a_snapshot() {
         assert_eq!(ctl(&socket, &["power-off"]).code(), Some(0));
         let status = vm.0.wait().unwrap();
         assert_eq!(status.code(), Some(0), "{accel}");
+    }
+}
+
+/// `vireo run --jail --snapshot-dir DIR`: the jailed VMM writes a snapshot under DIR (bound
+/// writable at its host path, owned by the jail's uid); a snapshot outside DIR is still
+/// refused. (Restoring it needs its kernel at the path the jailed VMM saw, `/vm/kernel`: see
+/// docs/architecture.md.)
+#[test]
+fn jailed_vmm_snapshots_into_its_snapshot_dir() {
+    let test = "jailed_vmm_snapshots_into_its_snapshot_dir";
+    if common::skip_unless_root(test) {
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        let dir = TempDir::new("jail-snapdir");
+        let kernel = probe_file(&dir, &Probe::Counter);
+        let socket = dir.path().join("api.sock");
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir(&snaps).unwrap();
+        std::os::unix::fs::chown(&snaps, Some(65534), Some(65534)).unwrap();
+        let mut cmd = vireo();
+        cmd.args(["run", "--jail", "--accel", accel, "--kernel"])
+            .arg(&kernel)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--snapshot-dir")
+            .arg(&snaps)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut vm = Background(cmd.spawn().unwrap());
+        let mut out = vm.0.stdout.take().unwrap();
+        let mut seen = String::new();
+        let mut buf = [0u8; 256];
+        while !seen.contains("count 1\n") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "{accel}: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert_eq!(ctl(&socket, &["pause"]).code(), Some(0));
+        let outside = dir.path().join("outside");
+        let o = ctl(&socket, &["snapshot", outside.to_str().unwrap()]);
+        assert_ne!(o.code(), Some(0), "{accel}: {o}");
+        let snap = snaps.join("s1");
+        let o = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        assert!(
+            snap.join("state").is_file() && snap.join("memory").is_file(),
+            "{accel}"
+        );
+        assert!(!outside.exists(), "{accel}");
+        assert_eq!(ctl(&socket, &["power-off"]).code(), Some(0));
+        assert!(vm.0.wait().unwrap().success(), "{accel}");
     }
 }

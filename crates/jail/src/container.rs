@@ -429,12 +429,17 @@ impl Runtime {
             net,
             limits: spec.limits.clone(),
         };
-        let c = Container {
+        let mut c = Container {
             child,
             state,
             dir: dir.to_path_buf(),
         };
-        self.write_state(&c.state)?;
+        // A command that is already gone (`/bin/true`) can be neither listed nor stopped:
+        // skip its state file (a create, a rename and an unlink, each a journal transaction
+        // where /run is not a tmpfs). `try_wait` reaps it and removes its cgroups.
+        if c.child.try_wait()?.is_none() {
+            self.write_state(&c.state)?;
+        }
         Ok(c)
     }
 

@@ -536,6 +536,9 @@ pub struct JailedChild {
     exit: Option<Exit>,
     final_stats: Option<Stats>,
     recorded: bool,
+    /// The host's cgroup hierarchies as found at spawn (mounts do not move while a jail
+    /// runs), so that clean-up does not parse `/proc/self/mountinfo` again.
+    hierarchies: Hierarchies,
 }
 
 impl JailedChild {
@@ -662,10 +665,8 @@ impl JailedChild {
                 tracing::warn!(jail = %self.name, "clean-up: {e}");
             }
             // Directories another vireo added while it ran (`container update`).
-            if let Ok(h) = Hierarchies::detect() {
-                if let Err(e) = Cgroup::remove_named(&h, &self.name) {
-                    tracing::warn!(jail = %self.name, "clean-up: {e}");
-                }
+            if let Err(e) = Cgroup::remove_named(&self.hierarchies, &self.name) {
+                tracing::warn!(jail = %self.name, "clean-up: {e}");
             }
         }
         // Dropping the guard deletes the host end (already gone with the namespace, usually).
@@ -850,6 +851,7 @@ fn spawn_entry(spec: &JailSpec, entry: Entry) -> Result<JailedChild, Error> {
         exit: None,
         final_stats: None,
         recorded: true,
+        hierarchies,
     };
     tracing::debug!(jail = %spec.name, pid, "jail cloned");
 

@@ -66,6 +66,22 @@ pub fn set_worker_start_hook(hook: fn() -> std::result::Result<(), String>) {
     let _ = START_HOOK.set(hook);
 }
 
+/// Runs the start hook (if one is set) on the calling thread; `false` (logged) if it failed
+/// and the thread must stop before serving anything. For device threads that are not a
+/// [`Worker`] (virtio-net queue pairs, vsock).
+pub(crate) fn run_start_hook(name: &str) -> bool {
+    match START_HOOK.get() {
+        Some(hook) => match hook() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{name}: {e}; the device does not run");
+                false
+            }
+        },
+        None => true,
+    }
+}
+
 /// epoll data of the stop eventfd (queue indices are small).
 const STOP: u64 = u64::MAX;
 
@@ -106,11 +122,8 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
-                if let Some(hook) = START_HOOK.get() {
-                    if let Err(e) = hook() {
-                        tracing::error!("{name}: {e}; the device does not run");
-                        return;
-                    }
+                if !run_start_hook(&name) {
+                    return;
                 }
                 for (index, _) in &queues {
                     handler.queue_notified(*index);
