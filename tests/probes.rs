@@ -28,6 +28,10 @@ fn run_probe(probe: &Probe, accel: &str, extra: &[&str]) -> common::Outcome {
         .args(["--accel", accel])
         .args(extra);
     let o = run(cmd, TIMEOUT, None);
+    assert!(
+        !o.timed_out,
+        "{probe:?} on {accel} with {extra:?} timed out\n{o}"
+    );
     o.assert_clean();
     o
 }
