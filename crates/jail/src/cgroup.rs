@@ -315,6 +315,12 @@ pub fn parse_weight_arg(s: &str) -> Result<u32, String> {
 /// Parses `256M`, `2G`, `512K`, `100B`, `1073741824` (bytes when there is no unit; `max` is
 /// not accepted: leave the limit out instead).
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    parse_size_with_default_shift(s, 0)
+}
+
+/// [`parse_size`] where a bare number is in units of `1 << default_shift` bytes (20: MiB, as
+/// QEMU's `-m`).
+pub fn parse_size_with_default_shift(s: &str, default_shift: u32) -> Result<u64, String> {
     let bad = || format!("invalid size '{s}': use a number with a unit, like 256M or 2G");
     let t = s.trim();
     let t = t
@@ -333,7 +339,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
             };
             (&t[..i], shift)
         }
-        _ => (t, 0),
+        _ => (t, default_shift),
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
