@@ -40,10 +40,37 @@ enum Command {
     Migrate(migrate::MigrateArgs),
 }
 
+/// `vireo run`, parsed without the other subcommands' parsers: the start-up of a VM is
+/// benchmarked (docs/benchmarks.md, bench/vmm), and building clap's whole command tree costs
+/// resident pages and time. Anything else, and any error or help, goes through [`Cli`].
+#[derive(Parser)]
+#[command(name = "vireo", version)]
+struct RunOnly {
+    #[command(subcommand)]
+    command: RunCommand,
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    Run(Box<run::RunArgs>),
+}
+
+fn parse() -> Command {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+        if let Ok(RunOnly {
+            command: RunCommand::Run(args),
+        }) = RunOnly::try_parse()
+        {
+            return Command::Run(args);
+        }
+    }
+    Cli::parse().command
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = parse();
     init_logging();
-    let result = match cli.command {
+    let result = match command {
         Command::Run(args) => run::run(*args),
         Command::Container(cmd) => container::run(cmd),
         Command::Restore(args) => restore::restore(args),
@@ -60,14 +87,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; `VIREO_LOG` takes a `tracing` filter (default: warnings and errors).
+/// Logs go to stderr; `VIREO_LOG` takes a list of `[target=]level` directives such as
+/// `debug` or `vireo_virtio=trace,warn` (default: warnings and errors). A plain target filter
+/// rather than `EnvFilter`: no regular-expression engine in the binary or at start-up.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let targets = match std::env::var("VIREO_LOG") {
+        Ok(s) => s.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("vireo: warning: ignoring VIREO_LOG={s:?} ({e}); logging warnings");
+            Targets::new().with_default(LevelFilter::WARN)
+        }),
+        Err(_) => Targets::new().with_default(LevelFilter::WARN),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .without_time(),
+        )
+        .with(targets)
         .init();
 }

@@ -93,3 +93,34 @@ fn help_documents_every_flag() {
         assert!(o.stdout.contains(flag), "{flag} missing from help\n{o}");
     }
 }
+
+/// `vireo run` parses with its own small parser (start-up cost); an unknown flag still gets
+/// clap's error in the context of the whole command line.
+#[test]
+fn unknown_run_flag_is_reported_with_the_full_usage() {
+    expect_error(&["run", "--kernal", "/k"], "--kernal");
+    let mut cmd = vireo();
+    cmd.args(["run", "--kernal", "/k"]);
+    let o = run(cmd, Duration::from_secs(30), None);
+    assert!(o.stderr.contains("Usage: vireo run"), "{o}");
+    let mut cmd = vireo();
+    cmd.args(["--version"]);
+    let o = run(cmd, Duration::from_secs(30), None);
+    assert_eq!(o.code(), Some(0), "{o}");
+    assert!(o.stdout.starts_with("vireo "), "{o}");
+}
+
+/// A `VIREO_LOG` that is not a filter is named in a warning, and the run goes on.
+#[test]
+fn bad_log_filter_is_a_warning() {
+    let mut cmd = vireo();
+    cmd.env("VIREO_LOG", "vireo=loud")
+        .args(["run", "--kernel", "/nonexistent/vmlinuz"]);
+    let o = run(cmd, Duration::from_secs(30), None);
+    o.assert_clean();
+    assert!(
+        o.stderr.contains("ignoring VIREO_LOG=\"vireo=loud\""),
+        "{o}"
+    );
+    assert!(o.stderr.contains("/nonexistent/vmlinuz"), "{o}");
+}

@@ -768,14 +768,26 @@ impl Dec<'_> {
                     M::Jcxz => 2,
                     M::Jecxz => 4,
                     M::Jrcxz => 8,
+                    // LOOPcc counts in CX, ECX or RCX by address size (SDM Vol. 2A "LOOP").
                     _ => {
-                        let name = format!("{:?}", i.code());
-                        if name.ends_with("_RCX") {
-                            8
-                        } else if name.ends_with("_ECX") {
-                            4
-                        } else {
-                            2
+                        use iced_x86::Code as C;
+                        match i.code() {
+                            C::Loop_rel8_16_RCX
+                            | C::Loop_rel8_64_RCX
+                            | C::Loope_rel8_16_RCX
+                            | C::Loope_rel8_64_RCX
+                            | C::Loopne_rel8_16_RCX
+                            | C::Loopne_rel8_64_RCX => 8,
+                            C::Loop_rel8_16_ECX
+                            | C::Loop_rel8_32_ECX
+                            | C::Loop_rel8_64_ECX
+                            | C::Loope_rel8_16_ECX
+                            | C::Loope_rel8_32_ECX
+                            | C::Loope_rel8_64_ECX
+                            | C::Loopne_rel8_16_ECX
+                            | C::Loopne_rel8_32_ECX
+                            | C::Loopne_rel8_64_ECX => 4,
+                            _ => 2,
                         }
                     }
                 };
