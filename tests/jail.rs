@@ -836,11 +836,16 @@ fn jailed_vmm_snapshots_into_its_snapshot_dir() {
         let snaps = dir.path().join("snaps");
         std::fs::create_dir(&snaps).unwrap();
         std::os::unix::fs::chown(&snaps, Some(65534), Some(65534)).unwrap();
+        // A vsock device too (idle: the probe has no driver), whose socket the outer vireo
+        // binds, in every run below.
+        let vsock = dir.path().join("v.sock");
         let mut cmd = vireo();
         cmd.args(["run", "--jail", "--accel", accel, "--kernel"])
             .arg(&kernel)
             .arg("--api-socket")
             .arg(&socket)
+            .arg("--vsock")
+            .arg(format!("cid=3,socket={}", vsock.display()))
             .arg("--snapshot-dir")
             .arg(&snaps)
             .stdin(Stdio::null())
@@ -878,6 +883,12 @@ fn jailed_vmm_snapshots_into_its_snapshot_dir() {
             .unwrap();
         let state = vireo_vmm::snapshot::read_state(&snap).unwrap();
         assert_eq!(state.config.kernel, kernel, "{accel}: the host's path");
+        assert_eq!(
+            state.config.vsock.as_ref().unwrap().socket,
+            vsock,
+            "{accel}"
+        );
+        assert!(!vsock.exists(), "{accel}: the socket is removed");
 
         // Restored outside the jail, then in one: it counts on from where it stopped.
         for jail in [false, true] {
@@ -907,8 +918,17 @@ fn jailed_vmm_snapshots_into_its_snapshot_dir() {
                 .and_then(|n| n.trim().parse().ok())
                 .unwrap();
             assert_eq!(first, last + 1, "{accel} jail={jail}: counting resumes");
+            // The vsock socket listens (bound outside the jail for the jailed restore).
+            assert!(
+                std::os::unix::net::UnixStream::connect(&vsock).is_ok(),
+                "{accel} jail={jail}"
+            );
             assert_eq!(ctl(&socket, &["power-off"]).code(), Some(0));
             assert!(vm.0.wait().unwrap().success(), "{accel} jail={jail}");
+            assert!(
+                !vsock.exists(),
+                "{accel} jail={jail}: the socket is removed"
+            );
         }
     }
 }

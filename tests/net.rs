@@ -386,3 +386,83 @@ fn net_bad_configurations_are_refused_clearly() {
     assert!(o.stderr.contains("not in /"), "{o}");
     assert!(!sock.exists(), "{o}");
 }
+
+/// A jailed VM with a NIC (a probe guest: fast on both backends) snapshots into its
+/// `--snapshot-dir`; `vireo restore --jail` and a plain `vireo restore` of it both open the
+/// TAP again (outside the jail for the jailed one, with its host address) and run on.
+#[test]
+fn net_jailed_snapshot_restores_with_its_tap() {
+    let test = "net_jailed_snapshot_restores_with_its_tap";
+    if let Some(why) = net_unavailable() {
+        common::skip(test, &why);
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        let ns = Netns::new("jsnap");
+        let dir = common::TempDir::new("net-jail-snap");
+        let kernel = dir.path().join("probe.elf");
+        std::fs::write(
+            &kernel,
+            vireo_guests::probe::build(&vireo_guests::probe::Probe::Counter),
+        )
+        .unwrap();
+        let api = dir.path().join("api.sock");
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir(&snaps).unwrap();
+        std::os::unix::fs::chown(&snaps, Some(65534), Some(65534)).unwrap();
+        let ctl = |args: &[&str]| {
+            let mut c = common::vireo();
+            c.arg("ctl").arg("--api-socket").arg(&api).args(args);
+            let o = common::run(c, Duration::from_secs(60), None);
+            assert_eq!(o.code(), Some(0), "{accel}: ctl {args:?}: {o}");
+        };
+        let mut c = ns.command(env!("CARGO_BIN_EXE_vireo"));
+        c.args(["run", "--jail", "--accel", accel, "--kernel"])
+            .arg(&kernel)
+            .args(["--net", "tap=vt0,host-ip=10.0.0.1/24"])
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--snapshot-dir")
+            .arg(&snaps);
+        let mut vm = Vm::spawn(c);
+        assert!(vm.wait_for("count 1\n", BOOT), "{accel}: {}", vm.report());
+        ctl(&["pause"]);
+        let snap = snaps.join("s");
+        ctl(&["snapshot", snap.to_str().unwrap()]);
+        ctl(&["power-off"]);
+        let o = vm.finish(BOOT);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        let addr = || {
+            let o = ns
+                .command("ip")
+                .args(["-4", "addr", "show", "vt0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert!(addr().is_empty(), "{accel}: vt0 is gone with its VMM");
+        for jail in [true, false] {
+            let mut c = ns.command(env!("CARGO_BIN_EXE_vireo"));
+            c.arg("restore");
+            if jail {
+                c.arg("--jail");
+            }
+            c.arg("--snapshot").arg(&snap).arg("--api-socket").arg(&api);
+            let mut vm = Vm::spawn(c);
+            assert!(
+                vm.wait_for("count 3\n", BOOT),
+                "{accel} jail={jail}: {}",
+                vm.report()
+            );
+            assert!(
+                addr().contains("inet 10.0.0.1/24"),
+                "{accel} jail={jail}: {}",
+                addr()
+            );
+            ctl(&["power-off"]);
+            let o = vm.finish(BOOT);
+            o.assert_clean();
+            assert_eq!(o.code(), Some(0), "{accel} jail={jail}: {o}");
+        }
+    }
+}
