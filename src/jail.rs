@@ -9,13 +9,14 @@
 //! the VMM could not, removes the jail's cgroups, and exits with the VMM's status.
 
 use std::io::IsTerminal;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use vireo_jail::{Exit, JailSpec, Limits, Mount, Root, SignalForwarding, Violation};
+use vireo_virtio::{Tap, VsockBackend};
 use vireo_vmm::config::{Accel, VmConfig};
 use vireo_vmm::RestoreRequest;
 
@@ -151,6 +152,17 @@ pub struct VmmNeeds {
     pub devices: u64,
     /// Guest RAM, for a warning when the memory limit is below it.
     pub memory: u64,
+    /// Descriptors the jailed VMM inherits (TAP queues, the vsock listener).
+    pub pass_fds: Vec<RawFd>,
+}
+
+/// The device threads a VMM running `config` has: one per disk, one for the rng, one per
+/// queue pair of each NIC, one for vsock.
+fn device_threads(config: &VmConfig, disks: usize) -> u64 {
+    disks as u64
+        + u64::from(config.rng)
+        + config.nets.iter().map(|n| u64::from(n.queues)).sum::<u64>()
+        + u64::from(config.vsock.is_some())
 }
 
 impl VmmNeeds {
@@ -171,10 +183,114 @@ impl VmmNeeds {
             binds,
             kvm: inside.accel == Accel::Kvm,
             cpus: inside.cpus,
-            devices: inside.disks.len() as u64 + u64::from(inside.rng),
+            devices: device_threads(inside, inside.disks.len()),
             memory: inside.memory.0,
+            pass_fds: Vec::new(),
         }
     }
+}
+
+/// The host ends of a jailed VMM's network devices, opened out here — with the caller's
+/// privileges, in the caller's network namespace — and handed to the VMM as descriptors, so
+/// that inside the jail it needs neither `/dev/net/tun` nor CAP_NET_ADMIN nor the right to
+/// bind sockets. Dropping it (when vireo exits) removes the vsock socket file; a TAP vireo
+/// created disappears with the VMM's last descriptor.
+struct HostNet {
+    taps: Vec<Tap>,
+    vsock: Option<VsockBackend>,
+}
+
+impl HostNet {
+    /// Opens (or creates) every TAP of `config` and configures its host side as `host-ip=`
+    /// asks (or brings it up), as an unjailed VMM does; binds the vsock socket.
+    fn open(config: &VmConfig) -> Result<HostNet> {
+        let mut taps = Vec::new();
+        for n in &config.nets {
+            n.validate().map_err(anyhow::Error::msg)?;
+            let tap = Tap::open(&n.tap, usize::from(n.queues))?;
+            match n.host_ip {
+                Some(net) => tap.set_ipv4(net.addr, net.prefix)?,
+                None => {
+                    if let Err(e) = tap.set_up() {
+                        tracing::warn!("{e}; bring it up yourself (ip link set {} up)", n.tap);
+                    }
+                }
+            }
+            taps.push(tap);
+        }
+        let vsock = match &config.vsock {
+            Some(v) => {
+                v.validate().map_err(anyhow::Error::msg)?;
+                Some(VsockBackend::bind(&v.socket)?)
+            }
+            None => None,
+        };
+        Ok(HostNet { taps, vsock })
+    }
+
+    /// Copies of the descriptors, for the jailed child to [hand over](HandOver::apply) to
+    /// the VMM.
+    fn hand_over(&self) -> Result<HandOver> {
+        let vsock = match &self.vsock {
+            Some(v) => Some((
+                v.path().to_path_buf(),
+                v.listener().try_clone().context("the vsock socket")?,
+            )),
+            None => None,
+        };
+        Ok(HandOver {
+            taps: self
+                .taps
+                .iter()
+                .map(Tap::try_clone)
+                .collect::<Result<_, _>>()?,
+            vsock,
+            host_paths: Vec::new(),
+        })
+    }
+}
+
+/// What the jailed child gives the VMM before it starts: the TAPs and vsock listener opened
+/// outside, and where its files are on the host (for snapshots).
+struct HandOver {
+    taps: Vec<Tap>,
+    vsock: Option<(PathBuf, UnixListener)>,
+    /// (inside, host) path pairs.
+    host_paths: Vec<(PathBuf, PathBuf)>,
+}
+
+impl HandOver {
+    /// The descriptors the jailed VMM inherits.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self.taps.iter().flat_map(|t| t.queue_fds()).collect();
+        fds.extend(self.vsock.iter().map(|(_, l)| l.as_raw_fd()));
+        fds
+    }
+
+    fn apply(self) {
+        for tap in self.taps {
+            vireo_virtio::net::tap::hand_over(tap);
+        }
+        if let Some((path, listener)) = self.vsock {
+            VsockBackend::hand_over(&path, listener);
+        }
+        vireo_vmm::snapshot::set_host_paths(self.host_paths);
+    }
+}
+
+/// `path` made absolute (its directory resolved), so that it names the same file inside
+/// the jail, where it is bound at the same path.
+fn absolute_socket_path(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("vsock socket {}: not a file path", path.display()))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::canonicalize(dir)
+        .with_context(|| format!("the directory of the vsock socket {}", path.display()))?;
+    Ok(dir.join(name))
 }
 
 /// The jail for a VMM with `needs`.
@@ -216,8 +332,56 @@ fn need_root() -> Result<()> {
     Ok(())
 }
 
+/// What a VMM whose network back ends are `net` needs: the vsock socket's directory at its
+/// host path, read-only (guest connections to host port P reach the host's `PATH_P` socket
+/// there; connecting needs no write access to the directory), and the descriptors of
+/// `hand_over` to inherit.
+fn add_host_net(needs: &mut VmmNeeds, net: &HostNet, hand_over: &HandOver) -> Result<()> {
+    if let Some(dir) = net.vsock.as_ref().and_then(|v| v.path().parent()) {
+        if dir.parent().is_none() {
+            bail!(
+                "the vsock socket's directory appears in the jail: put the socket in a \
+                 directory of its own, not in /"
+            );
+        }
+        needs.binds.push(Bind {
+            host: dir.to_path_buf(),
+            target: dir.to_path_buf(),
+            writable: false,
+        });
+    }
+    needs.pass_fds.extend(hand_over.fds());
+    Ok(())
+}
+
+/// Checks that the jail's uid/gid may reach files in `dir` (the search bit), for the vsock
+/// socket's directory.
+fn check_dir_searchable(dir: &Path, uid: u32, gid: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {}", dir.display()))?;
+    let mode = meta.mode();
+    let bits = if meta.uid() == uid {
+        mode >> 6
+    } else if meta.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    } & 0o7;
+    if bits & 0o1 == 0 {
+        bail!(
+            "{} is not searchable by uid {uid} / gid {gid}, which the jailed VMM runs as, so \
+             it cannot reach the vsock sockets there: change its mode, or pick --uid/--gid",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> {
     need_root()?;
+    if let Some(v) = &mut config.vsock {
+        v.socket = absolute_socket_path(&v.socket)?;
+    }
     // Decide `auto` out here, where /sys is visible: the jail has no /sys, and `auto` must
     // pick the same backend jailed as not. (An explicit choice is checked inside.)
     if config.accel == Accel::Auto {
@@ -231,10 +395,18 @@ pub fn run_jailed(mut config: VmConfig, opts: &JailOptions) -> Result<ExitCode> 
         };
     }
     let (inside, binds) = expose_paths(&config);
-    let needs = VmmNeeds::of(&inside, binds);
-    run_in_jail(&needs, opts, move |api| {
+    let host_paths = binds.iter().map(|(h, t)| (t.clone(), h.clone())).collect();
+    let mut needs = VmmNeeds::of(&inside, binds);
+    let net = HostNet::open(&config)?;
+    let mut hand_over = net.hand_over()?;
+    add_host_net(&mut needs, &net, &hand_over)?;
+    hand_over.host_paths = host_paths;
+    let status = run_in_jail(&needs, opts, move |api| {
+        hand_over.apply();
         crate::run::run_jailed_vmm(inside, api)
-    })
+    });
+    drop(net);
+    status
 }
 
 /// `vireo restore --jail`: the snapshot directory, the kernel, initrd and disks its VM was
@@ -275,21 +447,37 @@ pub fn restore_jailed(req: RestoreRequest, opts: &JailOptions) -> Result<ExitCod
     for d in &disks {
         file(&d.path, !d.readonly)?;
     }
-    let needs = VmmNeeds {
+    if let Some(v) = &config.vsock {
+        if !v.socket.is_absolute() {
+            bail!(
+                "the snapshot names its vsock socket {} by a relative path: a jailed restore \
+                 needs absolute paths",
+                v.socket.display()
+            );
+        }
+    }
+    let mut needs = VmmNeeds {
         binds,
         kvm: state.backend == "kvm",
         cpus: config.cpus,
-        devices: disks.len() as u64 + u64::from(config.rng),
+        devices: device_threads(config, disks.len()),
         memory: config.memory.0,
+        pass_fds: Vec::new(),
     };
+    let net = HostNet::open(config)?;
+    let hand_over = net.hand_over()?;
+    add_host_net(&mut needs, &net, &hand_over)?;
     let req = RestoreRequest {
         snapshot,
         disks: req.disks,
         paused: req.paused,
     };
-    run_in_jail(&needs, opts, move |api| {
+    let status = run_in_jail(&needs, opts, move |api| {
+        hand_over.apply();
         crate::restore::restore_jailed_vmm(&req, api)
-    })
+    });
+    drop(net);
+    status
 }
 
 /// Forks a VMM into a jail holding `needs`, where it runs `vmm` (given the API listener, if
@@ -300,14 +488,16 @@ fn run_in_jail(
     vmm: impl FnOnce(Option<UnixListener>) -> Result<u8>,
 ) -> Result<ExitCode> {
     // Every vCPU is a thread; so are main, console, signals and VM creation, each virtio
-    // device's worker, and the API's thread and its blocking-task thread.
+    // device's worker (each NIC queue pair's), and the API's thread and its blocking-task
+    // thread.
     let threads =
         u64::from(needs.cpus) + 4 + needs.devices + if opts.api_socket.is_some() { 2 } else { 0 };
     if let Some(p) = opts.limits.pids_max {
         if p < threads {
             bail!(
                 "--cgroup pids={p} is too low for {} vCPUs: the VMM needs at least {threads} \
-                 (one thread per vCPU and per virtio device, plus 4, plus 2 for the API)",
+                 (one thread per vCPU, per virtio device and per NIC queue pair, plus 4, plus \
+                 2 for the API)",
                 needs.cpus
             );
         }
@@ -323,7 +513,9 @@ fn run_in_jail(
         }
     }
     for b in &needs.binds {
-        if b.host.is_file() || !b.host.exists() {
+        if b.host.is_dir() {
+            check_dir_searchable(&b.host, opts.uid, opts.gid)?;
+        } else if b.host.is_file() || !b.host.exists() {
             check_access(&b.host, !b.writable, opts.uid, opts.gid)?;
         }
     }
@@ -348,6 +540,7 @@ fn run_in_jail(
     if let Some(l) = &listener {
         spec.pass_fds.push(l.as_raw_fd());
     }
+    spec.pass_fds.extend(&needs.pass_fds);
     let mut child = vireo_jail::spawn_fn(&spec, move || vmm_inside(vmm, listener))
         .context("starting the jailed VMM")?;
     tracing::info!(pid = child.pid(), "jailed VMM running");
@@ -514,6 +707,55 @@ mod tests {
         assert!(s.mounts.iter().any(|m| matches!(m,
             Mount::Bind { source, target, read_only: false }
                 if source == Path::new("/srv/snaps") && target == Path::new("/srv/snaps"))));
+    }
+
+    #[test]
+    fn net_and_vsock_threads_count_and_the_socket_dir_is_bound_read_only() {
+        let mut c = VmConfig::new("/boot/vmlinuz");
+        c.nets = vec![
+            "tap=vt0,queues=2".parse().unwrap(),
+            "tap=vt1".parse().unwrap(),
+        ];
+        let dir = std::env::temp_dir().join(format!("vireo-jail-vsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        c.vsock = Some(
+            format!("cid=3,socket={}/v.sock", dir.display())
+                .parse()
+                .unwrap(),
+        );
+        let (inside, binds) = expose_paths(&c);
+        let mut needs = VmmNeeds::of(&inside, binds);
+        assert_eq!(needs.devices, 1 + 3 + 1, "rng, three queue pairs, vsock");
+        // No TAP here (that needs root and a network namespace): the vsock socket only.
+        let mut vsock_only = c.clone();
+        vsock_only.nets.clear();
+        let net = HostNet::open(&vsock_only).unwrap();
+        let hand_over = net.hand_over().unwrap();
+        add_host_net(&mut needs, &net, &hand_over).unwrap();
+        assert!(needs.binds.contains(&Bind {
+            host: dir.clone(),
+            target: dir.clone(),
+            writable: false
+        }));
+        assert_eq!(needs.pass_fds, hand_over.fds());
+        assert_eq!(needs.pass_fds.len(), 1);
+        let (path, listener) = hand_over.vsock.as_ref().unwrap();
+        assert_eq!(path, &dir.join("v.sock"));
+        assert_ne!(
+            listener.as_raw_fd(),
+            net.vsock.as_ref().unwrap().listener().as_raw_fd()
+        );
+        drop(hand_over);
+        drop(net);
+        assert!(!dir.join("v.sock").exists(), "removed by the outer vireo");
+        // Relative socket paths are made absolute; a socket in / is refused.
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        assert_eq!(
+            absolute_socket_path(Path::new("v.sock")).unwrap(),
+            cwd.join("v.sock")
+        );
+        assert!(absolute_socket_path(Path::new("/nonexistent-vireo/v.sock")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

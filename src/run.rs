@@ -233,18 +233,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let config = config_from(&args)?;
     config.validate(vireo_vmm::config::host_memory())?;
     vireo_arch::loader::check_kernel(&config.kernel)?;
-    if args.jail && (!config.nets.is_empty() || config.vsock.is_some()) {
-        // The jail's root holds no /dev/net/tun, and the device threads' seccomp list has no
-        // socket calls: not yet.
-        bail!("--jail does not support --net or --vsock yet; run without --jail");
-    }
     if args.jail {
-        // Their threads do not install the device filter yet, a TAP must be opened before
-        // the jail drops privileges and the vsock socket directory is not bound in: refuse
-        // rather than run them half-confined.
-        if !config.nets.is_empty() || config.vsock.is_some() {
-            bail!("--jail does not support --net or --vsock yet");
-        }
+        // TAPs and the vsock socket are opened outside the jail and handed in (src/jail.rs).
         let opts = crate::jail::JailOptions {
             uid: args.uid,
             gid: args.gid,

@@ -86,6 +86,66 @@ fn net_ping_host_to_guest_and_back() {
     }
 }
 
+/// `vireo run --jail --net`: the TAP is opened (created, addressed) by the outer vireo and
+/// handed to the jailed VMM, which runs as an unprivileged uid with no capabilities and its
+/// own (empty) network namespace; the guest pings the host and answers the host's pings, on
+/// two queue pairs whose threads run under their own seccomp filter.
+#[test]
+fn net_jailed_vm_answers_pings() {
+    let test = "net_jailed_vm_answers_pings";
+    if !prerequisites(test) {
+        return;
+    }
+    for accel in backends(test) {
+        let ns = Netns::new("jping");
+        let mut vm = vireo_in(
+            &ns,
+            accel,
+            &[
+                "--jail",
+                "--cpus",
+                "2",
+                "--net",
+                "tap=vt0,queues=2,host-ip=10.0.0.1/24,ip=10.0.0.2/24",
+            ],
+            "ls /sys/class/net/eth0/queues; ping -c 3 -W 10 10.0.0.1 && echo GUEST-PING-OK; \
+             nc -l -p 7000 >/dev/null; echo DONE",
+        );
+        assert!(
+            vm.wait_for("GUEST-PING-OK", BOOT),
+            "{accel}: {}",
+            vm.report()
+        );
+        let replies = ns.run(|| ping(Ipv4Addr::new(10, 0, 0, 2), 3));
+        assert_eq!(replies, 3, "{accel}: host ping\n{}", vm.report());
+        // Both pairs' threads run, unprivileged, each under the jail's filter, the main
+        // thread's, the vCPU's it started from and its own.
+        let outer = vm.pid().expect("running");
+        for pair in ["virtio-net0-0", "virtio-net0-1"] {
+            let t = netutil::wait_for_jailed_thread(outer, pair)
+                .unwrap_or_else(|| panic!("{accel}: no {pair} thread\n{}", vm.report()));
+            assert!(t.uid.starts_with("65534"), "{accel}: {t:?}");
+            assert_eq!(t.seccomp_filters, 4, "{accel}: {t:?}");
+        }
+        ns.run(|| connect_retry("10.0.0.2:7000").map(drop));
+        let o = vm.finish(BOOT);
+        o.assert_clean();
+        assert_eq!(o.code(), Some(0), "{o}");
+        assert!(
+            o.stdout.contains("rx-1") && o.stdout.contains("tx-1"),
+            "{o}"
+        );
+        assert!(o.stdout.contains("DONE"), "{o}");
+        // The TAP vireo created went away with the VMM.
+        let links = ns
+            .command("ip")
+            .args(["link", "show", "vt0"])
+            .output()
+            .unwrap();
+        assert!(!links.status.success(), "{accel}: vt0 left behind");
+    }
+}
+
 /// Connect to `addr`, retrying while the guest's listener is not up yet.
 fn connect_retry(addr: &str) -> Option<TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -302,22 +362,107 @@ fn net_bad_configurations_are_refused_clearly() {
         assert_eq!(o.code(), Some(2), "{args:?}: {o}");
         assert!(o.stderr.contains(want), "{args:?}: {o}");
     }
-    // Not yet with --jail: refused before anything is opened.
+    // With --jail (root only) the vsock socket's directory is bound into the jail: not /
+    // (the socket bound outside is removed again).
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
     let probe = dir.path().join("probe.elf");
     std::fs::write(
         &probe,
         vireo_guests::probe::build(&vireo_guests::probe::Probe::Counter),
     )
     .unwrap();
-    let sock = dir.path().join("v.sock");
+    let sock = std::path::PathBuf::from(format!("/vireo-test-{}.sock", std::process::id()));
     let mut c = common::vireo();
     c.arg("run")
         .arg("--kernel")
         .arg(&probe)
-        .args(["--jail", "--vsock"])
+        .args(["--accel", "emu", "--jail", "--vsock"])
         .arg(format!("cid=3,socket={}", sock.display()));
     let o = common::run(c, Duration::from_secs(30), None);
     assert_ne!(o.code(), Some(0), "{o}");
-    assert!(o.stderr.contains("--jail does not support"), "{o}");
+    assert!(o.stderr.contains("not in /"), "{o}");
     assert!(!sock.exists(), "{o}");
+}
+
+/// A jailed VM with a NIC (a probe guest: fast on both backends) snapshots into its
+/// `--snapshot-dir`; `vireo restore --jail` and a plain `vireo restore` of it both open the
+/// TAP again (outside the jail for the jailed one, with its host address) and run on.
+#[test]
+fn net_jailed_snapshot_restores_with_its_tap() {
+    let test = "net_jailed_snapshot_restores_with_its_tap";
+    if let Some(why) = net_unavailable() {
+        common::skip(test, &why);
+        return;
+    }
+    for accel in common::probe_backends(test) {
+        let ns = Netns::new("jsnap");
+        let dir = common::TempDir::new("net-jail-snap");
+        let kernel = dir.path().join("probe.elf");
+        std::fs::write(
+            &kernel,
+            vireo_guests::probe::build(&vireo_guests::probe::Probe::Counter),
+        )
+        .unwrap();
+        let api = dir.path().join("api.sock");
+        let snaps = dir.path().join("snaps");
+        std::fs::create_dir(&snaps).unwrap();
+        std::os::unix::fs::chown(&snaps, Some(65534), Some(65534)).unwrap();
+        let ctl = |args: &[&str]| {
+            let mut c = common::vireo();
+            c.arg("ctl").arg("--api-socket").arg(&api).args(args);
+            let o = common::run(c, Duration::from_secs(60), None);
+            assert_eq!(o.code(), Some(0), "{accel}: ctl {args:?}: {o}");
+        };
+        let mut c = ns.command(env!("CARGO_BIN_EXE_vireo"));
+        c.args(["run", "--jail", "--accel", accel, "--kernel"])
+            .arg(&kernel)
+            .args(["--net", "tap=vt0,host-ip=10.0.0.1/24"])
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("--snapshot-dir")
+            .arg(&snaps);
+        let mut vm = Vm::spawn(c);
+        assert!(vm.wait_for("count 1\n", BOOT), "{accel}: {}", vm.report());
+        ctl(&["pause"]);
+        let snap = snaps.join("s");
+        ctl(&["snapshot", snap.to_str().unwrap()]);
+        ctl(&["power-off"]);
+        let o = vm.finish(BOOT);
+        assert_eq!(o.code(), Some(0), "{accel}: {o}");
+        let addr = || {
+            let o = ns
+                .command("ip")
+                .args(["-4", "addr", "show", "vt0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        assert!(addr().is_empty(), "{accel}: vt0 is gone with its VMM");
+        for jail in [true, false] {
+            let mut c = ns.command(env!("CARGO_BIN_EXE_vireo"));
+            c.arg("restore");
+            if jail {
+                c.arg("--jail");
+            }
+            c.arg("--snapshot").arg(&snap).arg("--api-socket").arg(&api);
+            let mut vm = Vm::spawn(c);
+            assert!(
+                vm.wait_for("count 3\n", BOOT),
+                "{accel} jail={jail}: {}",
+                vm.report()
+            );
+            assert!(
+                addr().contains("inet 10.0.0.1/24"),
+                "{accel} jail={jail}: {}",
+                addr()
+            );
+            ctl(&["power-off"]);
+            let o = vm.finish(BOOT);
+            o.assert_clean();
+            assert_eq!(o.code(), Some(0), "{accel} jail={jail}: {o}");
+        }
+    }
 }

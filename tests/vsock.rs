@@ -12,7 +12,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use netutil::{default_guest, initrd_with_vtool, random_bytes, Vm};
+use netutil::{default_guest, initrd_with_vtool, random_bytes, wait_for_jailed_thread, Vm};
 
 const BOOT: Duration = Duration::from_secs(300);
 
@@ -25,8 +25,14 @@ fn backends(test: &str) -> Vec<&'static str> {
 }
 
 fn vireo_vsock(accel: &str, initrd: &Path, socket: &Path, script: &str) -> Vm {
+    vireo_vsock_with(accel, &[], initrd, socket, script)
+}
+
+fn vireo_vsock_with(accel: &str, extra: &[&str], initrd: &Path, socket: &Path, script: &str) -> Vm {
     let mut c = common::vireo();
-    c.args(["run", "--accel", accel, "--initrd"])
+    c.args(["run", "--accel", accel])
+        .args(extra)
+        .arg("--initrd")
         .arg(initrd)
         .arg("--vsock")
         .arg(format!(
@@ -180,5 +186,78 @@ fn vsock_guest_connects_to_a_host_listener() {
         assert!(o.stdout.contains("vsock-send ok 1048576"), "{accel}: {o}");
         assert!(o.stdout.contains("vsock-send ok 100 "), "{accel}: {o}");
         server.join().unwrap();
+    }
+}
+
+/// `vireo run --jail --vsock`: the outer vireo binds the socket and hands it to the jailed
+/// VMM; the socket's directory is bound read-only into the jail at its host path, so the
+/// guest reaches a host listener there (`PATH_5000`, connectable by the jail's uid), and the
+/// host reaches a guest listener through the socket. The vsock thread runs under its own
+/// filter; the socket is removed afterwards.
+#[test]
+fn vsock_jailed_vm_both_ways() {
+    let test = "vsock_jailed_vm_both_ways";
+    if common::skip_unless_root(test) || default_guest(test).is_none() {
+        return;
+    }
+    let Some(initrd) = initrd_with_vtool(test) else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    for accel in backends(test) {
+        let dir = common::TempDir::new("vsock-jail");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("v.sock");
+        let host_port = dir.path().join("v.sock_5000");
+        let listener = UnixListener::bind(&host_port).unwrap();
+        // The jailed VMM runs as uid 65534: it must be allowed to connect.
+        std::fs::set_permissions(&host_port, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let server = std::thread::spawn(move || {
+            let Ok((mut c, _)) = listener.accept() else {
+                return 0;
+            };
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0;
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        total += n;
+                        if c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            total
+        });
+        let mut vm = vireo_vsock_with(
+            accel,
+            &["--jail"],
+            &initrd,
+            &sock,
+            "vtool vsock-send 2 5000 65536 && echo G2H-OK; vtool vsock-echo 1234 1",
+        );
+        assert!(vm.wait_for("G2H-OK", BOOT), "{accel}: {}", vm.report());
+        assert_eq!(server.join().unwrap(), 65536, "{accel}: guest → host bytes");
+        assert!(
+            vm.wait_for("vsock-echo listening", BOOT),
+            "{accel}: {}",
+            vm.report()
+        );
+        let data = random_bytes(256 << 10, 7);
+        let s = connect_guest(&sock, 1234).unwrap_or_else(|e| panic!("{e}\n{}", vm.report()));
+        let back = echo_through(s, &data);
+        assert!(back == data, "{accel}: echo differs ({} bytes)", back.len());
+        let t = wait_for_jailed_thread(vm.pid().expect("running"), "virtio-vsock")
+            .unwrap_or_else(|| panic!("{accel}: no vsock thread\n{}", vm.report()));
+        assert!(t.uid.starts_with("65534"), "{accel}: {t:?}");
+        assert_eq!(t.seccomp_filters, 4, "{accel}: {t:?}");
+        assert!(vm.wait_for("vsock-echo done", BOOT), "{}", vm.report());
+        let o = vm.finish(BOOT);
+        o.assert_clean();
+        assert_eq!(o.code(), Some(0), "{o}");
+        assert!(o.stdout.contains("vsock-send ok 65536"), "{accel}: {o}");
+        assert!(!sock.exists(), "{accel}: vireo removes its socket");
     }
 }

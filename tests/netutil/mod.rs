@@ -204,6 +204,11 @@ impl Vm {
         }
     }
 
+    /// The process id of the vireo started (the outer one, with `--jail`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// What happened so far, for assertion messages.
     pub fn report(&self) -> String {
         format!(
@@ -401,4 +406,63 @@ pub fn initrd_with_vtool(test: &str) -> Option<PathBuf> {
         common::skip(test, "cannot build the guest's vtool (rustc, static glibc)");
     }
     r
+}
+
+/// A thread of a jailed VMM: its name, uid and how many seccomp filters it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailedThread {
+    pub name: String,
+    pub uid: String,
+    pub seccomp_filters: u32,
+}
+
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// The threads of the jailed VMM under the outer vireo `outer` (its only child); empty if it
+/// has none (not jailed, or gone).
+pub fn jailed_threads(outer: u32) -> Vec<JailedThread> {
+    let children =
+        std::fs::read_to_string(format!("/proc/{outer}/task/{outer}/children")).unwrap_or_default();
+    let Some(inner) = children.split_whitespace().next() else {
+        return Vec::new();
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{inner}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            Some(JailedThread {
+                name: status_field(&status, "Name"),
+                uid: status_field(&status, "Uid"),
+                seccomp_filters: status_field(&status, "Seccomp_filters")
+                    .parse()
+                    .unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Waits (up to 20 s) until the jailed VMM under `outer` has a thread whose name starts with
+/// `prefix`, and returns it.
+pub fn wait_for_jailed_thread(outer: u32, prefix: &str) -> Option<JailedThread> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(t) = jailed_threads(outer)
+            .into_iter()
+            .find(|t| t.name.starts_with(prefix))
+        {
+            return Some(t);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
 }

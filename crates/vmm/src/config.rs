@@ -1,7 +1,7 @@
 //! `VmConfig`: the one description of a VM, shared by the CLI, config files and the API.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -252,6 +252,24 @@ pub enum ConfigError {
 }
 
 impl VmConfig {
+    /// The configuration with every file path it names (kernel, initrd, disks, the vsock
+    /// socket) passed through `map`; paths `map` returns `None` for stay as they are. A jailed
+    /// VMM sees its files at other paths than the host does: this turns one set into the
+    /// other.
+    pub fn with_paths_mapped(&self, map: impl Fn(&Path) -> Option<PathBuf>) -> VmConfig {
+        let m = |p: &Path| map(p).unwrap_or_else(|| p.to_path_buf());
+        let mut c = self.clone();
+        c.kernel = m(&self.kernel);
+        c.initrd = self.initrd.as_deref().map(m);
+        for d in &mut c.disks {
+            d.path = m(&d.path);
+        }
+        if let Some(v) = &mut c.vsock {
+            v.socket = m(&v.socket);
+        }
+        c
+    }
+
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         VmConfig {

@@ -3,7 +3,8 @@
 //! Each kind of thread has its allow-list checked in as data (`crates/vmm/seccomp/<kind>.txt`,
 //! the format of `vireo_jail::seccomp`). After [`enable`], each thread installs its own filter
 //! where it starts ([`apply`]): the main thread the `vmm` list, vCPU threads `vcpu`, device
-//! threads `device`, the API thread `api`. Filters stack — a thread's calls must also pass
+//! workers `device`, virtio-net queue-pair threads `net`, the virtio-vsock thread `vsock`,
+//! the API thread `api`. Filters stack — a thread's calls must also pass
 //! the filters of the thread that created it — so the lists of threads the main thread starts
 //! after installing its own (vCPUs, device workers) are subsets of `vmm`; threads started
 //! before (the console, signal and API threads) are not bound by it. The jail around the
@@ -34,6 +35,10 @@ pub enum ThreadKind {
     /// A virtio device's worker thread (started from a vCPU thread at DRIVER_OK, or from the
     /// main thread on resume).
     Device,
+    /// A virtio-net queue-pair thread (`virtio-net<N>-<pair>`), started like a worker.
+    Net,
+    /// The virtio-vsock thread (`virtio-vsock`), started like a worker.
+    Vsock,
     /// The console input and signal threads.
     Console,
     /// The API thread (and the blocking-task thread it starts).
@@ -41,19 +46,34 @@ pub enum ThreadKind {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Device,
+        ThreadKind::Net,
+        ThreadKind::Vsock,
         ThreadKind::Console,
         ThreadKind::Api,
     ];
+
+    /// The kind of the device thread named `name` (vireo-virtio names them): `virtio-net*`
+    /// threads are [`ThreadKind::Net`], `virtio-vsock*` [`ThreadKind::Vsock`], every other
+    /// worker [`ThreadKind::Device`].
+    pub fn of_device_thread(name: Option<&str>) -> ThreadKind {
+        match name {
+            Some(n) if n.starts_with("virtio-net") => ThreadKind::Net,
+            Some(n) if n.starts_with("virtio-vsock") => ThreadKind::Vsock,
+            _ => ThreadKind::Device,
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Device => "device",
+            ThreadKind::Net => "net",
+            ThreadKind::Vsock => "vsock",
             ThreadKind::Console => "console",
             ThreadKind::Api => "api",
         }
@@ -65,6 +85,8 @@ impl ThreadKind {
             ThreadKind::Vmm => include_str!("../seccomp/vmm.txt"),
             ThreadKind::Vcpu => include_str!("../seccomp/vcpu.txt"),
             ThreadKind::Device => include_str!("../seccomp/device.txt"),
+            ThreadKind::Net => include_str!("../seccomp/net.txt"),
+            ThreadKind::Vsock => include_str!("../seccomp/vsock.txt"),
             ThreadKind::Console => include_str!("../seccomp/console.txt"),
             ThreadKind::Api => include_str!("../seccomp/api.txt"),
         }
@@ -126,9 +148,12 @@ pub fn enable() -> Result<(), SeccompError> {
     }
     install_reporter()?;
     let _ = FILTERS.set(filters);
-    // Device workers are started by vireo-virtio, which knows nothing of filters: it calls
-    // this first thing in each worker thread.
-    vireo_virtio::set_worker_start_hook(|| apply(ThreadKind::Device).map_err(|e| e.to_string()));
+    // Device threads are started by vireo-virtio, which knows nothing of filters: it calls
+    // this first thing in each of them, and their names tell which list applies.
+    vireo_virtio::set_worker_start_hook(|| {
+        apply(ThreadKind::of_device_thread(std::thread::current().name()))
+            .map_err(|e| e.to_string())
+    });
     Ok(())
 }
 
@@ -247,7 +272,112 @@ mod tests {
         }
         let p = process_list().unwrap();
         assert!(!p.allows("execve", [0; 6]), "the jailed VMM never execs");
-        assert!(!p.allows("socket", [0; 6]) && !p.allows("mount", [0; 6]));
+        assert!(!p.allows("mount", [0; 6]));
+        // Sockets: Unix only (vsock's guest connections), never IP, netlink or packet.
+        for domain in [
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_NETLINK,
+            libc::AF_PACKET,
+            0,
+        ] {
+            assert!(
+                !p.allows("socket", [domain as u64, 1, 0, 0, 0, 0]),
+                "{domain}"
+            );
+        }
+        assert!(p.allows("socket", [libc::AF_UNIX as u64, 1, 0, 0, 0, 0]));
+    }
+
+    #[test]
+    fn device_threads_get_the_list_their_name_says() {
+        let of = ThreadKind::of_device_thread;
+        assert_eq!(of(Some("virtio-net0-0")), ThreadKind::Net);
+        assert_eq!(of(Some("virtio-net12-3")), ThreadKind::Net);
+        assert_eq!(of(Some("virtio-vsock")), ThreadKind::Vsock);
+        assert_eq!(of(Some("virtio-blk0")), ThreadKind::Device);
+        assert_eq!(of(Some("virtio-rng")), ThreadKind::Device);
+        assert_eq!(of(None), ThreadKind::Device);
+    }
+
+    /// TUNSETIFF, TUNSETQUEUE, TUNSETOFFLOAD (linux/if_tun.h).
+    const TUNSETIFF: u64 = 0x4004_54ca;
+    const TUNSETQUEUE: u64 = 0x4004_54d9;
+    const TUNSETOFFLOAD: u64 = 0x4004_54d0;
+
+    /// A net thread moves frames on the TAP it was handed; it cannot open, create sockets,
+    /// re-attach the TAP to another device or start threads.
+    #[test]
+    fn net_threads_only_move_frames() {
+        let n = list(ThreadKind::Net).unwrap();
+        for call in [
+            "readv",
+            "writev",
+            "read",
+            "write",
+            "epoll_wait",
+            "epoll_ctl",
+        ] {
+            assert!(n.allows(call, [0; 6]), "{call}");
+        }
+        assert!(n.allows("ioctl", [5, TUNSETQUEUE, 0, 0, 0, 0]));
+        assert!(n.allows("ioctl", [5, 0xae80, 0, 0, 0, 0]), "KVM interrupts");
+        assert!(!n.allows("ioctl", [5, TUNSETIFF, 0, 0, 0, 0]));
+        assert!(
+            !n.allows("ioctl", [5, TUNSETOFFLOAD, 0, 0, 0, 0]),
+            "set at activation"
+        );
+        // Activation (on a vCPU thread) sets offloads and queues, never a new interface.
+        let v = list(ThreadKind::Vcpu).unwrap();
+        assert!(v.allows("ioctl", [5, TUNSETOFFLOAD, 0, 0, 0, 0]));
+        assert!(v.allows("ioctl", [5, TUNSETQUEUE, 0, 0, 0, 0]));
+        assert!(!v.allows("ioctl", [5, TUNSETIFF, 0, 0, 0, 0]));
+        assert!(!n.allows("ioctl", [5, 0x8914, 0, 0, 0, 0]), "SIOCSIFFLAGS");
+        for call in [
+            "open", "openat", "socket", "connect", "accept4", "sendto", "clone", "clone3",
+            "execve", "mount", "setns", "unshare", "prctl", "seccomp",
+        ] {
+            assert!(
+                !n.allows(call, [libc::AF_UNIX as u64, 0, 0, 0, 0, 0]),
+                "{call}"
+            );
+        }
+    }
+
+    /// The vsock thread accepts host connections and connects out to Unix sockets only.
+    #[test]
+    fn the_vsock_thread_reaches_unix_sockets_only() {
+        let v = list(ThreadKind::Vsock).unwrap();
+        for call in [
+            "accept4", "recvfrom", "sendto", "sendmsg", "connect", "shutdown",
+        ] {
+            assert!(v.allows(call, [0; 6]), "{call}");
+        }
+        let stream = libc::SOCK_STREAM as u64;
+        assert!(v.allows("socket", [libc::AF_UNIX as u64, stream, 0, 0, 0, 0]));
+        for domain in [
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_NETLINK,
+            libc::AF_PACKET,
+        ] {
+            assert!(
+                !v.allows("socket", [domain as u64, stream, 0, 0, 0, 0]),
+                "{domain}"
+            );
+        }
+        assert!(!v.allows("ioctl", [5, TUNSETIFF, 0, 0, 0, 0]));
+        for call in [
+            "openat", "bind", "listen", "clone", "execve", "mount", "unlinkat",
+        ] {
+            assert!(!v.allows(call, [0; 6]), "{call}");
+        }
+        // Net and plain device threads make no sockets at all.
+        for kind in [ThreadKind::Net, ThreadKind::Device] {
+            let l = list(kind).unwrap();
+            assert!(!l.allows("socket", [libc::AF_UNIX as u64, stream, 0, 0, 0, 0]));
+            assert!(!l.allows("connect", [0; 6]), "{}", kind.name());
+        }
     }
 
     /// Filters stack: a thread the main thread starts with a list that is not a subset of
@@ -256,12 +386,20 @@ mod tests {
     fn thread_lists_are_subsets_of_the_main_thread_list() {
         let vmm = list(ThreadKind::Vmm).unwrap();
         let vcpu = list(ThreadKind::Vcpu).unwrap();
-        for kind in [ThreadKind::Vcpu, ThreadKind::Device] {
-            let l = list(kind).unwrap();
+        let device_threads = [ThreadKind::Device, ThreadKind::Net, ThreadKind::Vsock];
+        for kind in [ThreadKind::Vcpu].iter().chain(&device_threads) {
+            let l = list(*kind).unwrap();
             assert!(l.is_subset_of(&vmm), "{} allows more than vmm", kind.name());
         }
-        // Device workers start from vCPU threads (DRIVER_OK) and inherit their filter.
-        assert!(list(ThreadKind::Device).unwrap().is_subset_of(&vcpu));
+        // Device threads start from vCPU threads (DRIVER_OK) and inherit their filter.
+        for kind in device_threads {
+            let l = list(kind).unwrap();
+            assert!(
+                l.is_subset_of(&vcpu),
+                "{} allows more than vcpu",
+                kind.name()
+            );
+        }
         // The API, console and signal threads start before the main thread's filter: not
         // bound by it.
         assert!(!list(ThreadKind::Api).unwrap().is_subset_of(&vmm));
@@ -281,13 +419,26 @@ mod tests {
         // TIOCSTI (push input into the terminal), TCSETS: not from a vCPU thread.
         assert!(!v.allows("ioctl", [0, 0x5412, 0, 0, 0, 0]));
         assert!(!v.allows("ioctl", [0, 0x5402, 0, 0, 0, 0]));
+        // Sockets: only AF_UNIX (the vsock thread it starts connects to the host's
+        // PATH_<port> sockets), which in a jail reach only the vsock socket's directory.
+        for domain in [
+            libc::AF_INET,
+            libc::AF_INET6,
+            libc::AF_NETLINK,
+            libc::AF_PACKET,
+        ] {
+            assert!(
+                !v.allows("socket", [domain as u64, 1, 0, 0, 0, 0]),
+                "{domain}"
+            );
+        }
         for call in [
             "open",
             "openat",
             "execve",
             "execveat",
-            "socket",
-            "connect",
+            "bind",
+            "listen",
             "clone",
             "clone3",
             "fork",
@@ -341,7 +492,11 @@ mod tests {
         );
         let vmm = list(ThreadKind::Vmm).unwrap();
         assert!(!vmm.allows("execve", [0; 6]), "the main thread never execs");
-        assert!(!vmm.allows("socket", [0; 6]));
+        assert!(!vmm.allows("socket", [libc::AF_INET as u64, 1, 0, 0, 0, 0]));
+        assert!(
+            !vmm.allows("ioctl", [5, TUNSETIFF, 0, 0, 0, 0]),
+            "no new TAP"
+        );
         assert!(!vmm.allows("clone", [libc::CLONE_NEWUSER as u64, 0, 0, 0, 0, 0]));
         assert!(!vmm.allows("ioctl", [0, 0x5412, 0, 0, 0, 0]), "no TIOCSTI");
     }
@@ -396,8 +551,20 @@ mod tests {
         );
     }
 
-    /// Device, console and API threads are killed and reported the same way: each in a
-    /// child, a thread named like the real one installs its kind's filter and opens a socket.
+    /// The name of a thread of `kind` in the per-kind test: virtio-net and vsock threads
+    /// are named as vireo-virtio names them, since the name picks their filter.
+    fn test_thread_name(kind: ThreadKind) -> String {
+        match kind {
+            ThreadKind::Net => "virtio-net0-0".into(),
+            ThreadKind::Vsock => "virtio-vsock".into(),
+            k => format!("{}-thread", k.name()),
+        }
+    }
+
+    /// Device, net, vsock, console and API threads are killed and reported the same way:
+    /// each in a child, a thread named like the real one installs its kind's filter (device
+    /// threads the one their name picks, as the worker start hook does) and opens an IP
+    /// socket.
     #[test]
     fn forbidden_calls_from_device_console_and_api_threads_are_reported() {
         const ENV: &str = "VIREO_SECCOMP_CHILD_KIND";
@@ -408,8 +575,14 @@ mod tests {
                 .unwrap();
             enable().unwrap();
             std::thread::Builder::new()
-                .name(format!("{}-thread", kind.name()))
+                .name(test_thread_name(kind))
                 .spawn(move || {
+                    let kind = match kind {
+                        ThreadKind::Net | ThreadKind::Vsock => {
+                            ThreadKind::of_device_thread(std::thread::current().name())
+                        }
+                        k => k,
+                    };
                     apply(kind).unwrap();
                     // SAFETY: socket(2) with constant arguments (refused by the filter).
                     unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
@@ -421,7 +594,13 @@ mod tests {
                 .unwrap();
             std::process::exit(0);
         }
-        for kind in [ThreadKind::Device, ThreadKind::Console, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::Device,
+            ThreadKind::Net,
+            ThreadKind::Vsock,
+            ThreadKind::Console,
+            ThreadKind::Api,
+        ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "--exact",
@@ -441,7 +620,8 @@ mod tests {
             );
             assert!(!err.contains("survived"), "{err}");
             let want = format!(
-                "thread `{0}-thread` ({0} filter) made a forbidden system call: socket",
+                "thread `{}` ({} filter) made a forbidden system call: socket",
+                test_thread_name(kind),
                 kind.name()
             );
             assert!(err.contains(&want), "{err}");

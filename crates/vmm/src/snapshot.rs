@@ -143,11 +143,50 @@ fn id_bytes(id: &str) -> [u8; 16] {
     out
 }
 
+// ---- host paths of a jailed VMM -----------------------------------------------------------------
+
+/// The files of a jailed VMM: each path it sees inside the jail, with the host's path of the
+/// same file. Set once, by the jailed child before the VMM starts.
+static HOST_PATHS: std::sync::OnceLock<Vec<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
+
+/// Tell this process (a VMM in a jail) where the files it sees at the first path of each
+/// pair are on the host (the second): snapshots and migrations record the host's paths, so
+/// that the VM can be restored outside the jail (or in another one). Once per process; later
+/// calls are ignored.
+pub fn set_host_paths(map: Vec<(PathBuf, PathBuf)>) {
+    let _ = HOST_PATHS.set(map);
+}
+
+/// `config` with the paths of this process's files as the host names them (unchanged outside
+/// a jail).
+pub fn host_config(config: &VmConfig) -> VmConfig {
+    match HOST_PATHS.get() {
+        Some(map) => config_on_host(config, map),
+        None => config.clone(),
+    }
+}
+
+fn config_on_host(config: &VmConfig, map: &[(PathBuf, PathBuf)]) -> VmConfig {
+    config.with_paths_mapped(|p| {
+        map.iter()
+            .find(|(inside, _)| inside == p)
+            .map(|(_, host)| host.clone())
+    })
+}
+
 // ---- state file -------------------------------------------------------------------------------
 
-/// The bytes of a state file for `state`.
+/// The bytes of a state file for `state`. Its configuration names files by their host paths
+/// ([`set_host_paths`]), also when written by a jailed VMM.
 pub fn encode_state(state: &MachineState) -> Result<Vec<u8>, serde_json::Error> {
-    let payload = serde_json::to_vec(state)?;
+    let payload = match HOST_PATHS.get() {
+        Some(map) => {
+            let mut on_host = state.clone();
+            on_host.config = config_on_host(&state.config, map);
+            serde_json::to_vec(&on_host)?
+        }
+        None => serde_json::to_vec(state)?,
+    };
     let mut out = Vec::with_capacity(STATE_HEADER_LEN + payload.len());
     out.extend_from_slice(STATE_MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -563,5 +602,95 @@ mod tests {
         assert!(matches!(e, SnapshotError::Version { found: 2, .. }), "{e}");
         assert!(decode_state(&path, b"hello").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn jailed_config() -> VmConfig {
+        let mut c = VmConfig::new("/vm/kernel");
+        c.initrd = Some("/vm/initrd".into());
+        c.disks = vec![
+            "path=/vm/disk0".parse().unwrap(),
+            "path=/vm/disk1,readonly=on".parse().unwrap(),
+        ];
+        c.vsock = Some("cid=3,socket=/run/v/vm.sock".parse().unwrap());
+        c
+    }
+
+    fn jail_map() -> Vec<(PathBuf, PathBuf)> {
+        [
+            ("/vm/kernel", "/boot/vmlinuz"),
+            ("/vm/initrd", "/srv/i.cpio"),
+            ("/vm/disk1", "/srv/ro.img"),
+            ("/vm/disk0", "/srv/rw.img"),
+        ]
+        .iter()
+        .map(|(a, b)| (PathBuf::from(a), PathBuf::from(b)))
+        .collect()
+    }
+
+    #[test]
+    fn jailed_paths_become_host_paths() {
+        let c = config_on_host(&jailed_config(), &jail_map());
+        assert_eq!(c.kernel, Path::new("/boot/vmlinuz"));
+        assert_eq!(c.initrd.as_deref(), Some(Path::new("/srv/i.cpio")));
+        let disks: Vec<_> = c
+            .disks
+            .iter()
+            .map(|d| (d.path.clone(), d.readonly))
+            .collect();
+        assert_eq!(
+            disks,
+            [
+                (PathBuf::from("/srv/rw.img"), false),
+                (PathBuf::from("/srv/ro.img"), true)
+            ]
+        );
+        // A path the map does not name (the vsock socket, bound at its host path) stays.
+        assert_eq!(
+            c.vsock.as_ref().unwrap().socket,
+            Path::new("/run/v/vm.sock")
+        );
+        let mut rest = c.clone();
+        rest.kernel = "/vm/kernel".into();
+        assert_eq!(config_on_host(&rest, &[]).kernel, Path::new("/vm/kernel"));
+    }
+
+    /// In a process told its host paths (a jailed VMM), the state file records those; the
+    /// state in memory keeps the jail's. In a child, since the paths are set once per process.
+    #[test]
+    fn a_jailed_vmm_writes_host_paths_into_its_state() {
+        const ENV: &str = "VIREO_SNAPSHOT_HOST_PATHS_CHILD";
+        if std::env::var_os(ENV).is_some() {
+            assert_eq!(
+                host_config(&jailed_config()),
+                jailed_config(),
+                "none set yet"
+            );
+            set_host_paths(jail_map());
+            let dir = scratch("hostpaths");
+            let mut s = sample_state(&[]);
+            s.config = jailed_config();
+            write_state(&dir, &s).unwrap();
+            assert_eq!(s.config.kernel, Path::new("/vm/kernel"));
+            let back = read_state(&dir).unwrap();
+            assert_eq!(back.config, config_on_host(&jailed_config(), &jail_map()));
+            assert_eq!(host_config(&s.config), back.config);
+            std::fs::remove_dir_all(&dir).unwrap();
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "snapshot::tests::a_jailed_vmm_writes_host_paths_into_its_state",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ENV, "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -154,12 +154,48 @@ pub struct Tap {
     name: String,
     queues: Vec<File>,
     multi_queue: bool,
+    /// Opened and configured on the host by another process (a jailed VMM's parent) and
+    /// handed over ([`hand_over`]): its host side is not this process's to configure.
+    handed_over: bool,
+}
+
+/// TAPs opened before this process lost the right to open them (a jailed VMM, whose
+/// parent opens them with CAP_NET_ADMIN in the host's network namespace and passes the
+/// descriptors in), by interface name. [`Tap::open`] of one of these names uses them.
+static HANDED_OVER: std::sync::Mutex<Vec<Tap>> = std::sync::Mutex::new(Vec::new());
+
+/// Make `tap` (opened and configured by someone with the rights to) what [`Tap::open`] of its
+/// name returns from now on in this process: a copy of its descriptors, whose host-side
+/// configuration ([`Tap::set_up`], [`Tap::set_ipv4`]) is left alone. A second TAP of the same
+/// name replaces the first.
+pub fn hand_over(tap: Tap) {
+    let mut list = HANDED_OVER.lock().unwrap_or_else(|e| e.into_inner());
+    list.retain(|t| t.name != tap.name);
+    list.push(tap);
+}
+
+/// A copy of the handed-over TAP `name`, if there is one; it must have `queues` queue pairs.
+fn handed_over(name: &str, queues: usize) -> Option<Result<Tap, TapError>> {
+    let list = HANDED_OVER.lock().unwrap_or_else(|e| e.into_inner());
+    let tap = list.iter().find(|t| t.name == name)?;
+    if tap.queues.len() != queues {
+        return Some(Err(TapError::BadQueues {
+            name: name.into(),
+            queues,
+            max: tap.queues.len(),
+        }));
+    }
+    Some(tap.try_clone().map(|mut t| {
+        t.handed_over = true;
+        t
+    }))
 }
 
 impl Tap {
     /// Open TAP `name` with `queues` queue pairs, creating it when it does not exist (that
     /// needs CAP_NET_ADMIN; a device vireo creates disappears when vireo exits). The header
-    /// size is set to 12 bytes and offloads off until a driver negotiates them.
+    /// size is set to 12 bytes and offloads off until a driver negotiates them. A TAP of that
+    /// name [handed over](hand_over) to this process is used instead of /dev/net/tun.
     pub fn open(name: &str, queues: usize) -> Result<Tap, TapError> {
         if !valid_ifname(name) {
             return Err(TapError::BadName(name.to_string()));
@@ -170,6 +206,13 @@ impl Tap {
                 queues,
                 max: MAX_TAP_QUEUES,
             });
+        }
+        if let Some(tap) = handed_over(name, queues) {
+            let tap = tap?;
+            tap.set_offload(0)
+                .map_err(|e| tap.io("setting offloads", e))?;
+            tracing::debug!(tap = name, queues, "using the TAP handed over");
+            return Ok(tap);
         }
         let mut multi_queue = queues > 1;
         let mut files = Vec::with_capacity(queues);
@@ -194,6 +237,7 @@ impl Tap {
             name: name.to_string(),
             queues: files,
             multi_queue,
+            handed_over: false,
         };
         let fd = tap.queues[0].as_raw_fd();
         ioctl_int_ptr(
@@ -225,8 +269,41 @@ impl Tap {
         self.multi_queue
     }
 
-    /// Bring the interface up on the host (`IFF_UP`), as `ip link set NAME up` does.
+    /// The same device on duplicated descriptors (`dup(2)` of each queue's).
+    pub fn try_clone(&self) -> Result<Tap, TapError> {
+        let queues = self
+            .queues
+            .iter()
+            .map(|f| {
+                f.try_clone()
+                    .map_err(|e| self.io("duplicating a descriptor", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Tap {
+            name: self.name.clone(),
+            queues,
+            multi_queue: self.multi_queue,
+            handed_over: self.handed_over,
+        })
+    }
+
+    /// True when the TAP was [handed over](hand_over) by the process that opened it.
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over
+    }
+
+    /// The descriptors of its queues, in order (to pass them to another process).
+    pub fn queue_fds(&self) -> Vec<RawFd> {
+        self.queues.iter().map(|f| f.as_raw_fd()).collect()
+    }
+
+    /// Bring the interface up on the host (`IFF_UP`), as `ip link set NAME up` does. Nothing
+    /// to do on a handed-over TAP: the process that opened it configured it (this one may
+    /// have neither the capability nor the network namespace to).
     pub fn set_up(&self) -> Result<(), TapError> {
+        if self.handed_over {
+            return Ok(());
+        }
         let s = inet_socket().map_err(|e| self.io("socket", e))?;
         let mut req = IfReq::new(&self.name);
         ioctl_ifreq(s.as_raw_fd(), libc::SIOCGIFFLAGS as libc::c_ulong, &mut req)
@@ -238,8 +315,12 @@ impl Tap {
     }
 
     /// Give the host side of the TAP an IPv4 address (`ip addr add ADDR/PREFIX dev NAME`,
-    /// through SIOCSIFADDR and SIOCSIFNETMASK) and bring it up.
+    /// through SIOCSIFADDR and SIOCSIFNETMASK) and bring it up. Nothing to do on a
+    /// handed-over TAP (see [`Tap::set_up`]).
     pub fn set_ipv4(&self, addr: Ipv4Addr, prefix: u8) -> Result<(), TapError> {
+        if self.handed_over {
+            return Ok(());
+        }
         let s = inet_socket().map_err(|e| self.io("socket", e))?;
         let mut req = IfReq::new(&self.name);
         req.set_inet(addr);
@@ -600,6 +681,58 @@ mod tests {
             let e = Tap::open("vtap1", 1).unwrap_err();
             assert!(matches!(e, TapError::Busy { .. }), "{e}");
             drop(single);
+        });
+    }
+
+    /// Root only, in a private network namespace: a TAP handed over is what `Tap::open` of
+    /// its name returns (its descriptors, not a new open), with the queue count it has, and
+    /// its host side is left as the opener configured it.
+    #[test]
+    fn a_handed_over_tap_is_reused_not_reopened() {
+        in_private_netns("a_handed_over_tap_is_reused_not_reopened", || {
+            let name = "vtaph0";
+            let tap = match Tap::open(name, 2) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("SKIP a_handed_over_tap_is_reused_not_reopened: {e}");
+                    return;
+                }
+            };
+            assert!(!tap.is_handed_over());
+            let fds = tap.queue_fds();
+            assert_eq!(fds.len(), 2);
+            hand_over(tap);
+            let e = Tap::open(name, 1).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    TapError::BadQueues {
+                        queues: 1,
+                        max: 2,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+            let t = Tap::open(name, 2).unwrap();
+            assert!(t.is_handed_over() && t.multi_queue());
+            // Copies of the handed-over descriptors, attached to the device.
+            assert!(t.queue_fds().iter().all(|fd| !fds.contains(fd)));
+            for fd in t.queue_fds() {
+                let mut req = IfReq::new("");
+                ioctl_ifreq(fd, libc::TUNGETIFF as libc::c_ulong, &mut req).unwrap();
+                assert_eq!(&req.name[..7], b"vtaph0\0");
+            }
+            // The host side is not touched: still down after set_ipv4.
+            t.set_ipv4(Ipv4Addr::new(10, 99, 1, 1), 24).unwrap();
+            assert_eq!(if_flags(name).unwrap() & libc::IFF_UP as i16, 0);
+            t.set_offload(libc::TUN_F_CSUM).unwrap();
+            t.set_queue_enabled(1, false).unwrap();
+            drop(t);
+            // The device lives while the handed-over copy does.
+            assert!(if_flags(name).is_some());
+            HANDED_OVER.lock().unwrap().retain(|t| t.name != name);
+            assert_eq!(if_flags(name), None);
         });
     }
 }

@@ -43,12 +43,43 @@ pub const QUEUE_SIZES: [u16; 3] = [256, 256, 64];
 pub struct VsockBackend {
     path: PathBuf,
     listener: UnixListener,
+    /// Bound by this process, which removes the socket file when done (not one
+    /// [handed over](VsockBackend::hand_over): its binder removes it).
+    owns_path: bool,
 }
 
+/// Listening sockets bound before this process lost the right to (a jailed VMM, whose parent
+/// binds them outside the jail and passes the descriptors in), by path.
+static HANDED_OVER: std::sync::Mutex<Vec<(PathBuf, UnixListener)>> =
+    std::sync::Mutex::new(Vec::new());
+
 impl VsockBackend {
+    /// Make `listener`, bound at `path` by another process or before privileges were
+    /// dropped, what [`VsockBackend::bind`] of `path` uses from now on in this process. The
+    /// socket file stays when the backend is dropped: whoever bound it removes it.
+    pub fn hand_over(path: &Path, listener: UnixListener) {
+        let mut list = HANDED_OVER.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|(p, _)| p != path);
+        list.push((path.to_path_buf(), listener));
+    }
+
     /// Listen on `path`. A stale socket file there (nobody listening) is replaced; anything
-    /// else at that path is an error.
+    /// else at that path is an error. A listener [handed over](VsockBackend::hand_over) for
+    /// `path` is used as it is.
     pub fn bind(path: &Path) -> Result<Self> {
+        if let Some(listener) = Self::handed_over(path) {
+            let listener = listener.map_err(|e| {
+                Error::Vsock(format!(
+                    "the socket handed over for {}: {e}",
+                    path.display()
+                ))
+            })?;
+            return Ok(VsockBackend {
+                path: path.to_path_buf(),
+                listener,
+                owns_path: false,
+            });
+        }
         let err =
             |what: &str, e: io::Error| Error::Vsock(format!("{what} {}: {e}", path.display()));
         match std::fs::symlink_metadata(path) {
@@ -77,18 +108,36 @@ impl VsockBackend {
         Ok(VsockBackend {
             path: path.to_path_buf(),
             listener,
+            owns_path: true,
         })
+    }
+
+    /// A non-blocking copy of the listener handed over for `path`, if there is one.
+    fn handed_over(path: &Path) -> Option<io::Result<UnixListener>> {
+        let list = HANDED_OVER.lock().unwrap_or_else(|e| e.into_inner());
+        let (_, l) = list.iter().find(|(p, _)| p == path)?;
+        Some(l.try_clone().and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        }))
     }
 
     /// The socket host programs connect to.
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The listening socket (to pass it to another process).
+    pub fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
 }
 
 impl Drop for VsockBackend {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.owns_path {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -310,3 +359,42 @@ impl Drop for Vsock {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod hand_over_tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    /// A listener handed over is what `bind` of its path uses (no new socket: a host
+    /// connection to the path reaches it), and dropping the backend leaves the file to whoever
+    /// bound it.
+    #[test]
+    fn a_handed_over_listener_is_used_and_its_file_kept() {
+        let dir = std::env::temp_dir().join(format!("vireo-vsock-ho-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("v.sock");
+        let _ = std::fs::remove_file(&path);
+        let outside = UnixListener::bind(&path).unwrap();
+        VsockBackend::hand_over(&path, outside.try_clone().unwrap());
+        let b = VsockBackend::bind(&path).unwrap();
+        assert_eq!(b.path(), path);
+        let mut host = UnixStream::connect(&path).unwrap();
+        let (mut inside, _) = b.listener.accept().unwrap();
+        std::io::Write::write_all(&mut inside, b"hi").unwrap();
+        let mut got = [0u8; 2];
+        host.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        // Non-blocking, as the device thread needs.
+        let e = b.listener.accept().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        drop(b);
+        assert!(path.exists(), "the binder removes it, not the backend");
+        // Another path is bound as usual.
+        let other = VsockBackend::bind(&dir.join("w.sock")).unwrap();
+        assert!(other.owns_path);
+        drop(other);
+        assert!(!dir.join("w.sock").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
