@@ -138,6 +138,11 @@ pub struct DeviceState {
     pub config: Vec<u8>,
     /// True while the device runs (activated and not reset).
     pub active: bool,
+    /// What the driver set that the configuration space does not show, by name (virtio-net:
+    /// `queue_pairs`, the pairs in use after VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET). Applied by
+    /// [`VirtioDevice::restore_extra`] once a restored device runs again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra: Vec<(String, u64)>,
 }
 
 /// A virtio device behind the transport.
@@ -174,6 +179,11 @@ pub trait VirtioDevice: Send {
             "{} cannot be paused for a snapshot",
             self.name()
         )))
+    }
+    /// Re-apply [`DeviceState::extra`] to a restored device, after its queues have been
+    /// started at their saved positions. Unknown names are ignored.
+    fn restore_extra(&mut self, _extra: &[(String, u64)]) -> Result<()> {
+        Ok(())
     }
     /// Serve the queues again after [`VirtioDevice::pause`].
     fn resume(&mut self) -> Result<()> {

@@ -133,6 +133,7 @@ impl VirtioDevice for Rng {
             device_type: VIRTIO_ID_RNG,
             config: Vec::new(),
             active: self.handler.is_some(),
+            extra: Vec::new(),
         }
     }
 

@@ -498,6 +498,7 @@ impl VirtioPciDevice {
                     self.device.name()
                 ));
             }
+            self.device.restore_extra(&s.device.extra)?;
         }
         Ok(())
     }

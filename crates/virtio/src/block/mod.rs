@@ -280,6 +280,7 @@ impl VirtioDevice for Block {
             device_type: VIRTIO_ID_BLOCK,
             config: self.config.to_vec(),
             active: self.handler.is_some(),
+            extra: Vec::new(),
         }
     }
 

@@ -37,6 +37,9 @@ pub use tap::{NetBackend, SocketPairBackend, Tap, TapError};
 pub const QUEUE_SIZE: u16 = 256;
 /// Size of the control queue.
 pub const CTRL_QUEUE_SIZE: u16 = 64;
+/// [`DeviceState::extra`] name of the queue pairs in use.
+const EXTRA_QUEUE_PAIRS: &str = "queue_pairs";
+
 /// Bytes of configuration space: mac, status, max_virtqueue_pairs, mtu (§5.1.4).
 const CONFIG_LEN: usize = 12;
 
@@ -244,6 +247,8 @@ pub struct Net {
     /// The pairs while paused ([`VirtioDevice::pause`]): threads stopped, state kept.
     parked: Vec<pair::ParkedPair>,
     stop: Option<EventFd>,
+    /// Which pairs receive, shared with the pair threads while active.
+    switch: Option<Arc<PairSwitch>>,
     log: Arc<LogOnce>,
 }
 
@@ -271,6 +276,7 @@ impl Net {
             threads: Vec::new(),
             parked: Vec::new(),
             stop: None,
+            switch: None,
             log: Arc::new(LogOnce::new()),
         }
     }
@@ -425,6 +431,7 @@ impl VirtioDevice for Net {
             }
         }
         self.stop = Some(stop);
+        self.switch = Some(switch);
         Ok(())
     }
 
@@ -438,6 +445,7 @@ impl VirtioDevice for Net {
             let _ = t.join();
         }
         self.parked.clear();
+        self.switch = None;
         *lock(&self.shared.interrupt) = None;
         self.shared.features.store(0, Ordering::SeqCst);
         self.shared
@@ -452,10 +460,36 @@ impl VirtioDevice for Net {
     fn state(&self) -> DeviceState {
         let mut config = self.config();
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        let active = !self.threads.is_empty() || !self.parked.is_empty();
+        let pairs = self.shared.active_pairs.load(Ordering::SeqCst);
         DeviceState {
             device_type: VIRTIO_ID_NET,
             config: config.to_vec(),
-            active: !self.threads.is_empty() || !self.parked.is_empty(),
+            active,
+            extra: if active && pairs > 1 {
+                vec![(EXTRA_QUEUE_PAIRS.to_string(), u64::from(pairs))]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// A restored device receives on the pairs the driver had enabled, not only the first
+    /// (the driver sends VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET once, after feature negotiation).
+    fn restore_extra(&mut self, extra: &[(String, u64)]) -> Result<()> {
+        let Some(&(_, n)) = extra.iter().find(|(k, _)| k == EXTRA_QUEUE_PAIRS) else {
+            return Ok(());
+        };
+        let (Some(switch), Ok(n)) = (&self.switch, u16::try_from(n)) else {
+            return Err(Error::Activate(format!("restoring {n} queue pairs")));
+        };
+        let features = self.shared.features.load(Ordering::SeqCst);
+        match pair::set_pairs(features, &*self.backend, switch, &self.shared, &self.log, n) {
+            VIRTIO_NET_OK => Ok(()),
+            _ => Err(Error::Activate(format!(
+                "restoring {n} queue pairs of {}",
+                self.pairs()
+            ))),
         }
     }
 

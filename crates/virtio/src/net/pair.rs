@@ -854,7 +854,14 @@ fn control_command(ctx: &PairContext, chain: &Chain) -> u32 {
             (VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) if data_len >= 2 => {
                 let mut b = [0u8; 2];
                 if read_bytes(mem, &chain.readable, 2, &mut b) {
-                    set_pairs(ctx, u16::from_le_bytes(b))
+                    set_pairs(
+                        ctx.features,
+                        &*ctx.backend,
+                        &ctx.switch,
+                        &ctx.shared,
+                        &ctx.log,
+                        u16::from_le_bytes(b),
+                    )
                 } else {
                     VIRTIO_NET_ERR
                 }
@@ -888,9 +895,16 @@ fn control_command(ctx: &PairContext, chain: &Chain) -> u32 {
 
 /// VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET: use the first `n` pairs (§5.1.6.5.5). The back end stops
 /// delivering to the others before the command completes.
-fn set_pairs(ctx: &PairContext, n: u16) -> u8 {
-    let pairs = ctx.switch.enabled.len();
-    if ctx.features & VIRTIO_NET_F_MQ == 0
+pub(crate) fn set_pairs(
+    features: u64,
+    backend: &dyn NetBackend,
+    switch: &PairSwitch,
+    shared: &Shared,
+    log: &LogOnce,
+    n: u16,
+) -> u8 {
+    let pairs = switch.enabled.len();
+    if features & VIRTIO_NET_F_MQ == 0
         || !(VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN..=VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX).contains(&n)
         || usize::from(n) > pairs
     {
@@ -899,22 +913,22 @@ fn set_pairs(ctx: &PairContext, n: u16) -> u8 {
     let n = usize::from(n);
     for i in 0..pairs {
         let on = i < n;
-        if let Err(e) = ctx.backend.set_queue_enabled(i, on) {
-            if ctx.log.first(Problem::Ctrl as u32) {
+        if let Err(e) = backend.set_queue_enabled(i, on) {
+            if log.first(Problem::Ctrl as u32) {
                 tracing::warn!(
                     "virtio-net {}: queue {i}: {e} (logged once)",
-                    ctx.backend.name()
+                    backend.name()
                 );
             }
             return VIRTIO_NET_ERR;
         }
-        let was = ctx.switch.enabled[i].swap(on, Ordering::SeqCst);
+        let was = switch.enabled[i].swap(on, Ordering::SeqCst);
         if was != on {
-            if let Some(w) = ctx.switch.wake.get(i) {
+            if let Some(w) = switch.wake.get(i) {
                 let _ = w.write(1);
             }
         }
     }
-    ctx.shared.active_pairs.store(n as u16, Ordering::SeqCst);
+    shared.active_pairs.store(n as u16, Ordering::SeqCst);
     VIRTIO_NET_OK
 }

@@ -733,3 +733,37 @@ fn a_paused_device_leaves_guest_memory_and_the_back_end_alone() {
         &VIRTIO_NET_S_LINK_UP.to_le_bytes()
     );
 }
+
+/// A snapshot keeps the queue pairs the driver enabled; a restored device receives on all of
+/// them again (the driver does not repeat VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET).
+#[test]
+fn restored_device_keeps_the_queue_pairs_in_use() {
+    let mut s = Setup::new(3, BASE_FEATURES | VIRTIO_NET_F_MQ | VIRTIO_NET_F_MRG_RXBUF);
+    assert!(s.net.state().extra.is_empty(), "one pair: nothing to keep");
+    assert_eq!(
+        s.control(
+            VIRTIO_NET_CTRL_MQ,
+            VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET,
+            &2u16.to_le_bytes()
+        ),
+        VIRTIO_NET_OK
+    );
+    s.net.pause().unwrap();
+    let extra = s.net.state().extra;
+    assert_eq!(extra, vec![("queue_pairs".to_string(), 2)]);
+
+    let mut r = Setup::new(3, BASE_FEATURES | VIRTIO_NET_F_MQ | VIRTIO_NET_F_MRG_RXBUF);
+    assert!(!r.backend.queue_enabled(1));
+    r.net.restore_extra(&extra).unwrap();
+    assert!(r.backend.queue_enabled(1) && !r.backend.queue_enabled(2));
+    assert_eq!(r.net.control().active_pairs(), 2);
+    r.post_rx(2, 4, 1024);
+    r.host_send(1, VnetHeader::default(), &frame(300, 7));
+    assert_eq!(r.wait_used(2).1, 312);
+    // A state naming more pairs than the device has is refused, not applied.
+    assert!(r
+        .net
+        .restore_extra(&[("queue_pairs".to_string(), 9)])
+        .is_err());
+    assert_eq!(r.net.control().active_pairs(), 2);
+}

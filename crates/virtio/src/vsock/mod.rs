@@ -347,6 +347,7 @@ impl VirtioDevice for Vsock {
             device_type: VIRTIO_ID_VSOCK,
             config: self.cid.to_le_bytes().to_vec(),
             active: self.thread.is_some(),
+            extra: Vec::new(),
         }
     }
 }
