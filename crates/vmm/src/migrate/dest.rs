@@ -2,7 +2,7 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vireo_hv::GuestMemory;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -25,6 +25,9 @@ pub(crate) trait Destination {
     fn start(&mut self, m: &mut Machine) -> Result<(), String>;
     /// Tear down a machine that will not run (the source gave up, or the link broke).
     fn discard(&mut self, m: Machine);
+    /// The migration failed before a machine was built: release what `accept` opened (the
+    /// TAPs, so that the next attempt, or another VMM, can have them).
+    fn release(&mut self);
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> MigrateError {
@@ -72,22 +75,36 @@ pub(crate) fn receive(stream: TcpStream, d: &mut dyn Destination) -> Result<Mach
         Ok(m) => m,
         Err(e) => return Err(c.refuse(MigrateError::Vmm(e))),
     };
-    let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-    if regions != offer.regions {
-        return Err(c.refuse(MigrateError::Protocol(format!(
-            "the source's RAM layout {:x?} differs from this one's {regions:x?}",
-            offer.regions
-        ))));
-    }
-    c.reply(Kind::Ready, &[])?;
-    let state = match receive_memory(&mut c, &mem) {
-        Ok(s) => s,
-        Err(e @ MigrateError::Peer(_)) | Err(e @ MigrateError::Io { .. }) => return Err(e),
-        Err(e) => return Err(c.refuse(e)),
-    };
-    let mut m = match d.build(&state, mem) {
+    let built = (|| {
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        if regions != offer.regions {
+            return Err(c.refuse(MigrateError::Protocol(format!(
+                "the source's RAM layout {:x?} differs from this one's {regions:x?}",
+                offer.regions
+            ))));
+        }
+        c.reply(Kind::Ready, &[])?;
+        let state = match receive_memory(&mut c, &mem) {
+            Ok(s) => s,
+            Err(e @ MigrateError::Peer(_)) | Err(e @ MigrateError::Io { .. }) => return Err(e),
+            Err(e) => return Err(c.refuse(e)),
+        };
+        let t = Instant::now();
+        let m = d
+            .build(&state, mem)
+            .map_err(|e| c.refuse(MigrateError::Vmm(e)))?;
+        tracing::info!(
+            "migration: machine rebuilt in {:.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(m)
+    })();
+    let mut m = match built {
         Ok(m) => m,
-        Err(e) => return Err(c.refuse(MigrateError::Vmm(e))),
+        Err(e) => {
+            d.release();
+            return Err(e);
+        }
     };
     let r = (|| {
         c.reply(Kind::Restored, &[])?;
@@ -159,8 +176,15 @@ fn receive_memory(c: &mut Conn, mem: &GuestMemory) -> Result<MachineState, Migra
                 }
             }
             Kind::State => {
-                return snapshot::decode_state(super::source::stream_path(), &c.buf)
+                let t = Instant::now();
+                let s = snapshot::decode_state(super::source::stream_path(), &c.buf)
                     .map_err(|e| MigrateError::Protocol(e.to_string()));
+                tracing::info!(
+                    "migration: state ({} KiB) checked and decoded in {:.1} ms",
+                    c.buf.len() / 1024,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                return s;
             }
             Kind::Abort => {
                 return Err(MigrateError::Peer(
