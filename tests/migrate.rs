@@ -610,6 +610,19 @@ impl ArpWatch {
     }
 }
 
+/// How many tun files process `pid` has attached to the TAP `name` (`iff:` in fdinfo).
+fn tap_queues(pid: u32, name: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return 0;
+    };
+    dir.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter(|info| {
+            info.lines()
+                .any(|l| l.strip_prefix("iff:").map(str::trim) == Some(name))
+        })
+        .count()
+}
+
 /// One L2 segment over two network namespaces: in each, a bridge `br0` holding a TAP named
 /// `vmtap` (persistent, left to the VMM to attach to) and one end of a veth pair joining the
 /// bridges. The bridges have addresses [`SEG_A`] and [`SEG_B`] (the migration runs over the
@@ -648,7 +661,17 @@ impl Segment {
             for step in [
                 s(&["-n", ns, "link", "set", "lo", "up"]),
                 s(&["-n", ns, "link", "add", "br0", "type", "bridge"]),
-                s(&["-n", ns, "tuntap", "add", "dev", SEG_TAP, "mode", "tap"]),
+                s(&[
+                    "-n",
+                    ns,
+                    "tuntap",
+                    "add",
+                    "dev",
+                    SEG_TAP,
+                    "mode",
+                    "tap",
+                    "multi_queue",
+                ]),
                 s(&["-n", ns, "link", "set", SEG_TAP, "master", "br0"]),
                 s(&["-n", ns, "link", "set", veth, "master", "br0"]),
                 s(&["-n", ns, "link", "set", SEG_TAP, "up"]),
@@ -693,12 +716,12 @@ impl Drop for Segment {
     }
 }
 
-/// The network hand-over: a guest on TAP `vmtap` of a bridge in namespace A migrates to a
-/// destination in namespace B, which re-attaches to B's `vmtap` (the TAP named in the
-/// migrated configuration, with the guest's MAC address). A pinger on A's bridge pings the
-/// guest every 20 ms throughout: the replies resume within a second of the destination
-/// running the guest, the guest announced itself (a gratuitous ARP from its MAC arrives at
-/// A's bridge over the veth from B), its MAC is the same, and A's TAP is released.
+/// The network hand-over: a guest on the two-queue TAP `vmtap` of a bridge in namespace A
+/// migrates to a destination in namespace B, which re-attaches to B's `vmtap` (the TAP named
+/// in the migrated configuration, both queues, the guest's MAC address). A pinger on A's
+/// bridge pings the guest every 20 ms throughout: the replies resume within a second of the
+/// destination running the guest, the guest announced itself (a gratuitous ARP from its MAC
+/// arrives at A's bridge over the veth from B), its MAC is the same, and A's TAP is released.
 #[test]
 fn linux_guest_network_follows_it_to_another_namespace() {
     let test = "linux_guest_network_follows_it_to_another_namespace";
@@ -728,7 +751,7 @@ fn linux_guest_network_follows_it_to_another_namespace() {
         cmd.args(["netns", "exec", &seg.a, env!("CARGO_BIN_EXE_vireo")])
             .stdin(Stdio::null())
             .args(["run", "--accel", accel, "--net"])
-            .arg(format!("tap={SEG_TAP},ip={SEG_GUEST}/24"))
+            .arg(format!("tap={SEG_TAP},queues=2,ip={SEG_GUEST}/24"))
             .arg("--api-socket")
             .arg(&sock)
             .args([
@@ -826,6 +849,8 @@ fn linux_guest_network_follows_it_to_another_namespace() {
             "{}",
             seg.tap(&seg.b)
         );
+        // The destination attached both queues of B's TAP (one tun file each).
+        assert_eq!(tap_queues(dst.id(), SEG_TAP), 2, "{accel}");
         // Same MAC at the destination, and the count goes on.
         let before_n = last(&src_out, "count ").unwrap();
         let out = dst.wait_for(
