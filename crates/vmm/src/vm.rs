@@ -1037,13 +1037,15 @@ impl crate::migrate::dest::Destination for Incoming<'_> {
         check(&config, hypervisor.as_ref()).map_err(|e| e.to_string())?;
         let mem = crate::machine::create_memory(&config).map_err(|e| e.to_string())?;
         self.vmm.disks.clear();
-        // The network devices re-attach here, before any page is copied (a missing or busy
-        // TAP refuses the offer while the guest still runs at the source): the TAP of the
-        // same name in this host's (this process's) network namespace, opened or created,
-        // with the migrated MAC address and queue count. The guest's offloads are set on it
-        // when the device is restored; the restore also asks the guest to announce itself.
+        // The network devices re-attach to the TAPs of the same names in this host's (this
+        // process's) network namespace, opened or created, with the migrated MAC addresses
+        // and queue counts (`build`). Tried here once, before any page is copied, so that a
+        // TAP that cannot be opened (busy, no permission) refuses the offer while the guest
+        // still runs at the source; then let go until the source has paused the guest, so
+        // that a multi-queue TAP shared with the source on one host does not take frames
+        // from the running guest during the copy.
         self.vmm.net = crate::net::NetBackends::default();
-        self.vmm.net = crate::net::NetBackends::open(&mut config).map_err(|e| e.to_string())?;
+        drop(crate::net::NetBackends::open(&mut config).map_err(|e| e.to_string())?);
         self.vmm.hypervisor = Some(hypervisor);
         *lock(&self.vmm.handle.0.config) = Some(config.clone());
         self.vmm.config = Some(config);
@@ -1055,12 +1057,15 @@ impl crate::migrate::dest::Destination for Incoming<'_> {
         state: &MachineState,
         mem: vireo_hv::GuestMemory,
     ) -> Result<Machine, String> {
-        let config = self.vmm.config.clone().ok_or("no configuration")?;
+        let mut config = self.vmm.config.clone().ok_or("no configuration")?;
         if state.vcpus.len() != config.cpus as usize || state.config.memory != config.memory {
             return Err("the state does not match the offered configuration".into());
         }
         // The source flushed and released the disks before it sent the state.
         self.vmm.disks = crate::pci::open_disks(&config).map_err(|e| e.to_string())?;
+        // The TAPs (see `accept`). The restored virtio-net devices set the offloads the guest
+        // negotiated on them and ask the guest to announce itself (`PciDevices::restore`).
+        self.vmm.net = crate::net::NetBackends::open(&mut config).map_err(|e| e.to_string())?;
         let m = Machine::restore(self.vmm.env().map_err(|e| e.to_string())?, state, mem)
             .map_err(|e| e.to_string())?;
         self.vmm.publish(&m);
