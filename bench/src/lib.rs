@@ -1,6 +1,8 @@
 //! Shared benchmark plumbing: start a VMM process, time its serial output, read its peak RSS,
 //! and summarise samples as medians.
 
+pub mod qmp;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,31 +1,35 @@
 //! `bench/migrate`: live migration over loopback, vireo against QEMU on the same guest (the
-//! default guest: Debian's kernel and busybox initramfs, same command line), 1 GiB of RAM:
-//! an idle guest and one rewriting memory at 50, 200 and 1000 MiB/s (target rates: `dd` of a
-//! non-zero file over a 256 MiB working set, paced per second; the emulator may not reach
-//! the higher ones, which then means "as fast as it can").
+//! default guest: Debian's kernel and busybox initramfs with a small `/bin/ticker` added, same
+//! command line), 1 GiB of RAM: an idle guest and one rewriting memory at 50, 200 and 1000
+//! MiB/s (target rates: `dd` of a non-zero file over a 256 MiB working set, paced per second;
+//! the emulator may not reach the higher ones, which then means "as fast as it can").
 //!
 //! For each: total time and downtime as the VMM reports them (vireo: `PUT /vm/migrate`'s
 //! statistics, from pause to the destination running; QEMU: `query-migrate`'s `total-time`
-//! and `downtime`), and the guest-observed downtime: the guest runs a tight loop printing a
-//! tick on its serial port, and the longest gap between ticks the host sees (source output,
-//! then destination output) around the switch. The same gap measured before the migration
-//! over as long a window is the noise floor ("idle gap").
+//! and `downtime`), and the guest-observed downtime: the guest's `/bin/ticker` reads its
+//! monotonic clock (`CLOCK_MONOTONIC`) in a tight loop and prints `gap N` (microseconds)
+//! whenever two consecutive readings are 2 ms or more apart, and `t N` every millisecond; the
+//! bench reports the largest guest gap around the switch ("guest-gap"), the largest gap
+//! between `t` lines as the host receives them (source output, then destination output:
+//! "host-gap", which sees a pause even if the guest's clock was stopped during it), and the
+//! largest guest gap over as long a window before the migration (the noise floor,
+//! "idle-gap").
 //!
 //! vireo runs the emulator (`--accel emu`) against QEMU TCG; with `--accel kvm`, KVM against
 //! QEMU KVM. QEMU gets auto-converge on and the same downtime limit (300 ms).
 //!
 //! Usage: `cargo build --release --workspace &&
 //! target/x86_64-unknown-linux-gnu/release/migrate [--accel emu|kvm] [--rates 0,50,200,1000]
-//! [--no-qemu]`
+//! [--no-qemu]` (needs `rustc` to build the guest's ticker).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vireo_bench::qmp::Qmp;
 use vireo_bench::{fmt, have, vireo_binary};
 use vireo_guests::default_guest::{cache_dir, command_param, ensure, Options};
 
@@ -41,8 +45,79 @@ fn arg(name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
+/// The guest's tick loop (built at run time with the host's `rustc` as a static binary):
+/// reads the monotonic clock in a tight loop; `gap N` when two readings are 2 ms or more apart
+/// (N in microseconds), `t N` (microseconds since it started) every millisecond.
+const TICKER_RS: &str = r#"
+use std::io::Write;
+use std::time::{Duration, Instant};
+fn main() {
+    let start = Instant::now();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "bench-start");
+    let (mut last, mut printed) = (start, start);
+    loop {
+        let now = Instant::now();
+        let gap = now - last;
+        if gap >= Duration::from_millis(2) {
+            let _ = writeln!(out, "gap {}", gap.as_micros());
+        }
+        if now - printed >= Duration::from_millis(1) {
+            let _ = writeln!(out, "t {}", (now - start).as_micros());
+            printed = now;
+        }
+        last = now;
+    }
+}
+"#;
+
+/// Build the ticker and give the default guest's initramfs with `/bin/ticker` appended (the
+/// kernel unpacks concatenated newc archives in order).
+fn initrd_with_ticker(base: &Path, dir: &Path) -> Result<PathBuf, String> {
+    use vireo_guests::default_guest::cpio::{Node, Tree};
+    let src = dir.join("ticker.rs");
+    let bin = dir.join("ticker");
+    std::fs::write(&src, TICKER_RS).map_err(|e| e.to_string())?;
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let o = Command::new(rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("rustc: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "building the ticker: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let mut image = std::fs::read(base).map_err(|e| e.to_string())?;
+    let mut t = Tree::new();
+    t.add(
+        "bin/ticker",
+        Node::File(std::fs::read(&bin).map_err(|e| e.to_string())?),
+        0o755,
+    )
+    .map_err(|e| e.to_string())?;
+    image.extend(t.write_newc(Vec::new()).map_err(|e| e.to_string())?);
+    let out = dir.join("initrd-ticker.cpio");
+    std::fs::write(&out, image).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
 /// The guest: a 64 MiB non-zero source file, a dirtier rewriting a 256 MiB file at `rate`
-/// MiB/s (none at 0), and a tick printer in a tight loop.
+/// MiB/s (none at 0), and the ticker.
 fn workload(rate: u32) -> String {
     let dirtier = if rate == 0 {
         String::new()
@@ -53,11 +128,18 @@ fn workload(rate: u32) -> String {
              conv=notrunc 2>/dev/null; off=$(( (off + {rate}) % 256 )); sleep 1; done) & "
         )
     };
-    format!("{dirtier}echo bench-start; while true; do echo t; done")
+    format!("{dirtier}exec /bin/ticker")
 }
 
-/// Serial lines with the host time they arrived.
-type Ticks = Arc<Mutex<Vec<Instant>>>;
+/// What the guests print, with the host time each line arrived: `t` lines, and the gaps the
+/// guest saw (ms).
+#[derive(Default)]
+struct Seen {
+    ticks: Vec<Instant>,
+    gaps: Vec<(Instant, f64)>,
+}
+
+type Ticks = Arc<Mutex<Seen>>;
 
 fn watch(child: &mut Child, ticks: &Ticks, started: &Arc<Mutex<Option<Instant>>>) {
     let Some(out) = child.stdout.take() else {
@@ -68,9 +150,14 @@ fn watch(child: &mut Child, ticks: &Ticks, started: &Arc<Mutex<Option<Instant>>>
         for line in BufReader::new(out).lines() {
             let Ok(line) = line else { break };
             let line = line.trim_end_matches('\r');
-            if line == "t" {
+            let now = Instant::now();
+            if line.starts_with("t ") {
                 if let Ok(mut v) = t.lock() {
-                    v.push(Instant::now());
+                    v.ticks.push(now);
+                }
+            } else if let Some(us) = line.strip_prefix("gap ") {
+                if let (Ok(mut v), Ok(us)) = (t.lock(), us.trim().parse::<f64>()) {
+                    v.gaps.push((now, us / 1e3));
                 }
             } else if line.contains("bench-start") {
                 if let Ok(mut v) = s.lock() {
@@ -92,7 +179,7 @@ fn wait_started(s: &Arc<Mutex<Option<Instant>>>, timeout: Duration) -> bool {
     false
 }
 
-/// The longest gap between consecutive ticks inside `[from, to]`, in ms.
+/// The longest gap between consecutive ticks arriving inside `[from, to]`, in ms.
 fn max_gap(ticks: &[Instant], from: Instant, to: Instant) -> Option<f64> {
     let mut v: Vec<Instant> = ticks
         .iter()
@@ -105,11 +192,31 @@ fn max_gap(ticks: &[Instant], from: Instant, to: Instant) -> Option<f64> {
         .reduce(f64::max)
 }
 
+/// The longest gap the guest reported inside `[from, to]` (0 when none reached 2 ms), ms.
+fn max_guest_gap(gaps: &[(Instant, f64)], from: Instant, to: Instant) -> f64 {
+    gaps.iter()
+        .filter(|(t, _)| *t >= from && *t <= to)
+        .map(|(_, g)| *g)
+        .fold(0.0, f64::max)
+}
+
+/// Fill the gap figures of `r` for a migration from `t0` to `t1` (the second after `t1`
+/// included; the window as long before `t0` is the idle baseline).
+fn gaps(r: &mut Result_, seen: &Ticks, t0: Instant, t1: Instant) {
+    let end = t1 + Duration::from_secs(1);
+    if let Ok(s) = seen.lock() {
+        r.host_gap_ms = max_gap(&s.ticks, t0, end);
+        r.guest_gap_ms = Some(max_guest_gap(&s.gaps, t0, end));
+        r.idle_gap_ms = Some(max_guest_gap(&s.gaps, t0 - (end - t0), t0));
+    }
+}
+
 #[derive(Default)]
 struct Result_ {
     total_ms: Option<f64>,
     downtime_ms: Option<f64>,
     guest_gap_ms: Option<f64>,
+    host_gap_ms: Option<f64>,
     idle_gap_ms: Option<f64>,
     rounds: Option<f64>,
     note: String,
@@ -212,11 +319,7 @@ fn vireo_case(vireo: &Path, g: &Guest, dir: &Path, accel: &str) -> Result_ {
                 r.total_ms = json_number(&text, "elapsed_ms");
                 r.downtime_ms = json_number(&text, "downtime_ms");
                 r.rounds = json_number(&text, "round");
-                let end = t1 + Duration::from_secs(1);
-                if let Ok(t) = ticks.lock() {
-                    r.guest_gap_ms = max_gap(&t, t0, end);
-                    r.idle_gap_ms = max_gap(&t, t0 - (end - t0), t0);
-                }
+                gaps(&mut r, &ticks, t0, t1);
             } else {
                 r.note = text.chars().take(120).collect();
             }
@@ -229,54 +332,6 @@ fn vireo_case(vireo: &Path, g: &Guest, dir: &Path, accel: &str) -> Result_ {
     let _ = src.wait();
     let _ = dst.wait();
     r
-}
-
-/// A minimal QMP client (one JSON object per line).
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Option<Qmp> {
-        let start = Instant::now();
-        let s = loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().ok()?),
-            w: s,
-        };
-        let mut l = String::new();
-        q.r.read_line(&mut l).ok()?;
-        q.exec("qmp_capabilities", "")?;
-        Some(q)
-    }
-
-    fn exec(&mut self, cmd: &str, args: &str) -> Option<String> {
-        let msg = if args.is_empty() {
-            format!("{{\"execute\":\"{cmd}\"}}\n")
-        } else {
-            format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-        };
-        self.w.write_all(msg.as_bytes()).ok()?;
-        loop {
-            let mut l = String::new();
-            self.r.read_line(&mut l).ok()?;
-            if l.is_empty() {
-                return None;
-            }
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return Some(l);
-            }
-        }
-    }
 }
 
 fn qemu_cmd(g: &Guest, accel: &str, qmp: &Path) -> Command {
@@ -361,11 +416,7 @@ fn qemu_case(g: &Guest, dir: &Path, accel: &str) -> Result_ {
                     r.total_ms = json_number(&l, "total-time");
                     r.downtime_ms = json_number(&l, "downtime");
                     r.rounds = json_number(&l, "dirty-sync-count");
-                    let end = t1 + Duration::from_secs(1);
-                    if let Ok(t) = ticks.lock() {
-                        r.guest_gap_ms = max_gap(&t, t0, end);
-                        r.idle_gap_ms = max_gap(&t, t0 - (end - t0), t0);
-                    }
+                    gaps(&mut r, &ticks, t0, t1);
                 }
                 Some(l) => r.note = l.chars().take(120).collect(),
                 None => r.note = "did not finish in 600 s".into(),
@@ -399,13 +450,20 @@ fn main() {
     };
     let dir = std::env::temp_dir().join(format!("vireo-bench-mig-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
+    let initrd = match initrd_with_ticker(&base.initrd, &dir) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
     println!(
         "bench/migrate: default guest, {MEMORY}, vireo {accel} vs QEMU {}, loopback (ms)",
         if accel == "kvm" { "kvm" } else { "tcg" }
     );
     println!(
-        "{:<6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7}  note",
-        "vmm", "MiB/s", "total", "downtime", "guest-gap", "idle-gap", "rounds"
+        "{:<6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}  note",
+        "vmm", "MiB/s", "total", "downtime", "guest-gap", "host-gap", "idle-gap", "rounds"
     );
     for rate in rates {
         let Ok(cmd) = command_param(&["sh".into(), "-c".into(), workload(rate)]) else {
@@ -413,7 +471,7 @@ fn main() {
         };
         let g = Guest {
             kernel: base.kernel.clone(),
-            initrd: base.initrd.clone(),
+            initrd: initrd.clone(),
             cmdline: format!("{} {cmd}", base.cmdline),
         };
         let mut rows = vec![("vireo", vireo_case(&vireo, &g, &dir, &accel))];
@@ -422,7 +480,7 @@ fn main() {
         }
         for (name, r) in rows {
             println!(
-                "{:<6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>7}  {}",
+                "{:<6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}  {}",
                 name,
                 if rate == 0 {
                     "idle".to_string()
@@ -432,6 +490,7 @@ fn main() {
                 fmt(r.total_ms, 0),
                 fmt(r.downtime_ms, 1),
                 fmt(r.guest_gap_ms, 1),
+                fmt(r.host_gap_ms, 1),
                 fmt(r.idle_gap_ms, 1),
                 fmt(r.rounds, 0),
                 r.note

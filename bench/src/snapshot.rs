@@ -13,12 +13,12 @@
 //! Usage: `cargo build --release --workspace && target/x86_64-unknown-linux-gnu/release/snapshot
 //! [--runs N] [--accel kvm|emu] [--no-qemu]`
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vireo_bench::qmp::Qmp;
 use vireo_bench::{fmt, have, median, vireo_binary};
 use vireo_guests::probe::{build, Probe};
 
@@ -172,72 +172,23 @@ fn vireo_run(vireo: &Path, dir: &Path, accel: &str, memory: &str, runs: usize) -
     s
 }
 
-/// A minimal QMP client (QEMU Machine Protocol: one JSON object per line).
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Option<Qmp> {
-        let start = Instant::now();
-        let s = loop {
-            if let Ok(s) = UnixStream::connect(path) {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
+/// Wait (2 min at most) for the migration QEMU runs to complete.
+fn wait_migration(q: &mut Qmp) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(120) {
+        let Some(l) = q.exec("query-migrate", "") else {
+            return false;
         };
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().ok()?),
-            w: s,
-        };
-        q.line()?; // greeting
-        q.exec("qmp_capabilities", "")?;
-        Some(q)
-    }
-
-    fn line(&mut self) -> Option<String> {
-        let mut l = String::new();
-        self.r.read_line(&mut l).ok()?;
-        (!l.is_empty()).then_some(l)
-    }
-
-    /// Run a command; returns its `return` line (events in between are skipped).
-    fn exec(&mut self, cmd: &str, args: &str) -> Option<String> {
-        let msg = if args.is_empty() {
-            format!("{{\"execute\":\"{cmd}\"}}\n")
-        } else {
-            format!("{{\"execute\":\"{cmd}\",\"arguments\":{args}}}\n")
-        };
-        self.w.write_all(msg.as_bytes()).ok()?;
-        loop {
-            let l = self.line()?;
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return Some(l);
-            }
+        if l.contains("\"completed\"") {
+            return true;
         }
-    }
-
-    fn wait_migration(&mut self) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(120) {
-            let Some(l) = self.exec("query-migrate", "") else {
-                return false;
-            };
-            if l.contains("\"completed\"") {
-                return true;
-            }
-            if l.contains("\"failed\"") {
-                eprintln!("qemu migration failed: {l}");
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        if l.contains("\"failed\"") {
+            eprintln!("qemu migration failed: {l}");
+            return false;
         }
-        false
+        std::thread::sleep(Duration::from_millis(1));
     }
+    false
 }
 
 fn qemu_cmd(kernel: &Path, memory: &str, qmp: &Path, accel: &str) -> Command {
@@ -301,7 +252,7 @@ fn qemu_run(dir: &Path, accel: &str, memory: &str, runs: usize) -> Stats {
             "migrate",
             &format!("{{\"uri\":\"exec:cat > {}\"}}", file.display()),
         );
-        if q.wait_migration() {
+        if wait_migration(&mut q) {
             s.snapshot.push(t.elapsed().as_secs_f64() * 1000.0);
             s.disk_mib.push(allocated_mib(&file));
         }
@@ -315,7 +266,7 @@ fn qemu_run(dir: &Path, accel: &str, memory: &str, runs: usize) -> Stats {
             .arg(format!("exec:cat {}", file.display()));
         let Ok(mut r) = c.spawn() else { return s };
         if let Some(mut q) = Qmp::connect(&qmp2) {
-            if q.wait_migration() {
+            if wait_migration(&mut q) {
                 q.exec("cont", "");
                 loop {
                     match q.exec("query-status", "") {

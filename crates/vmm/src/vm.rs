@@ -37,7 +37,9 @@ use crate::config::{DiskConfig, VmConfig};
 use crate::machine::{
     DeviceCounters, DeviceInfo, Env, Machine, MachineView, VcpuExitCounts, VcpuMsg,
 };
-use crate::migrate::{MigrateError, MigrateRequest, MigrationProgress, ReceiveRequest};
+use crate::migrate::{
+    MigrateError, MigrateRequest, MigrationPhase, MigrationProgress, ReceiveRequest,
+};
 use crate::snapshot::{self, MachineState};
 use crate::Error;
 
@@ -317,8 +319,26 @@ impl VmmHandle {
         }
     }
 
-    /// Carry out `cmd` on the VMM's main thread and wait for the outcome.
+    /// Carry out `cmd` on the VMM's main thread and wait for the outcome. While a migration
+    /// runs (on the main thread), commands are refused at once instead of waiting for it to
+    /// end; `info`, `counters` and the migration's statistics are read without the main
+    /// thread and answer throughout.
     pub fn command(&self, cmd: Command) -> Result<CommandReply, CommandError> {
+        if let Some(p) = self.migration().filter(|p| {
+            matches!(
+                p.phase,
+                MigrationPhase::Connecting | MigrationPhase::Copying | MigrationPhase::StopAndCopy
+            )
+        }) {
+            return Err(CommandError::conflict(
+                self.state(),
+                "do that",
+                &format!(
+                    ": it is being migrated to {} (round {}); wait for the migration to end",
+                    p.destination, p.round
+                ),
+            ));
+        }
         let (tx, rx) = mpsc::channel();
         {
             let mut q = lock(&self.0.commands);
@@ -919,13 +939,23 @@ impl Vmm {
                         if let Some(m) = machine.take() {
                             self.retire(m);
                         }
-                        // The destination holds the disks now.
+                        // The destination holds the disks and the network now: the TAPs
+                        // (and the vsock socket) are released at once, not when this
+                        // process exits.
                         self.disks.clear();
+                        self.net = crate::net::NetBackends::default();
                         *lock(&self.handle.0.last_stop) = Some(format!("migrated to {}", req.to));
                         self.handle.set_state(Stopped);
                         self.migrated = true;
                         self.migration_reply = Some(p);
                         Ok(None)
+                    }
+                    Err(e @ MigrateError::InDoubt(_)) => {
+                        self.handle.set_state(Paused);
+                        Err(CommandError::failed(format!(
+                            "migration to {}: {e}",
+                            req.to
+                        )))
                     }
                     Err(e) => Err(CommandError::failed(format!(
                         "migration to {} failed (the VM runs on here): {e}",
@@ -1007,6 +1037,15 @@ impl crate::migrate::dest::Destination for Incoming<'_> {
         check(&config, hypervisor.as_ref()).map_err(|e| e.to_string())?;
         let mem = crate::machine::create_memory(&config).map_err(|e| e.to_string())?;
         self.vmm.disks.clear();
+        // The network devices re-attach to the TAPs of the same names in this host's (this
+        // process's) network namespace, opened or created, with the migrated MAC addresses
+        // and queue counts (`build`). Tried here once, before any page is copied, so that a
+        // TAP that cannot be opened (busy, no permission) refuses the offer while the guest
+        // still runs at the source; then let go until the source has paused the guest, so
+        // that a multi-queue TAP shared with the source on one host does not take frames
+        // from the running guest during the copy.
+        self.vmm.net = crate::net::NetBackends::default();
+        drop(crate::net::NetBackends::open(&mut config).map_err(|e| e.to_string())?);
         self.vmm.hypervisor = Some(hypervisor);
         *lock(&self.vmm.handle.0.config) = Some(config.clone());
         self.vmm.config = Some(config);
@@ -1018,12 +1057,15 @@ impl crate::migrate::dest::Destination for Incoming<'_> {
         state: &MachineState,
         mem: vireo_hv::GuestMemory,
     ) -> Result<Machine, String> {
-        let config = self.vmm.config.clone().ok_or("no configuration")?;
+        let mut config = self.vmm.config.clone().ok_or("no configuration")?;
         if state.vcpus.len() != config.cpus as usize || state.config.memory != config.memory {
             return Err("the state does not match the offered configuration".into());
         }
         // The source flushed and released the disks before it sent the state.
         self.vmm.disks = crate::pci::open_disks(&config).map_err(|e| e.to_string())?;
+        // The TAPs (see `accept`). The restored virtio-net devices set the offloads the guest
+        // negotiated on them and ask the guest to announce itself (`PciDevices::restore`).
+        self.vmm.net = crate::net::NetBackends::open(&mut config).map_err(|e| e.to_string())?;
         let m = Machine::restore(self.vmm.env().map_err(|e| e.to_string())?, state, mem)
             .map_err(|e| e.to_string())?;
         self.vmm.publish(&m);
@@ -1041,7 +1083,13 @@ impl crate::migrate::dest::Destination for Incoming<'_> {
     fn discard(&mut self, m: Machine) {
         self.vmm.retire(m);
         self.vmm.disks.clear();
+        self.vmm.net = crate::net::NetBackends::default();
         self.vmm.handle.set_state(self.before);
+    }
+
+    fn release(&mut self) {
+        self.vmm.disks.clear();
+        self.vmm.net = crate::net::NetBackends::default();
     }
 }
 

@@ -14,8 +14,14 @@
 //! 7. the destination rebuilds the machine (`dest.rs`) and, told to commit, runs it;
 //! 8. the source tears its copy down.
 //!
-//! Any failure before the destination reports the guest running leaves the guest running at
-//! the source (resumed if it was paused) and says why. Wire format: `proto.rs`.
+//! The commit point is the destination reading `Commit`: it runs the guest only after that,
+//! and drops its copy on any failure before it. So the source resumes the guest after any
+//! failure before it sends `Commit`, or when the destination answers the commit with a
+//! refusal; once `Commit` is sent and the link fails before `Running` comes back, the source
+//! cannot know which side has the guest and keeps it paused ([`MigrateError::InDoubt`]):
+//! never two running copies (split brain: both writing the shared disks), at the price of a
+//! paused guest an operator resumes after checking the destination. The whole protocol is
+//! in `docs/architecture.md` ("Live migration"). Wire format: `proto.rs`.
 
 pub(crate) mod dest;
 pub(crate) mod proto;
@@ -42,6 +48,13 @@ pub enum MigrateError {
     Peer(String),
     #[error("{0}")]
     Vmm(String),
+    /// The commit was sent and no answer came back: the destination may run the guest or
+    /// may have dropped it; nothing here can tell. The guest stays paused at the source.
+    #[error(
+        "in doubt after the commit ({0}): the destination may be running the guest; it stays \
+         paused here: resume it here only if the destination does not run it"
+    )]
+    InDoubt(String),
 }
 
 /// A migration to start at the source (`PUT /vm/migrate`, `vireo ctl migrate`).

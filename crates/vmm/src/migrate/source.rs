@@ -387,13 +387,30 @@ fn run(
         return Err(e);
     }
     let r = switch(
-        machine, config, backend, disks, &mut link, &mem, remaining, p,
+        machine, config, backend, disks, &mut link, &mem, remaining, p, paused_at,
     );
+    // The guest runs at the destination from here (on success): what follows here is not
+    // downtime (turning the dirty log off over 1 GiB takes the emulator ~10 ms).
+    let downtime = paused_at.elapsed();
     let _ = machine.vm().disable_dirty_log();
     match r {
         Ok(()) => {
-            p.downtime_ms = Some(paused_at.elapsed().as_millis() as u64);
+            p.downtime_ms = Some(downtime.as_millis() as u64);
             Ok(())
+        }
+        Err(e @ MigrateError::InDoubt(_)) => {
+            // Not resumed, no `Abort` (the destination may be running the guest). The disks
+            // are locked again where possible: a destination that runs the guest holds them.
+            for d in disks {
+                if let Err(e) = d.relock() {
+                    tracing::error!(
+                        "migration in doubt; {} (held by the destination?): {e}",
+                        d.path().display()
+                    );
+                }
+            }
+            tracing::error!("migration to {}: {e}", req.to);
+            Err(e)
         }
         Err(e) => {
             abort(&mut link, &e);
@@ -522,8 +539,14 @@ fn switch(
     mem: &GuestMemory,
     mut remaining: Vec<Vec<u64>>,
     p: &mut MigrationProgress,
+    paused_at: Instant,
 ) -> Result<(), MigrateError> {
+    // Where the downtime goes, for the log: (step, time it ended).
+    let t0 = paused_at;
+    let mut marks: Vec<(&str, Instant)> = Vec::with_capacity(7);
+    marks.push(("pause", Instant::now()));
     merge(&mut remaining, &take_dirty(machine)?);
+    marks.push(("dirty log", Instant::now()));
     // Shared storage: everything the guest wrote is on disk before the destination opens it.
     for d in disks {
         d.flush()
@@ -533,7 +556,9 @@ fn switch(
         d.unlock()
             .map_err(|e| vmm_err(format!("unlocking {}: {e}", d.path().display())))?;
     }
+    marks.push(("disks", Instant::now()));
     let n = send_pages(link, mem, &remaining, false, &|| false, &mut |_, _| {})?;
+    marks.push(("last pages", Instant::now()));
     p.pages_sent += n;
     p.last_round_pages = n;
     p.dirty_pages = 0;
@@ -549,20 +574,37 @@ fn switch(
     let bytes = snapshot::encode_state(&state).map_err(vmm_err)?;
     link.frame(Kind::State, 0, &bytes)?;
     link.flush()?;
+    marks.push(("state", Instant::now()));
     p.bytes_sent = link.sent;
     link.expect(Kind::Restored)?;
-    link.frame(Kind::Commit, 0, &[])?;
-    link.flush()?;
-    link.expect(Kind::Running).map_err(|e| {
-        // The destination may have started the guest before the link broke: nothing here
-        // can tell. The guest resumes here (a dead destination must not lose it).
-        tracing::error!(
-            "migration: no answer after the commit ({e}); if the destination runs the guest, \
-             two copies now run: stop one"
-        );
-        MigrateError::Vmm(format!("after the commit: {e}"))
-    })?;
-    Ok(())
+    marks.push(("destination rebuild", Instant::now()));
+    // The commit point: from the moment `Commit` may have reached the destination, the
+    // guest must not run here unless the destination says it does not run it there.
+    let sent = link.frame(Kind::Commit, 0, &[]).and_then(|()| link.flush());
+    match sent.and_then(|()| link.expect(Kind::Running)) {
+        Ok(_) => {
+            marks.push(("commit", Instant::now()));
+            let mut from = t0;
+            let steps: Vec<String> = marks
+                .iter()
+                .map(|&(what, at)| {
+                    let d = at - from;
+                    from = at;
+                    format!("{what} {:.1} ms", d.as_secs_f64() * 1e3)
+                })
+                .collect();
+            tracing::info!(
+                "migration switch ({n} pages, {} KiB of state): {}",
+                bytes.len() / 1024,
+                steps.join(", ")
+            );
+            Ok(())
+        }
+        // A definite answer: the destination refused the commit (and dropped its copy).
+        Err(e @ MigrateError::Peer(_)) => Err(e),
+        // A broken link, a timeout, garbage: the destination may or may not run it.
+        Err(e) => Err(MigrateError::InDoubt(e.to_string())),
+    }
 }
 
 /// A name for the stream in state-decoding errors.
