@@ -61,20 +61,26 @@ fn expose_paths(config: &VmConfig) -> (VmConfig, Vec<(PathBuf, PathBuf)>) {
     (inside, binds)
 }
 
-/// Checks that the jail's uid/gid may open `path` (read, and write unless `read_only`) by its
-/// mode bits: the jailed VMM has no capability to override them, and the error is clearer
-/// here than from inside.
-fn check_access(path: &Path, read_only: bool, uid: u32, gid: u32) -> Result<()> {
+/// The rwx bits of `path` that apply to `uid`/`gid` (owner, group or other; no capability
+/// overrides them inside the jail).
+fn access_bits(path: &Path, uid: u32, gid: u32) -> Result<u32> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).with_context(|| format!("cannot use {}", path.display()))?;
     let mode = meta.mode();
-    let bits = if meta.uid() == uid {
+    Ok(if meta.uid() == uid {
         mode >> 6
     } else if meta.gid() == gid {
         mode >> 3
     } else {
         mode
-    } & 0o7;
+    } & 0o7)
+}
+
+/// Checks that the jail's uid/gid may open `path` (read, and write unless `read_only`) by its
+/// mode bits: the jailed VMM has no capability to override them, and the error is clearer
+/// here than from inside.
+fn check_access(path: &Path, read_only: bool, uid: u32, gid: u32) -> Result<()> {
+    let bits = access_bits(path, uid, gid)?;
     let need = if read_only { 0o4 } else { 0o6 };
     if bits & need != need {
         bail!(
@@ -357,16 +363,7 @@ fn add_host_net(needs: &mut VmmNeeds, net: &HostNet, hand_over: &HandOver) -> Re
 /// Checks that the jail's uid/gid may reach files in `dir` (the search bit), for the vsock
 /// socket's directory.
 fn check_dir_searchable(dir: &Path, uid: u32, gid: u32) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(dir).with_context(|| format!("cannot use {}", dir.display()))?;
-    let mode = meta.mode();
-    let bits = if meta.uid() == uid {
-        mode >> 6
-    } else if meta.gid() == gid {
-        mode >> 3
-    } else {
-        mode
-    } & 0o7;
+    let bits = access_bits(dir, uid, gid)?;
     if bits & 0o1 == 0 {
         bail!(
             "{} is not searchable by uid {uid} / gid {gid}, which the jailed VMM runs as, so \

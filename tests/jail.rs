@@ -54,6 +54,43 @@ impl Drop for Background {
     }
 }
 
+/// `vireo restore [--jail] --snapshot SNAP --api-socket SOCKET` of a counter probe: waits for
+/// `lines` counter lines and returns the VM with the first count it printed.
+fn restore_counting(
+    snap: &Path,
+    socket: &Path,
+    jail: bool,
+    lines: usize,
+    what: &str,
+) -> (Background, u32) {
+    let mut cmd = vireo();
+    cmd.arg("restore");
+    if jail {
+        cmd.arg("--jail");
+    }
+    cmd.arg("--snapshot")
+        .arg(snap)
+        .arg("--api-socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut vm = Background(cmd.spawn().unwrap());
+    let mut out = vm.0.stdout.take().unwrap();
+    let (mut after, mut buf) = (String::new(), [0u8; 4096]);
+    while after.lines().filter(|l| l.starts_with("count ")).count() < lines {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "{what} jail={jail}: {after}");
+        after.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let first = after
+        .lines()
+        .find_map(|l| l.strip_prefix("count "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    (vm, first)
+}
+
 /// A jailed VMM running a guest that loops forever after printing `S`; returns once the
 /// guest runs.
 fn start_looping(dir: &TempDir, extra: &[&str]) -> Background {
@@ -780,27 +817,7 @@ fn jailed_restore_continues_a_snapshot() {
             .max()
             .unwrap();
 
-        let mut cmd = vireo();
-        cmd.args(["restore", "--jail", "--snapshot"])
-            .arg(&snap)
-            .arg("--api-socket")
-            .arg(&socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut vm = Background(cmd.spawn().unwrap());
-        let mut out = vm.0.stdout.take().unwrap();
-        let mut after = String::new();
-        while after.lines().filter(|l| l.starts_with("count ")).count() < 3 {
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "{accel}: {after}");
-            after.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-        let first: u32 = after
-            .lines()
-            .find_map(|l| l.strip_prefix("count "))
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap();
+        let (mut vm, first) = restore_counting(&snap, &socket, true, 3, accel);
         assert_eq!(
             first,
             last + 1,
@@ -892,31 +909,7 @@ fn jailed_vmm_snapshots_into_its_snapshot_dir() {
 
         // Restored outside the jail, then in one: it counts on from where it stopped.
         for jail in [false, true] {
-            let mut cmd = vireo();
-            cmd.arg("restore");
-            if jail {
-                cmd.arg("--jail");
-            }
-            cmd.arg("--snapshot")
-                .arg(&snap)
-                .arg("--api-socket")
-                .arg(&socket)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let mut vm = Background(cmd.spawn().unwrap());
-            let mut out = vm.0.stdout.take().unwrap();
-            let mut after = String::new();
-            while after.lines().filter(|l| l.starts_with("count ")).count() < 2 {
-                let n = out.read(&mut buf).unwrap();
-                assert!(n > 0, "{accel} jail={jail}: {after}");
-                after.push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-            let first: u32 = after
-                .lines()
-                .find_map(|l| l.strip_prefix("count "))
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap();
+            let (mut vm, first) = restore_counting(&snap, &socket, jail, 2, accel);
             assert_eq!(first, last + 1, "{accel} jail={jail}: counting resumes");
             // The vsock socket listens (bound outside the jail for the jailed restore).
             assert!(
