@@ -677,8 +677,7 @@ impl Cgroup {
     }
 
     /// Removes `<hierarchy>/vireo/<name>` in every hierarchy of the host (whoever created them:
-    /// `vireo container update` may have added controllers to a running container), and the
-    /// shared `vireo` parents when empty.
+    /// `vireo container update` may have added controllers to a running container).
     pub fn remove_named(h: &Hierarchies, name: &str) -> Result<(), Error> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Ok(());
@@ -924,7 +923,9 @@ impl Cgroup {
     }
 
     /// Removes the group's directories (waiting up to two seconds for exiting processes to
-    /// leave them), and the shared `vireo` parents if nothing else uses them.
+    /// leave them). The shared `vireo` parents stay, empty, for the next jail: creating and
+    /// removing a cgroup each cost kernfs and RCU work on every start and exit (as the
+    /// `docker` or `system.slice` groups of other managers stay).
     pub fn remove(self) -> Result<(), Error> {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut first_err = None;
@@ -947,10 +948,6 @@ impl Cgroup {
                         break;
                     }
                 }
-            }
-            if let Some(parent) = dir.parent() {
-                // Fails while other jails use it; that is fine.
-                let _ = fs::remove_dir(parent);
             }
         }
         match first_err {
