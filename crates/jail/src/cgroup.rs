@@ -956,6 +956,17 @@ impl Cgroup {
         }
     }
 
+    /// Removes the group's directories if they are empty, without waiting; false (and the
+    /// group left for [`Cgroup::remove`]) if one still holds a process.
+    pub fn try_remove(&self) -> bool {
+        self.dirs()
+            .into_iter()
+            .all(|dir| match fs::remove_dir(dir) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            })
+    }
+
     /// Whether any of the directories still exists.
     pub fn exists(&self) -> bool {
         self.dirs().iter().any(|d| d.exists())
@@ -1208,6 +1219,30 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn try_remove_takes_only_empty_groups() {
+        let root = scratch("tryrm");
+        let (a, b) = (root.join("a"), root.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let mut v1 = BTreeMap::new();
+        v1.insert(Controller::Memory, a.clone());
+        let cg = Cgroup {
+            v1,
+            v2: Some(b.clone()),
+            v2_controllers: Vec::new(),
+        };
+        // Something inside `b` (a process, on a real cgroupfs): not removed, reported.
+        fs::write(b.join("busy"), "").unwrap();
+        assert!(!cg.try_remove());
+        assert!(b.exists());
+        fs::remove_file(b.join("busy")).unwrap();
+        assert!(cg.try_remove(), "empty and already-removed groups");
+        assert!(!a.exists() && !b.exists());
+        assert!(root.exists(), "the parent stays");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     /// The v2 code path against a fake cgroupfs (this build host cannot enable v2 controllers:

@@ -690,10 +690,14 @@ impl JailedChild {
     /// Removes cgroups and the veth pair (once the process is gone).
     fn cleanup(&mut self) {
         if let Some(cg) = self.cgroup.take() {
-            // The PID namespace died with its init; anything left (it cannot be) goes too.
-            cg.kill_all();
-            if let Err(e) = cg.remove() {
-                tracing::warn!(jail = %self.name, "clean-up: {e}");
+            // The PID namespace died with its init (the kernel kills and reaps every process
+            // in it before the init's exit completes), so the groups are empty: remove them
+            // directly. Only if one is not (a process put there from outside) kill and wait.
+            if !cg.try_remove() {
+                cg.kill_all();
+                if let Err(e) = cg.remove() {
+                    tracing::warn!(jail = %self.name, "clean-up: {e}");
+                }
             }
             // Directories another vireo added while it ran (`container update`).
             if let Err(e) = Cgroup::remove_named(&self.hierarchies, &self.name) {
