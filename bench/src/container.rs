@@ -1,9 +1,11 @@
 //! `bench/container`: OS-level isolation, vireo against its peers, in one run.
 //!
 //! 1. Start a container on a busybox root file system and run `/bin/true` in it, process
-//!    spawn to exit: `vireo container run`, `unshare` + `chroot` (util-linux: the same
-//!    mount, UTS, IPC, network and PID namespaces, no pivot_root, cgroups or seccomp), and
-//!    `crun run` (OCI runtime, when installed).
+//!    spawn to exit: `vireo container run`; the peers `unshare` + `chroot` (util-linux) with
+//!    the namespaces vireo creates (mount, UTS, IPC, network, PID, cgroup, time) and a
+//!    `/proc` for the new PID namespace, and `crun run` (OCI runtime, when installed); for
+//!    reference (not a peer: fewer namespaces, no `/proc`), the bare `unshare -m -u -i -n -p
+//!    -f chroot`.
 //! 2. The jail's cost on VM start: `vireo run` of a probe guest that prints a line and powers
 //!    off, with and without `--jail` (KVM).
 //!
@@ -11,7 +13,9 @@
 //! of one run (network namespaces, RCU callbacks) does not land in the next.
 //!
 //! Usage: `cargo build --release --workspace && target/x86_64-unknown-linux-gnu/release/container
-//! [--runs N]` (as root).
+//! [--runs N] [--only containers|vm] [--baseline VIREO]` (as root). `--baseline` adds rows
+//! for another vireo binary, interleaved with the others: a before/after comparison under
+//! the same load.
 
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,12 +30,17 @@ use vireo_guests::probe::{build, Probe};
 const PAUSE: Duration = Duration::from_millis(200);
 
 fn arg(name: &str, default: usize) -> usize {
+    arg_str(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn arg_str(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
         .position(|a| a == name)
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+        .cloned()
 }
 
 /// Wall time of one run to its exit, in ms; `None` if it failed.
@@ -48,19 +57,44 @@ fn time_once(mut cmd: Command) -> Option<f64> {
 type CommandFn = Box<dyn Fn() -> Command>;
 
 struct Contender {
-    name: &'static str,
+    name: String,
     command: CommandFn,
     times: Vec<f64>,
     failures: usize,
+    /// A peer vireo is compared with (the ratios are to the fastest peer).
+    peer: bool,
 }
 
-fn contender(name: &'static str, command: CommandFn) -> Contender {
+fn contender(name: impl Into<String>, command: CommandFn) -> Contender {
     Contender {
-        name,
+        name: name.into(),
         command,
         times: Vec::new(),
         failures: 0,
+        peer: false,
     }
+}
+
+fn peer(name: impl Into<String>, command: CommandFn) -> Contender {
+    Contender {
+        peer: true,
+        ..contender(name, command)
+    }
+}
+
+/// `vireo container run` of `/bin/true` on `rootfs` with the binary `bin`.
+fn vireo_container(name: String, bin: &Path, rootfs: &Path) -> Contender {
+    let (bin, rootfs) = (bin.to_path_buf(), rootfs.to_path_buf());
+    contender(
+        name,
+        Box::new(move || {
+            let mut c = Command::new(&bin);
+            c.args(["container", "run", "--rootfs"])
+                .arg(&rootfs)
+                .args(["--", "/bin/true"]);
+            c
+        }),
+    )
 }
 
 /// A process holding a private mount namespace with the unified cgroup hierarchy unmounted:
@@ -162,34 +196,55 @@ fn main() {
     vireo_guests::default_guest::busybox::busybox_rootfs(&cache, &rootfs)
         .expect("busybox root file system");
 
-    let mut rows = vec![
-        {
-            let (bin, rootfs) = (bin.clone(), rootfs.clone());
-            contender(
-                "vireo container run",
-                Box::new(move || {
-                    let mut c = Command::new(&bin);
-                    c.args(["container", "run", "--rootfs"])
-                        .arg(&rootfs)
-                        .args(["--", "/bin/true"]);
-                    c
-                }),
-            )
-        },
-        {
-            let rootfs = rootfs.clone();
-            contender(
-                "unshare + chroot",
-                Box::new(move || {
-                    let mut c = Command::new("unshare");
-                    c.args(["-m", "-u", "-i", "-n", "-p", "-f", "chroot"])
-                        .arg(&rootfs)
-                        .arg("/bin/true");
-                    c
-                }),
-            )
-        },
-    ];
+    let baseline = arg_str("--baseline").map(PathBuf::from);
+    let only = arg_str("--only");
+    if only.as_deref().is_none_or(|o| o == "containers") {
+        containers(&bin, baseline.as_deref(), &dir, &rootfs, runs);
+    }
+    if only.as_deref().is_none_or(|o| o == "vm") {
+        vm_start(&bin, baseline.as_deref(), &dir, runs);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Part 1: `/bin/true` in a container, vireo against its peers.
+fn containers(bin: &Path, baseline: Option<&Path>, dir: &Path, rootfs: &Path, runs: usize) {
+    let mut rows = vec![vireo_container("vireo container run".into(), bin, rootfs)];
+    if let Some(b) = baseline {
+        rows.push(vireo_container(
+            format!("vireo container run ({})", b.display()),
+            b,
+            rootfs,
+        ));
+    }
+    {
+        let rootfs = rootfs.to_path_buf();
+        rows.push(peer(
+            "unshare + chroot (7 namespaces, /proc)",
+            Box::new(move || {
+                let mut c = Command::new("unshare");
+                c.args(["-m", "-u", "-i", "-n", "-p", "-f", "-C", "-T"])
+                    .arg(format!("--mount-proc={}", rootfs.join("proc").display()))
+                    .arg("chroot")
+                    .arg(&rootfs)
+                    .arg("/bin/true");
+                c
+            }),
+        ));
+    }
+    {
+        let rootfs = rootfs.to_path_buf();
+        rows.push(contender(
+            "unshare + chroot (5 namespaces; reference)",
+            Box::new(move || {
+                let mut c = Command::new("unshare");
+                c.args(["-m", "-u", "-i", "-n", "-p", "-f", "chroot"])
+                    .arg(&rootfs)
+                    .arg("/bin/true");
+                c
+            }),
+        ));
+    }
     let crun_ok = Command::new("crun")
         .arg("--version")
         .stdout(Stdio::null())
@@ -202,10 +257,10 @@ fn main() {
     };
     let crun_note;
     if let Some(h) = &hidden {
-        let bundle = crun_bundle(&dir, &rootfs);
+        let bundle = crun_bundle(dir, rootfs);
         let ns = h.ns.as_raw_fd();
         let counter = std::cell::Cell::new(0u32);
-        rows.push(contender(
+        rows.push(peer(
             "crun run",
             Box::new(move || {
                 counter.set(counter.get() + 1);
@@ -237,17 +292,19 @@ fn main() {
     );
     run_rounds(&mut rows, runs);
     let medians: Vec<Option<f64>> = rows.iter().map(|r| median(r.times.clone())).collect();
-    let fastest = medians
+    let fastest = rows
         .iter()
-        .skip(1)
-        .flatten()
-        .fold(f64::INFINITY, |a, &b| a.min(b));
+        .zip(&medians)
+        .filter(|(r, _)| r.peer)
+        .filter_map(|(_, m)| *m)
+        .fold(f64::INFINITY, f64::min);
     let p25s: Vec<Option<f64>> = rows.iter().map(|r| quartile(&r.times)).collect();
-    let fastest_p25 = p25s
+    let fastest_p25 = rows
         .iter()
-        .skip(1)
-        .flatten()
-        .fold(f64::INFINITY, |a, &b| a.min(b));
+        .zip(&p25s)
+        .filter(|(r, _)| r.peer)
+        .filter_map(|(_, q)| *q)
+        .fold(f64::INFINITY, f64::min);
     println!();
     println!(
         "| start to `/bin/true` exited | median (ms) | / fastest peer | 25th pct (ms) | / fastest peer | failures |"
@@ -266,9 +323,6 @@ fn main() {
     }
     println!("\n{crun_note}");
     drop(hidden);
-
-    vm_start(&bin, &dir, runs);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 /// The 25th percentile (less disturbed by other work on the machine than the median).
@@ -295,8 +349,9 @@ fn run_rounds(rows: &mut [Contender], runs: usize) {
     }
 }
 
-/// `vireo run` of the Hello probe to its exit, jailed and not.
-fn vm_start(bin: &Path, dir: &Path, runs: usize) {
+/// `vireo run` of the Hello probe to its exit, jailed and not (and the same with the
+/// baseline binary).
+fn vm_start(bin: &Path, baseline: Option<&Path>, dir: &Path, runs: usize) {
     if fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -308,15 +363,25 @@ fn vm_start(bin: &Path, dir: &Path, runs: usize) {
     }
     let kernel = dir.join("hello.elf");
     fs::write(&kernel, build(&Probe::Hello)).expect("probe");
-    let mut rows: Vec<Contender> = [false, true]
-        .into_iter()
-        .map(|jail| {
-            let (bin, kernel) = (bin.to_path_buf(), kernel.clone());
+    let mut bins = vec![(bin.to_path_buf(), String::new())];
+    if let Some(b) = baseline {
+        bins.push((b.to_path_buf(), format!(" ({})", b.display())));
+    }
+    let mut rows: Vec<Contender> = bins
+        .iter()
+        .flat_map(|(b, label)| {
+            [
+                (b.clone(), label.clone(), false),
+                (b.clone(), label.clone(), true),
+            ]
+        })
+        .map(|(bin, label, jail)| {
+            let kernel = kernel.clone();
             contender(
                 if jail {
-                    "vireo run --jail"
+                    format!("vireo run --jail{label}")
                 } else {
-                    "vireo run"
+                    format!("vireo run{label}")
                 },
                 Box::new(move || {
                     let mut c = Command::new(&bin);
@@ -344,13 +409,16 @@ fn vm_start(bin: &Path, dir: &Path, runs: usize) {
             r.failures
         );
     }
-    if let ([Some(a), Some(b)], [Some(qa), Some(qb)]) = (&m[..], &q[..]) {
-        println!(
-            "| jail overhead | {:.2} ({:.2}x) | {:.2} ({:.2}x) | |",
-            b - a,
-            b / a,
-            qb - qa,
-            qb / qa
-        );
+    for (i, (_, label)) in bins.iter().enumerate() {
+        let (j, k) = (2 * i, 2 * i + 1);
+        if let (Some(a), Some(b), Some(qa), Some(qb)) = (m[j], m[k], q[j], q[k]) {
+            println!(
+                "| jail overhead{label} | {:.2} ({:.2}x) | {:.2} ({:.2}x) | |",
+                b - a,
+                b / a,
+                qb - qa,
+                qb / qa
+            );
+        }
     }
 }

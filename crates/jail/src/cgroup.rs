@@ -677,8 +677,7 @@ impl Cgroup {
     }
 
     /// Removes `<hierarchy>/vireo/<name>` in every hierarchy of the host (whoever created them:
-    /// `vireo container update` may have added controllers to a running container), and the
-    /// shared `vireo` parents when empty.
+    /// `vireo container update` may have added controllers to a running container).
     pub fn remove_named(h: &Hierarchies, name: &str) -> Result<(), Error> {
         if name.is_empty() || name.contains('/') || name.starts_with('.') {
             return Ok(());
@@ -924,7 +923,9 @@ impl Cgroup {
     }
 
     /// Removes the group's directories (waiting up to two seconds for exiting processes to
-    /// leave them), and the shared `vireo` parents if nothing else uses them.
+    /// leave them). The shared `vireo` parents stay, empty, for the next jail: creating and
+    /// removing a cgroup each cost kernfs and RCU work on every start and exit (as the
+    /// `docker` or `system.slice` groups of other managers stay).
     pub fn remove(self) -> Result<(), Error> {
         let deadline = Instant::now() + Duration::from_secs(2);
         let mut first_err = None;
@@ -948,15 +949,22 @@ impl Cgroup {
                     }
                 }
             }
-            if let Some(parent) = dir.parent() {
-                // Fails while other jails use it; that is fine.
-                let _ = fs::remove_dir(parent);
-            }
         }
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// Removes the group's directories if they are empty, without waiting; false (and the
+    /// group left for [`Cgroup::remove`]) if one still holds a process.
+    pub fn try_remove(&self) -> bool {
+        self.dirs()
+            .into_iter()
+            .all(|dir| match fs::remove_dir(dir) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            })
     }
 
     /// Whether any of the directories still exists.
@@ -1211,6 +1219,30 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn try_remove_takes_only_empty_groups() {
+        let root = scratch("tryrm");
+        let (a, b) = (root.join("a"), root.join("b"));
+        fs::create_dir_all(&a).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let mut v1 = BTreeMap::new();
+        v1.insert(Controller::Memory, a.clone());
+        let cg = Cgroup {
+            v1,
+            v2: Some(b.clone()),
+            v2_controllers: Vec::new(),
+        };
+        // Something inside `b` (a process, on a real cgroupfs): not removed, reported.
+        fs::write(b.join("busy"), "").unwrap();
+        assert!(!cg.try_remove());
+        assert!(b.exists());
+        fs::remove_file(b.join("busy")).unwrap();
+        assert!(cg.try_remove(), "empty and already-removed groups");
+        assert!(!a.exists() && !b.exists());
+        assert!(root.exists(), "the parent stays");
+        fs::remove_dir_all(&root).unwrap();
     }
 
     /// The v2 code path against a fake cgroupfs (this build host cannot enable v2 controllers:

@@ -2,6 +2,15 @@
 //! (`/run/vireo/containers/<id>/state.json`) so that other vireo processes can list, stop and
 //! resize it.
 //!
+//! The name is reserved by a lock file `/run/vireo/containers/.<id>.lock` (created
+//! exclusively, naming the owning vireo) for the container's whole life; the state directory
+//! is only made for a command still running [`STATE_DELAY`] after it started (or when
+//! [`Container::wait`] is called), so a container shows in `list` from then on. A directory
+//! gets a block at
+//! `mkdir`, and freeing it where `/run` is a disk file system mounted with `discard` (not a
+//! tmpfs) is a synchronous discard request on the critical path of every short-lived
+//! container; a small file removed before write-back never gets a block.
+//!
 //! The `vireo container run` process is the container's parent and stays for its whole life:
 //! it forwards signals, waits, and removes the cgroups, the veth pair and the state when the
 //! command exits. When that process is killed outright, the container's init dies with it
@@ -28,6 +37,9 @@ use crate::Error;
 
 /// Where container state lives.
 pub const STATE_DIR: &str = "/run/vireo/containers";
+
+/// How long a container runs before its state directory is written (see the module doc).
+pub const STATE_DELAY: Duration = Duration::from_millis(50);
 
 /// The host uid/gid range a container's ids map to with a user namespace: container root is
 /// host uid 100000 (as in `/etc/subuid` defaults).
@@ -147,6 +159,14 @@ pub struct Container {
     child: JailedChild,
     state: State,
     dir: PathBuf,
+    /// The name's lock file.
+    lock: PathBuf,
+    /// Whether `dir` was created.
+    state_written: bool,
+    /// When the command was started.
+    started: Instant,
+    /// `dir` is still to be written (the command may be gone before [`STATE_DELAY`]).
+    state_pending: bool,
 }
 
 impl Container {
@@ -163,21 +183,44 @@ impl Container {
         &self.child
     }
 
-    /// Waits for the command to exit, forwarding the signals `fwd` blocked on.
+    /// Waits for the command to exit, forwarding the signals `fwd` blocked on. Writes the
+    /// container's state if it still runs [`STATE_DELAY`] after it started.
     pub fn wait_forwarding(&mut self, fwd: &SignalForwarding) -> Result<Outcome, Error> {
+        if self.state_pending {
+            let deadline = self.started + STATE_DELAY;
+            if let Some(exit) = self.child.wait_forwarding_until(fwd, Some(deadline))? {
+                return Ok(self.outcome(exit));
+            }
+            self.write_state()?;
+        }
         let exit = self.child.wait_forwarding(fwd)?;
         Ok(self.outcome(exit))
     }
 
-    /// Waits for the command to exit.
+    /// Waits for the command to exit (its state is written first if it still runs).
     pub fn wait(&mut self) -> Result<Outcome, Error> {
+        if self.state_pending && self.child.try_wait()?.is_none() {
+            self.write_state()?;
+        }
         let exit = self.child.wait()?;
         Ok(self.outcome(exit))
     }
 
+    /// Writes the state directory now.
+    fn write_state(&mut self) -> Result<(), Error> {
+        self.state_pending = false;
+        fs::create_dir(&self.dir).map_err(|e| Error::Io {
+            context: format!("creating {}", self.dir.display()),
+            source: e,
+        })?;
+        self.state_written = true;
+        write_state_file(&self.dir.join("state.json"), &self.state)
+    }
+
     fn outcome(&mut self, exit: Exit) -> Outcome {
         let stats = self.child.final_stats().cloned().unwrap_or_default();
-        let _ = fs::remove_dir_all(&self.dir);
+        self.state_pending = false;
+        self.remove_files();
         Outcome {
             exit,
             oom_kills: stats.oom_kills.unwrap_or(0),
@@ -186,13 +229,52 @@ impl Container {
     }
 }
 
+impl Container {
+    /// Removes the state directory (if made) and the name's lock, once.
+    fn remove_files(&mut self) {
+        if self.state_written {
+            let _ = fs::remove_dir_all(&self.dir);
+            self.state_written = false;
+        }
+        let _ = fs::remove_file(&self.lock);
+    }
+}
+
 impl Drop for Container {
     fn drop(&mut self) {
         // The child's own Drop kills it and removes its cgroups first.
         let _ = self.child.kill(libc::SIGKILL);
         let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
+        self.remove_files();
     }
+}
+
+/// Writes `s` to `path` atomically (a temporary file, then a rename).
+fn write_state_file(path: &Path, s: &State) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    let json = serde_json::to_vec_pretty(s).map_err(|e| Error::Io {
+        context: "encoding the container state".into(),
+        source: io::Error::other(e),
+    })?;
+    fs::write(&tmp, json)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| Error::Io {
+            context: format!("writing {}", path.display()),
+            source: e,
+        })
+}
+
+/// The lock file reserving container name `id` in `dir`.
+fn lock_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!(".{id}.lock"))
+}
+
+/// The container id a lock file name reserves (`.<id>.lock`).
+fn locked_id(file_name: &str) -> Option<&str> {
+    file_name
+        .strip_prefix('.')?
+        .strip_suffix(".lock")
+        .filter(|id| valid_name(id))
 }
 
 fn random_hex(n: usize) -> String {
@@ -257,18 +339,7 @@ impl Runtime {
     }
 
     fn write_state(&self, s: &State) -> Result<(), Error> {
-        let path = self.state_path(&s.id);
-        let tmp = path.with_extension("tmp");
-        let json = serde_json::to_vec_pretty(s).map_err(|e| Error::Io {
-            context: "encoding the container state".into(),
-            source: io::Error::other(e),
-        })?;
-        fs::write(&tmp, json)
-            .and_then(|()| fs::rename(&tmp, &path))
-            .map_err(|e| Error::Io {
-                context: format!("writing {}", path.display()),
-                source: e,
-            })
+        write_state_file(&self.state_path(&s.id), s)
     }
 
     /// Removes state (and, through the jail records, cgroups and veth pairs) of containers
@@ -281,6 +352,29 @@ impl Runtime {
         };
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
+            if locked_id(&id).is_some() {
+                // The lock names its vireo; one being written right now names none yet, so
+                // an unreadable lock only goes when it is old.
+                let owner = fs::read(e.path())
+                    .ok()
+                    .and_then(|t| serde_json::from_slice::<ProcessId>(&t).ok());
+                let stale = match owner {
+                    Some(o) => !o.alive(),
+                    None => e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age > Duration::from_secs(60)),
+                };
+                if stale {
+                    let _ = fs::remove_file(e.path());
+                }
+                continue;
+            }
+            if id.starts_with('.') {
+                continue;
+            }
             let stale = match self.read_state(&id) {
                 Some(s) => !s.owner.alive(),
                 // No state yet: a container starting right now, or debris. Only remove it
@@ -331,28 +425,58 @@ impl Runtime {
             source: e,
         })?;
         let dir = self.dir.join(&id);
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
+        let lock = lock_path(&self.dir, &id);
+        let owner = ProcessId::current().unwrap_or(ProcessId {
+            pid: std::process::id() as i32,
+            start: 0,
+        });
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(mut f) => {
+                let json = serde_json::to_vec(&owner).unwrap_or_default();
+                if let Err(e) = io::Write::write_all(&mut f, &json) {
+                    let _ = fs::remove_file(&lock);
+                    return Err(Error::Io {
+                        context: format!("writing {}", lock.display()),
+                        source: e,
+                    });
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(Error::ContainerExists(id))
             }
             Err(e) => {
                 return Err(Error::Io {
-                    context: format!("creating {}", dir.display()),
+                    context: format!("creating {}", lock.display()),
                     source: e,
                 })
             }
         }
-        match self.start(spec, &id, &dir) {
+        // A state directory without a lock: a container of an older vireo.
+        if dir.exists() {
+            let _ = fs::remove_file(&lock);
+            return Err(Error::ContainerExists(id));
+        }
+        match self.start(spec, &id, &dir, owner, &lock) {
             Ok(c) => Ok(c),
             Err(e) => {
-                let _ = fs::remove_dir_all(&dir);
+                let _ = fs::remove_file(&lock);
                 Err(e)
             }
         }
     }
 
-    fn start(&self, spec: &ContainerSpec, id: &str, dir: &Path) -> Result<Container, Error> {
+    fn start(
+        &self,
+        spec: &ContainerSpec,
+        id: &str,
+        dir: &Path,
+        owner: ProcessId,
+        lock: &Path,
+    ) -> Result<Container, Error> {
         let net = match &spec.net {
             Some(text) => Some(
                 NetSpec::parse(text, &format!("vr-{}", random_hex(12)))
@@ -406,12 +530,9 @@ impl Runtime {
         jail.env = env;
 
         let child = spawn(&jail)?;
+        let started = Instant::now();
         let init = ProcessId::of(child.pid()).unwrap_or(ProcessId {
             pid: child.pid(),
-            start: 0,
-        });
-        let owner = ProcessId::current().unwrap_or(ProcessId {
-            pid: std::process::id() as i32,
             start: 0,
         });
         let state = State {
@@ -429,18 +550,15 @@ impl Runtime {
             net,
             limits: spec.limits.clone(),
         };
-        let mut c = Container {
+        Ok(Container {
             child,
             state,
             dir: dir.to_path_buf(),
-        };
-        // A command that is already gone (`/bin/true`) can be neither listed nor stopped:
-        // skip its state file (a create, a rename and an unlink, each a journal transaction
-        // where /run is not a tmpfs). `try_wait` reaps it and removes its cgroups.
-        if c.child.try_wait()?.is_none() {
-            self.write_state(&c.state)?;
-        }
-        Ok(c)
+            lock: lock.to_path_buf(),
+            state_written: false,
+            state_pending: true,
+            started,
+        })
     }
 
     /// Running containers (stale ones are cleaned up first).
@@ -549,6 +667,16 @@ mod tests {
     }
 
     #[test]
+    fn lock_names() {
+        let p = lock_path(Path::new("/run/x"), "c1");
+        assert_eq!(p, Path::new("/run/x/.c1.lock"));
+        assert_eq!(locked_id(".c1.lock"), Some("c1"));
+        assert_eq!(locked_id("c1"), None);
+        assert_eq!(locked_id(".c1.tmp"), None);
+        assert_eq!(locked_id("..lock"), None, "an empty name is no container");
+    }
+
+    #[test]
     fn state_round_trips_as_json() {
         let s = State {
             id: "c1".into(),
@@ -597,7 +725,33 @@ mod tests {
             },
         );
         fs::create_dir_all(dir.join("starting")).unwrap();
+        // Name locks: one of a live vireo, one of a dead one, one being written (no owner
+        // yet, young).
+        let lock = |id: &str, owner: Option<ProcessId>| {
+            let json = owner
+                .map(|o| serde_json::to_vec(&o).unwrap())
+                .unwrap_or_default();
+            fs::write(lock_path(&dir, id), json).unwrap();
+        };
+        lock("mine", Some(me));
+        lock(
+            "gone",
+            Some(ProcessId {
+                pid: me.pid,
+                start: me.start + 1,
+            }),
+        );
+        lock("new", None);
         assert_eq!(rt.sweep(), ["orphan"]);
+        assert!(lock_path(&dir, "mine").exists());
+        assert!(
+            !lock_path(&dir, "gone").exists(),
+            "a dead owner's lock is removed"
+        );
+        assert!(
+            lock_path(&dir, "new").exists(),
+            "a young lock being written stays"
+        );
         assert!(dir.join("mine").exists());
         assert!(
             dir.join("starting").exists(),

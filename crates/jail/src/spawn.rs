@@ -24,7 +24,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use seccompiler::BpfProgram;
 
@@ -96,11 +96,23 @@ enum Op {
     },
 }
 
-/// Where the child failed, sent to the parent over the error pipe.
-#[repr(u32)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    Sync = 1,
+/// Declares [`Stage`] and the table that decodes it, from one list.
+macro_rules! stages {
+    ($($name:ident),* $(,)?) => {
+        /// Where the child failed, sent to the parent over the error pipe.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Stage {
+            $($name),*
+        }
+
+        impl Stage {
+            const ALL: &'static [Stage] = &[$(Stage::$name),*];
+        }
+    };
+}
+
+stages![
+    Sync,
     Session,
     Namespaces,
     Hostname,
@@ -120,35 +132,16 @@ enum Stage {
     Fds,
     Seccomp,
     Exec,
-}
+];
 
 impl Stage {
-    fn from_u32(v: u32) -> Option<Stage> {
-        use Stage::*;
-        [
-            Sync,
-            Session,
-            Namespaces,
-            Hostname,
-            Network,
-            MakePrivate,
-            RootMount,
-            Op,
-            RootReadOnly,
-            PivotRoot,
-            Cwd,
-            Groups,
-            Bounding,
-            Ids,
-            Caps,
-            NoNewPrivs,
-            ParentDied,
-            Fds,
-            Seccomp,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == v)
+    /// The stage's number in a report (from 1, so that an all-zero report names none).
+    fn code(self) -> u32 {
+        self as u32 + 1
+    }
+
+    fn from_code(v: u32) -> Option<Stage> {
+        Self::ALL.get(v.checked_sub(1)? as usize).copied()
     }
 }
 
@@ -182,6 +175,11 @@ struct Plan {
     /// `spec.pass_fds`, sorted, without duplicates.
     pass_fds: Vec<RawFd>,
     userns: bool,
+    /// Leave vireo's session (`setsid`): vireo has a controlling terminal that the jail must
+    /// not reach. Without one, a process group of its own is enough (`setpgid`), and the
+    /// jail stays in vireo's scheduler autogroup (each new session gets one of its own,
+    /// which costs the jail milliseconds of CPU share on a loaded host).
+    new_session: bool,
 }
 
 fn cstring(s: &OsStr, what: &str) -> Result<CString, Error> {
@@ -445,8 +443,19 @@ impl Plan {
                 v
             },
             userns,
+            new_session: has_controlling_terminal(),
         })
     }
+}
+
+/// Whether this process has a controlling terminal: `/dev/tty` opens only then (tty(4)).
+fn has_controlling_terminal() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open("/dev/tty")
+        .is_ok()
 }
 
 /// Where `execve` looks for `argv0`: itself when it has a `/`, else each `PATH` entry.
@@ -627,13 +636,35 @@ impl JailedChild {
 
     /// Waits for it to exit, passing the signals `fwd` blocked on to the jail's init.
     pub fn wait_forwarding(&mut self, fwd: &SignalForwarding) -> Result<Exit, Error> {
-        let mut watch = fwd.signals.clone();
-        watch.push(libc::SIGCHLD);
         loop {
-            if let Some(e) = self.try_wait()? {
+            if let Some(e) = self.wait_forwarding_until(fwd, None)? {
                 return Ok(e);
             }
-            match sys::sigtimedwait(&watch, Duration::from_millis(200)) {
+        }
+    }
+
+    /// Like [`JailedChild::wait_forwarding`], but gives up at `deadline` (`None`: the
+    /// process still runs).
+    pub fn wait_forwarding_until(
+        &mut self,
+        fwd: &SignalForwarding,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Exit>, Error> {
+        let mut watch = fwd.signals.clone();
+        watch.push(libc::SIGCHLD);
+        let poll = Duration::from_millis(200);
+        loop {
+            if let Some(e) = self.try_wait()? {
+                return Ok(Some(e));
+            }
+            let timeout = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(poll),
+                    _ => return Ok(None),
+                },
+                None => poll,
+            };
+            match sys::sigtimedwait(&watch, timeout) {
                 Some(libc::SIGCHLD) | None => {}
                 Some(sig) => {
                     tracing::debug!(sig, jail = %self.name, "forwarding signal");
@@ -659,10 +690,14 @@ impl JailedChild {
     /// Removes cgroups and the veth pair (once the process is gone).
     fn cleanup(&mut self) {
         if let Some(cg) = self.cgroup.take() {
-            // The PID namespace died with its init; anything left (it cannot be) goes too.
-            cg.kill_all();
-            if let Err(e) = cg.remove() {
-                tracing::warn!(jail = %self.name, "clean-up: {e}");
+            // The PID namespace died with its init (the kernel kills and reaps every process
+            // in it before the init's exit completes), so the groups are empty: remove them
+            // directly. Only if one is not (a process put there from outside) kill and wait.
+            if !cg.try_remove() {
+                cg.kill_all();
+                if let Err(e) = cg.remove() {
+                    tracing::warn!(jail = %self.name, "clean-up: {e}");
+                }
             }
             // Directories another vireo added while it ran (`container update`).
             if let Err(e) = Cgroup::remove_named(&self.hierarchies, &self.name) {
@@ -811,24 +846,74 @@ fn spawn_entry(spec: &JailSpec, entry: Entry) -> Result<JailedChild, Error> {
         .as_ref()
         .and_then(|cg| cg.v2.as_ref())
         .and_then(|d| std::fs::File::open(d).ok());
+    // Whether the parent has work between the clone and the child's set-up (then the child
+    // waits for it): id maps, joining cgroups the clone did not enter, the veth pair.
+    let base_work = spec.user_namespace.is_some() || spec.net.is_some();
+    let work_in_v2 = base_work || cgroup.as_ref().is_some_and(|cg| !cg.v1.is_empty());
+    let work_forked = base_work || cgroup.as_ref().is_some_and(|cg| !cg.dirs().is_empty());
+    let v2_raw = v2_fd.as_ref().map(|f| f.as_raw_fd());
+    // Fast path: a command to execute and nothing for the parent to do. The child shares
+    // this process's memory (no page-table copy, no copy-on-write faults) and this thread
+    // sleeps until it has executed the command or failed (CLONE_VFORK): one wake-up, and
+    // the error pipe then holds the child's report, if any. `entry` is `Exec`, which the
+    // child re-creates (it owns nothing).
+    let mut cloned = None;
+    let exec = matches!(entry, Entry::Exec);
+    let shared_ok = exec
+        && !(if v2_raw.is_some() {
+            work_in_v2
+        } else {
+            work_forked
+        });
+    if shared_ok {
+        let stack = sys::ChildStack::new(CHILD_STACK).map_err(io_err("mapping a stack"))?;
+        let args = SharedChild {
+            plan: &plan,
+            sync_r: sync_r.as_raw_fd(),
+            sync_w: sync_w.as_raw_fd(),
+            err_r: err_r.as_raw_fd(),
+            err_w: err_w.as_raw_fd(),
+        };
+        // SAFETY: `shared_child` only runs `child_main` on `args` (alive in this frame,
+        // which is suspended until the child is gone), which reads `plan`, writes only its
+        // own stack, never allocates, takes locks or returns, and ends in execve or _exit.
+        let r = unsafe {
+            sys::clone3_vfork(
+                flags,
+                v2_raw,
+                &stack,
+                shared_child,
+                &args as *const SharedChild as *mut libc::c_void,
+            )
+        };
+        match r {
+            // A kernel without clone3 or CLONE_INTO_CGROUP: the copying path below.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSYS) | Some(libc::E2BIG) | Some(libc::EINVAL)
+                ) => {}
+            other => cloned = Some(other.map(|p| (p, v2_raw.is_some(), false))),
+        }
+    }
     // SAFETY: the child only runs `child_main`, which makes system calls on `plan` (prepared
     // above) and never allocates, takes locks or returns.
-    let cloned = match &v2_fd {
-        Some(f) => match unsafe { sys::clone3_into_cgroup(flags, f.as_raw_fd()) } {
+    let cloned = cloned.unwrap_or_else(|| match v2_raw {
+        Some(fd) => match unsafe { sys::clone3_into_cgroup(flags, fd) } {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::E2BIG)) => {
                 // SAFETY: as above.
-                unsafe { sys::clone_fork(flags) }.map(|p| (p, false))
+                unsafe { sys::clone_fork(flags) }.map(|p| (p, false, work_forked))
             }
-            other => other.map(|p| (p, true)),
+            other => other.map(|p| (p, true, work_in_v2)),
         },
         // SAFETY: as above.
-        None => unsafe { sys::clone_fork(flags) }.map(|p| (p, false)),
-    };
-    let (pid, in_v2) = match cloned {
-        Ok((0, _)) => {
+        None => unsafe { sys::clone_fork(flags) }.map(|p| (p, false, work_forked)),
+    });
+    let (pid, in_v2, sync) = match cloned {
+        Ok((0, _, sync)) => {
             drop(sync_w);
             drop(err_r);
-            child_main(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), entry)
+            child_main(&plan, sync_r.as_raw_fd(), err_w.as_raw_fd(), entry, sync)
         }
         Ok(p) => p,
         Err(e) => {
@@ -855,7 +940,13 @@ fn spawn_entry(spec: &JailSpec, entry: Entry) -> Result<JailedChild, Error> {
     };
     tracing::debug!(jail = %spec.name, pid, "jail cloned");
 
-    if let Err(e) = parent_steps(spec, &mut child, pid, in_v2, sync_w.as_raw_fd()) {
+    if let Err(e) = parent_steps(
+        spec,
+        &mut child,
+        pid,
+        in_v2,
+        sync.then_some(sync_w.as_raw_fd()),
+    ) {
         // The child may have failed first (building its root does not wait for us): its
         // report says more than our failure to talk to it.
         let _ = child.kill(libc::SIGKILL);
@@ -881,13 +972,14 @@ fn spawn_entry(spec: &JailSpec, entry: Entry) -> Result<JailedChild, Error> {
     }
 }
 
-/// What the parent does between the clone and letting the child go.
+/// What the parent does between the clone and letting the child go (`sync_w`: the child
+/// waits for a byte there; `None` when there is nothing to do and it does not wait).
 fn parent_steps(
     spec: &JailSpec,
     child: &mut JailedChild,
     pid: libc::pid_t,
     in_v2: bool,
-    sync_w: RawFd,
+    sync_w: Option<RawFd>,
 ) -> Result<(), Error> {
     if let Some(map) = &spec.user_namespace {
         for file in ["uid_map", "gid_map"] {
@@ -913,7 +1005,35 @@ fn parent_steps(
         })?;
         child.veth = Some(guard);
     }
-    sys::write_all(sync_w, b"G").map_err(io_err("starting the jail"))
+    match sync_w {
+        Some(fd) => sys::write_all(fd, b"G").map_err(io_err("starting the jail")),
+        None => Ok(()),
+    }
+}
+
+/// Stack of a child that shares vireo's memory: `child_main` needs about 20 KiB (the
+/// `execve` pointer arrays); only touched pages are backed.
+const CHILD_STACK: usize = 256 << 10;
+
+/// What [`shared_child`] gets: the plan and the raw pipe ends (it closes the parent's).
+struct SharedChild<'a> {
+    plan: &'a Plan,
+    sync_r: RawFd,
+    sync_w: RawFd,
+    err_r: RawFd,
+    err_w: RawFd,
+}
+
+/// Entry point of a child started by [`sys::clone3_vfork`].
+extern "C" fn shared_child(arg: *mut libc::c_void) -> ! {
+    // SAFETY: `arg` is the `SharedChild` in `spawn_entry`'s frame, which stays suspended
+    // (CLONE_VFORK) until this child has executed its command or exited.
+    let a = unsafe { &*(arg as *const SharedChild) };
+    // The parent's ends, copied into this process's descriptor table: close them raw (the
+    // owning objects live on in the parent).
+    sys::close(a.sync_w);
+    sys::close(a.err_r);
+    child_main(a.plan, a.sync_r, a.err_w, Entry::Exec, false)
 }
 
 /// Reads the child's report: `None` at EOF without one (the exec happened).
@@ -934,7 +1054,7 @@ fn report_error(report: [u8; CHILD_ERROR_LEN], spec: &JailSpec, plan: &Plan) -> 
         |i: usize| u32::from_ne_bytes([report[i], report[i + 1], report[i + 2], report[i + 3]]);
     let (stage, index, errno) = (word(0), word(4) as usize, word(8) as i32);
     child_error(
-        Stage::from_u32(stage),
+        Stage::from_code(stage),
         index,
         io::Error::from_raw_os_error(errno),
         spec,
@@ -1032,7 +1152,7 @@ fn child_error(
 /// Reports `stage` (and `index`, `e`) to the parent and exits.
 fn fail(err_fd: RawFd, stage: Stage, index: usize, e: &io::Error) -> ! {
     let mut buf = [0u8; CHILD_ERROR_LEN];
-    buf[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    buf[0..4].copy_from_slice(&stage.code().to_ne_bytes());
     buf[4..8].copy_from_slice(&(index as u32).to_ne_bytes());
     buf[8..12].copy_from_slice(&(e.raw_os_error().unwrap_or(libc::EIO) as u32).to_ne_bytes());
     let _ = sys::write_all(err_fd, &buf);
@@ -1048,7 +1168,10 @@ enum Entry<'a> {
     Call(Box<dyn FnOnce() -> i32 + 'a>),
 }
 
-fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry) -> ! {
+/// The child after `clone`. With `sync`, it waits for the parent's go-ahead (one byte on
+/// `sync_fd`) before it uses what the parent sets up (id maps, cgroups, the veth pair);
+/// without, the parent has nothing to do and the child does not wait.
+fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry, sync: bool) -> ! {
     let step = |stage: Stage, r: io::Result<()>| {
         if let Err(e) = r {
             fail(err_fd, stage, 0, &e)
@@ -1065,11 +1188,13 @@ fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry) -> ! {
     if !plan.userns {
         build_root(plan, err_fd);
     }
-    let mut go = [0u8; 1];
-    match sys::read(sync_fd, &mut go) {
-        Ok(1) => {}
-        // vireo gave up (or died): leave quietly.
-        _ => sys::exit_now(125),
+    if sync {
+        let mut go = [0u8; 1];
+        match sys::read(sync_fd, &mut go) {
+            Ok(1) => {}
+            // vireo gave up (or died): leave quietly.
+            _ => sys::exit_now(125),
+        }
     }
     if plan.userns {
         // The id maps are written: become root of the user namespace (until now this
@@ -1081,8 +1206,14 @@ fn child_main(plan: &Plan, sync_fd: RawFd, err_fd: RawFd, entry: Entry) -> ! {
 
     // A session of its own, without a controlling terminal: the jail keeps the terminal as
     // stdio but cannot push input into it for the shell outside (TIOCSTI needs it to be the
-    // controlling terminal) nor receive its job-control signals (vireo forwards them).
-    step(Stage::Session, sys::setsid());
+    // controlling terminal) nor receive its job-control signals (vireo forwards them). When
+    // vireo has no controlling terminal there is none to protect: a process group of its
+    // own (signals to vireo's group do not reach it) without a new scheduler autogroup.
+    if plan.new_session {
+        step(Stage::Session, sys::setsid());
+    } else {
+        step(Stage::Session, sys::setpgid_self());
+    }
     // The cgroup namespace after the parent moved us into our cgroups, so they are our root;
     // the time namespace applies from exec on.
     if let Err(e) = sys::unshare(plan.late_unshare) {
@@ -1454,5 +1585,35 @@ fn run_op(root: RawFd, op: &Op) -> io::Result<()> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_codes_round_trip() {
+        for (i, s) in Stage::ALL.iter().enumerate() {
+            assert_eq!(s.code(), i as u32 + 1);
+            assert_eq!(Stage::from_code(s.code()), Some(*s));
+        }
+        assert_eq!(
+            Stage::from_code(0),
+            None,
+            "an all-zero report names no stage"
+        );
+        assert_eq!(Stage::from_code(Stage::ALL.len() as u32 + 1), None);
+        assert_eq!(Stage::from_code(1), Some(Stage::Sync));
+        assert_eq!(Stage::from_code(Stage::ALL.len() as u32), Some(Stage::Exec));
+    }
+
+    #[test]
+    fn exec_candidates_follow_path() {
+        let env = [OsString::from("PATH=/a:/b")];
+        let c = exec_candidates(OsStr::new("sh"), &env).unwrap();
+        assert_eq!(c, [c"/a/sh".to_owned(), c"/b/sh".to_owned()]);
+        let c = exec_candidates(OsStr::new("/bin/sh"), &env).unwrap();
+        assert_eq!(c, [c"/bin/sh".to_owned()]);
     }
 }

@@ -96,6 +96,137 @@ pub unsafe fn clone3_into_cgroup(flags: libc::c_int, cgroup_fd: RawFd) -> io::Re
     check(rc).map(|pid| pid as libc::pid_t)
 }
 
+/// An anonymous stack for a child that shares its parent's memory ([`clone3_vfork`]), with
+/// a `PROT_NONE` guard page below it. Unmapped when dropped.
+pub struct ChildStack {
+    map: *mut libc::c_void,
+    map_len: usize,
+    guard: usize,
+}
+
+impl ChildStack {
+    /// Maps `size` bytes (rounded up to pages) plus the guard page. Pages are only backed
+    /// once the child touches them.
+    pub fn new(size: usize) -> io::Result<ChildStack> {
+        // SAFETY: sysconf has no memory-safety requirements.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        let size = size.div_ceil(page).max(1) * page;
+        let map_len = size + page;
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let stack = ChildStack {
+            map,
+            map_len,
+            guard: page,
+        };
+        // SAFETY: the first page of the mapping made above.
+        check_int(unsafe { libc::mprotect(map, page, libc::PROT_NONE) })?;
+        Ok(stack)
+    }
+
+    /// Lowest usable address and size (`clone_args.stack`, `clone_args.stack_size`).
+    fn region(&self) -> (u64, u64) {
+        (
+            self.map as u64 + self.guard as u64,
+            (self.map_len - self.guard) as u64,
+        )
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once; the child that used it has
+        // executed another program or exited (its parent was suspended until then).
+        unsafe { libc::munmap(self.map, self.map_len) };
+    }
+}
+
+/// `clone3(2)` with `CLONE_VM | CLONE_VFORK`, as `posix_spawn` does: the child runs
+/// `child(arg)` on `stack`, in the caller's address space, while the calling thread is
+/// suspended until the child calls `execve` or exits. The kernel neither copies the page
+/// tables nor write-protects the caller's memory (no copy-on-write faults on either side),
+/// and the caller wakes up exactly once, when the child is gone from its memory. With
+/// `cgroup_fd`, the child starts in that cgroup v2 directory (`CLONE_INTO_CGROUP`). Returns
+/// the child's PID.
+///
+/// # Safety
+/// `child` runs in the caller's memory on `stack`: it must not allocate, take locks, return
+/// or write anything but its own stack (other threads of the caller keep running), and must
+/// end in `execve` or `_exit`. `arg` must stay valid until this returns, which it does.
+pub unsafe fn clone3_vfork(
+    flags: libc::c_int,
+    cgroup_fd: Option<RawFd>,
+    stack: &ChildStack,
+    child: extern "C" fn(*mut libc::c_void) -> !,
+    arg: *mut libc::c_void,
+) -> io::Result<libc::pid_t> {
+    let (stack_lo, stack_size) = stack.region();
+    let mut f = flags as u32 as u64 | libc::CLONE_VM as u64 | libc::CLONE_VFORK as u64;
+    if cgroup_fd.is_some() {
+        f |= CLONE_INTO_CGROUP;
+    }
+    let args = CloneArgs {
+        flags: f,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: stack_lo,
+        stack_size,
+        cgroup: cgroup_fd.map_or(0, |fd| fd as u64),
+        ..Default::default()
+    };
+    let ret: i64;
+    // SAFETY: `args` is a valid clone_args of the size passed. In the parent the system call
+    // returns the PID (or -errno) and execution continues after the block. The child starts
+    // after `syscall` with rax = 0 and its stack pointer at the (page-aligned, so 16-byte
+    // aligned) top of `stack`, where nothing of the parent lives; it calls `child(arg)`,
+    // which never returns (`ud2` guards that). r12/r13 are preserved by the kernel in both.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "xor ebp, ebp",
+            "mov rdi, r12",
+            "call r13",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") arg,
+            in("r13") child,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    if ret < 0 {
+        Err(io::Error::from_raw_os_error((-ret) as i32))
+    } else {
+        Ok(ret as libc::pid_t)
+    }
+}
+
+/// `setpgid(0, 0)`: a process group of its own, in the same session.
+pub fn setpgid_self() -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check_int(unsafe { libc::setpgid(0, 0) }).map(drop)
+}
+
 /// `mount(2)`.
 pub fn mount(
     source: Option<&CStr>,
@@ -540,6 +671,44 @@ mod tests {
         assert_eq!(if_index(b"lo").unwrap(), 1);
         assert!(if_index(b"no-such-if0").is_err());
         assert!(if_index(b"").is_err());
+    }
+
+    extern "C" fn store_and_exit(arg: *mut libc::c_void) -> ! {
+        // SAFETY: the test passes a pointer to an AtomicU32 that outlives the child.
+        let v = unsafe { &*(arg as *const std::sync::atomic::AtomicU32) };
+        v.store(7, std::sync::atomic::Ordering::SeqCst);
+        exit_now(42)
+    }
+
+    #[test]
+    fn vfork_child_shares_memory_and_suspends_the_parent() {
+        let stack = ChildStack::new(64 << 10).unwrap();
+        let v = std::sync::atomic::AtomicU32::new(0);
+        // SAFETY: the child writes only the atomic and exits.
+        let pid = unsafe {
+            clone3_vfork(
+                0,
+                None,
+                &stack,
+                store_and_exit,
+                &v as *const _ as *mut libc::c_void,
+            )
+        }
+        .unwrap();
+        // CLONE_VFORK: the child has exited by now; CLONE_VM: its write is visible here.
+        assert_eq!(v.load(std::sync::atomic::Ordering::SeqCst), 7);
+        let status = waitpid(pid, 0).unwrap().unwrap();
+        assert!(libc::WIFEXITED(status));
+        assert_eq!(libc::WEXITSTATUS(status), 42);
+    }
+
+    #[test]
+    fn child_stack_has_a_guard_page() {
+        let s = ChildStack::new(10_000).unwrap();
+        let (lo, size) = s.region();
+        assert_eq!(lo % 4096, 0);
+        assert_eq!(size, 12288, "rounded up to pages");
+        assert_eq!(lo - s.map as u64, s.guard as u64);
     }
 
     #[test]
