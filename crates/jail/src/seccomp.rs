@@ -586,7 +586,14 @@ pub(crate) fn apply_raw(program: &BpfProgram) -> std::io::Result<()> {
 
 /// The x86-64 number of system call `name`.
 pub fn syscall_number(name: &str) -> Option<i64> {
-    SYSCALLS.iter().find(|(n, _)| *n == name).map(|&(_, nr)| nr)
+    // Every list of a jailed VM names a few hundred calls, parsed at each start: an index
+    // instead of a linear search over the table (start-up cost, docs/benchmarks.md).
+    static BY_NAME: std::sync::OnceLock<std::collections::HashMap<&'static str, i64>> =
+        std::sync::OnceLock::new();
+    BY_NAME
+        .get_or_init(|| SYSCALLS.iter().copied().collect())
+        .get(name)
+        .copied()
 }
 
 /// The name of x86-64 system call `nr` (allocation-free: usable in a signal handler).
@@ -975,6 +982,7 @@ mod tests {
         assert_eq!(syscall_name(100_000), None);
         for (name, nr) in SYSCALLS {
             assert_eq!(syscall_name(*nr), Some(*name), "duplicate number {nr}");
+            assert_eq!(syscall_number(name), Some(*nr), "duplicate name {name}");
         }
     }
 
