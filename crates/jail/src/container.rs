@@ -360,12 +360,7 @@ impl Runtime {
                     .and_then(|t| serde_json::from_slice::<ProcessId>(&t).ok());
                 let stale = match owner {
                     Some(o) => !o.alive(),
-                    None => e
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|age| age > Duration::from_secs(60)),
+                    None => older_than_a_minute(&e),
                 };
                 if stale {
                     let _ = fs::remove_file(e.path());
@@ -379,12 +374,7 @@ impl Runtime {
                 Some(s) => !s.owner.alive(),
                 // No state yet: a container starting right now, or debris. Only remove it
                 // when it is old.
-                None => e
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|t| t.elapsed().ok())
-                    .is_some_and(|age| age > Duration::from_secs(60)),
+                None => older_than_a_minute(&e),
             };
             if stale {
                 if let Some(s) = self.read_state(&id) {
@@ -651,6 +641,16 @@ impl Runtime {
         self.write_state(&s)?;
         Ok(merged)
     }
+}
+
+/// True for a directory entry last modified over a minute ago: debris, not something being
+/// written right now.
+fn older_than_a_minute(e: &fs::DirEntry) -> bool {
+    e.metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > Duration::from_secs(60))
 }
 
 #[cfg(test)]
