@@ -368,7 +368,10 @@ mod tests {
         // Net and plain device threads make no sockets at all.
         for kind in [ThreadKind::Net, ThreadKind::Device] {
             let l = list(kind).unwrap();
-            assert!(!l.allows("socket", [libc::AF_UNIX as u64, stream, 0, 0, 0, 0]));
+            assert!(!l.allows(
+                "socket",
+                [libc::AF_UNIX as u64, libc::SOCK_STREAM as u64, 0, 0, 0, 0]
+            ));
             assert!(!l.allows("connect", [0; 6]), "{}", kind.name());
         }
     }
