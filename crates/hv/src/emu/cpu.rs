@@ -197,9 +197,12 @@ pub struct Cpu {
     pub epoch: u64,
     /// The last value of `VmShared::code_epoch` this vCPU has seen.
     pub seen_epoch: u64,
-    /// When the epoch moves on its own next: a store nobody announced (a device writing
-    /// guest memory without an interrupt) is seen within [`EPOCH_REFRESH`].
+    /// When this vCPU next looks for device writes nobody announced (a device writing guest
+    /// code without an interrupt, the guest polling memory for it): they are seen within
+    /// [`EPOCH_REFRESH`].
     pub epoch_refresh: Instant,
+    /// When the epoch next moves unconditionally ([`EPOCH_REFRESH_ALL`]).
+    pub epoch_refresh_all: Instant,
     pub id: u32,
     pub vm: Arc<VmShared>,
     /// The CPUID table the guest sees.
@@ -218,8 +221,12 @@ pub struct Cpu {
     pub pauses: u64,
 }
 
-/// The longest a vCPU runs blocks without checking their bytes against guest memory.
+/// The longest a vCPU runs blocks without looking for device writes into code pages
+/// (`CodePages::vmm_wrote_code`).
 pub const EPOCH_REFRESH: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest a vCPU runs blocks without checking their bytes against guest memory: a
+/// backstop for a writer that neither the vCPUs nor `vm-memory`'s bitmap see.
+pub const EPOCH_REFRESH_ALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// IA32_APIC_BASE bits (SDM Vol. 3A §11.4.4).
 #[allow(dead_code)] // used by stage 2 (x87/SSE) and snapshots
@@ -286,6 +293,7 @@ impl Cpu {
             epoch: 1,
             seen_epoch: 0,
             epoch_refresh: Instant::now() + EPOCH_REFRESH,
+            epoch_refresh_all: Instant::now() + EPOCH_REFRESH_ALL,
             id,
             vm,
             cpuid,

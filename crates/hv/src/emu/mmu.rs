@@ -474,6 +474,11 @@ impl Cpu {
         if w.large {
             self.mmu.has_large = true;
         }
+        if acc == Access::Exec && code_idx != 0 && self.mmu.code().vmm_wrote_page(code_idx) {
+            // A device wrote a code page that is (newly) mapped for execution: blocks decoded
+            // from its old bytes must not run (see `block.rs`).
+            self.device_wrote_code();
+        }
         let e = &mut self.mmu.tlb[user as usize][idx];
         // A new page replaces the entry; the same page only gains permissions.
         let same = e.phys == phys_page && e.tag_r & PAGE_MASK == page && e.tag_r != TAG_INVALID;
@@ -747,6 +752,17 @@ impl Cpu {
         }
         self.note_store(p, len);
         self.vm.code_changed();
+    }
+
+    /// Look for device writes into code pages and, when there are, move the code epoch and
+    /// catch up with it at once (the caller may be about to look up a block).
+    #[cold]
+    #[inline(never)]
+    pub fn device_wrote_code(&mut self) {
+        if self.mmu.code().vmm_wrote_code() {
+            self.vm.code_changed();
+            self.sync_epoch();
+        }
     }
 
     /// A store of `len` bytes at host address `p` of guest RAM (not through the inline fast

@@ -110,8 +110,9 @@ pub struct VmShared {
     /// Bumped whenever the memory map changes; vCPUs reload their map when it does.
     mem_gen: AtomicU64,
     /// The VM-wide code epoch: bumped whenever guest code may have changed behind the back of
-    /// the vCPUs' block caches (a store into a code page, a device interrupt, an I/O exit, a
-    /// VMM re-entering `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
+    /// the vCPUs' block caches (a store into a code page, an I/O exit, a device write into a
+    /// code page seen at a device interrupt or a translation for execution, a VMM re-entering
+    /// `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
     pub(crate) code_epoch: AtomicU64,
     vcpus: u32,
     /// Every vCPU's shared half, for [`EmuVm::sync_vcpus`].
@@ -123,6 +124,17 @@ impl VmShared {
     #[inline]
     pub(crate) fn code_changed(&self) {
         self.code_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A device raised an interrupt: it may announce DMA into guest memory. Moves the code
+    /// epoch only when a device wrote a page that holds decoded code
+    /// ([`CodePages::vmm_wrote_code`]). (I/O exits still move it unconditionally: the request
+    /// made there may be answered by DMA the guest then polls for, without an interrupt.)
+    pub(crate) fn device_event(&self) {
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        if mem.as_ref().is_none_or(|m| m.code.vmm_wrote_code()) {
+            self.code_changed();
+        }
     }
 }
 
@@ -205,7 +217,7 @@ impl Vm for EmuVm {
 
     fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
         // A device interrupt may announce DMA into guest code (see `VmShared::code_epoch`).
-        self.shared.code_changed();
+        self.shared.device_event();
         self.shared.irqchip.send_msi(msi);
         Ok(())
     }
@@ -290,7 +302,7 @@ impl MsiVector for EmuMsiVector {
     fn trigger(&self) {
         let route = *self.route.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(msg) = route {
-            self.vm.code_changed();
+            self.vm.device_event();
             self.vm.irqchip.send_msi(msg);
         }
     }
@@ -306,7 +318,7 @@ struct EmuIrqLine {
 impl IrqLine for EmuIrqLine {
     fn set_level(&self, level: bool) {
         if level {
-            self.vm.code_changed();
+            self.vm.device_event();
         }
         self.vm.irqchip.set_irq(self.gsi, level);
     }
