@@ -188,6 +188,21 @@ impl CodePages {
         hit
     }
 
+    /// Dirty logging is on. The migration then reads and clears the bitmap of VMM writes
+    /// (`take_vmm_dirty`), so it cannot tell of device writes into code: device interrupts
+    /// and I/O exits move the code epoch unconditionally and blocks are checked by their
+    /// bytes, as before the bitmap was used.
+    #[inline]
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Relaxed)
+    }
+
+    /// The VMM wrote page `i` since its bit was last taken (page 0, not RAM: true).
+    #[inline]
+    pub fn vmm_bit_set(&self, i: usize) -> bool {
+        self.vmm_bit(i).is_none_or(|(bm, j)| bm.is_bit_set(j))
+    }
+
     /// Page `i` holds code and the VMM wrote it since it was last looked at (one page of
     /// [`vmm_wrote_code`](Self::vmm_wrote_code), without taking anything).
     pub fn vmm_wrote_page(&self, i: usize) -> bool {
@@ -378,6 +393,8 @@ pub struct BlockCache {
     pub stale: u64,
     /// Byte comparisons that found a block unchanged after the epoch moved.
     pub revalidated: u64,
+    /// Blocks found unchanged after I/O exits by their page's bit in the bitmap of VMM writes.
+    pub revalidated_soft: u64,
 }
 
 /// The cache key of a block: the guest-physical address of its first byte and the decoding
@@ -428,6 +445,7 @@ impl BlockCache {
             built: 0,
             stale: 0,
             revalidated: 0,
+            revalidated_soft: 0,
         }
     }
 
@@ -514,10 +532,14 @@ impl BlockCache {
     /// The slow half of [`find`](Self::find): a block for `key` that is not in the index or
     /// whose epoch is old. Its bytes are compared with guest memory at host address `host`
     /// (page flag `code_idx` in `code`); if they still match the block is stamped with `epoch`.
+    /// A block stamped at `floor` or later has only missed I/O exits (`VmShared::io_exit`):
+    /// while the VMM has not written its page since the page became a code page (its bit in
+    /// `vm-memory`'s bitmap is clear) it is stamped without the comparison.
     pub fn revalidate(
         &mut self,
         key: u64,
         epoch: u64,
+        floor: u64,
         host: usize,
         code: &CodePages,
         code_idx: usize,
@@ -544,6 +566,13 @@ impl BlockCache {
             return Some(b);
         }
         code.set(code_idx);
+        if blk.epoch >= floor && !code.logging() && !code.vmm_bit_set(code_idx) {
+            self.revalidated_soft += 1;
+            if let Some(blk) = self.blocks.get_mut(b as usize) {
+                blk.epoch = epoch;
+            }
+            return Some(b);
+        }
         let want = self
             .bytes
             .get(blk.byte_start as usize..blk.byte_start as usize + blk.byte_len as usize)?;
@@ -779,7 +808,7 @@ mod tests {
         let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
         let mem = [0x90u8; 8];
         let host = mem.as_ptr() as usize;
-        assert_eq!(c.revalidate(a, 1, host, &code, 0), Some(0));
+        assert_eq!(c.revalidate(a, 1, u64::MAX, host, &code, 0), Some(0));
         assert!(c.find(a, 1).is_some(), "back in the index");
     }
 
@@ -792,7 +821,10 @@ mod tests {
         let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
         // The bytes changed: the old block is stale at epoch 2 ...
         let mem = [0xccu8; 8];
-        assert_eq!(c.revalidate(a, 2, mem.as_ptr() as usize, &code, 0), None);
+        assert_eq!(
+            c.revalidate(a, 2, u64::MAX, mem.as_ptr() as usize, &code, 0),
+            None
+        );
         assert_eq!(c.stale, 1);
         // ... and its rebuild takes its way without pushing out the other block of the set.
         let new = add(&mut c, a, 2, &[0xcc]);
@@ -802,7 +834,7 @@ mod tests {
         // Bytes that still match are stamped with the new epoch.
         let same = [0x90u8; 8];
         assert_eq!(
-            c.revalidate(b, 3, same.as_ptr() as usize, &code, 0),
+            c.revalidate(b, 3, u64::MAX, same.as_ptr() as usize, &code, 0),
             Some(0)
         );
         assert!(c.find(b, 3).is_some());
@@ -830,6 +862,36 @@ mod tests {
         assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), None);
         // No previous block: the index alone.
         assert_eq!(c.find_after(NO_BLOCK, d, 1), Some(pd));
+    }
+
+    #[test]
+    fn after_io_exits_only_a_page_the_vmm_wrote_has_its_blocks_compared() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let code = CodePages::new(&mem);
+        let mut c = BlockCache::new();
+        let [a, _, _] = colliding();
+        add(&mut c, a, 1, &[0x90]);
+        code.set(1);
+        // Bytes that differ (the comparison would fail) show which check ran.
+        let other = [0xccu8; 8];
+        let host = other.as_ptr() as usize;
+        // Only I/O exits since epoch 1 (floor 1) and the page's bit is clear: no comparison.
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), Some(0));
+        assert_eq!((c.revalidated_soft, c.stale), (1, 0));
+        // Another change (floor 3): the bytes are compared.
+        assert_eq!(c.revalidate(a, 3, 3, host, &code, 1), None);
+        assert_eq!(c.stale, 1);
+        // A device wrote the page: compared even after exits only.
+        let mut c = BlockCache::new();
+        add(&mut c, a, 1, &[0x90]);
+        mem.write_slice(&[0xcc], GuestAddress(0x10)).unwrap();
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+        // While dirty logging is on the migration owns the bitmap: compared too.
+        let mut c = BlockCache::new();
+        add(&mut c, a, 1, &[0x90]);
+        assert!(code.vmm_wrote_code(), "takes the bit");
+        code.enable_dirty_log();
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
     }
 
     #[test]

@@ -197,6 +197,11 @@ pub struct Cpu {
     pub epoch: u64,
     /// The last value of `VmShared::code_epoch` this vCPU has seen.
     pub seen_epoch: u64,
+    /// The last value of `VmShared::hard_epoch` this vCPU has seen.
+    pub seen_hard: u64,
+    /// The value of `epoch` when a change other than an I/O exit was last seen: a block
+    /// stamped at this epoch or later has only missed I/O exits (`BlockCache::revalidate`).
+    pub hard_floor: u64,
     /// When this vCPU next looks for device writes nobody announced (a device writing guest
     /// code without an interrupt, the guest polling memory for it): they are seen within
     /// [`EPOCH_REFRESH`].
@@ -292,6 +297,8 @@ impl Cpu {
             blk_len: 0,
             epoch: 1,
             seen_epoch: 0,
+            seen_hard: 0,
+            hard_floor: 1,
             epoch_refresh: Instant::now() + EPOCH_REFRESH,
             epoch_refresh_all: Instant::now() + EPOCH_REFRESH_ALL,
             id,
@@ -473,6 +480,15 @@ impl Cpu {
         if g != self.seen_epoch {
             self.seen_epoch = g;
             self.epoch += 1;
+            // `hard_epoch` moves before `code_epoch`: the load above made it visible.
+            let h = self
+                .vm
+                .hard_epoch
+                .load(std::sync::atomic::Ordering::Acquire);
+            if h != self.seen_hard {
+                self.seen_hard = h;
+                self.hard_floor = self.epoch;
+            }
         }
     }
 
@@ -486,6 +502,7 @@ impl Cpu {
     pub fn serialize(&mut self) {
         if self.vm.vcpus > 1 {
             self.epoch += 1;
+            self.hard_floor = self.epoch;
         }
     }
 
@@ -493,6 +510,7 @@ impl Cpu {
     #[inline]
     pub fn refresh_epoch(&mut self) {
         self.epoch += 1;
+        self.hard_floor = self.epoch;
     }
 
     /// IOPL field of RFLAGS.

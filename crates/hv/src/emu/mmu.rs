@@ -677,7 +677,7 @@ impl Exec<'_> {
         }
         self.io.mmio_read(pa, out);
         // A device may have written guest memory (see `block.rs`).
-        self.cpu.vm.code_changed();
+        self.cpu.vm.io_exit();
     }
 
     /// A write of a non-RAM physical address: the local APIC page or MMIO.
@@ -701,7 +701,7 @@ impl Exec<'_> {
             return;
         }
         self.io.mmio_write(pa, data);
-        self.cpu.vm.code_changed();
+        self.cpu.vm.io_exit();
     }
 
     /// Translate `lin` for a locked read-modify-write of `size` bytes: the host address when the
@@ -759,7 +759,8 @@ impl Cpu {
     #[cold]
     #[inline(never)]
     pub fn device_wrote_code(&mut self) {
-        if self.mmu.code().vmm_wrote_code() {
+        let code = self.mmu.code();
+        if code.logging() || code.vmm_wrote_code() {
             self.vm.code_changed();
             self.sync_epoch();
         }

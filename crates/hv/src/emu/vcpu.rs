@@ -108,6 +108,7 @@ impl Drop for EmuVcpu {
             blocks_built = self.cache.built,
             blocks_stale = self.cache.stale,
             blocks_revalidated = self.cache.revalidated,
+            blocks_revalidated_by_bitmap = self.cache.revalidated_soft,
             code_pages_watched = self.cpu.mmu.code().watched(),
             "emu: block cache statistics"
         );

@@ -298,8 +298,8 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
                 // (the epoch moved, or the block left the index).
                 None => {
                     let code_idx = e.code as usize;
-                    let epoch = x.cpu.epoch;
-                    cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx)
+                    let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
+                    cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx)
                 }
             }
         } else {
@@ -430,9 +430,9 @@ fn find_slow(
     let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
     let code_idx = e.code as usize;
     let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
-    let epoch = x.cpu.epoch;
+    let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
     if !checked {
-        if let Some(b) = cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx) {
+        if let Some(b) = cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx) {
             return Ok((b, host));
         }
     }
