@@ -882,4 +882,31 @@ mod tests {
         );
         assert_eq!(c.cr2, 0x40_0000_0000);
     }
+
+    #[test]
+    fn executing_a_code_page_a_device_wrote_moves_the_code_epoch() {
+        let mut c = paged_cpu();
+        let mem = c.mmu.memory().unwrap().clone();
+        let page = 0x20_0000;
+        // A block was decoded from the page.
+        c.mmu.code().set(c.mmu.code_index(page));
+        let e0 = c.epoch;
+        c.translate(page, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e0, "nothing written");
+        // A device writes it (DMA through vm-memory); the guest maps it again and runs it.
+        use vm_memory::Bytes;
+        mem.write_slice(&[0xcc], GuestAddress(page + 8)).unwrap();
+        c.mmu.flush_all();
+        c.translate(page, Access::Exec, false).unwrap();
+        assert!(c.epoch > e0, "blocks of the page must be checked");
+        // Seen once: the next translation does not move it again.
+        let e1 = c.epoch;
+        c.mmu.flush_all();
+        c.translate(page, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e1);
+        // A data page the device wrote moves nothing.
+        mem.write_slice(&[0xcc], GuestAddress(0x10_0000)).unwrap();
+        c.translate(0x10_0000, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e1);
+    }
 }
