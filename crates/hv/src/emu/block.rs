@@ -14,16 +14,27 @@
 //! - a store by any vCPU into a *code page* (a page some block was decoded from or validated
 //!   in, flagged in the VM-wide [`CodePages`]): stores check the flag (one load) and the first
 //!   store clears it and bumps the VM-wide epoch (`VmShared::code_changed`);
-//! - a device interrupt (`IrqLine`, MSI) or an I/O exit (port I/O, MMIO): device DMA through
-//!   `vm-memory` does not go through the emulator, and a guest only runs code a device wrote
-//!   after it learned of the transfer, by an interrupt or by polling after its request (an I/O
-//!   exit);
+//! - an I/O exit (port I/O, MMIO): device DMA through `vm-memory` does not go through the
+//!   emulator, and a guest only runs code a device wrote after it learned of the transfer, by
+//!   an interrupt or by polling after its request (made by an I/O exit): every block not run
+//!   between the exit and the transfer is checked;
+//! - a device interrupt (`IrqLine`, MSI), *when a device wrote a code page*: `vm-memory` marks
+//!   every VMM write in its bitmap, and [`CodePages::vmm_wrote_code`] looks at the bits of the
+//!   code pages (a page's bit is cleared when it becomes a code page); only a set bit moves
+//!   the epoch. Disk reads and received frames land in data pages, so their completions no
+//!   longer cost a check of every block. A transfer completed after the interrupt and found
+//!   by the guest's interrupt handler polling the ring is caught by the next interrupt, I/O
+//!   exit or refresh (below), and before any of those when its page is newly mapped for
+//!   execution: an execute translation of a code page the VMM wrote does the same look
+//!   (`Cpu::translate`);
 //! - the VMM entering `Vcpu::run` or replacing the memory map;
 //! - serializing instructions on this vCPU (IRET, CPUID, MOV to CR, WRMSR, INVLPG, ...), as
 //!   the SDM requires of cross-modifying code (Vol. 3A §8.1.3): this covers a store by another
 //!   vCPU that raced with the flag being set. With a single vCPU there is no such store and
 //!   serializing instructions leave the epoch alone (they were most of the bumps: every IRET);
-//! - every `EPOCH_REFRESH` (10 ms), for a device store nobody announced.
+//! - every `EPOCH_REFRESH` (10 ms) the same look at the code pages' bits, for a device store
+//!   nobody announced (the guest polling memory), and every `EPOCH_REFRESH_ALL` (1 s)
+//!   unconditionally, for a writer neither the vCPUs nor the bitmap see.
 //!
 //! A store into the block that is running ends it after the storing instruction
 //! (`Cpu::note_store`, on the code-page path).
@@ -39,9 +50,11 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Instruction};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use super::cpu::{Exc, R};
 use super::decode;
@@ -59,6 +72,13 @@ pub struct CodePages {
     dirty: Box<[AtomicU64]>,
     /// Dirty logging is on: clean pages carry [`ARMED`].
     logging: AtomicBool,
+    /// Guest RAM: its regions carry `vm-memory`'s bitmap of the VMM's writes (device DMA),
+    /// which [`vmm_wrote_code`](Self::vmm_wrote_code) reads for the code pages.
+    mem: GuestMemory,
+    /// The pages flagged as code since the last scan dropped them (indices into `flags`).
+    watched: Mutex<Vec<u32>>,
+    /// One bit per page: the page is in `watched`.
+    listed: Box<[AtomicU64]>,
 }
 
 /// Flag bit: blocks may have been decoded from the page.
@@ -82,7 +102,119 @@ impl CodePages {
             regions,
             dirty: (0..next.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             logging: AtomicBool::new(false),
+            mem: mem.clone(),
+            watched: Mutex::new(Vec::new()),
+            listed: (0..next.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    /// The bitmap of VMM writes and the bit of page `i` in it.
+    fn vmm_bit(&self, i: usize) -> Option<(&AtomicBitmap, usize)> {
+        let r = self.regions.iter().position(|&(_, len, base)| {
+            i >= base && ((i - base) as u64) < len.div_ceil(PAGE_SIZE)
+        })?;
+        let base = self.regions.get(r)?.2;
+        let region: &MmapRegion<AtomicBitmap> = self.mem.iter().nth(r)?;
+        Some((region.bitmap(), i - base))
+    }
+
+    /// Clear page `i`'s bit in the bitmap of VMM writes; true when it was set. The write is
+    /// not lost for live migration: with dirty logging on it moves into this log (which the
+    /// migration merges with the VMM's bitmap), and before logging starts the migration
+    /// copies every page anyway.
+    fn take_vmm_bit(&self, i: usize) -> bool {
+        let Some((bm, j)) = self.vmm_bit(i) else {
+            return false;
+        };
+        if !bm.is_bit_set(j) {
+            return false;
+        }
+        bm.reset_bit(j);
+        if self.logging.load(Ordering::SeqCst) {
+            if let Some(w) = self.dirty.get(i / 64) {
+                w.fetch_or(1 << (i % 64), Ordering::SeqCst);
+            }
+        }
+        true
+    }
+
+    /// Page `i` just became a code page: forget earlier VMM writes to it (its bytes are read
+    /// after this) and watch it for later ones.
+    fn watch(&self, i: usize) {
+        self.take_vmm_bit(i);
+        let Some(w) = self.listed.get(i / 64) else {
+            return;
+        };
+        let bit = 1u64 << (i % 64);
+        if w.fetch_or(bit, Ordering::SeqCst) & bit == 0 {
+            self.watched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(i as u32);
+        }
+    }
+
+    /// Did the VMM (a device, through `vm-memory`) write a code page since the last call?
+    /// Called where the code epoch used to move unconditionally (a device interrupt, the
+    /// periodic refresh): only a `true` here moves it now, so device DMA into data pages (disk
+    /// reads, received frames) no longer makes every vCPU check every block again. Costs one
+    /// flag load and one bitmap load per code page.
+    pub fn vmm_wrote_code(&self) -> bool {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hit = false;
+        watched.retain(|&i| {
+            let i = i as usize;
+            let is_code = |c: &Self| {
+                c.flags
+                    .get(i)
+                    .is_some_and(|f| f.load(Ordering::SeqCst) & CODE != 0)
+            };
+            if !is_code(self) {
+                // Unlist it, then look again: a vCPU flagging it meanwhile either sees the
+                // cleared bit (and lists it again, after this scan) or is seen here.
+                if let Some(w) = self.listed.get(i / 64) {
+                    w.fetch_and(!(1u64 << (i % 64)), Ordering::SeqCst);
+                }
+                if !is_code(self) {
+                    return false;
+                }
+                if let Some(w) = self.listed.get(i / 64) {
+                    w.fetch_or(1u64 << (i % 64), Ordering::SeqCst);
+                }
+            }
+            hit |= self.take_vmm_bit(i);
+            true
+        });
+        hit
+    }
+
+    /// Dirty logging is on. The migration then reads and clears the bitmap of VMM writes
+    /// (`take_vmm_dirty`), so it cannot tell of device writes into code: device interrupts
+    /// and I/O exits move the code epoch unconditionally and blocks are checked by their
+    /// bytes, as before the bitmap was used.
+    #[inline]
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Relaxed)
+    }
+
+    /// The VMM wrote page `i` since its bit was last taken (page 0, not RAM: true).
+    #[inline]
+    pub fn vmm_bit_set(&self, i: usize) -> bool {
+        self.vmm_bit(i).is_none_or(|(bm, j)| bm.is_bit_set(j))
+    }
+
+    /// Page `i` holds code and the VMM wrote it since it was last looked at (one page of
+    /// [`vmm_wrote_code`](Self::vmm_wrote_code), without taking anything).
+    pub fn vmm_wrote_page(&self, i: usize) -> bool {
+        self.flags
+            .get(i)
+            .is_some_and(|f| f.load(Ordering::Relaxed) & CODE != 0)
+            && self.vmm_bit(i).is_some_and(|(bm, j)| bm.is_bit_set(j))
+    }
+
+    /// Pages watched by [`vmm_wrote_code`](Self::vmm_wrote_code) (statistics, tests).
+    pub fn watched(&self) -> usize {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Index of the first page of the region starting at guest-physical `start`.
@@ -115,7 +247,8 @@ impl CodePages {
                 if f.load(Ordering::Relaxed) & CODE != 0 {
                     return;
                 }
-                f.fetch_or(CODE, Ordering::Relaxed);
+                f.fetch_or(CODE, Ordering::SeqCst);
+                self.watch(i);
             }
         }
         // The flag must be visible to other vCPUs' stores before the bytes are read.
@@ -260,6 +393,8 @@ pub struct BlockCache {
     pub stale: u64,
     /// Byte comparisons that found a block unchanged after the epoch moved.
     pub revalidated: u64,
+    /// Blocks found unchanged after I/O exits by their page's bit in the bitmap of VMM writes.
+    pub revalidated_soft: u64,
 }
 
 /// The cache key of a block: the guest-physical address of its first byte and the decoding
@@ -310,6 +445,7 @@ impl BlockCache {
             built: 0,
             stale: 0,
             revalidated: 0,
+            revalidated_soft: 0,
         }
     }
 
@@ -396,10 +532,14 @@ impl BlockCache {
     /// The slow half of [`find`](Self::find): a block for `key` that is not in the index or
     /// whose epoch is old. Its bytes are compared with guest memory at host address `host`
     /// (page flag `code_idx` in `code`); if they still match the block is stamped with `epoch`.
+    /// A block stamped at `floor` or later has only missed I/O exits (`VmShared::io_exit`):
+    /// while the VMM has not written its page since the page became a code page (its bit in
+    /// `vm-memory`'s bitmap is clear) it is stamped without the comparison.
     pub fn revalidate(
         &mut self,
         key: u64,
         epoch: u64,
+        floor: u64,
         host: usize,
         code: &CodePages,
         code_idx: usize,
@@ -426,6 +566,13 @@ impl BlockCache {
             return Some(b);
         }
         code.set(code_idx);
+        if blk.epoch >= floor && !code.logging() && !code.vmm_bit_set(code_idx) {
+            self.revalidated_soft += 1;
+            if let Some(blk) = self.blocks.get_mut(b as usize) {
+                blk.epoch = epoch;
+            }
+            return Some(b);
+        }
         let want = self
             .bytes
             .get(blk.byte_start as usize..blk.byte_start as usize + blk.byte_len as usize)?;
@@ -661,7 +808,7 @@ mod tests {
         let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
         let mem = [0x90u8; 8];
         let host = mem.as_ptr() as usize;
-        assert_eq!(c.revalidate(a, 1, host, &code, 0), Some(0));
+        assert_eq!(c.revalidate(a, 1, u64::MAX, host, &code, 0), Some(0));
         assert!(c.find(a, 1).is_some(), "back in the index");
     }
 
@@ -674,7 +821,10 @@ mod tests {
         let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
         // The bytes changed: the old block is stale at epoch 2 ...
         let mem = [0xccu8; 8];
-        assert_eq!(c.revalidate(a, 2, mem.as_ptr() as usize, &code, 0), None);
+        assert_eq!(
+            c.revalidate(a, 2, u64::MAX, mem.as_ptr() as usize, &code, 0),
+            None
+        );
         assert_eq!(c.stale, 1);
         // ... and its rebuild takes its way without pushing out the other block of the set.
         let new = add(&mut c, a, 2, &[0xcc]);
@@ -684,7 +834,7 @@ mod tests {
         // Bytes that still match are stamped with the new epoch.
         let same = [0x90u8; 8];
         assert_eq!(
-            c.revalidate(b, 3, same.as_ptr() as usize, &code, 0),
+            c.revalidate(b, 3, u64::MAX, same.as_ptr() as usize, &code, 0),
             Some(0)
         );
         assert!(c.find(b, 3).is_some());
@@ -712,5 +862,80 @@ mod tests {
         assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), None);
         // No previous block: the index alone.
         assert_eq!(c.find_after(NO_BLOCK, d, 1), Some(pd));
+    }
+
+    #[test]
+    fn after_io_exits_only_a_page_the_vmm_wrote_has_its_blocks_compared() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let code = CodePages::new(&mem);
+        let mut c = BlockCache::new();
+        let [a, _, _] = colliding();
+        add(&mut c, a, 1, &[0x90]);
+        code.set(1);
+        // Bytes that differ (the comparison would fail) show which check ran.
+        let other = [0xccu8; 8];
+        let host = other.as_ptr() as usize;
+        // Only I/O exits since epoch 1 (floor 1) and the page's bit is clear: no comparison.
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), Some(0));
+        assert_eq!((c.revalidated_soft, c.stale), (1, 0));
+        // Another change (floor 3): the bytes are compared.
+        assert_eq!(c.revalidate(a, 3, 3, host, &code, 1), None);
+        assert_eq!(c.stale, 1);
+        // A device wrote the page: compared even after exits only.
+        let mut c = BlockCache::new();
+        add(&mut c, a, 1, &[0x90]);
+        mem.write_slice(&[0xcc], GuestAddress(0x10)).unwrap();
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+        // While dirty logging is on the migration owns the bitmap: compared too.
+        let mut c = BlockCache::new();
+        add(&mut c, a, 1, &[0x90]);
+        assert!(code.vmm_wrote_code(), "takes the bit");
+        code.enable_dirty_log();
+        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+    }
+
+    #[test]
+    fn only_device_writes_into_code_pages_are_reported() {
+        // Two regions: indices 1..=4 are 0x0-0x4000, 5..=6 are 0x10000-0x12000.
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10000), 0x2000)])
+                .unwrap();
+        let code = CodePages::new(&mem);
+        // The loader wrote the page before it held code: forgotten when it is flagged.
+        mem.write_slice(&[1, 2, 3], GuestAddress(0x1000)).unwrap();
+        code.set(2);
+        code.set(6);
+        assert_eq!(code.watched(), 2);
+        assert!(!code.vmm_wrote_code(), "the write came before the code");
+        // A device writes a data page of each region: nothing to report.
+        mem.write_slice(&[9; 64], GuestAddress(0x3000)).unwrap();
+        mem.write_slice(&[9; 64], GuestAddress(0x10000)).unwrap();
+        assert!(!code.vmm_wrote_code());
+        // A write into a code page (of the second region) is reported once.
+        mem.write_slice(&[0xcc], GuestAddress(0x11ff0)).unwrap();
+        assert!(code.vmm_wrote_code());
+        assert!(!code.vmm_wrote_code(), "reported once");
+        // A page a vCPU store unflagged leaves the watch list at the next scan.
+        assert!(code.clear(2));
+        mem.write_slice(&[0xcc], GuestAddress(0x1000)).unwrap();
+        assert!(!code.vmm_wrote_code(), "no longer code");
+        assert_eq!(code.watched(), 1);
+        // Flagged again, it is watched again.
+        code.set(2);
+        mem.write_slice(&[0xcc], GuestAddress(0x1001)).unwrap();
+        assert!(code.vmm_wrote_code());
+    }
+
+    #[test]
+    fn a_device_write_taken_from_the_vmm_bitmap_stays_in_the_dirty_log() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let code = CodePages::new(&mem);
+        code.set(3);
+        code.enable_dirty_log();
+        mem.write_slice(&[0xcc], GuestAddress(0x2000)).unwrap();
+        assert!(code.vmm_wrote_code());
+        // The VMM bitmap no longer has it; the emulator's log does.
+        assert_eq!(crate::take_vmm_dirty(&mem), vec![vec![0]]);
+        assert_eq!(code.take_dirty_log(), vec![vec![1 << 2]]);
     }
 }

@@ -197,9 +197,17 @@ pub struct Cpu {
     pub epoch: u64,
     /// The last value of `VmShared::code_epoch` this vCPU has seen.
     pub seen_epoch: u64,
-    /// When the epoch moves on its own next: a store nobody announced (a device writing
-    /// guest memory without an interrupt) is seen within [`EPOCH_REFRESH`].
+    /// The last value of `VmShared::hard_epoch` this vCPU has seen.
+    pub seen_hard: u64,
+    /// The value of `epoch` when a change other than an I/O exit was last seen: a block
+    /// stamped at this epoch or later has only missed I/O exits (`BlockCache::revalidate`).
+    pub hard_floor: u64,
+    /// When this vCPU next looks for device writes nobody announced (a device writing guest
+    /// code without an interrupt, the guest polling memory for it): they are seen within
+    /// [`EPOCH_REFRESH`].
     pub epoch_refresh: Instant,
+    /// When the epoch next moves unconditionally ([`EPOCH_REFRESH_ALL`]).
+    pub epoch_refresh_all: Instant,
     pub id: u32,
     pub vm: Arc<VmShared>,
     /// The CPUID table the guest sees.
@@ -218,8 +226,12 @@ pub struct Cpu {
     pub pauses: u64,
 }
 
-/// The longest a vCPU runs blocks without checking their bytes against guest memory.
+/// The longest a vCPU runs blocks without looking for device writes into code pages
+/// (`CodePages::vmm_wrote_code`).
 pub const EPOCH_REFRESH: std::time::Duration = std::time::Duration::from_millis(10);
+/// The longest a vCPU runs blocks without checking their bytes against guest memory: a
+/// backstop for a writer that neither the vCPUs nor `vm-memory`'s bitmap see.
+pub const EPOCH_REFRESH_ALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// IA32_APIC_BASE bits (SDM Vol. 3A §11.4.4).
 #[allow(dead_code)] // used by stage 2 (x87/SSE) and snapshots
@@ -285,7 +297,10 @@ impl Cpu {
             blk_len: 0,
             epoch: 1,
             seen_epoch: 0,
+            seen_hard: 0,
+            hard_floor: 1,
             epoch_refresh: Instant::now() + EPOCH_REFRESH,
+            epoch_refresh_all: Instant::now() + EPOCH_REFRESH_ALL,
             id,
             vm,
             cpuid,
@@ -465,6 +480,15 @@ impl Cpu {
         if g != self.seen_epoch {
             self.seen_epoch = g;
             self.epoch += 1;
+            // `hard_epoch` moves before `code_epoch`: the load above made it visible.
+            let h = self
+                .vm
+                .hard_epoch
+                .load(std::sync::atomic::Ordering::Acquire);
+            if h != self.seen_hard {
+                self.seen_hard = h;
+                self.hard_floor = self.epoch;
+            }
         }
     }
 
@@ -478,6 +502,7 @@ impl Cpu {
     pub fn serialize(&mut self) {
         if self.vm.vcpus > 1 {
             self.epoch += 1;
+            self.hard_floor = self.epoch;
         }
     }
 
@@ -485,6 +510,7 @@ impl Cpu {
     #[inline]
     pub fn refresh_epoch(&mut self) {
         self.epoch += 1;
+        self.hard_floor = self.epoch;
     }
 
     /// IOPL field of RFLAGS.

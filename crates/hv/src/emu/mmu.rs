@@ -474,6 +474,11 @@ impl Cpu {
         if w.large {
             self.mmu.has_large = true;
         }
+        if acc == Access::Exec && code_idx != 0 && self.mmu.code().vmm_wrote_page(code_idx) {
+            // A device wrote a code page that is (newly) mapped for execution: blocks decoded
+            // from its old bytes must not run (see `block.rs`).
+            self.device_wrote_code();
+        }
         let e = &mut self.mmu.tlb[user as usize][idx];
         // A new page replaces the entry; the same page only gains permissions.
         let same = e.phys == phys_page && e.tag_r & PAGE_MASK == page && e.tag_r != TAG_INVALID;
@@ -672,7 +677,7 @@ impl Exec<'_> {
         }
         self.io.mmio_read(pa, out);
         // A device may have written guest memory (see `block.rs`).
-        self.cpu.vm.code_changed();
+        self.cpu.vm.io_exit();
     }
 
     /// A write of a non-RAM physical address: the local APIC page or MMIO.
@@ -696,7 +701,7 @@ impl Exec<'_> {
             return;
         }
         self.io.mmio_write(pa, data);
-        self.cpu.vm.code_changed();
+        self.cpu.vm.io_exit();
     }
 
     /// Translate `lin` for a locked read-modify-write of `size` bytes: the host address when the
@@ -747,6 +752,18 @@ impl Cpu {
         }
         self.note_store(p, len);
         self.vm.code_changed();
+    }
+
+    /// Look for device writes into code pages and, when there are, move the code epoch and
+    /// catch up with it at once (the caller may be about to look up a block).
+    #[cold]
+    #[inline(never)]
+    pub fn device_wrote_code(&mut self) {
+        let code = self.mmu.code();
+        if code.logging() || code.vmm_wrote_code() {
+            self.vm.code_changed();
+            self.sync_epoch();
+        }
     }
 
     /// A store of `len` bytes at host address `p` of guest RAM (not through the inline fast
@@ -864,5 +881,32 @@ mod tests {
             Err(fault(PF_VEC, 0))
         );
         assert_eq!(c.cr2, 0x40_0000_0000);
+    }
+
+    #[test]
+    fn executing_a_code_page_a_device_wrote_moves_the_code_epoch() {
+        let mut c = paged_cpu();
+        let mem = c.mmu.memory().unwrap().clone();
+        let page = 0x20_0000;
+        // A block was decoded from the page.
+        c.mmu.code().set(c.mmu.code_index(page));
+        let e0 = c.epoch;
+        c.translate(page, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e0, "nothing written");
+        // A device writes it (DMA through vm-memory); the guest maps it again and runs it.
+        use vm_memory::Bytes;
+        mem.write_slice(&[0xcc], GuestAddress(page + 8)).unwrap();
+        c.mmu.flush_all();
+        c.translate(page, Access::Exec, false).unwrap();
+        assert!(c.epoch > e0, "blocks of the page must be checked");
+        // Seen once: the next translation does not move it again.
+        let e1 = c.epoch;
+        c.mmu.flush_all();
+        c.translate(page, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e1);
+        // A data page the device wrote moves nothing.
+        mem.write_slice(&[0xcc], GuestAddress(0x10_0000)).unwrap();
+        c.translate(0x10_0000, Access::Exec, false).unwrap();
+        assert_eq!(c.epoch, e1);
     }
 }

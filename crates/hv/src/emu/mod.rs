@@ -79,6 +79,7 @@ impl Hypervisor for EmuHypervisor {
                 mem: RwLock::new(Some(MemMap::new(&params.memory))),
                 mem_gen: AtomicU64::new(1),
                 code_epoch: AtomicU64::new(0),
+                hard_epoch: AtomicU64::new(0),
                 vcpus: params.vcpus,
                 vcpu_shared: Mutex::new(Vec::new()),
             }),
@@ -110,9 +111,14 @@ pub struct VmShared {
     /// Bumped whenever the memory map changes; vCPUs reload their map when it does.
     mem_gen: AtomicU64,
     /// The VM-wide code epoch: bumped whenever guest code may have changed behind the back of
-    /// the vCPUs' block caches (a store into a code page, a device interrupt, an I/O exit, a
-    /// VMM re-entering `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
+    /// the vCPUs' block caches (a store into a code page, an I/O exit, a device write into a
+    /// code page seen at a device interrupt or a translation for execution, a VMM re-entering
+    /// `run`). A vCPU revalidates every block it runs after a bump (`block.rs`).
     pub(crate) code_epoch: AtomicU64,
+    /// Bumped (before `code_epoch`) on every change but an I/O exit: a block checked since the
+    /// last of these needs only a look at its page's bit in the bitmap of VMM writes after
+    /// an I/O exit, not a comparison of its bytes (`BlockCache::revalidate`).
+    pub(crate) hard_epoch: AtomicU64,
     vcpus: u32,
     /// Every vCPU's shared half, for [`EmuVm::sync_vcpus`].
     pub(crate) vcpu_shared: Mutex<Vec<Arc<vcpu::VcpuShared>>>,
@@ -122,7 +128,30 @@ impl VmShared {
     /// Code may have changed: every vCPU revalidates its blocks before running them again.
     #[inline]
     pub(crate) fn code_changed(&self) {
+        self.hard_epoch.fetch_add(1, Ordering::AcqRel);
         self.code_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// An I/O exit: the request made there may be answered by DMA the guest then polls for,
+    /// without an interrupt. Every block not run since is checked before it runs again, as
+    /// for [`code_changed`](Self::code_changed), but the check is the page's bit in the bitmap
+    /// of VMM writes (its bytes are compared only when the bit is set).
+    pub(crate) fn io_exit(&self) {
+        self.code_epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A device raised an interrupt: it may announce DMA into guest memory. Moves the code
+    /// epoch only when a device wrote a page that holds decoded code
+    /// ([`CodePages::vmm_wrote_code`]). (I/O exits still move it unconditionally: the request
+    /// made there may be answered by DMA the guest then polls for, without an interrupt.)
+    pub(crate) fn device_event(&self) {
+        let mem = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        if mem
+            .as_ref()
+            .is_none_or(|m| m.code.logging() || m.code.vmm_wrote_code())
+        {
+            self.code_changed();
+        }
     }
 }
 
@@ -205,7 +234,7 @@ impl Vm for EmuVm {
 
     fn signal_msi(&self, msi: MsiMessage) -> Result<()> {
         // A device interrupt may announce DMA into guest code (see `VmShared::code_epoch`).
-        self.shared.code_changed();
+        self.shared.device_event();
         self.shared.irqchip.send_msi(msi);
         Ok(())
     }
@@ -261,6 +290,9 @@ impl Vm for EmuVm {
         if let Some(c) = self.code_pages() {
             c.disable_dirty_log();
         }
+        // While logging, the migration took bits of the VMM's bitmap that may have told of
+        // device writes into code (`CodePages::logging`): check every block once.
+        self.shared.code_changed();
         Ok(())
     }
 
@@ -290,7 +322,7 @@ impl MsiVector for EmuMsiVector {
     fn trigger(&self) {
         let route = *self.route.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(msg) = route {
-            self.vm.code_changed();
+            self.vm.device_event();
             self.vm.irqchip.send_msi(msg);
         }
     }
@@ -306,7 +338,7 @@ struct EmuIrqLine {
 impl IrqLine for EmuIrqLine {
     fn set_level(&self, level: bool) {
         if level {
-            self.vm.code_changed();
+            self.vm.device_event();
         }
         self.vm.irqchip.set_irq(self.gsi, level);
     }
@@ -400,6 +432,7 @@ pub(crate) mod tests {
             mem: RwLock::new(None),
             mem_gen: AtomicU64::new(0),
             code_epoch: AtomicU64::new(0),
+            hard_epoch: AtomicU64::new(0),
             vcpus,
             vcpu_shared: Mutex::new(Vec::new()),
         })

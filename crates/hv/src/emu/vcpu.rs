@@ -102,6 +102,16 @@ impl Drop for EmuVcpu {
         if let Some(p) = &self.cpu.profile {
             p.write(self.cpu.id);
         }
+        tracing::debug!(
+            vcpu = self.cpu.id,
+            instructions = self.cpu.icount,
+            blocks_built = self.cache.built,
+            blocks_stale = self.cache.stale,
+            blocks_revalidated = self.cache.revalidated,
+            blocks_revalidated_by_bitmap = self.cache.revalidated_soft,
+            code_pages_watched = self.cpu.mmu.code().watched(),
+            "emu: block cache statistics"
+        );
     }
 }
 

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+use vm_memory::bitmap::Bitmap as _;
+use vm_memory::{Address as _, GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::features::*;
@@ -623,6 +624,9 @@ impl Worker {
         iov: &mut Vec<libc::iovec>,
     ) -> std::result::Result<Option<bool>, QueueError> {
         iov.clear();
+        // The guest ranges behind `iov`, to mark in the bitmap of VMM writes afterwards.
+        let ranges = &mut self.ranges;
+        ranges.clear();
         // The guest's room, chain after chain: each chain contributes exactly `cap` bytes so
         // that byte k of the frame is in the chain `complete` attributes it to; a problem
         // ends the list there (it stays a prefix).
@@ -638,6 +642,7 @@ impl Worker {
                 if take == 0 {
                     continue;
                 }
+                let mut at = b.addr;
                 for s in self.ctx.mem.get_slices(b.addr, take) {
                     let Ok(s) = s else { break 'chains };
                     if iov.len() >= IOV_MAX - 1 {
@@ -645,6 +650,8 @@ impl Worker {
                     }
                     guest_iov_cap += s.len();
                     iov.push(iovec_guest(&s));
+                    ranges.push((at, s.len()));
+                    at = at.unchecked_add(s.len() as u64);
                 }
                 want -= take;
             }
@@ -661,6 +668,20 @@ impl Worker {
                 return Ok(None);
             }
         };
+        // The kernel wrote guest memory behind vm-memory's back: tell its bitmap of VMM
+        // writes (live migration's dirty pages; the emulator's check for device writes into
+        // code), as `sys::preadv` does for disks.
+        let mut left = n;
+        for &(addr, len) in self.ranges.iter() {
+            if left == 0 {
+                break;
+            }
+            let done = left.min(len);
+            if let Ok(s) = self.ctx.mem.get_slice(addr, done) {
+                s.bitmap().mark_dirty(0, done);
+            }
+            left -= done;
+        }
         if !self.check_len(n) {
             return Ok(Some(false));
         }

@@ -317,6 +317,26 @@ fn frames_both_ways_with_offloads() {
 }
 
 #[test]
+fn received_frames_are_in_the_bitmap_of_vmm_writes() {
+    // The device reads frames straight into guest memory (readv): live migration and the
+    // emulator's code check learn of it from vm-memory's bitmap.
+    let mut s = Setup::new(1, BASE_FEATURES);
+    s.post_rx(0, 1, 3 * 4096);
+    let page = |a: u64| (a / 4096) as usize;
+    let dirty = |bm: &[u64], p: usize| bm[p / 64] & (1 << (p % 64)) != 0;
+    let before = vireo_hv::take_vmm_dirty(&s.mem);
+    assert!(!dirty(&before[0], page(RXBUF) + 1));
+    // Header and 8000 bytes: the buffer's first two pages; the second only readv writes.
+    s.host_send(0, VnetHeader::default(), &frame(8000, 3));
+    let (_, len) = s.wait_used(0);
+    assert_eq!(len as usize, VNET_HDR_LEN + 8000);
+    let after = vireo_hv::take_vmm_dirty(&s.mem);
+    assert!(dirty(&after[0], page(RXBUF)));
+    assert!(dirty(&after[0], page(RXBUF) + 1));
+    assert!(!dirty(&after[0], page(RXBUF) + 2), "past the frame");
+}
+
+#[test]
 fn mergeable_buffers_span_chains() {
     let mut s = Setup::new(1, BASE_FEATURES | VIRTIO_NET_F_MRG_RXBUF);
     // Room for the largest frame: 70 chains of 1 KiB.

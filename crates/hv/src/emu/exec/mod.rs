@@ -298,8 +298,8 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
                 // (the epoch moved, or the block left the index).
                 None => {
                     let code_idx = e.code as usize;
-                    let epoch = x.cpu.epoch;
-                    cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx)
+                    let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
+                    cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx)
                 }
             }
         } else {
@@ -377,8 +377,9 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
     }
 }
 
-/// Every [`TIME_CHECK_BLOCKS`] blocks: take a profile sample, let the code epoch move on its
-/// own (`EPOCH_REFRESH`) and look at the timer deadline. True when the timer is due.
+/// Every [`TIME_CHECK_BLOCKS`] blocks: take a profile sample, look for device writes into
+/// code pages (every `EPOCH_REFRESH`; the epoch moves on its own every `EPOCH_REFRESH_ALL`)
+/// and look at the timer deadline. True when the timer is due.
 #[cold]
 #[inline(never)]
 fn time_check(x: &mut Exec<'_>) -> bool {
@@ -388,7 +389,12 @@ fn time_check(x: &mut Exec<'_>) -> bool {
     let now = Instant::now();
     if now >= x.cpu.epoch_refresh {
         x.cpu.epoch_refresh = now + EPOCH_REFRESH;
-        x.cpu.refresh_epoch();
+        if now >= x.cpu.epoch_refresh_all {
+            x.cpu.epoch_refresh_all = now + EPOCH_REFRESH_ALL;
+            x.cpu.refresh_epoch();
+        } else {
+            x.cpu.device_wrote_code();
+        }
     }
     if x.cpu.deadline.is_some_and(|d| now >= d) {
         x.cpu.poll = true;
@@ -424,9 +430,9 @@ fn find_slow(
     let e = &x.cpu.mmu.tlb[user as usize][tlb_index(lin)];
     let code_idx = e.code as usize;
     let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
-    let epoch = x.cpu.epoch;
+    let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
     if !checked {
-        if let Some(b) = cache.revalidate(key, epoch, host, x.cpu.mmu.code(), code_idx) {
+        if let Some(b) = cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx) {
             return Ok((b, host));
         }
     }

@@ -143,7 +143,7 @@ fn element(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8, am: u64, step: u64) -> R 
             let mut buf = [0u8; 8];
             let port = x.cpu.gpr[RDX] as u16;
             x.io.pio_read(port, &mut buf[..s as usize]);
-            x.cpu.vm.code_changed();
+            x.cpu.vm.io_exit();
             x.write(dst, s, u64::from_le_bytes(buf))?;
             x.cpu.add_masked(RDI, step, am);
         }
@@ -152,7 +152,7 @@ fn element(x: &mut Exec<'_>, op: &Op, kind: u8, s: u8, am: u64, step: u64) -> R 
             let v = x.read(src, s)?;
             let port = x.cpu.gpr[RDX] as u16;
             x.io.pio_write(port, &v.to_le_bytes()[..s as usize]);
-            x.cpu.vm.code_changed();
+            x.cpu.vm.io_exit();
             x.cpu.add_masked(RSI, step, am);
         }
     }

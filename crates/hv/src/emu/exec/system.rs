@@ -628,12 +628,12 @@ pub fn in_out(x: &mut Exec<'_>, op: &Op) -> R {
     if op.ext & 1 == 0 {
         let mut b = [0u8; 8];
         x.io.pio_read(port, &mut b[..s]);
-        x.cpu.vm.code_changed();
+        x.cpu.vm.io_exit();
         x.cpu.set_reg(RAX as u8, op.size, u64::from_le_bytes(b));
     } else {
         let v = x.cpu.gpr[RAX].to_le_bytes();
         x.io.pio_write(port, &v[..s]);
-        x.cpu.vm.code_changed();
+        x.cpu.vm.io_exit();
     }
     Ok(())
 }
