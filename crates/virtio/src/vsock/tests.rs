@@ -632,3 +632,28 @@ fn host_connections_beyond_the_pending_limit_wait_in_the_backlog() {
     ports.sort();
     assert_eq!(ports, (100..100 + n as u32).collect::<Vec<_>>());
 }
+
+/// Data from a host socket is read straight into guest memory (`readv`): live migration and
+/// the emulator's code check learn of it from vm-memory's bitmap of VMM writes.
+#[test]
+fn received_data_is_in_the_bitmap_of_vmm_writes() {
+    let mut s = Setup::new("bitmap");
+    s.post_rx(1);
+    // The connection request takes the first buffer; the data goes to the second.
+    let (mut host, _) = s.host_connect(1234);
+    s.post_rx(1);
+    let base = RXBUF + 0x2000;
+    let page = |a: u64| (a / 4096) as usize;
+    let dirty = |bm: &[u64], p: usize| bm[p / 64] & (1 << (p % 64)) != 0;
+    let _ = vireo_hv::take_vmm_dirty(&s.mem);
+    // Header plus 4096 bytes: the payload's tail is on the buffer's second page, which only
+    // the readv writes.
+    let last = base + (HDR_LEN + 4096) as u64 - 1;
+    assert_eq!(page(last), page(base) + 1);
+    host.write_all(&[0x5a; 4096]).unwrap();
+    let (h, data) = s.recv();
+    assert_eq!((h.op, data.len()), (VIRTIO_VSOCK_OP_RW, 4096));
+    let after = vireo_hv::take_vmm_dirty(&s.mem);
+    assert!(dirty(&after[0], page(last)), "the payload's last page");
+    assert!(!dirty(&after[0], page(last) + 1), "past the payload");
+}
