@@ -484,16 +484,16 @@ fn run_in_jail(
     opts: &JailOptions,
     vmm: impl FnOnce(Option<UnixListener>) -> Result<u8>,
 ) -> Result<ExitCode> {
-    // Every vCPU is a thread; so are main, console, signals and VM creation, each virtio
-    // device's worker (each NIC queue pair's), and the API's thread and its blocking-task
-    // thread.
+    // Every vCPU is a thread; so are main, console, signals, VM creation and the device
+    // thread spawner, each virtio device's worker (each NIC queue pair's), and the API's
+    // thread and its blocking-task thread.
     let threads =
-        u64::from(needs.cpus) + 4 + needs.devices + if opts.api_socket.is_some() { 2 } else { 0 };
+        u64::from(needs.cpus) + 5 + needs.devices + if opts.api_socket.is_some() { 2 } else { 0 };
     if let Some(p) = opts.limits.pids_max {
         if p < threads {
             bail!(
                 "--cgroup pids={p} is too low for {} vCPUs: the VMM needs at least {threads} \
-                 (one thread per vCPU, per virtio device and per NIC queue pair, plus 4, plus \
+                 (one thread per vCPU, per virtio device and per NIC queue pair, plus 5, plus \
                  2 for the API)",
                 needs.cpus
             );

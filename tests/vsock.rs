@@ -252,7 +252,7 @@ fn vsock_jailed_vm_both_ways() {
         let t = wait_for_jailed_thread(vm.pid().expect("running"), "virtio-vsock")
             .unwrap_or_else(|| panic!("{accel}: no vsock thread\n{}", vm.report()));
         assert!(t.uid.starts_with("65534"), "{accel}: {t:?}");
-        assert_eq!(t.seccomp_filters, 4, "{accel}: {t:?}");
+        assert_eq!(t.seccomp_filters, 2, "{accel}: {t:?}");
         assert!(vm.wait_for("vsock-echo done", BOOT), "{}", vm.report());
         let o = vm.finish(BOOT);
         o.assert_clean();

@@ -35,7 +35,7 @@ pub use net::{MacAddr, Net, NetBackend, NetControl, Tap, TapError};
 pub use rng::Rng;
 pub use transport::{VirtioPciDevice, VirtioPciState};
 pub use vsock::{Vsock, VsockBackend, VsockControl};
-pub use worker::{set_worker_start_hook, QueuePosition};
+pub use worker::{set_worker_start_hook, start_thread_spawner, QueuePosition};
 
 /// Device types (§5).
 pub const VIRTIO_ID_NET: u32 = 1;

@@ -82,6 +82,57 @@ pub(crate) fn run_start_hook(name: &str) -> bool {
     }
 }
 
+/// A job for the device-thread spawner: it starts one thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The spawner's queue, once [`start_thread_spawner`] ran.
+static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<SpawnJob>>> =
+    std::sync::OnceLock::new();
+
+/// Starts the thread that starts every device thread from now on (once per process). A
+/// device starts its threads when the guest sets DRIVER_OK (virtio 1.2 §3.1.1), on the vCPU
+/// thread that wrote the status; a thread inherits its creator's seccomp filter, so without
+/// this a vCPU's filter would have to allow everything its device threads do. The spawner is
+/// started before any thread filter and only ever runs `thread::Builder::spawn`.
+pub fn start_thread_spawner() -> std::io::Result<()> {
+    if SPAWNER.get().is_some() {
+        return Ok(());
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+    std::thread::Builder::new()
+        .name("device-spawner".into())
+        .spawn(move || {
+            for job in rx {
+                job();
+            }
+        })?;
+    let _ = SPAWNER.set(std::sync::Mutex::new(tx));
+    Ok(())
+}
+
+/// Starts device thread `name` running `f`: through the spawner when there is one
+/// ([`start_thread_spawner`]), else from the calling thread.
+pub(crate) fn spawn_device_thread<T: Send + 'static>(
+    name: String,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<T>> {
+    let builder = std::thread::Builder::new().name(name);
+    let Some(spawner) = SPAWNER.get() else {
+        return builder.spawn(f);
+    };
+    let gone = || std::io::Error::other("the device-thread spawner has stopped");
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+    let job: SpawnJob = Box::new(move || {
+        let _ = done_tx.send(builder.spawn(f));
+    });
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| gone())?;
+    done_rx.recv().map_err(|_| gone())?
+}
+
 /// epoll data of the stop eventfd (queue indices are small).
 const STOP: u64 = u64::MAX;
 
@@ -119,19 +170,17 @@ impl Worker {
                 )
                 .map_err(|e| Error::io("epoll_ctl", e))?;
         }
-        let thread = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                if !run_start_hook(&name) {
-                    return;
-                }
-                for (index, _) in &queues {
-                    handler.queue_notified(*index);
-                }
-                run(&name, &epoll, &queues, &mut handler);
-                drop(stop_fd);
-            })
-            .map_err(|e| Error::io("starting a device thread", e))?;
+        let thread = spawn_device_thread(name.clone(), move || {
+            if !run_start_hook(&name) {
+                return;
+            }
+            for (index, _) in &queues {
+                handler.queue_notified(*index);
+            }
+            run(&name, &epoll, &queues, &mut handler);
+            drop(stop_fd);
+        })
+        .map_err(|e| Error::io("starting a device thread", e))?;
         Ok(Worker {
             stop,
             thread: Some(thread),

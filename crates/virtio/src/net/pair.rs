@@ -112,16 +112,14 @@ impl PairThread {
 
     fn start(name: String, mut w: Worker, fresh: bool) -> Result<PairThread> {
         let thread_name = name.clone();
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                // The device filter of a jailed VMM, as for every device thread.
-                if crate::worker::run_start_hook(&thread_name) {
-                    w.run(fresh);
-                }
-                w
-            })
-            .map_err(|e| Error::io("starting a virtio-net thread", e))?;
+        let handle = crate::worker::spawn_device_thread(name.clone(), move || {
+            // The device filter of a jailed VMM, as for every device thread.
+            if crate::worker::run_start_hook(&thread_name) {
+                w.run(fresh);
+            }
+            w
+        })
+        .map_err(|e| Error::io("starting a virtio-net thread", e))?;
         Ok(PairThread { name, handle })
     }
 

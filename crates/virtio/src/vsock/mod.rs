@@ -184,16 +184,14 @@ pub struct Vsock {
 }
 
 fn spawn(mut m: muxer::Muxer) -> Result<JoinHandle<muxer::Muxer>> {
-    std::thread::Builder::new()
-        .name("virtio-vsock".into())
-        .spawn(move || {
-            // The device filter of a jailed VMM, as for every device thread.
-            if crate::worker::run_start_hook("virtio-vsock") {
-                m.run();
-            }
-            m
-        })
-        .map_err(|e| Error::io("starting the vsock thread", e))
+    crate::worker::spawn_device_thread("virtio-vsock".into(), move || {
+        // The device filter of a jailed VMM, as for every device thread.
+        if crate::worker::run_start_hook("virtio-vsock") {
+            m.run();
+        }
+        m
+    })
+    .map_err(|e| Error::io("starting the vsock thread", e))
 }
 
 impl Vsock {
