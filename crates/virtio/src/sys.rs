@@ -45,17 +45,42 @@ pub fn preadv<B: BitmapSlice>(
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    // Tell dirty-page tracking (if any) what the kernel wrote.
+    mark_filled(slices, n);
+    Ok(n)
+}
+
+/// Marks the first `n` bytes of `slices` (guest memory the kernel has just filled, behind
+/// vm-memory's back: `preadv`, `readv`) in vm-memory's bitmap of VMM writes, which live
+/// migration reads as dirty pages and the emulator as device writes into code.
+pub(crate) fn mark_filled<'a, B: BitmapSlice + 'a, S: std::borrow::Borrow<VolatileSlice<'a, B>>>(
+    slices: impl IntoIterator<Item = S>,
+    n: usize,
+) {
     let mut left = n;
     for s in slices {
-        let done = left.min(s.len());
-        s.bitmap().mark_dirty(0, done);
-        left -= done;
+        let s = s.borrow();
         if left == 0 {
             break;
         }
+        let done = left.min(s.len());
+        s.bitmap().mark_dirty(0, done);
+        left -= done;
     }
-    Ok(n)
+}
+
+/// [`mark_filled`] for guest ranges (address, length) of `mem`.
+pub(crate) fn mark_filled_ranges(
+    mem: &vireo_hv::GuestMemory,
+    ranges: &[(vm_memory::GuestAddress, usize)],
+    n: usize,
+) {
+    use vm_memory::GuestMemoryBackend as _;
+    mark_filled(
+        ranges
+            .iter()
+            .map_while(|&(addr, len)| mem.get_slice(addr, len).ok()),
+        n,
+    );
 }
 
 /// `pwritev(2)` at `offset` from `slices` (at most [`IOV_MAX`]); returns bytes written.

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{Address as _, GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -666,20 +665,8 @@ impl Worker {
                 return Ok(None);
             }
         };
-        // The kernel wrote guest memory behind vm-memory's back: tell its bitmap of VMM
-        // writes (live migration's dirty pages; the emulator's check for device writes into
-        // code), as `sys::preadv` does for disks.
-        let mut left = n;
-        for &(addr, len) in self.ranges.iter() {
-            if left == 0 {
-                break;
-            }
-            let done = left.min(len);
-            if let Ok(s) = self.ctx.mem.get_slice(addr, done) {
-                s.bitmap().mark_dirty(0, done);
-            }
-            left -= done;
-        }
+        // The kernel wrote guest memory behind vm-memory's back, as `sys::preadv` does.
+        crate::sys::mark_filled_ranges(&self.ctx.mem, &self.ranges, n);
         if !self.check_len(n) {
             return Ok(Some(false));
         }

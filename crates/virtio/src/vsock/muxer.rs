@@ -1052,10 +1052,8 @@ impl Core {
                     op = VIRTIO_VSOCK_OP_SHUTDOWN;
                 }
                 Ok(n) => {
-                    // The kernel wrote guest memory behind vm-memory's back: mark it in the
-                    // bitmap of VMM writes (live migration's dirty pages, the emulator's
-                    // check for device writes into code), as virtio-net's receive does.
-                    mark_written(&mem, &self.ranges, n);
+                    // The kernel wrote guest memory behind vm-memory's back.
+                    crate::sys::mark_filled_ranges(&mem, &self.ranges, n);
                     payload = n;
                     c.credit.sent(n as u32);
                     // A full read: there may be more.
@@ -1221,23 +1219,6 @@ impl VsockBackend {
         let mut p = self.path.clone().into_os_string();
         p.push(format!("_{port}"));
         PathBuf::from(p)
-    }
-}
-
-/// Marks the first `n` bytes of `ranges` (guest memory a `readv` filled) as written by the
-/// VMM in `mem`'s bitmap.
-fn mark_written(mem: &GuestMemory, ranges: &[(GuestAddress, usize)], n: usize) {
-    use vm_memory::bitmap::Bitmap as _;
-    let mut left = n;
-    for &(addr, len) in ranges {
-        if left == 0 {
-            break;
-        }
-        let done = left.min(len);
-        if let Ok(s) = mem.get_slice(addr, done) {
-            s.bitmap().mark_dirty(0, done);
-        }
-        left -= done;
     }
 }
 
