@@ -74,45 +74,13 @@ fn main() {
 /// Build the ticker and give the default guest's initramfs with `/bin/ticker` appended (the
 /// kernel unpacks concatenated newc archives in order).
 fn initrd_with_ticker(base: &Path, dir: &Path) -> Result<PathBuf, String> {
-    use vireo_guests::default_guest::cpio::{Node, Tree};
+    use vireo_guests::default_guest::extra::{build_static_tool, initrd_with_files};
     let src = dir.join("ticker.rs");
     let bin = dir.join("ticker");
     std::fs::write(&src, TICKER_RS).map_err(|e| e.to_string())?;
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let o = Command::new(rustc)
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-C",
-            "strip=symbols",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("rustc: {e}"))?;
-    if !o.status.success() {
-        return Err(format!(
-            "building the ticker: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    let mut image = std::fs::read(base).map_err(|e| e.to_string())?;
-    let mut t = Tree::new();
-    t.add(
-        "bin/ticker",
-        Node::File(std::fs::read(&bin).map_err(|e| e.to_string())?),
-        0o755,
-    )
-    .map_err(|e| e.to_string())?;
-    image.extend(t.write_newc(Vec::new()).map_err(|e| e.to_string())?);
+    build_static_tool(&src, &bin).map_err(|e| format!("building the ticker: {e}"))?;
     let out = dir.join("initrd-ticker.cpio");
-    std::fs::write(&out, image).map_err(|e| e.to_string())?;
+    initrd_with_files(base, &[("bin/ticker", &bin)], &out).map_err(|e| e.to_string())?;
     Ok(out)
 }
 

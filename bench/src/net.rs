@@ -622,41 +622,12 @@ fn device_part(args: &Args) {
 
 /// Build vtool (tests/guest/vtool.rs) and the default guest's initramfs with it appended.
 fn initrd_with_vtool(guest_initrd: &Path, dir: &Path) -> Result<PathBuf, String> {
-    use vireo_guests::default_guest::cpio::{Node, Tree};
+    use vireo_guests::default_guest::extra::{build_static_tool, initrd_with_files};
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/guest/vtool.rs");
     let tool = dir.join("vtool");
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let o = Command::new(rustc)
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-C",
-            "strip=symbols",
-            "--target",
-            "x86_64-unknown-linux-gnu",
-            "-o",
-        ])
-        .arg(&tool)
-        .arg(&src)
-        .output()
-        .map_err(|e| format!("rustc: {e}"))?;
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    let mut image = std::fs::read(guest_initrd).map_err(|e| e.to_string())?;
-    let mut t = Tree::new();
-    t.add(
-        "bin/vtool",
-        Node::File(std::fs::read(&tool).map_err(|e| e.to_string())?),
-        0o755,
-    )
-    .map_err(|e| e.to_string())?;
-    image.extend(t.write_newc(Vec::new()).map_err(|e| e.to_string())?);
+    build_static_tool(&src, &tool).map_err(|e| e.to_string())?;
     let out = dir.join("initrd-vtool.cpio");
-    std::fs::write(&out, image).map_err(|e| e.to_string())?;
+    initrd_with_files(guest_initrd, &[("bin/vtool", &tool)], &out).map_err(|e| e.to_string())?;
     Ok(out)
 }
 

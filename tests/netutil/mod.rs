@@ -355,26 +355,8 @@ pub fn vtool() -> Option<PathBuf> {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vtool.rs");
         let out =
             Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vtool-{}", std::process::id()));
-        let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-        let o = Command::new(rustc)
-            .args([
-                "--edition",
-                "2021",
-                "-O",
-                "-C",
-                "target-feature=+crt-static",
-                "-C",
-                "strip=symbols",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-                "-o",
-            ])
-            .arg(&out)
-            .arg(&src)
-            .output()
-            .ok()?;
-        if !o.status.success() {
-            eprintln!("building vtool: {}", String::from_utf8_lossy(&o.stderr));
+        if let Err(e) = vireo_guests::default_guest::extra::build_static_tool(&src, &out) {
+            eprintln!("building vtool: {e}");
             return None;
         }
         Some(out)
@@ -388,17 +370,16 @@ pub fn initrd_with_vtool(test: &str) -> Option<PathBuf> {
     static INITRD: OnceLock<Option<PathBuf>> = OnceLock::new();
     let r = INITRD
         .get_or_init(|| {
-            use vireo_guests::default_guest::cpio::{Node, Tree};
             let g = default_guest("initrd_with_vtool")?;
             let tool = vtool()?;
-            let mut image = std::fs::read(&g.initrd).ok()?;
-            let mut t = Tree::new();
-            t.add("bin/vtool", Node::File(std::fs::read(tool).ok()?), 0o755)
-                .ok()?;
-            image.extend(t.write_newc(Vec::new()).ok()?);
             let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
                 .join(format!("initrd-vtool-{}.cpio", std::process::id()));
-            std::fs::write(&out, image).ok()?;
+            vireo_guests::default_guest::extra::initrd_with_files(
+                &g.initrd,
+                &[("bin/vtool", &tool)],
+                &out,
+            )
+            .ok()?;
             Some(out)
         })
         .clone();

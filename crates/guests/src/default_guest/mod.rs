@@ -18,6 +18,7 @@
 
 pub mod busybox;
 pub mod cpio;
+pub mod extra;
 pub mod init;
 pub mod modules;
 mod rootfs;
