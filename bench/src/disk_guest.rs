@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{fmt, have, measure, median, vireo_binary};
+use vireo_bench::{fmt, have, measure, median, qemu_accel, qemu_pc, vireo_binary};
 use vireo_guests::default_guest::{cache_dir, command_param, ensure, Options};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -71,32 +71,19 @@ fn main() {
     let mut vmms = vec![("vireo", vireo)];
     if have(Path::new(QEMU)) {
         let mut q = Command::new(QEMU);
-        q.args([
-            "-M",
-            "pc",
-            "-accel",
-            if accel == "kvm" { "kvm" } else { "tcg" },
-            "-m",
-            "256M",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-drive",
-        ])
-        .arg(format!(
-            "file={},format=raw,if=none,id=d0,cache=writeback",
-            image.display()
-        ))
-        .args(["-device", "virtio-blk-pci,drive=d0", "-kernel"])
-        .arg(&guest.kernel)
-        .arg("-initrd")
-        .arg(&guest.initrd)
-        .arg("-append")
-        .arg(&cmdline);
+        // One vCPU, as QEMU's default.
+        qemu_pc(&mut q, qemu_accel(&accel), "256M")
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=d0,cache=writeback",
+                image.display()
+            ))
+            .args(["-device", "virtio-blk-pci,drive=d0", "-kernel"])
+            .arg(&guest.kernel)
+            .arg("-initrd")
+            .arg(&guest.initrd)
+            .arg("-append")
+            .arg(&cmdline);
         vmms.push(("qemu", q));
     }
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); vmms.len()];

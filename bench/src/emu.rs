@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{fmt, have, measure, median, vireo_binary};
+use vireo_bench::{fmt, have, measure, median, qemu_pc, vireo_binary};
 use vireo_guests::default_guest::{cache_dir, command_param, ensure, Options, READY_LINE};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -115,29 +115,13 @@ fn main() {
     let mut cmds = vec![("vireo emu", vireo)];
     if have(Path::new(QEMU)) {
         let mut q = Command::new(QEMU);
-        q.args([
-            "-M",
-            "pc",
-            "-accel",
-            "tcg",
-            "-m",
-            "256M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-kernel",
-        ])
-        .arg(&guest.kernel)
-        .arg("-initrd")
-        .arg(&guest.initrd)
-        .arg("-append")
-        .arg(&cmdline);
+        qemu_pc(&mut q, "tcg", "256M")
+            .arg("-kernel")
+            .arg(&guest.kernel)
+            .arg("-initrd")
+            .arg(&guest.initrd)
+            .arg("-append")
+            .arg(&cmdline);
         cmds.push(("qemu tcg", q));
     } else {
         eprintln!("note: {QEMU} not found (apt-get install qemu-system-x86): vireo only");

@@ -114,6 +114,38 @@ pub fn fmt(x: Option<f64>, digits: usize) -> String {
         .unwrap_or_else(|| "n/a".to_string())
 }
 
+/// `accel` as QEMU's `-accel` names it: `kvm`, or `tcg` for vireo's emulator.
+pub fn qemu_accel(accel: &str) -> &'static str {
+    if accel == "kvm" {
+        "kvm"
+    } else {
+        "tcg"
+    }
+}
+
+/// Adds the PC machine the guest-level benchmarks compare against: `-M pc` on `accel`
+/// (`tcg` or `kvm`) with `memory`, one vCPU, no default devices or user config, no display,
+/// the serial port on stdio, and exit instead of reboot.
+pub fn qemu_pc<'c>(c: &'c mut Command, accel: &str, memory: &str) -> &'c mut Command {
+    c.args([
+        "-M",
+        "pc",
+        "-accel",
+        accel,
+        "-m",
+        memory,
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

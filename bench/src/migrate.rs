@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vireo_bench::qmp::Qmp;
-use vireo_bench::{fmt, have, vireo_binary};
+use vireo_bench::{fmt, have, qemu_accel, qemu_pc, vireo_binary};
 use vireo_guests::default_guest::{cache_dir, command_param, ensure, Options};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -304,34 +304,18 @@ fn vireo_case(vireo: &Path, g: &Guest, dir: &Path, accel: &str) -> Result_ {
 
 fn qemu_cmd(g: &Guest, accel: &str, qmp: &Path) -> Command {
     let mut c = Command::new(QEMU);
-    c.args([
-        "-M",
-        "pc",
-        "-accel",
-        if accel == "kvm" { "kvm" } else { "tcg" },
-        "-m",
-        MEMORY,
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-kernel",
-    ])
-    .arg(&g.kernel)
-    .arg("-initrd")
-    .arg(&g.initrd)
-    .arg("-append")
-    .arg(&g.cmdline)
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
+    qemu_pc(&mut c, qemu_accel(accel), MEMORY)
+        .arg("-kernel")
+        .arg(&g.kernel)
+        .arg("-initrd")
+        .arg(&g.initrd)
+        .arg("-append")
+        .arg(&g.cmdline)
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
     c
 }
 
@@ -427,7 +411,7 @@ fn main() {
     };
     println!(
         "bench/migrate: default guest, {MEMORY}, vireo {accel} vs QEMU {}, loopback (ms)",
-        if accel == "kvm" { "kvm" } else { "tcg" }
+        qemu_accel(&accel)
     );
     println!(
         "{:<6} {:>9} {:>9} {:>9} {:>10} {:>9} {:>9} {:>7}  note",

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vireo_bench::{fmt, have, median, vireo_binary};
+use vireo_bench::{fmt, have, median, qemu_pc, vireo_binary};
 use vireo_virtio::driver::{Desc, EventInterrupt, SplitQueueDriver};
 use vireo_virtio::net::features::VIRTIO_NET_F_MRG_RXBUF;
 use vireo_virtio::net::tap::{iovec_mut, readv, writev, NetBackend};
@@ -794,33 +794,19 @@ fn guest_run(
         ns.ip(&["addr", "add", "10.0.0.1/24", "dev", "vb1"]);
         ns.ip(&["link", "set", "vb1", "up"]);
         let mut c = ns.command(QEMU);
-        c.args([
-            "-M",
-            "pc",
-            "-accel",
-            "tcg",
-            "-m",
-            "256M",
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-netdev",
-            "tap,id=n0,ifname=vb1,script=no,downscript=no,vhost=off",
-            "-device",
-            "virtio-net-pci,netdev=n0",
-            "-kernel",
-        ])
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(&cmdline);
+        qemu_pc(&mut c, "tcg", "256M")
+            .args([
+                "-netdev",
+                "tap,id=n0,ifname=vb1,script=no,downscript=no,vhost=off",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+                "-kernel",
+            ])
+            .arg(kernel)
+            .arg("-initrd")
+            .arg(initrd)
+            .arg("-append")
+            .arg(&cmdline);
         c
     };
     cmd.env_remove("VIREO_LOG");

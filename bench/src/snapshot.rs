@@ -197,7 +197,7 @@ fn qemu_cmd(kernel: &Path, memory: &str, qmp: &Path, accel: &str) -> Command {
         "-M",
         "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off",
         "-accel",
-        if accel == "kvm" { "kvm" } else { "tcg" },
+        vireo_bench::qemu_accel(accel),
         "-m",
         memory,
         "-nodefaults",
