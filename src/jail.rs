@@ -27,6 +27,38 @@ pub const DEFAULT_ID: u32 = 65534;
 const VM_DIR: &str = "/vm";
 
 /// `--jail` options.
+/// `--uid`, `--gid` and `--cgroup`, shared by `vireo run --jail` and `vireo restore --jail`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JailArgs {
+    /// With --jail: the uid the VMM runs as.
+    #[arg(long, value_name = "UID", default_value_t = DEFAULT_ID, requires = "jail")]
+    pub uid: u32,
+    /// With --jail: the gid the VMM runs as.
+    #[arg(long, value_name = "GID", default_value_t = DEFAULT_ID, requires = "jail")]
+    pub gid: u32,
+    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5
+    /// (also swap=, weight=, cpuset=).
+    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = crate::run::parse_limits)]
+    pub cgroup: Option<Limits>,
+}
+
+impl JailArgs {
+    /// The jail's options, with the API socket to hand in and the snapshot directory.
+    pub fn options(
+        &self,
+        api_socket: Option<PathBuf>,
+        snapshot_dir: Option<PathBuf>,
+    ) -> JailOptions {
+        JailOptions {
+            uid: self.uid,
+            gid: self.gid,
+            limits: self.cgroup.clone().unwrap_or_default(),
+            api_socket,
+            snapshot_dir,
+        }
+    }
+}
+
 pub struct JailOptions {
     pub uid: u32,
     pub gid: u32,

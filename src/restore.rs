@@ -32,15 +32,8 @@ pub struct RestoreArgs {
     /// initrd and disks appear in it at their host paths.
     #[arg(long)]
     jail: bool,
-    /// With --jail: the uid the VMM runs as.
-    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
-    uid: u32,
-    /// With --jail: the gid the VMM runs as.
-    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
-    gid: u32,
-    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5.
-    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = crate::run::parse_limits)]
-    cgroup: Option<vireo_jail::Limits>,
+    #[command(flatten)]
+    ids: crate::jail::JailArgs,
 }
 
 pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
@@ -50,13 +43,7 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode> {
         paused: args.paused,
     };
     if args.jail {
-        let opts = crate::jail::JailOptions {
-            uid: args.uid,
-            gid: args.gid,
-            limits: args.cgroup.unwrap_or_default(),
-            api_socket: args.api_socket,
-            snapshot_dir: None,
-        };
+        let opts = args.ids.options(args.api_socket, None);
         return crate::jail::restore_jailed(req, &opts);
     }
     // Reads and checks the snapshot before anything is created.

@@ -45,16 +45,8 @@ pub struct RunArgs {
     /// (needs root).
     #[arg(long)]
     jail: bool,
-    /// With --jail: the uid the VMM runs as.
-    #[arg(long, value_name = "UID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
-    uid: u32,
-    /// With --jail: the gid the VMM runs as.
-    #[arg(long, value_name = "GID", default_value_t = crate::jail::DEFAULT_ID, requires = "jail")]
-    gid: u32,
-    /// With --jail: cgroup limits for the VMM process, like mem=512M,pids=64,cpu=0.5
-    /// (also swap=, weight=, cpuset=).
-    #[arg(long, value_name = "LIMITS", requires = "jail", value_parser = parse_limits)]
-    cgroup: Option<vireo_jail::Limits>,
+    #[command(flatten)]
+    ids: crate::jail::JailArgs,
     /// With --jail: a directory the jailed VMM may write snapshots under (bind-mounted
     /// writable at the same path; `vireo ctl snapshot DIR/NAME`). It must be writable by
     /// --uid/--gid.
@@ -190,7 +182,7 @@ fn config_from(args: &RunArgs) -> Result<VmConfig> {
                 // A root disk made just now for a jailed VMM belongs to the jail's ids (an
                 // existing one is left as it is: vireo checks it is usable before starting).
                 if created && args.jail {
-                    std::os::unix::fs::chown(path, Some(args.uid), Some(args.gid))
+                    std::os::unix::fs::chown(path, Some(args.ids.uid), Some(args.ids.gid))
                         .with_context(|| format!("handing {} to the jail", path.display()))?;
                 }
                 c.disks.push(DiskConfig::new(path));
@@ -235,19 +227,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     vireo_arch::loader::check_kernel(&config.kernel)?;
     if args.jail {
         // TAPs and the vsock socket are opened outside the jail and handed in (src/jail.rs).
-        let opts = crate::jail::JailOptions {
-            uid: args.uid,
-            gid: args.gid,
-            limits: args.cgroup.clone().unwrap_or_default(),
-            api_socket,
-            snapshot_dir: match &args.snapshot_dir {
-                Some(d) => Some(
-                    std::fs::canonicalize(d)
-                        .with_context(|| format!("--snapshot-dir {}", d.display()))?,
-                ),
-                None => None,
-            },
+        let snapshot_dir = match &args.snapshot_dir {
+            Some(d) => Some(
+                std::fs::canonicalize(d)
+                    .with_context(|| format!("--snapshot-dir {}", d.display()))?,
+            ),
+            None => None,
         };
+        let opts = args.ids.options(api_socket, snapshot_dir);
         return crate::jail::run_jailed(config, &opts);
     }
     let backend = vireo_vmm::select_hypervisor(config.accel)?;
