@@ -258,6 +258,16 @@ impl Worker {
         }
     }
 
+    /// Count a received frame as dropped and log why (once per kind).
+    fn drop_received(&self, p: Problem, what: std::fmt::Arguments<'_>) {
+        self.ctx
+            .shared
+            .stats
+            .rx_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        self.problem(p, what);
+    }
+
     fn problem(&self, p: Problem, what: std::fmt::Arguments<'_>) {
         if self.ctx.log.first(p as u32) {
             tracing::warn!(
@@ -600,12 +610,7 @@ impl Worker {
     /// A frame of `n` bytes (header included) worth delivering?
     fn check_len(&self, n: usize) -> bool {
         if !(VNET_HDR_LEN + ETH_HLEN..=MAX_RX).contains(&n) {
-            self.ctx
-                .shared
-                .stats
-                .rx_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            self.problem(
+            self.drop_received(
                 Problem::RxTooBig,
                 format_args!("received frame of {n} bytes dropped"),
             );
@@ -671,12 +676,7 @@ impl Worker {
             return Ok(Some(false));
         }
         if n > guest_iov_cap {
-            self.ctx
-                .shared
-                .stats
-                .rx_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            self.problem(
+            self.drop_received(
                 Problem::RxTooBig,
                 format_args!("frame of {n} bytes larger than the guest's receive buffers"),
             );
@@ -724,12 +724,7 @@ impl Worker {
             }
         }
         let Some(h) = VnetHeader::from_bytes(&raw).for_rx(self.ctx.features, count as u16) else {
-            self.ctx
-                .shared
-                .stats
-                .rx_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            self.problem(
+            self.drop_received(
                 Problem::RxHeader,
                 format_args!("received frame with offloads the driver did not accept dropped"),
             );

@@ -949,15 +949,7 @@ impl Core {
                 len as u64,
                 &mut self.ranges,
             ) {
-                'ranges: for &(addr, l) in &self.ranges {
-                    for s in mem.get_slices(addr, l) {
-                        let Ok(s) = s else { break 'ranges };
-                        if iov.len() >= IOV_MAX {
-                            break 'ranges;
-                        }
-                        iov.push(iovec_guest(&s));
-                    }
-                }
+                guest_iovecs(&mem, &self.ranges, &mut iov);
                 match sendv(c.stream.as_raw_fd(), &iov) {
                     Ok(n) => sent = n.min(len),
                     Err(e)
@@ -1027,15 +1019,7 @@ impl Core {
                     &mut self.ranges,
                 )
             {
-                'ranges: for &(addr, l) in &self.ranges {
-                    for s in mem.get_slices(addr, l) {
-                        let Ok(s) = s else { break 'ranges };
-                        if iov.len() >= IOV_MAX {
-                            break 'ranges;
-                        }
-                        iov.push(iovec_guest(&s));
-                    }
-                }
+                guest_iovecs(&mem, &self.ranges, &mut iov);
             }
             let r = if iov.is_empty() {
                 Err(io::Error::from(io::ErrorKind::WouldBlock))
@@ -1219,6 +1203,20 @@ impl VsockBackend {
         let mut p = self.path.clone().into_os_string();
         p.push(format!("_{port}"));
         PathBuf::from(p)
+    }
+}
+
+/// Appends the iovecs of guest `ranges` of `mem` to `iov`, up to [`IOV_MAX`] in all; stops at
+/// the first range not in guest memory (what came before stays, a prefix).
+fn guest_iovecs(mem: &GuestMemory, ranges: &[(GuestAddress, usize)], iov: &mut Vec<libc::iovec>) {
+    for &(addr, l) in ranges {
+        for s in mem.get_slices(addr, l) {
+            let Ok(s) = s else { return };
+            if iov.len() >= IOV_MAX {
+                return;
+            }
+            iov.push(iovec_guest(&s));
+        }
     }
 }
 
