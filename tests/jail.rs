@@ -54,6 +54,17 @@ impl Drop for Background {
     }
 }
 
+/// Reads `out` into `seen` until `done(seen)`; end of file first fails the test, naming
+/// `what`.
+fn read_until(out: &mut impl Read, seen: &mut String, what: &str, done: impl Fn(&str) -> bool) {
+    let mut buf = [0u8; 4096];
+    while !done(seen) {
+        let n = out.read(&mut buf).unwrap();
+        assert!(n > 0, "{what}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
 /// `vireo restore [--jail] --snapshot SNAP --api-socket SOCKET` of a counter probe: waits for
 /// `lines` counter lines and returns the VM with the first count it printed.
 fn restore_counting(
@@ -77,12 +88,10 @@ fn restore_counting(
         .stderr(Stdio::piped());
     let mut vm = Background(cmd.spawn().unwrap());
     let mut out = vm.0.stdout.take().unwrap();
-    let (mut after, mut buf) = (String::new(), [0u8; 4096]);
-    while after.lines().filter(|l| l.starts_with("count ")).count() < lines {
-        let n = out.read(&mut buf).unwrap();
-        assert!(n > 0, "{what} jail={jail}: {after}");
-        after.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let mut after = String::new();
+    read_until(&mut out, &mut after, &format!("{what} jail={jail}"), |o| {
+        o.lines().filter(|l| l.starts_with("count ")).count() >= lines
+    });
     let first = after
         .lines()
         .find_map(|l| l.strip_prefix("count "))
@@ -798,12 +807,7 @@ fn jailed_restore_continues_a_snapshot() {
         let mut vm = Background(cmd.spawn().unwrap());
         let mut out = vm.0.stdout.take().unwrap();
         let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("count 2\n") {
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "{accel}: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut out, &mut seen, accel, |o| o.contains("count 2\n"));
         assert_eq!(ctl(&socket, &["pause"]).code(), Some(0));
         let o = ctl(&socket, &["snapshot", snap.to_str().unwrap()]);
         assert_eq!(o.code(), Some(0), "{accel}: {o}");
@@ -871,12 +875,7 @@ fn jailed_vmm_snapshots_into_its_snapshot_dir() {
         let mut vm = Background(cmd.spawn().unwrap());
         let mut out = vm.0.stdout.take().unwrap();
         let mut seen = String::new();
-        let mut buf = [0u8; 256];
-        while !seen.contains("count 1\n") {
-            let n = out.read(&mut buf).unwrap();
-            assert!(n > 0, "{accel}: {seen}");
-            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
+        read_until(&mut out, &mut seen, accel, |o| o.contains("count 1\n"));
         assert_eq!(ctl(&socket, &["pause"]).code(), Some(0));
         let outside = dir.path().join("outside");
         let o = ctl(&socket, &["snapshot", outside.to_str().unwrap()]);
