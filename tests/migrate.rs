@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::running::{last, numbers, Running};
+use common::running::{last, numbers, start_counting_linux, Running};
 use common::{vireo, TempDir};
 use vireo_guests::probe::{build, Probe};
 
@@ -184,12 +184,8 @@ fn read_disk_count(disk: &Path) -> u64 {
 /// Boot the Linux guest running [`SCRIPT`] (inside `netns` if given).
 fn linux_source(dir: &TempDir, accel: &str, netns: Option<&str>) -> (Running, PathBuf) {
     let disk = dir.path().join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(8 << 20)
-        .unwrap();
     let sock = dir.path().join("src.sock");
-    let mut cmd = match netns {
+    let cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
             c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vireo")]);
@@ -198,15 +194,7 @@ fn linux_source(dir: &TempDir, accel: &str, netns: Option<&str>) -> (Running, Pa
         }
         None => vireo(),
     };
-    cmd.args(["run", "--accel", accel, "--disk"])
-        .arg(format!("path={}", disk.display()))
-        .arg("--api-socket")
-        .arg(&sock)
-        .args(["--", "sh", "-c", SCRIPT]);
-    let vm = Running::start(cmd, &sock);
-    vm.wait_for("count 3", Duration::from_secs(300), |o| {
-        last(o, "count ").is_some_and(|n| n >= 3)
-    });
+    let vm = start_counting_linux(cmd, accel, &disk, &sock, SCRIPT);
     (vm, disk)
 }
 

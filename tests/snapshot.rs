@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::running::{last, numbers, Running};
+use common::running::{last, numbers, start_counting_linux, Running};
 use common::{vireo, TempDir};
 use vireo_guests::probe::{build, Probe};
 
@@ -140,25 +140,12 @@ fn linux_pause_snapshot_restore_and_power_button() {
     for accel in common::full_backends(test) {
         let dir = TempDir::new(&format!("snap-linux-{accel}"));
         let disk = dir.path().join("disk.img");
-        std::fs::File::create(&disk)
-            .unwrap()
-            .set_len(8 << 20)
-            .unwrap();
         let sock = dir.path().join("l.sock");
         let script = "i=0; while true; do i=$((i+1)); \
              echo \"count $i up $(cut -d' ' -f1 /proc/uptime)\"; \
              echo \"disk $i\" | dd of=/dev/vda bs=512 count=1 conv=sync,fsync 2>/dev/null; \
              sleep 0.3; done";
-        let mut cmd = vireo();
-        cmd.args(["run", "--accel", accel, "--disk"])
-            .arg(format!("path={}", disk.display()))
-            .arg("--api-socket")
-            .arg(&sock)
-            .args(["--", "sh", "-c", script]);
-        let vm = Running::start(cmd, &sock);
-        vm.wait_for("count 3", Duration::from_secs(300), |o| {
-            last(o, "count ").is_some_and(|n| n >= 3)
-        });
+        let vm = start_counting_linux(vireo(), accel, &disk, &sock, script);
 
         // The guest's clock does not advance while paused.
         vm.ctl_ok(&["pause"]);

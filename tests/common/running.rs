@@ -154,6 +154,32 @@ pub fn ctl(socket: &Path, args: &[&str]) -> (bool, String) {
     (o.status.success(), text)
 }
 
+/// Boots, with `cmd` (`vireo`, or `vireo` inside a network namespace), the Linux guest on
+/// `accel` running `script`, which prints `count N` lines: a fresh 8 MiB disk at `disk`, the
+/// API on `sock`. Returns once the guest has counted to 3.
+pub fn start_counting_linux(
+    mut cmd: Command,
+    accel: &str,
+    disk: &Path,
+    sock: &Path,
+    script: &str,
+) -> Running {
+    std::fs::File::create(disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    cmd.args(["run", "--accel", accel, "--disk"])
+        .arg(format!("path={}", disk.display()))
+        .arg("--api-socket")
+        .arg(sock)
+        .args(["--", "sh", "-c", script]);
+    let vm = Running::start(cmd, sock);
+    vm.wait_for("count 3", Duration::from_secs(300), |o| {
+        last(o, "count ").is_some_and(|n| n >= 3)
+    });
+    vm
+}
+
 /// Numbers after `key` in `out` (anywhere in a line), in order.
 pub fn numbers(out: &str, key: &str) -> Vec<u64> {
     out.lines()
