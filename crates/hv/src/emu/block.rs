@@ -395,7 +395,14 @@ pub struct BlockCache {
     pub revalidated: u64,
     /// Blocks found unchanged after I/O exits by their page's bit in the bitmap of VMM writes.
     pub revalidated_soft: u64,
+    /// Pages whose bit was found clear, and the epoch then (direct-mapped by page): the
+    /// page's other blocks at that epoch need no second look. Only blocks that missed I/O
+    /// exits alone use it (stamped at `floor` or later), never while dirty logging is on.
+    soft_memo: [(usize, u64); SOFT_MEMO],
 }
+
+/// Entries of [`BlockCache::soft_memo`].
+const SOFT_MEMO: usize = 64;
 
 /// The cache key of a block: the guest-physical address of its first byte and the decoding
 /// mode (16, 32 or 64).
@@ -446,6 +453,7 @@ impl BlockCache {
             stale: 0,
             revalidated: 0,
             revalidated_soft: 0,
+            soft_memo: [(0, 0); SOFT_MEMO],
         }
     }
 
@@ -478,13 +486,16 @@ impl BlockCache {
 
     /// The block for `key` if it is valid at code epoch `epoch`, looked up among the recent
     /// successors of block `prev` first, then in the index; an index hit becomes `prev`'s most
-    /// recent successor.
+    /// recent successor. `Err(b)`: not valid, but block `b` (from a link, or `NO_BLOCK`) has
+    /// the key and only needs [`revalidate_block`](Self::revalidate_block) — after an epoch
+    /// move this spares the index lookup, which misses the host's caches.
     #[inline(always)]
-    pub fn find_after(&mut self, prev: u32, key: u64, epoch: u64) -> Option<u32> {
-        let valid = |c: &Self, b: u32| {
+    pub fn find_after(&mut self, prev: u32, key: u64, epoch: u64) -> Result<u32, u32> {
+        let has_key = |c: &Self, b: u32| c.blocks.get(b as usize).is_some_and(|blk| blk.key == key);
+        let fresh = |c: &Self, b: u32| {
             c.blocks
                 .get(b as usize)
-                .is_some_and(|blk| blk.key == key && blk.epoch == epoch)
+                .is_some_and(|blk| blk.epoch == epoch)
         };
         if let Some(p) = self.blocks.get(prev as usize) {
             let b = if p.next_key[0] == key {
@@ -494,24 +505,28 @@ impl BlockCache {
             } else {
                 NO_BLOCK
             };
-            if b != NO_BLOCK && valid(self, b) {
-                return Some(b);
+            if has_key(self, b) {
+                return if fresh(self, b) { Ok(b) } else { Err(b) };
             }
         }
-        let set = self.index.get(slot(key))?;
-        let b = if self.blocks.get(set[0] as usize)?.key == key {
-            set[0]
-        } else {
-            set[1]
+        let Some(set) = self.index.get(slot(key)) else {
+            return Err(NO_BLOCK);
         };
-        if !valid(self, b) {
-            return None;
+        let b = if has_key(self, set[0]) {
+            set[0]
+        } else if has_key(self, set[1]) {
+            set[1]
+        } else {
+            return Err(NO_BLOCK);
+        };
+        if !fresh(self, b) {
+            return Err(NO_BLOCK);
         }
         if let Some(p) = self.blocks.get_mut(prev as usize) {
             p.next_key = [key, p.next_key[0]];
             p.next = [b, p.next[0]];
         }
-        Some(b)
+        Ok(b)
     }
 
     /// The ops and byte length of block `b` (from `revalidate` or `build`).
@@ -561,13 +576,41 @@ impl BlockCache {
             self.insert(key, b);
             b
         };
+        self.revalidate_block(b, epoch, floor, host, code, code_idx)
+    }
+
+    /// The second half of [`revalidate`](Self::revalidate), for block `b` already found.
+    pub fn revalidate_block(
+        &mut self,
+        b: u32,
+        epoch: u64,
+        floor: u64,
+        host: usize,
+        code: &CodePages,
+        code_idx: usize,
+    ) -> Option<u32> {
         let blk = self.blocks.get(b as usize)?;
         if blk.epoch == epoch {
+            return Some(b);
+        }
+        let memo = self
+            .soft_memo
+            .get(code_idx % SOFT_MEMO)
+            .filter(|_| blk.epoch >= floor && !code.logging());
+        if memo.is_some_and(|m| *m == (code_idx, epoch)) {
+            // Another block of this page passed the look below at this epoch.
+            self.revalidated_soft += 1;
+            if let Some(blk) = self.blocks.get_mut(b as usize) {
+                blk.epoch = epoch;
+            }
             return Some(b);
         }
         code.set(code_idx);
         if blk.epoch >= floor && !code.logging() && !code.vmm_bit_set(code_idx) {
             self.revalidated_soft += 1;
+            if let Some(m) = self.soft_memo.get_mut(code_idx % SOFT_MEMO) {
+                *m = (code_idx, epoch);
+            }
             if let Some(blk) = self.blocks.get_mut(b as usize) {
                 blk.epoch = epoch;
             }
@@ -848,20 +891,23 @@ mod tests {
         let pa = add(&mut c, a, 1, &[0x90]);
         let pb = add(&mut c, b, 1, &[0x90]);
         // The index finds b after a, and a remembers it.
-        assert_eq!(c.find_after(pa, b, 1), Some(pb));
+        assert_eq!(c.find_after(pa, b, 1), Ok(pb));
         assert_eq!(c.blocks[pa as usize].next, [pb, NO_BLOCK]);
-        assert_eq!(c.find_after(pb, a, 1), Some(pa));
+        assert_eq!(c.find_after(pb, a, 1), Ok(pa));
         // A third block of the set pushes a out of the index; b's link still finds it.
         let pd = add(&mut c, d, 1, &[0x90]);
         assert!(c.find(a, 1).is_none());
-        assert_eq!(c.find_after(pa, b, 1), Some(pb));
-        assert_eq!(c.find_after(pb, a, 1), Some(pa));
-        // A link to a block checked at an older epoch is not taken.
-        assert_eq!(c.find_after(pa, b, 2), None);
+        assert_eq!(c.find_after(pa, b, 1), Ok(pb));
+        assert_eq!(c.find_after(pb, a, 1), Ok(pa));
+        // A link to a block checked at an older epoch is not taken, but handed back for a
+        // look at its bytes.
+        assert_eq!(c.find_after(pa, b, 2), Err(pb));
         // Nor is a link for another key.
-        assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), None);
+        assert_eq!(c.find_after(pa, block_key(0x2000, 64), 1), Err(NO_BLOCK));
         // No previous block: the index alone.
-        assert_eq!(c.find_after(NO_BLOCK, d, 1), Some(pd));
+        assert_eq!(c.find_after(NO_BLOCK, d, 1), Ok(pd));
+        // A stale index hit is left to `revalidate`.
+        assert_eq!(c.find_after(NO_BLOCK, d, 2), Err(NO_BLOCK));
     }
 
     #[test]
@@ -892,6 +938,33 @@ mod tests {
         assert!(code.vmm_wrote_code(), "takes the bit");
         code.enable_dirty_log();
         assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+    }
+
+    #[test]
+    fn a_page_found_clean_after_io_exits_spares_its_other_blocks_the_look() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        let code = CodePages::new(&mem);
+        let mut c = BlockCache::new();
+        let [a, b, d] = colliding();
+        let (pa, pb, pd) = (
+            add(&mut c, a, 1, &[0x90]),
+            add(&mut c, b, 1, &[0x90]),
+            add(&mut c, d, 1, &[0x90]),
+        );
+        code.set(1);
+        let other = [0xccu8; 8];
+        let host = other.as_ptr() as usize;
+        // The first block of page 1 at epoch 2 looks at the page's bit.
+        assert_eq!(c.revalidate_block(pa, 2, 1, host, &code, 1), Some(pa));
+        // A device writes the page now: the page was found clean at epoch 2, so another
+        // block of it at epoch 2 is stamped like the first (the write is seen at the next
+        // interrupt, I/O exit or refresh, which move the epoch)...
+        mem.write_slice(&[0xcc], GuestAddress(0x10)).unwrap();
+        assert_eq!(c.revalidate_block(pb, 2, 1, host, &code, 1), Some(pb));
+        assert_eq!((c.revalidated_soft, c.stale), (2, 0));
+        // ... and at the next epoch the page's bit is looked at again: bytes compared.
+        assert_eq!(c.revalidate_block(pd, 3, 1, host, &code, 1), None);
+        assert_eq!(c.stale, 1);
     }
 
     #[test]

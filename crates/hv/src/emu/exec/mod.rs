@@ -293,13 +293,18 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         let tlb_hit = e.tag_x == lin & PAGE_MASK;
         let hit = if tlb_hit {
             match cache.find_after(prev, key, x.cpu.epoch) {
-                Some(b) => Some(b),
+                Ok(b) => Some(b),
                 // The page is translated for execution: only the block's bytes need a look
                 // (the epoch moved, or the block left the index).
-                None => {
+                Err(b) => {
                     let code_idx = e.code as usize;
                     let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
-                    cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx)
+                    let code = x.cpu.mmu.code();
+                    if b == NO_BLOCK {
+                        cache.revalidate(key, epoch, floor, host, code, code_idx)
+                    } else {
+                        cache.revalidate_block(b, epoch, floor, host, code, code_idx)
+                    }
                 }
             }
         } else {
