@@ -1708,3 +1708,91 @@ fn tsc_deadline_follows_a_reset_tsc() {
         "{chip_deadline} vs {clock_now}"
     );
 }
+
+/// CMP/TEST + Jcc pairs become one op and a block goes on past a Jcc that is not taken: every
+/// operand form (register, immediate, memory, RIP-relative memory), taken and not taken, in
+/// the middle of a block and at its end, with the flags of the last compare left for PUSHF.
+#[test]
+fn fused_compare_and_branch_in_superblocks() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    m.w64(DATA, 7);
+    let code = asm64(CODE, |a| {
+        let mut fail = a.create_label();
+        let mut skip = a.create_label();
+        let mut done = a.create_label();
+        let mut seven = a.create_label();
+        a.mov(rax, 5u64).unwrap();
+        a.xor(ebx, ebx).unwrap();
+        a.cmp(rax, 5).unwrap();
+        a.jne(fail).unwrap(); // not taken: the block goes on
+        a.cmp(qword_ptr(DATA), 7).unwrap();
+        a.jne(fail).unwrap();
+        a.cmp(qword_ptr(seven), 7).unwrap(); // RIP-relative
+        a.jne(fail).unwrap();
+        a.mov(rcx, 7u64).unwrap();
+        a.cmp(rcx, qword_ptr(seven)).unwrap();
+        a.jne(fail).unwrap();
+        a.cmp(qword_ptr(seven), rcx).unwrap();
+        a.jb(fail).unwrap();
+        a.test(eax, 4).unwrap();
+        a.jz(fail).unwrap();
+        a.test(al, al).unwrap();
+        a.js(fail).unwrap();
+        a.inc(rbx).unwrap();
+        a.cmp(eax, 3).unwrap();
+        a.ja(skip).unwrap(); // taken in the middle of a block: the MOV is skipped
+        a.mov(rbx, 99u64).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.add(rbx, 10).unwrap();
+        a.cmp(rbx, 12).unwrap();
+        a.jl(done).unwrap(); // taken at the end of a block
+        a.set_label(&mut fail).unwrap();
+        a.mov(rbx, 0xdeadu64).unwrap();
+        a.set_label(&mut done).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rdx).unwrap();
+        exit(a);
+        a.set_label(&mut seven).unwrap();
+        a.dq(&[7]).unwrap();
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let r = v.regs().unwrap();
+    assert_eq!(r.rbx, 11);
+    // CMP 11, 12 gives -1: CF, PF, AF (the low nibble borrows) and SF.
+    assert_eq!(r.rdx & 0x8d5, 0x95, "CF SF AF PF of CMP 11, 12");
+}
+
+/// A single step over a fused CMP + Jcc traps after the CMP, with RIP at the Jcc.
+#[test]
+fn single_step_splits_a_fused_compare_and_branch() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 1, false);
+    let cmp_len = asm64(0, |a| a.cmp(eax, 1).unwrap()).len() as u64;
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        a.mov(eax, 1).unwrap();
+        a.pushfq().unwrap();
+        a.or(qword_ptr(rsp), 0x100).unwrap();
+        a.popfq().unwrap();
+        a.cmp(eax, 1).unwrap();
+        a.je(l).unwrap();
+        a.nop().unwrap();
+        a.set_label(&mut l).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 1);
+    let pre = asm64(0, |a| {
+        a.mov(eax, 1).unwrap();
+        a.pushfq().unwrap();
+        a.or(qword_ptr(rsp), 0x100).unwrap();
+        a.popfq().unwrap();
+    })
+    .len() as u64;
+    let f = frame(&m);
+    assert_eq!(f.rip, CODE + pre + cmp_len, "at the JE");
+    assert_eq!(f.rflags & 0x8d5, 0x44, "ZF PF of CMP 1, 1");
+}

@@ -1,7 +1,9 @@
 //! The decoded-block cache.
 //!
 //! A block is a run of up to [`MAX_OPS`] instructions inside one 4 KiB page that ends at the
-//! first control transfer or state-changing system instruction. Blocks are keyed by the
+//! first control transfer other than a conditional jump, or at a state-changing system
+//! instruction. A taken conditional jump leaves the block early (a superblock: one entry,
+//! side exits). Blocks are keyed by the
 //! guest-physical address of their first byte plus the decoding mode (16/32/64-bit), so one
 //! block serves every linear mapping of the page.
 //!
@@ -690,10 +692,13 @@ impl BlockCache {
                 break;
             }
             let (op, ends) = decode::translate(instr, bitness, true);
+            let jcc = instr.is_jcc_short_or_near();
             self.ops.push(op);
             used += instr.len();
             n += 1;
-            if ends {
+            // A Jcc ends the block only when taken (its handler stops the block then): the
+            // fall-through path goes on in the same block.
+            if ends && !jcc {
                 break;
             }
         }
@@ -704,6 +709,9 @@ impl BlockCache {
             if !need[i] {
                 self.ops[op_start + i] = decode::translate(instr, bitness, false).0;
             }
+        }
+        if bitness == 64 {
+            self.fuse(op_start, &insts[..n]);
         }
         if self.ops.len() == op_start {
             // The first instruction crosses into the next page.
@@ -726,6 +734,24 @@ impl BlockCache {
         self.all.insert(key, b);
         self.built += 1;
         Ok(b)
+    }
+
+    /// Replace each CMP/TEST + Jcc pair among the ops from `op_start` (decoded from `insts`)
+    /// by one fused op (`decode::fuse_cmp_jcc`).
+    fn fuse(&mut self, op_start: usize, insts: &[Instruction]) {
+        let mut out = op_start;
+        let mut i = 0;
+        while i < insts.len() {
+            let (a, j) = (op_start + i, op_start + i + 1);
+            let fused = match (insts.get(i + 1), self.ops.get(j)) {
+                (Some(next), Some(jop)) => decode::fuse_cmp_jcc(&insts[i], next, &self.ops[a], jop),
+                _ => None,
+            };
+            self.ops[out] = fused.unwrap_or(self.ops[a]);
+            i += if fused.is_some() { 2 } else { 1 };
+            out += 1;
+        }
+        self.ops.truncate(out);
     }
 
     /// One instruction that straddles two pages: decoded every time, never cached.

@@ -10,7 +10,7 @@ use iced_x86::{Code, ConditionCode, Instruction, MemorySize, Mnemonic as M, OpKi
 use super::exec::alu::{self, MI, MR, RI, RM, RR};
 use super::exec::{
     atomic, bits, branch, data, fpu, muldiv, shift, stack, string, system, Handler, Op, F_CL,
-    F_LOCK, F_MEM, F_NF, F_REP, F_REPNE, RIPREG, SEG_NONE,
+    F_FLAT, F_FUSED, F_LOCK, F_MEM, F_NF, F_REP, F_REPNE, RIPREG, SEG_NONE,
 };
 
 /// Translate `i` (decoded in `bitness`-bit mode). Returns the op and whether the block must end
@@ -140,6 +140,73 @@ fn alu_nf_handler(opid: u8, s: u8, form: u8) -> Handler {
         _ if form == RM => nf_sizes!(alu::CMP, s, form),
         _ => data::nop,
     }
+}
+
+macro_rules! cmp_jcc_forms {
+    ($op:expr, $s:literal, $form:expr) => {
+        match $form {
+            RR => alu::cmp_jcc::<{ $op }, $s, { RR }> as Handler,
+            RM => alu::cmp_jcc::<{ $op }, $s, { RM }>,
+            MR => alu::cmp_jcc::<{ $op }, $s, { MR }>,
+            RI => alu::cmp_jcc::<{ $op }, $s, { RI }>,
+            _ => alu::cmp_jcc::<{ $op }, $s, { MI }>,
+        }
+    };
+}
+
+macro_rules! cmp_jcc_sizes {
+    ($op:expr, $s:expr, $form:expr) => {
+        match $s {
+            1 => cmp_jcc_forms!($op, 1, $form),
+            2 => cmp_jcc_forms!($op, 2, $form),
+            4 => cmp_jcc_forms!($op, 4, $form),
+            _ => cmp_jcc_forms!($op, 8, $form),
+        }
+    };
+}
+
+/// One op for a CMP or TEST (`first`, decoded as `a`) followed by a Jcc (decoded as `j`) in
+/// 64-bit mode, or `None` when the pair does not qualify. Most blocks end in such a pair; the
+/// fused op saves a dispatch per block. See [`alu::cmp_jcc`] for the packing.
+pub fn fuse_cmp_jcc(first: &Instruction, second: &Instruction, a: &Op, j: &Op) -> Option<Op> {
+    let opid = match first.mnemonic() {
+        M::Cmp => alu::CMP,
+        M::Test => alu::TEST,
+        _ => return None,
+    };
+    if !second.is_jcc_short_or_near() || j.size != 8 || a.flags & (F_LOCK | F_NF) != 0 {
+        return None;
+    }
+    let kind = |n: u32| {
+        if n < first.op_count() {
+            first.op_kind(n)
+        } else {
+            OpKind::Register
+        }
+    };
+    let form = match (kind(0), kind(1)) {
+        (OpKind::Register, OpKind::Register) => RR,
+        (OpKind::Register, OpKind::Memory) => RM,
+        (OpKind::Memory, OpKind::Register) => MR,
+        (OpKind::Register, k) if is_imm(k) => RI,
+        (OpKind::Memory, k) if is_imm(k) => MI,
+        _ => return None,
+    };
+    let mut f = *a;
+    f.h = match opid {
+        alu::CMP => cmp_jcc_sizes!(alu::CMP, a.size, form),
+        _ => cmp_jcc_sizes!(alu::TEST, a.size, form),
+    };
+    f.len = a.len.checked_add(j.len)?;
+    f.ext = j.ext;
+    f.size2 = j.len;
+    f.imm = ((j.imm as u32 as u64) << 32) | (a.imm as u32 as u64);
+    if f.base == RIPREG {
+        // RIP-relative to the instruction after the Jcc now.
+        f.disp = f.disp.wrapping_sub(j.len as u64);
+    }
+    f.flags |= F_FUSED;
+    Some(f)
 }
 
 fn alu_handler(opid: u8, s: u8, form: u8, lock: bool) -> Handler {
@@ -506,6 +573,9 @@ impl Dec<'_> {
         }
         op.asize = asize;
         op.seg = self.seg_of(i.memory_segment());
+        if self.bits == 64 && asize == 8 && op.seg == SEG_NONE {
+            op.flags |= F_FLAT;
+        }
     }
 
     /// Put operand `n` (register or memory) in the r/m slot.

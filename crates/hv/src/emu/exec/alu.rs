@@ -7,7 +7,7 @@
 //! write leaves the CPU as it was before the instruction.
 
 use super::{Exec, Op};
-use crate::emu::cpu::{Cpu, R};
+use crate::emu::cpu::{Cpu, Exc, R};
 use crate::emu::flags::{self, mask, Lazy};
 
 /// Binary operations, in the x86 `/digit` order of opcodes 80-83.
@@ -105,6 +105,50 @@ pub fn alu<const OP: u8, const S: u8, const FORM: u8>(x: &mut Exec<'_>, op: &Op)
             }
             x.cpu.lazy = l;
         }
+    }
+    Ok(())
+}
+
+/// CMP or TEST (`OP`) fused with the Jcc that follows it, in 64-bit mode
+/// (`decode::fuse_cmp_jcc`): `imm` holds the immediate operand in its low 32 bits
+/// (sign-extended like every CMP/TEST immediate) and the Jcc's displacement in its high 32
+/// bits, `ext` the condition code, `size2` the Jcc's length. RIP is already past both.
+pub fn cmp_jcc<const OP: u8, const S: u8, const FORM: u8>(x: &mut Exec<'_>, op: &Op) -> R {
+    let m = mask(S);
+    let imm = op.imm as u32 as i32 as i64 as u64 & m;
+    let (a, b) = match FORM {
+        RR => (x.cpu.reg(op.r1, S), x.cpu.reg(op.r2, S)),
+        RI => (x.cpu.reg(op.r1, S), imm),
+        RM => {
+            let lin = x.lin(op);
+            (x.cpu.reg(op.r1, S), x.read(lin, S)?)
+        }
+        MR => {
+            let lin = x.lin(op);
+            (x.read(lin, S)?, x.cpu.reg(op.r1, S))
+        }
+        _ => {
+            let lin = x.lin(op);
+            (x.read(lin, S)?, imm)
+        }
+    };
+    let (_, l) = compute(x.cpu, OP, S, a, b);
+    x.cpu.lazy = l;
+    x.cpu.icount += 1;
+    if x.cpu.cond(op.ext) {
+        let t = x
+            .cpu
+            .rip
+            .wrapping_add((op.imm >> 32) as u32 as i32 as i64 as u64);
+        if !Cpu::canonical(t) {
+            // The Jcc faults on its own (#GP with RIP at the Jcc): the next block starts
+            // there, not fused.
+            x.cpu.rip = x.cpu.rip.wrapping_sub(op.size2 as u64);
+            return Err(Exc::Stop);
+        }
+        x.cpu.rip = t;
+        // Taken: the rest of the block is the fall-through path.
+        return Err(Exc::Stop);
     }
     Ok(())
 }

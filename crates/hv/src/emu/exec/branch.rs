@@ -3,7 +3,7 @@
 //! operand size (`Exec::jump`).
 
 use super::{Exec, Op};
-use crate::emu::cpu::{R, RCX, RSP};
+use crate::emu::cpu::{Exc, R, RCX, RSP};
 use crate::emu::flags::mask;
 
 /// JMP rel.
@@ -12,11 +12,13 @@ pub fn jmp_rel(x: &mut Exec<'_>, op: &Op) -> R {
     x.jump(t, op.size)
 }
 
-/// Jcc rel: `ext` is the condition code.
+/// Jcc rel: `ext` is the condition code. Taken, it ends the block (`Exc::Stop`): the ops
+/// after it in the block are its fall-through path.
 pub fn jcc(x: &mut Exec<'_>, op: &Op) -> R {
     if x.cpu.cond(op.ext) {
         let t = x.cpu.rip.wrapping_add(op.imm);
-        return x.jump(t, op.size);
+        x.jump(t, op.size)?;
+        return Err(Exc::Stop);
     }
     Ok(())
 }

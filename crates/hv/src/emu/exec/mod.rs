@@ -51,6 +51,12 @@ pub const F_CL: u8 = 16;
 /// The handler leaves the flags alone: the block's later instructions overwrite every flag it
 /// would write before anything can look at them (`decode::flags_needed`).
 pub const F_NF: u8 = 32;
+/// Two instructions in one op (CMP/TEST and the Jcc after it, `decode::fuse_cmp_jcc`): a
+/// single step or an interrupt shadow runs the first one alone, decoded again.
+pub const F_FUSED: u8 = 64;
+/// The memory operand is flat: 64-bit mode, 64-bit address size, no segment base (not FS or
+/// GS). [`Exec::lin`] then skips the truncation and segment steps.
+pub const F_FLAT: u8 = 128;
 
 /// One decoded instruction in the compact internal form. Built once per block from iced's
 /// `Instruction` (see `decode.rs`); executing it never looks at iced again. Position-dependent
@@ -162,6 +168,19 @@ impl Exec<'_> {
     /// Linear address of the memory operand.
     #[inline(always)]
     pub fn lin(&self, op: &Op) -> u64 {
+        if op.flags & F_FLAT != 0 {
+            let c = &*self.cpu;
+            let mut a = op.disp;
+            if let Some(b) = c.gpr.get(op.base as usize) {
+                a = a.wrapping_add(*b);
+            } else if op.base == RIPREG {
+                a = a.wrapping_add(c.rip);
+            }
+            if let Some(i) = c.gpr.get(op.index as usize) {
+                a = a.wrapping_add(*i << (op.scale & 3));
+            }
+            return a;
+        }
         let ea = self.ea(op);
         self.seg_lin(op.seg, ea)
     }
@@ -329,7 +348,10 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         let tf = x.cpu.flags & TF != 0;
         let ops = if x.cpu.shadow || tf {
             x.cpu.shadow = false;
-            if ops.first().is_some_and(|op| op.flags & F_NF != 0) {
+            if ops
+                .first()
+                .is_some_and(|op| op.flags & (F_NF | F_FUSED) != 0)
+            {
                 match cache.build_single(x, lin, host) {
                     Ok(b) => cache.get(b).0,
                     Err(e) => {
@@ -350,13 +372,16 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         x.cpu.icount += ops.len() as u64;
         let mut start = rip;
         let mut faulted = false;
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             start = x.cpu.rip;
             x.cpu.rip = start.wrapping_add(op.len as u64);
             let r = (op.h)(x, op);
             if r.is_ok() && !x.cpu.smc {
                 continue;
             }
+            // The block ends early (a taken Jcc, a fault, a store into the block): its other
+            // instructions did not run.
+            x.cpu.icount -= (ops.len() - i - 1) as u64;
             x.cpu.smc = false;
             match r {
                 Ok(()) | Err(Exc::Stop) => {}
