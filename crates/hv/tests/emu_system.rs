@@ -1796,3 +1796,55 @@ fn single_step_splits_a_fused_compare_and_branch() {
     assert_eq!(f.rip, CODE + pre + cmp_len, "at the JE");
     assert_eq!(f.rflags & 0x8d5, 0x44, "ZF PF of CMP 1, 1");
 }
+
+/// The 64-bit PUSH/POP/CALL/RET handlers leave RSP alone when they fault: PUSH and CALL onto
+/// a read-only stack page and POP from a page that is not present (#PF), RET to a
+/// non-canonical address (#GP). The handlers run on IST 1, so the frame lands elsewhere.
+#[test]
+fn stack_instructions_that_fault_leave_rsp_alone() {
+    const RO_PAGE: u64 = 0x20_3000;
+    const ABSENT_PAGE: u64 = 0x20_4000;
+    let cases = [
+        (
+            "push",
+            14u8,
+            asm64(CODE, |a| a.push(rax).unwrap()),
+            RO_PAGE + 0x800,
+        ),
+        (
+            "call",
+            14,
+            asm64(CODE, |a| a.call(CODE + 0x40).unwrap()),
+            RO_PAGE + 0x800,
+        ),
+        (
+            "pop",
+            14,
+            asm64(CODE, |a| a.pop(rax).unwrap()),
+            ABSENT_PAGE + 0x800,
+        ),
+        (
+            "ret",
+            13,
+            asm64(CODE, |a| a.ret().unwrap()),
+            STACK_TOP - 0x100,
+        ),
+    ];
+    for (name, vector, code, stack) in cases {
+        let m = Machine::new(1);
+        let mut v = m.vcpu(0);
+        recorder(&m, vector, true);
+        m.set_gate(vector, HANDLERS + vector as u64 * 0x100, false, 0, 1);
+        m.w64(PT + 3 * 8, RO_PAGE | 0x1); // present, read-only
+        m.w64(PT + 4 * 8, 0); // not present
+        m.w64(STACK_TOP - 0x100, 0x8000_0000_0000_0000); // RET's target: not canonical
+        m.load_long(v.as_mut(), &code, CODE);
+        let mut r = v.regs().unwrap();
+        r.rsp = stack;
+        v.set_regs(&r).unwrap();
+        assert_eq!(run_to_exit(v.as_mut(), &m.io), vector, "{name}");
+        let f = frame(&m);
+        assert_eq!(f.rip, CODE, "{name}: RIP at the instruction");
+        assert_eq!(f.rsp, stack, "{name}: RSP unchanged");
+    }
+}

@@ -804,7 +804,11 @@ impl Dec<'_> {
             M::Ret => {
                 op.imm = if i.op_count() > 0 { i.immediate(0) } else { 0 };
                 op.size = valid_size((i.stack_pointer_increment() as i64 - op.imm as i64) as u8)?;
-                op.h = branch::ret;
+                op.h = if self.bits == 64 && op.size == 8 {
+                    branch::ret64
+                } else {
+                    branch::ret
+                };
                 Some(true)
             }
             M::Retf => {
@@ -873,7 +877,11 @@ impl Dec<'_> {
                     }
                     OpKind::Register => {
                         op.r1 = self.gpr(0)?;
-                        op.h = stack::push_r;
+                        op.h = if self.bits == 64 && op.size == 8 {
+                            stack::push_r64
+                        } else {
+                            stack::push_r
+                        };
                     }
                     OpKind::Memory => op.h = stack::push_m,
                     k if is_imm(k) => {
@@ -894,7 +902,11 @@ impl Dec<'_> {
                     }
                     OpKind::Register => {
                         op.r1 = self.gpr(0)?;
-                        op.h = stack::pop_r;
+                        op.h = if self.bits == 64 && op.size == 8 {
+                            stack::pop_r64
+                        } else {
+                            stack::pop_r
+                        };
                     }
                     OpKind::Memory => op.h = stack::pop_m,
                     _ => return None,
@@ -1338,7 +1350,9 @@ impl Dec<'_> {
         match self.kind(0) {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
                 self.near_branch(op)?;
-                op.h = if call {
+                op.h = if call && self.bits == 64 && op.size == 8 {
+                    branch::call_rel64
+                } else if call {
                     branch::call_rel
                 } else {
                     branch::jmp_rel

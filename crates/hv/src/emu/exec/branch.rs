@@ -3,7 +3,7 @@
 //! operand size (`Exec::jump`).
 
 use super::{Exec, Op};
-use crate::emu::cpu::{Exc, R, RCX, RSP};
+use crate::emu::cpu::{gp0, Cpu, Exc, R, RCX, RSP};
 use crate::emu::flags::mask;
 
 /// JMP rel.
@@ -35,6 +35,32 @@ pub fn call_rel(x: &mut Exec<'_>, op: &Op) -> R {
     let t = ret.wrapping_add(op.imm) & call_mask(x, op);
     check_target(x, t)?;
     x.push(ret, op.size)?;
+    x.cpu.rip = t;
+    Ok(())
+}
+
+/// CALL rel in 64-bit mode (64-bit operand, flat stack).
+pub fn call_rel64(x: &mut Exec<'_>, op: &Op) -> R {
+    let ret = x.cpu.rip;
+    let t = ret.wrapping_add(op.imm);
+    if !Cpu::canonical(t) {
+        return Err(gp0());
+    }
+    let sp = x.cpu.gpr[RSP].wrapping_sub(8);
+    x.write(sp, 8, ret)?;
+    x.cpu.gpr[RSP] = sp;
+    x.cpu.rip = t;
+    Ok(())
+}
+
+/// RET (near, optional imm16) in 64-bit mode with a 64-bit operand.
+pub fn ret64(x: &mut Exec<'_>, op: &Op) -> R {
+    let sp = x.cpu.gpr[RSP];
+    let t = x.read(sp, 8)?;
+    if !Cpu::canonical(t) {
+        return Err(gp0());
+    }
+    x.cpu.gpr[RSP] = sp.wrapping_add(8).wrapping_add(op.imm);
     x.cpu.rip = t;
     Ok(())
 }

@@ -10,6 +10,25 @@ pub fn push_r(x: &mut Exec<'_>, op: &Op) -> R {
     x.push(v, op.size)
 }
 
+/// PUSH reg in 64-bit mode with a 64-bit operand (the flat 64-bit stack: no mask, no segment
+/// base), the common case spelled out.
+pub fn push_r64(x: &mut Exec<'_>, op: &Op) -> R {
+    let v = x.cpu.gpr[op.r1 as usize & 15];
+    let sp = x.cpu.gpr[RSP].wrapping_sub(8);
+    x.write(sp, 8, v)?;
+    x.cpu.gpr[RSP] = sp;
+    Ok(())
+}
+
+/// POP reg in 64-bit mode with a 64-bit operand (POP RSP loads the popped value).
+pub fn pop_r64(x: &mut Exec<'_>, op: &Op) -> R {
+    let sp = x.cpu.gpr[RSP];
+    let v = x.read(sp, 8)?;
+    x.cpu.gpr[RSP] = sp.wrapping_add(8);
+    x.cpu.gpr[op.r1 as usize & 15] = v;
+    Ok(())
+}
+
 /// PUSH r/m (memory form).
 pub fn push_m(x: &mut Exec<'_>, op: &Op) -> R {
     let lin = x.lin(op);
