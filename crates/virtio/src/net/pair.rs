@@ -17,6 +17,12 @@
 //! Transmit (§5.1.6.2): each chain is a header and a frame; the header is checked
 //! ([`VnetHeader::check_tx`]) and a clean copy is written in front of the guest's frame with
 //! one `writev` from guest memory. Bad frames are dropped and counted.
+//!
+//! Interrupts (§2.7.10): each pass publishes its used entries, then interrupts once if the
+//! driver asked for it (EVENT_IDX). Interrupt moderation ([`Moderation`]) holds an interrupt
+//! for transmit completions or for small received frames (acknowledgements) back until the
+//! queue's gap since its previous interrupt has passed; the loop's wait is bounded by that
+//! deadline, and a stopping thread sends what it held back.
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -40,6 +46,9 @@ use vireo_hv::{EventFd, GuestMemory};
 
 /// Largest receive: header and frame.
 const MAX_RX: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Received frames up to this size (without the virtio-net header) may wait for the
+/// interrupt moderation gap: pure TCP acknowledgements (66-100 bytes with options), ARP.
+const SMALL_FRAME: usize = 128;
 /// Frames received per pass before the loop looks at its other sources.
 pub(crate) const RX_BUDGET: usize = 64;
 /// Buffers a transmit or control chain may have.
@@ -207,6 +216,8 @@ struct Worker {
     /// Interrupt moderation of the receive and transmit queues.
     rx_irq: Moderation,
     tx_irq: Moderation,
+    /// Largest frame (with its header) delivered in the current receive pass.
+    rx_largest: usize,
 }
 
 /// The epoll set of a pair: stop, its queues, its wake-up eventfd (the back end's descriptor
@@ -262,6 +273,7 @@ impl Worker {
             ranges: Vec::new(),
             rx_irq: Moderation::new(ctx.irq_gap),
             tx_irq: Moderation::new(ctx.irq_gap),
+            rx_largest: 0,
             ctx,
         }
     }
@@ -428,18 +440,30 @@ impl Worker {
 
     // ---- interrupts ----
 
-    /// The driver wants an interrupt for queue `d` (§2.7.10): send it now, or when the
-    /// queue's moderation gap since its last interrupt has passed.
-    fn signal(&mut self, d: Dir) {
+    /// Used entries were added to queue `d`; `wanted`: the driver asked for an interrupt
+    /// (§2.7.10). It goes out now, or when the queue's moderation gap since its last
+    /// interrupt has passed; with `urgent`, now, together with any held back.
+    fn signal(&mut self, d: Dir, wanted: bool, urgent: bool) {
         let now = Instant::now();
         let (m, q) = match d {
             Dir::Rx => (&mut self.rx_irq, &self.rxq),
             Dir::Tx => (&mut self.tx_irq, &self.txq),
         };
-        if m.owe(now) {
-            if let Some(q) = q {
-                self.ctx.interrupt.notify_queue(q.index);
+        let Some(q) = q else { return };
+        let send = if urgent {
+            // A held-back one is still wanted unless the driver has caught up since.
+            let held = m.take_due(now, true);
+            if wanted || (held && still_wanted(&q.queue, &self.ctx.mem)) {
+                m.sent(now);
+                true
+            } else {
+                false
             }
+        } else {
+            wanted && m.owe(now)
+        };
+        if send {
+            self.ctx.interrupt.notify_queue(q.index);
         }
     }
 
@@ -528,7 +552,7 @@ impl Worker {
             Err(e) => self.broke(&e),
         }
         if wanted.0.load(Ordering::Relaxed) {
-            self.signal(Dir::Tx);
+            self.signal(Dir::Tx, true, false);
         }
     }
 
@@ -612,10 +636,15 @@ impl Worker {
             return;
         }
         let mut delivered = false;
+        self.rx_largest = 0;
         let r = self.rx_frames(&mut delivered, iov);
         if let Some(q) = self.rxq.as_mut() {
-            if delivered && q.queue.needs_notification(&self.ctx.mem).unwrap_or(true) {
-                self.signal(Dir::Rx);
+            if delivered {
+                let wanted = q.queue.needs_notification(&self.ctx.mem).unwrap_or(true);
+                // Only small frames (acknowledgements of what the guest sends) wait for the
+                // moderation gap: a guest waiting for data would sit idle meanwhile.
+                let urgent = self.rx_largest > VNET_HDR_LEN + SMALL_FRAME;
+                self.signal(Dir::Rx, wanted, urgent);
             }
         }
         if let Err(e) = r {
@@ -838,6 +867,7 @@ impl Worker {
             at += len;
             self.spare.push(c);
         }
+        self.rx_largest = self.rx_largest.max(n);
         let stats = &self.ctx.shared.stats;
         stats.rx_frames.fetch_add(1, Ordering::Relaxed);
         stats
