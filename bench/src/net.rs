@@ -10,8 +10,10 @@
 //!    1514-byte frames, both directions.
 //! 2. **Side by side with QEMU.** The default guest (with the `vtool` helper from
 //!    tests/guest/vtool.rs) on vireo's emulator and on QEMU TCG with `virtio-net-pci` on a TAP
-//!    with `vhost=off`: ping round trip, TCP host→guest and guest→host throughput. On vireo
-//!    also vsock: throughput both ways and connections per second.
+//!    with `vhost=off`: ping round trip, TCP host→guest and guest→host throughput, and per
+//!    MiB moved the guest's virtio-net interrupts (from its `/proc/interrupts`, receive and
+//!    transmit queues) and the CPU time of the VMM's vCPU thread. On vireo also vsock:
+//!    throughput both ways and connections per second.
 //!
 //! Runs are interleaved (TAP alone / device, vireo / QEMU); medians and ratios are printed.
 //!
