@@ -10,8 +10,10 @@
 //!    1514-byte frames, both directions.
 //! 2. **Side by side with QEMU.** The default guest (with the `vtool` helper from
 //!    tests/guest/vtool.rs) on vireo's emulator and on QEMU TCG with `virtio-net-pci` on a TAP
-//!    with `vhost=off`: ping round trip, TCP host→guest and guest→host throughput. On vireo
-//!    also vsock: throughput both ways and connections per second.
+//!    with `vhost=off`: ping round trip, TCP host→guest and guest→host throughput, and per
+//!    MiB moved the guest's virtio-net interrupts (from its `/proc/interrupts`, receive and
+//!    transmit queues) and the CPU time of the VMM's vCPU thread. On vireo also vsock:
+//!    throughput both ways and connections per second.
 //!
 //! Runs are interleaved (TAP alone / device, vireo / QEMU); medians and ratios are printed.
 //!
@@ -691,6 +693,69 @@ struct GuestRun {
     vsock_h2g_mbs: Option<f64>,
     vsock_g2h_mbs: Option<f64>,
     vsock_conn_s: Option<f64>,
+    /// Per transfer (host→guest, guest→host): the guest's virtio-net interrupts.
+    irqs: [Option<Irqs>; 2],
+    /// Per transfer: CPU time of the VMM's vCPU thread (ms).
+    vcpu_ms: [Option<f64>; 2],
+}
+
+/// Guest interrupts of the virtio-net queues during one transfer (`/proc/interrupts`).
+#[derive(Clone, Copy, Default)]
+struct Irqs {
+    rx: u64,
+    tx: u64,
+}
+
+/// Shell function of the guest script: `irq TAG` prints `IRQ TAG <count> <name>` for each
+/// virtio-net queue interrupt line of `/proc/interrupts` (one vCPU: one count column).
+const IRQ_FN: &str = "irq(){ grep -E -- '-(input|output)[.]' /proc/interrupts | \
+     while read n c r; do echo \"IRQ $1 $c ${r##* }\"; done; }; ";
+
+/// Sum of the receive and transmit queues' interrupt counts at `tag` in the console text.
+fn irq_counts(console: &str, tag: &str) -> Option<Irqs> {
+    let mut out = Irqs::default();
+    let mut seen = false;
+    for l in console.lines() {
+        let mut f = l.split_whitespace();
+        if f.next() != Some("IRQ") || f.next() != Some(tag) {
+            continue;
+        }
+        let (Some(Ok(n)), Some(name)) = (f.next().map(str::parse::<u64>), f.next()) else {
+            continue;
+        };
+        seen = true;
+        if name.contains("-input.") {
+            out.rx += n;
+        } else if name.contains("-output.") {
+            out.tx += n;
+        }
+    }
+    seen.then_some(out)
+}
+
+fn irq_delta(console: &str, from: &str, to: &str) -> Option<Irqs> {
+    let (a, b) = (irq_counts(console, from)?, irq_counts(console, to)?);
+    Some(Irqs {
+        rx: b.rx.saturating_sub(a.rx),
+        tx: b.tx.saturating_sub(a.tx),
+    })
+}
+
+/// CPU time (ms) the VMM `pid`'s vCPU thread has used: vireo's `vcpu0`, QEMU's `CPU 0/TCG`
+/// (or `ALL CPUs/TCG` when TCG runs all vCPUs on one thread) (`/proc/PID/task/TID/schedstat`,
+/// first field in ns).
+fn vcpu_cpu_ms(pid: u32) -> Option<f64> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let dir = t.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "vcpu0" || comm.starts_with("CPU 0/") || comm.starts_with("ALL CPUs/") {
+            let s = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+            let ns: f64 = s.split_whitespace().next()?.parse().ok()?;
+            return Some(ns / 1e6);
+        }
+    }
+    None
 }
 
 fn number_after(line: &str, key: &str, index: usize) -> Option<f64> {
@@ -760,8 +825,8 @@ fn guest_run(
     let bytes = mib << 20;
     let vsock = vmm == "vireo";
     let mut script = format!(
-        "ping -c 20 -i 0.2 -W 2 10.0.0.1 | tail -1; vtool tcp-sink 5001; \
-         vtool tcp-source 10.0.0.1:5002 {bytes}"
+        "{IRQ_FN}ping -c 20 -i 0.2 -W 2 10.0.0.1 | tail -1; irq a; vtool tcp-sink 5001; \
+         irq b; vtool tcp-source 10.0.0.1:5002 {bytes}; irq c"
     );
     if vsock {
         script.push_str(&format!(
@@ -796,6 +861,9 @@ fn guest_run(
         let mut c = ns.command(QEMU);
         qemu_pc(&mut c, "tcg", "256M")
             .args([
+                // Thread names, to find the vCPU thread's CPU time.
+                "-name",
+                "debug-threads=on",
                 "-netdev",
                 "tap,id=n0,ifname=vb1,script=no,downscript=no,vhost=off",
                 "-device",
@@ -811,7 +879,9 @@ fn guest_run(
     };
     cmd.env_remove("VIREO_LOG");
     let mut vm = Console::spawn(cmd);
+    let pid = vm.child.id();
     let mut r = GuestRun::default();
+    let mut cpu = [None; 3];
     let t = Duration::from_secs(600);
     if let Some(l) = vm.wait_for("round-trip", t) {
         // round-trip min/avg/max = 0.9/1.2/2.0 ms
@@ -822,6 +892,7 @@ fn guest_run(
             .and_then(|v| v.parse().ok());
     }
     if vm.wait_for("tcp-sink listening", t).is_some() {
+        cpu[0] = vcpu_cpu_ms(pid);
         let p = nspath.clone();
         std::thread::spawn(move || {
             enter(&p);
@@ -844,9 +915,16 @@ fn guest_run(
                 r.h2g_mbs = Some(n / s / 1e6);
             }
         }
+        cpu[1] = vcpu_cpu_ms(pid);
     }
     let _ = vm.wait_for("tcp-source", t);
+    cpu[2] = vcpu_cpu_ms(pid);
     r.g2h_mbs = g2h.join().ok().flatten();
+    for i in 0..2 {
+        if let (Some(a), Some(b)) = (cpu[i], cpu[i + 1]) {
+            r.vcpu_ms[i] = Some(b - a);
+        }
+    }
     if vsock {
         // Guest → host listeners: a sink on port 5000, a one-byte echo on 5001.
         let l5000 = UnixListener::bind(dir.join("v.sock_5000")).ok();
@@ -919,6 +997,10 @@ fn guest_run(
         stop.store(true, Ordering::SeqCst);
     }
     let _ = vm.wait_for("BENCH-DONE", t);
+    {
+        let text = vm.out.lock().expect("console");
+        r.irqs = [irq_delta(&text, "a", "b"), irq_delta(&text, "b", "c")];
+    }
     drop(vm);
     if vmm != "vireo" {
         ns.ip(&["link", "del", "vb1"]);
@@ -1013,6 +1095,30 @@ fn guest_part(args: &Args) {
         );
     }
     println!();
+    println!(
+        "Per MiB moved (medians): the guest's virtio-net interrupts (receive queue, transmit \
+         queue) and the vCPU thread's CPU time"
+    );
+    println!();
+    println!("| | h→g rx irq | h→g tx irq | h→g vCPU ms | g→h rx irq | g→h tx irq | g→h vCPU ms |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let per_mib = |runs: &[GuestRun], f: &dyn Fn(&GuestRun) -> Option<f64>| {
+        median(runs.iter().filter_map(f).collect()).map(|x| x / args.mib as f64)
+    };
+    let mut rows = vec![("vireo emu", &vireo_runs)];
+    if qemu {
+        rows.push(("qemu tcg", &qemu_runs));
+    }
+    for (name, runs) in rows {
+        let mut cells = Vec::new();
+        for d in 0..2 {
+            cells.push(fmt(per_mib(runs, &|r| r.irqs[d].map(|i| i.rx as f64)), 2));
+            cells.push(fmt(per_mib(runs, &|r| r.irqs[d].map(|i| i.tx as f64)), 2));
+            cells.push(fmt(per_mib(runs, &|r| r.vcpu_ms[d]), 2));
+        }
+        println!("| {name} | {} |", cells.join(" | "));
+    }
+    println!();
     println!("vsock on vireo (guest helper vtool; host side through vireo's Unix socket):");
     println!();
     println!("| host→guest (MB/s) | guest→host (MB/s) | guest connections/s (connect, 1 byte each way, close) |");
@@ -1023,4 +1129,20 @@ fn guest_part(args: &Args) {
         fmt(med(&vireo_runs, |r| r.vsock_g2h_mbs), 1),
         fmt(med(&vireo_runs, |r| r.vsock_conn_s), 0)
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_counts_are_summed_per_queue_kind_and_differenced() {
+        let console = "IRQ a 10 virtio1-input.0\nIRQ a 4 virtio1-output.0\n\
+                       noise IRQ a 99 virtio1-input.0\n\
+                       IRQ b 25 virtio1-input.0\nIRQ b 9 virtio1-output.0\n\
+                       IRQ b 3 virtio1-input.1\n";
+        let d = irq_delta(console, "a", "b").unwrap();
+        assert_eq!((d.rx, d.tx), (18, 5));
+        assert!(irq_counts(console, "c").is_none());
+    }
 }

@@ -17,15 +17,22 @@
 //! Transmit (§5.1.6.2): each chain is a header and a frame; the header is checked
 //! ([`VnetHeader::check_tx`]) and a clean copy is written in front of the guest's frame with
 //! one `writev` from guest memory. Bad frames are dropped and counted.
+//!
+//! Interrupts (§2.7.10): each pass publishes its used entries, then interrupts once if the
+//! driver asked for it (EVENT_IDX). Interrupt moderation ([`Moderation`]) holds an interrupt
+//! for transmit completions or for small received frames (acknowledgements) back until the
+//! queue's gap since its previous interrupt has passed; the loop's wait is bounded by that
+//! deadline, and a stopping thread sends what it held back.
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Address as _, GuestAddress, GuestMemoryBackend as _};
+use vm_memory::{Address as _, Bytes as _, GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::features::*;
@@ -39,6 +46,9 @@ use vireo_hv::{EventFd, GuestMemory};
 
 /// Largest receive: header and frame.
 const MAX_RX: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+/// Received frames up to this size (without the virtio-net header) may wait for the
+/// interrupt moderation gap: pure TCP acknowledgements (66-100 bytes with options), ARP.
+const SMALL_FRAME: usize = 128;
 /// Frames received per pass before the loop looks at its other sources.
 pub(crate) const RX_BUDGET: usize = 64;
 /// Buffers a transmit or control chain may have.
@@ -93,6 +103,8 @@ pub(crate) struct PairContext {
     pub(crate) switch: Arc<PairSwitch>,
     pub(crate) log: Arc<LogOnce>,
     pub(crate) stop: EventFd,
+    /// Interrupt moderation gap ([`Moderation`]).
+    pub(crate) irq_gap: Duration,
 }
 
 /// A running pair thread. It ends when the device's stop eventfd fires and hands its state
@@ -201,6 +213,11 @@ struct Worker {
     bounce: Vec<u8>,
     chain: Chain,
     ranges: Vec<(GuestAddress, usize)>,
+    /// Interrupt moderation of the receive and transmit queues.
+    rx_irq: Moderation,
+    tx_irq: Moderation,
+    /// Largest frame (with its header) delivered in the current receive pass.
+    rx_largest: usize,
 }
 
 /// The epoll set of a pair: stop, its queues, its wake-up eventfd (the back end's descriptor
@@ -254,6 +271,9 @@ impl Worker {
             bounce: vec![0u8; MAX_RX],
             chain: Chain::new(),
             ranges: Vec::new(),
+            rx_irq: Moderation::new(ctx.irq_gap),
+            tx_irq: Moderation::new(ctx.irq_gap),
+            rx_largest: 0,
             ctx,
         }
     }
@@ -303,23 +323,45 @@ impl Worker {
         self.update_registration();
         let mut events = vec![EpollEvent::default(); 8];
         loop {
+            self.deliver_interrupts(false);
             // A back end that failed is tried again after a second (no busy loop meanwhile).
-            let timeout = if self.backend_failed { 1000 } else { -1 };
+            let mut timeout = if self.backend_failed { 1000 } else { -1 };
+            if let Some(due) = self.rx_irq.due().into_iter().chain(self.tx_irq.due()).min() {
+                // A held-back interrupt: wait no longer than until it is due (epoll counts
+                // whole milliseconds; a shorter wait sleeps below when nothing is ready).
+                let left = due.saturating_duration_since(Instant::now());
+                if left < Duration::from_millis(1) {
+                    timeout = 0;
+                } else {
+                    let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+                    timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+                }
+            }
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("virtio-net: epoll_wait: {e}");
+                    self.deliver_interrupts(true);
                     return;
                 }
             };
+            if n == 0 && timeout == 0 {
+                // Nothing ready and an interrupt due within a millisecond: wait for it.
+                self.sleep_until_due();
+                continue;
+            }
             if n == 0 && self.backend_failed {
                 self.backend_failed = false;
                 self.rx(iov);
             }
             for ev in &events[..n] {
                 match ev.data() {
-                    T_STOP => return,
+                    T_STOP => {
+                        // Nothing the driver was promised stays behind in a stopped thread.
+                        self.deliver_interrupts(true);
+                        return;
+                    }
                     T_RX => {
                         if let Some(q) = &self.rxq {
                             let _ = q.notify.read();
@@ -396,6 +438,67 @@ impl Worker {
         self.ctx.interrupt.set_needs_reset();
     }
 
+    // ---- interrupts ----
+
+    /// Used entries were added to queue `d`; `wanted`: the driver asked for an interrupt
+    /// (§2.7.10). It goes out now, or when the queue's moderation gap since its last
+    /// interrupt has passed; with `urgent`, now, together with any held back.
+    fn signal(&mut self, d: Dir, wanted: bool, urgent: bool) {
+        let now = Instant::now();
+        let (m, q) = match d {
+            Dir::Rx => (&mut self.rx_irq, &self.rxq),
+            Dir::Tx => (&mut self.tx_irq, &self.txq),
+        };
+        let Some(q) = q else { return };
+        let send = if urgent {
+            // A held-back one is still wanted unless the driver has caught up since.
+            let held = m.take_due(now, true);
+            if wanted || (held && still_wanted(&q.queue, &self.ctx.mem)) {
+                m.sent(now);
+                true
+            } else {
+                false
+            }
+        } else {
+            wanted && m.owe(now)
+        };
+        if send {
+            self.ctx.interrupt.notify_queue(q.index);
+        }
+    }
+
+    /// Send the held-back interrupts that are due (all of them with `all`). One the driver
+    /// no longer wants is dropped: with EVENT_IDX, a driver that has since consumed every
+    /// used entry and moved `used_event` past them reads the ring itself after re-enabling
+    /// interrupts (§2.7.10), so the interrupt would find nothing.
+    fn deliver_interrupts(&mut self, all: bool) {
+        let now = Instant::now();
+        for d in [Dir::Rx, Dir::Tx] {
+            let (m, q) = match d {
+                Dir::Rx => (&mut self.rx_irq, &self.rxq),
+                Dir::Tx => (&mut self.tx_irq, &self.txq),
+            };
+            if !m.take_due(now, all) {
+                continue;
+            }
+            let Some(q) = q else { continue };
+            if still_wanted(&q.queue, &self.ctx.mem) {
+                m.sent(now);
+                self.ctx.interrupt.notify_queue(q.index);
+            }
+        }
+    }
+
+    /// Sleep until the earliest held-back interrupt is due (less than a millisecond).
+    fn sleep_until_due(&mut self) {
+        if let Some(due) = self.rx_irq.due().into_iter().chain(self.tx_irq.due()).min() {
+            let left = due.saturating_duration_since(Instant::now());
+            if !left.is_zero() {
+                std::thread::sleep(left.min(Duration::from_millis(1)));
+            }
+        }
+    }
+
     // ---- transmit ----
 
     fn tx(&mut self, iov: &mut Vec<libc::iovec>) {
@@ -407,10 +510,13 @@ impl Worker {
         };
         let ctx = &self.ctx;
         let (ranges, fd) = (&mut self.ranges, self.fd);
+        // serve_queue decides whether the driver wants an interrupt (EVENT_IDX); when it
+        // comes is up to the moderation.
+        let wanted = Wanted::default();
         let r = serve_queue(
             q,
             &ctx.mem,
-            ctx.interrupt.as_ref(),
+            &wanted,
             &mut self.chain,
             MAX_BUFFERS,
             |chain, _| {
@@ -444,6 +550,9 @@ impl Worker {
         match r {
             Ok(()) => rearm(q, &ctx.mem),
             Err(e) => self.broke(&e),
+        }
+        if wanted.0.load(Ordering::Relaxed) {
+            self.signal(Dir::Tx, true, false);
         }
     }
 
@@ -527,10 +636,15 @@ impl Worker {
             return;
         }
         let mut delivered = false;
+        self.rx_largest = 0;
         let r = self.rx_frames(&mut delivered, iov);
         if let Some(q) = self.rxq.as_mut() {
-            if delivered && q.queue.needs_notification(&self.ctx.mem).unwrap_or(true) {
-                self.ctx.interrupt.notify_queue(q.index);
+            if delivered {
+                let wanted = q.queue.needs_notification(&self.ctx.mem).unwrap_or(true);
+                // Only small frames (acknowledgements of what the guest sends) wait for the
+                // moderation gap: a guest waiting for data would sit idle meanwhile.
+                let urgent = self.rx_largest > VNET_HDR_LEN + SMALL_FRAME;
+                self.signal(Dir::Rx, wanted, urgent);
             }
         }
         if let Err(e) = r {
@@ -753,6 +867,7 @@ impl Worker {
             at += len;
             self.spare.push(c);
         }
+        self.rx_largest = self.rx_largest.max(n);
         let stats = &self.ctx.shared.stats;
         stats.rx_frames.fetch_add(1, Ordering::Relaxed);
         stats
@@ -760,6 +875,99 @@ impl Worker {
             .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         Ok(Some(true))
     }
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Rx,
+    Tx,
+}
+
+/// Interrupt moderation of one queue: at most one interrupt per `gap`. An interrupt the
+/// driver asked for inside the gap is held back until the gap has passed, never longer.
+#[derive(Debug)]
+pub(crate) struct Moderation {
+    gap: Duration,
+    last: Option<Instant>,
+    owed: bool,
+}
+
+impl Moderation {
+    pub(crate) fn new(gap: Duration) -> Self {
+        Moderation {
+            gap,
+            last: None,
+            owed: false,
+        }
+    }
+
+    /// The driver wants an interrupt at `now`: true when it goes out at once (then counted
+    /// as sent), false when it is held back until [`Moderation::due`].
+    pub(crate) fn owe(&mut self, now: Instant) -> bool {
+        if self.owed {
+            return false;
+        }
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < self.gap => {
+                self.owed = true;
+                false
+            }
+            _ => {
+                self.last = Some(now);
+                true
+            }
+        }
+    }
+
+    /// When the held-back interrupt is due.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        if !self.owed {
+            return None;
+        }
+        Some(self.last.map_or(Instant::now(), |t| t + self.gap))
+    }
+
+    /// A held-back interrupt that is due at `now` (any, with `all`), no longer held.
+    pub(crate) fn take_due(&mut self, now: Instant, all: bool) -> bool {
+        let due = self.due().is_some_and(|d| all || d <= now);
+        if due {
+            self.owed = false;
+        }
+        due
+    }
+
+    pub(crate) fn sent(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+}
+
+/// With EVENT_IDX, whether the driver still wants an interrupt for the used entries published
+/// so far: `used_event` (after the available ring, §2.7.6) lies before the used index. A
+/// driver that set it to its own last seen index after catching up waits for new entries.
+/// Without EVENT_IDX, or when the field cannot be read, it does.
+fn still_wanted(q: &virtio_queue::Queue, mem: &GuestMemory) -> bool {
+    if !q.event_idx_enabled() {
+        return true;
+    }
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let at = GuestAddress(q.avail_ring()).checked_add(4 + 2 * u64::from(q.size()));
+    let Some(Ok(used_event)) = at.map(|a| mem.read_obj::<u16>(a)) else {
+        return true;
+    };
+    let used_event = u16::from_le(used_event);
+    q.next_used().wrapping_sub(used_event).wrapping_sub(1) < 0x8000
+}
+
+/// Records that `serve_queue` found the driver wants an interrupt, instead of sending it.
+#[derive(Default)]
+struct Wanted(std::sync::atomic::AtomicBool);
+
+impl VirtioInterrupt for Wanted {
+    fn notify_queue(&self, _queue: usize) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    fn notify_config(&self) {}
+    fn set_needs_reset(&self) {}
 }
 
 /// `queue::serve_queue` stops after a queue's worth of chains without asking the driver for a
@@ -932,4 +1140,56 @@ pub(crate) fn set_pairs(
     }
     shared.active_pairs.store(n as u16, Ordering::SeqCst);
     VIRTIO_NET_OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::SplitQueueDriver;
+    use crate::test_util::*;
+
+    #[test]
+    fn moderation_holds_back_inside_the_gap_only() {
+        let gap = Duration::from_micros(500);
+        let t0 = Instant::now();
+        let mut m = Moderation::new(gap);
+        assert!(m.owe(t0), "the first goes out at once");
+        assert!(m.due().is_none());
+        let t1 = t0 + Duration::from_micros(100);
+        assert!(!m.owe(t1), "inside the gap: held back");
+        assert!(!m.owe(t1), "already owed: still one");
+        assert_eq!(m.due(), Some(t0 + gap));
+        assert!(!m.take_due(t1, false));
+        assert!(m.take_due(t0 + gap, false));
+        assert!(m.due().is_none());
+        m.sent(t0 + gap);
+        // After the gap a new one goes out at once.
+        assert!(m.owe(t0 + gap * 2));
+        assert!(!m.owe(t0 + gap * 2 + Duration::from_micros(1)));
+        assert!(m.take_due(t0, true), "all: taken whatever the time");
+        // No gap: every one at once.
+        let mut z = Moderation::new(Duration::ZERO);
+        assert!(z.owe(t0) && z.owe(t0) && z.owe(t0));
+    }
+
+    #[test]
+    fn used_event_says_whether_an_interrupt_is_still_wanted() {
+        let mem = guest_memory();
+        let d = SplitQueueDriver::new(&mem, QUEUE_BASE, 16);
+        let mut q = d.queue().unwrap();
+        q.set_next_used(5);
+        // Without EVENT_IDX: always.
+        assert!(still_wanted(&q, &mem));
+        q.set_event_idx(true);
+        for (used_event, wanted) in [(4, true), (0, true), (5, false), (9, false)] {
+            d.set_used_event(&mem, used_event);
+            assert_eq!(still_wanted(&q, &mem), wanted, "used_event {used_event}");
+        }
+        // Across the wrap of the 16-bit indices.
+        q.set_next_used(2);
+        d.set_used_event(&mem, 0xfffe);
+        assert!(still_wanted(&q, &mem));
+        d.set_used_event(&mem, 2);
+        assert!(!still_wanted(&q, &mem));
+    }
 }

@@ -48,6 +48,15 @@ impl Setup {
     }
 
     fn with_size(pairs: usize, features: u64, size: u16) -> Setup {
+        Self::build(pairs, features, size, Duration::ZERO)
+    }
+
+    /// With interrupt moderation `gap`.
+    fn with_gap(features: u64, gap: Duration) -> Setup {
+        Self::build(1, features, QUEUE_SIZE, gap)
+    }
+
+    fn build(pairs: usize, features: u64, size: u16, gap: Duration) -> Setup {
         let event_idx = features & crate::VIRTIO_F_RING_EVENT_IDX != 0;
         let mem = guest_memory();
         let backend = Arc::new(SocketPairBackend::new(pairs).unwrap());
@@ -74,6 +83,7 @@ impl Setup {
             queues.push((d, e));
         }
         let irq = Arc::new(RecordingInterrupt::default());
+        net.set_interrupt_moderation(gap);
         net.activate(crate::Activation {
             mem: mem.clone(),
             features,
@@ -786,4 +796,111 @@ fn restored_device_keeps_the_queue_pairs_in_use() {
         .restore_extra(&[("queue_pairs".to_string(), 9)])
         .is_err());
     assert_eq!(r.net.control().active_pairs(), 2);
+}
+
+/// Waits until `irq` has recorded `n` queue interrupts (or fails after 5 s).
+fn wait_interrupts(irq: &RecordingInterrupt, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while irq.queue_interrupts() < n {
+        assert!(Instant::now() < deadline, "{n} interrupts expected");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn interrupts_inside_the_moderation_gap_are_held_back_then_sent() {
+    let gap = Duration::from_millis(300);
+    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
+    let mut s = Setup::with_gap(features, gap);
+    s.post_rx(0, 8, 2048);
+    // The first interrupt after a quiet spell goes out at once.
+    s.host_send(0, VnetHeader::default(), &frame(60, 1));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 1);
+    // The driver consumed it and wants to hear of the next entry (used_event = 1).
+    s.queues[0].0.set_used_event(&s.mem, 1);
+    let t = Instant::now();
+    s.host_send(0, VnetHeader::default(), &frame(60, 2));
+    s.wait_used(0);
+    // Used at once, the interrupt held back ...
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.irq.queue_interrupts(), 1);
+    // ... until the gap has passed, not much later.
+    wait_interrupts(&s.irq, 2);
+    let waited = t.elapsed();
+    assert!(waited >= gap - Duration::from_millis(60), "{waited:?}");
+    assert!(waited < gap + Duration::from_millis(500), "{waited:?}");
+    assert_eq!(s.irq.queue.lock().unwrap()[..], [0, 0]);
+    // Transmit completions the same way: the first at once, the next after the gap.
+    s.guest_send(VnetHeader::default(), &frame(60, 3));
+    s.wait_used(1);
+    wait_interrupts(&s.irq, 3);
+    s.queues[1].0.set_used_event(&s.mem, 1);
+    s.guest_send(VnetHeader::default(), &frame(60, 4));
+    s.wait_used(1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.irq.queue_interrupts(), 3);
+    wait_interrupts(&s.irq, 4);
+    assert_eq!(s.irq.queue.lock().unwrap()[2..], [1, 1]);
+}
+
+#[test]
+fn a_held_back_interrupt_the_driver_no_longer_wants_is_not_sent() {
+    let gap = Duration::from_millis(200);
+    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
+    let mut s = Setup::with_gap(features, gap);
+    s.post_rx(0, 8, 2048);
+    s.host_send(0, VnetHeader::default(), &frame(60, 1));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 1);
+    s.queues[0].0.set_used_event(&s.mem, 1);
+    s.host_send(0, VnetHeader::default(), &frame(60, 2));
+    s.wait_used(0);
+    // The driver polled the entry itself and now waits for the one after it.
+    s.queues[0].0.set_used_event(&s.mem, 2);
+    std::thread::sleep(gap * 2);
+    assert_eq!(s.irq.queue_interrupts(), 1);
+    // The next entry after the gap interrupts at once.
+    s.host_send(0, VnetHeader::default(), &frame(60, 3));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 2);
+}
+
+#[test]
+fn a_pause_sends_the_held_back_interrupts() {
+    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
+    let mut s = Setup::with_gap(features, Duration::from_secs(60));
+    s.post_rx(0, 8, 2048);
+    s.host_send(0, VnetHeader::default(), &frame(60, 1));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 1);
+    s.queues[0].0.set_used_event(&s.mem, 1);
+    s.host_send(0, VnetHeader::default(), &frame(60, 2));
+    s.wait_used(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.irq.queue_interrupts(), 1);
+    s.net.pause().unwrap();
+    assert_eq!(s.irq.queue_interrupts(), 2);
+}
+
+#[test]
+fn a_data_frame_is_not_held_back_and_takes_a_held_back_interrupt_along() {
+    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
+    let mut s = Setup::with_gap(features, Duration::from_secs(60));
+    s.post_rx(0, 8, 2048);
+    s.host_send(0, VnetHeader::default(), &frame(60, 1));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 1);
+    s.queues[0].0.set_used_event(&s.mem, 1);
+    // An acknowledgement-sized frame waits for the gap ...
+    s.host_send(0, VnetHeader::default(), &frame(60, 2));
+    s.wait_used(0);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.irq.queue_interrupts(), 1);
+    // ... a frame with data does not, and one interrupt covers both.
+    s.host_send(0, VnetHeader::default(), &frame(1000, 3));
+    s.wait_used(0);
+    wait_interrupts(&s.irq, 2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.irq.queue_interrupts(), 2);
 }
