@@ -135,6 +135,11 @@ pub trait Hypervisor: Send + Sync {
     fn needs_user_irqchip(&self) -> bool {
         false
     }
+    /// True when guest instructions are interpreted (a guest CPU tens of times slower than
+    /// the host's): devices may then trade a little latency for fewer interrupts.
+    fn emulated_cpu(&self) -> bool {
+        false
+    }
     /// Create an empty VM with its interrupt controllers and timer.
     fn create_vm(&self, params: &VmParams) -> Result<Arc<dyn Vm>>;
 }

@@ -567,6 +567,7 @@ impl Machine {
             disks: env.disks,
             nets: &env.net.nets,
             vsock: env.net.vsock.as_ref(),
+            emulated_cpu: env.hypervisor.emulated_cpu(),
         };
         let pci = crate::pci::PciDevices::create(&vm, &mem, env.config, &backends, &mut bus)?;
         if let Some(s) = saved {

@@ -63,6 +63,9 @@ pub(crate) struct Backends<'a> {
     pub(crate) disks: &'a [Arc<DiskImage>],
     pub(crate) nets: &'a [OpenNet],
     pub(crate) vsock: Option<&'a Arc<vireo_virtio::VsockBackend>>,
+    /// The guest CPU is interpreted (`Hypervisor::emulated_cpu`): network devices moderate
+    /// their interrupts (`vireo_virtio::net::EMULATED_IRQ_GAP`).
+    pub(crate) emulated_cpu: bool,
 }
 
 /// The PCI devices of one boot.
@@ -115,7 +118,10 @@ impl PciDevices {
         }
         let mut nets = Vec::new();
         for (i, n) in backends.nets.iter().enumerate() {
-            let net = Net::new(n.tap.clone(), n.mac, i);
+            let mut net = Net::new(n.tap.clone(), n.mac, i);
+            if backends.emulated_cpu {
+                net.set_interrupt_moderation(vireo_virtio::net::EMULATED_IRQ_GAP);
+            }
             nets.push(net.control());
             add(VirtioPciDevice::new(Box::new(net), mem.clone(), vm.clone())
                 .map_err(|e| dev_err(&e))?)?;

@@ -62,6 +62,10 @@ impl Hypervisor for EmuHypervisor {
         true
     }
 
+    fn emulated_cpu(&self) -> bool {
+        true
+    }
+
     fn create_vm(&self, params: &VmParams) -> Result<Arc<dyn Vm>> {
         let irqchip = params.user_irqchip.clone().ok_or_else(|| {
             Error::Unsupported("the emu backend needs VmParams::user_irqchip".to_string())
