@@ -489,7 +489,7 @@ impl BlockCache {
     /// The block for `key` if it is valid at code epoch `epoch`, looked up among the recent
     /// successors of block `prev` first, then in the index; an index hit becomes `prev`'s most
     /// recent successor. `Err(b)`: not valid, but block `b` (from a link, or `NO_BLOCK`) has
-    /// the key and only needs [`revalidate_block`](Self::revalidate_block) — after an epoch
+    /// the key and only needs [`revalidate`](Self::revalidate) — after an epoch
     /// move this spares the index lookup, which misses the host's caches.
     #[inline(always)]
     pub fn find_after(&mut self, prev: u32, key: u64, epoch: u64) -> Result<u32, u32> {
@@ -551,46 +551,39 @@ impl BlockCache {
     /// (page flag `code_idx` in `code`); if they still match the block is stamped with `epoch`.
     /// A block stamped at `floor` or later has only missed I/O exits (`VmShared::io_exit`):
     /// while the VMM has not written its page since the page became a code page (its bit in
-    /// `vm-memory`'s bitmap is clear) it is stamped without the comparison.
+    /// `vm-memory`'s bitmap is clear) it is stamped without the comparison (`(epoch, floor)`
+    /// are the second argument). `found`: the block
+    /// for `key` when the caller has it already (from a successor link), else `NO_BLOCK`.
     pub fn revalidate(
         &mut self,
         key: u64,
-        epoch: u64,
-        floor: u64,
+        found: u32,
+        (epoch, floor): (u64, u64),
         host: usize,
         code: &CodePages,
         code_idx: usize,
     ) -> Option<u32> {
-        let set = *self.index.get(slot(key))?;
-        let is = |b: u32| {
-            self.blocks
-                .get(b as usize)
-                .is_some_and(|blk| blk.key == key)
-        };
-        let b = if is(set[0]) {
-            set[0]
-        } else if is(set[1]) {
-            set[1]
+        let b = if found != NO_BLOCK {
+            found
         } else {
-            // Evicted from the index (or never built): look in the full map before decoding
-            // again.
-            let b = *self.all.get(&key)?;
-            self.insert(key, b);
-            b
+            let set = *self.index.get(slot(key))?;
+            let is = |b: u32| {
+                self.blocks
+                    .get(b as usize)
+                    .is_some_and(|blk| blk.key == key)
+            };
+            if is(set[0]) {
+                set[0]
+            } else if is(set[1]) {
+                set[1]
+            } else {
+                // Evicted from the index (or never built): look in the full map before
+                // decoding again.
+                let b = *self.all.get(&key)?;
+                self.insert(key, b);
+                b
+            }
         };
-        self.revalidate_block(b, epoch, floor, host, code, code_idx)
-    }
-
-    /// The second half of [`revalidate`](Self::revalidate), for block `b` already found.
-    pub fn revalidate_block(
-        &mut self,
-        b: u32,
-        epoch: u64,
-        floor: u64,
-        host: usize,
-        code: &CodePages,
-        code_idx: usize,
-    ) -> Option<u32> {
         let blk = self.blocks.get(b as usize)?;
         if blk.epoch == epoch {
             return Some(b);
@@ -877,7 +870,10 @@ mod tests {
         let code = CodePages::new(&GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
         let mem = [0x90u8; 8];
         let host = mem.as_ptr() as usize;
-        assert_eq!(c.revalidate(a, 1, u64::MAX, host, &code, 0), Some(0));
+        assert_eq!(
+            c.revalidate(a, NO_BLOCK, (1, u64::MAX), host, &code, 0),
+            Some(0)
+        );
         assert!(c.find(a, 1).is_some(), "back in the index");
     }
 
@@ -891,7 +887,7 @@ mod tests {
         // The bytes changed: the old block is stale at epoch 2 ...
         let mem = [0xccu8; 8];
         assert_eq!(
-            c.revalidate(a, 2, u64::MAX, mem.as_ptr() as usize, &code, 0),
+            c.revalidate(a, NO_BLOCK, (2, u64::MAX), mem.as_ptr() as usize, &code, 0),
             None
         );
         assert_eq!(c.stale, 1);
@@ -903,7 +899,7 @@ mod tests {
         // Bytes that still match are stamped with the new epoch.
         let same = [0x90u8; 8];
         assert_eq!(
-            c.revalidate(b, 3, u64::MAX, same.as_ptr() as usize, &code, 0),
+            c.revalidate(b, NO_BLOCK, (3, u64::MAX), same.as_ptr() as usize, &code, 0),
             Some(0)
         );
         assert!(c.find(b, 3).is_some());
@@ -948,22 +944,22 @@ mod tests {
         let other = [0xccu8; 8];
         let host = other.as_ptr() as usize;
         // Only I/O exits since epoch 1 (floor 1) and the page's bit is clear: no comparison.
-        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), Some(0));
+        assert_eq!(c.revalidate(a, NO_BLOCK, (2, 1), host, &code, 1), Some(0));
         assert_eq!((c.revalidated_soft, c.stale), (1, 0));
         // Another change (floor 3): the bytes are compared.
-        assert_eq!(c.revalidate(a, 3, 3, host, &code, 1), None);
+        assert_eq!(c.revalidate(a, NO_BLOCK, (3, 3), host, &code, 1), None);
         assert_eq!(c.stale, 1);
         // A device wrote the page: compared even after exits only.
         let mut c = BlockCache::new();
         add(&mut c, a, 1, &[0x90]);
         mem.write_slice(&[0xcc], GuestAddress(0x10)).unwrap();
-        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+        assert_eq!(c.revalidate(a, NO_BLOCK, (2, 1), host, &code, 1), None);
         // While dirty logging is on the migration owns the bitmap: compared too.
         let mut c = BlockCache::new();
         add(&mut c, a, 1, &[0x90]);
         assert!(code.vmm_wrote_code(), "takes the bit");
         code.enable_dirty_log();
-        assert_eq!(c.revalidate(a, 2, 1, host, &code, 1), None);
+        assert_eq!(c.revalidate(a, NO_BLOCK, (2, 1), host, &code, 1), None);
     }
 
     #[test]
@@ -981,15 +977,15 @@ mod tests {
         let other = [0xccu8; 8];
         let host = other.as_ptr() as usize;
         // The first block of page 1 at epoch 2 looks at the page's bit.
-        assert_eq!(c.revalidate_block(pa, 2, 1, host, &code, 1), Some(pa));
+        assert_eq!(c.revalidate(a, pa, (2, 1), host, &code, 1), Some(pa));
         // A device writes the page now: the page was found clean at epoch 2, so another
         // block of it at epoch 2 is stamped like the first (the write is seen at the next
         // interrupt, I/O exit or refresh, which move the epoch)...
         mem.write_slice(&[0xcc], GuestAddress(0x10)).unwrap();
-        assert_eq!(c.revalidate_block(pb, 2, 1, host, &code, 1), Some(pb));
+        assert_eq!(c.revalidate(b, pb, (2, 1), host, &code, 1), Some(pb));
         assert_eq!((c.revalidated_soft, c.stale), (2, 0));
         // ... and at the next epoch the page's bit is looked at again: bytes compared.
-        assert_eq!(c.revalidate_block(pd, 3, 1, host, &code, 1), None);
+        assert_eq!(c.revalidate(d, pd, (3, 1), host, &code, 1), None);
         assert_eq!(c.stale, 1);
     }
 

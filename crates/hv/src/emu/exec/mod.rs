@@ -318,12 +318,7 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
                 Err(b) => {
                     let code_idx = e.code as usize;
                     let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
-                    let code = x.cpu.mmu.code();
-                    if b == NO_BLOCK {
-                        cache.revalidate(key, epoch, floor, host, code, code_idx)
-                    } else {
-                        cache.revalidate_block(b, epoch, floor, host, code, code_idx)
-                    }
+                    cache.revalidate(key, b, (epoch, floor), host, x.cpu.mmu.code(), code_idx)
                 }
             }
         } else {
@@ -462,7 +457,14 @@ fn find_slow(
     let key = block_key(e.phys | (lin & 0xfff), x.cpu.bitness);
     let (epoch, floor) = (x.cpu.epoch, x.cpu.hard_floor);
     if !checked {
-        if let Some(b) = cache.revalidate(key, epoch, floor, host, x.cpu.mmu.code(), code_idx) {
+        if let Some(b) = cache.revalidate(
+            key,
+            NO_BLOCK,
+            (epoch, floor),
+            host,
+            x.cpu.mmu.code(),
+            code_idx,
+        ) {
             return Ok((b, host));
         }
     }
