@@ -249,13 +249,12 @@ impl Device {
         Ok(())
     }
 
-    /// Wait for completions; returns the slots that completed (status checked). Like Linux's
-    /// `virtblk_done`: take every used request, and only when there are none ask for the next
-    /// interrupt (used_event) and sleep.
-    fn complete(&mut self) -> Result<Vec<u64>, String> {
-        let mut done = Vec::new();
+    /// The next completed request's slot (status checked), waiting for one if none is there.
+    /// Like Linux's `virtblk_done`: take used requests while there are any, and only when
+    /// there are none ask for the next interrupt (used_event) and sleep.
+    fn next_done(&mut self) -> Result<u64, String> {
         loop {
-            while let Some((head, _len)) = self.driver.pop_used(&self.mem) {
+            if let Some((head, _len)) = self.driver.pop_used(&self.mem) {
                 let slot = self.slot_of.remove(&head).ok_or("unknown head")?;
                 let status: u8 = self
                     .mem
@@ -264,10 +263,7 @@ impl Device {
                 if status != VIRTIO_BLK_S_OK {
                     return Err(format!("request failed with status {status}"));
                 }
-                done.push(slot);
-            }
-            if !done.is_empty() {
-                return Ok(done);
+                return Ok(slot);
             }
             if self.driver.enable_interrupts(&self.mem) {
                 continue; // completions raced in
@@ -292,7 +288,7 @@ fn device_seq(d: &mut Device, mib: u64, write: bool) -> Result<f64, String> {
     for i in 0..mib {
         d.submit(0, write, i * 2048, 1 << 20)?;
         d.kick()?;
-        d.complete()?;
+        d.next_done()?;
     }
     Ok(mib as f64 / t.elapsed().as_secs_f64())
 }
@@ -315,15 +311,14 @@ fn device_rand(d: &mut Device, depth: u64, secs: f64) -> Result<(f64, u64), Stri
     let deadline = Duration::from_secs_f64(secs);
     let mut ios = 0u64;
     let mut inflight = depth;
+    // As fio does with its own queue: each completion is replaced at once.
     while inflight > 0 {
-        let done = d.complete()?;
-        ios += done.len() as u64;
-        inflight -= done.len() as u64;
+        let slot = d.next_done()?;
+        ios += 1;
+        inflight -= 1;
         if t.elapsed() < deadline {
-            for slot in done {
-                d.submit(slot, false, next() * 8, 4096)?;
-                inflight += 1;
-            }
+            d.submit(slot, false, next() * 8, 4096)?;
+            inflight += 1;
             d.kick()?;
         }
     }

@@ -455,8 +455,9 @@ impl BlockQueues {
 
 impl BlockQueues {
     /// Serve what the driver made available on the queue at `pos`, at most one queue's worth
-    /// (so a driver that keeps adding requests cannot hold the thread), then submit the
-    /// asynchronous transfers in one go and interrupt once for those done synchronously.
+    /// (so a driver that keeps adding requests cannot hold the thread): asynchronous
+    /// transfers are submitted as they come, and one interrupt covers those done
+    /// synchronously.
     /// Notifications are left as they are: [`BlockQueues::settle`] enables them before the
     /// thread sleeps.
     fn serve_avail(&mut self, pos: usize) {
@@ -468,6 +469,7 @@ impl BlockQueues {
         let poll = &mut self.poll;
         let mut taken = 0usize;
         let mut used_any = false;
+        let mut refused = Vec::new();
         let r = (|| {
             let budget = usize::from(q.size());
             while taken < budget {
@@ -485,18 +487,29 @@ impl BlockQueues {
                 taken += 1;
                 // Asynchronous only when it buys parallelism: a request alone (queue depth 1)
                 // is done right here, saving the completion's trip through the eventfd.
-                let aio = aio
+                let engine = aio
                     .as_deref_mut()
                     .filter(|a| more > 0 || a.busy())
                     .map(|a| (a, pos));
-                if let Some(used) = server.serve_with(mem, chain, aio) {
+                if let Some(used) = server.serve_with(mem, chain, engine) {
                     q.add_used(mem, chain.head, used)?;
                     used_any = true;
+                }
+                // Each transfer goes to the kernel at once, as fio does: io_submit plugs the
+                // block queue for more than two control blocks (fs/aio.c), so in a batch the
+                // first transfer would wait until the last one is prepared.
+                if let Some(a) = aio.as_deref_mut().filter(|a| a.batched() > 0) {
+                    refused.extend(a.submit());
                 }
             }
             Ok::<(), QueueError>(())
         })();
-        self.submit();
+        if !refused.is_empty() {
+            // Failed at once (IOERR), like transfers that fail in the kernel.
+            self.completions
+                .extend(refused.into_iter().map(|p| (p, false)));
+            self.complete();
+        }
         if let Err(e) = r {
             self.broke(pos, &e);
             return;
@@ -535,7 +548,11 @@ impl BlockQueues {
                 self.poll.contended(now);
                 return;
             }
-            if now >= until || now >= deadline {
+            if now >= until {
+                self.poll.expired();
+                return;
+            }
+            if now >= deadline {
                 return;
             }
             std::hint::spin_loop();

@@ -7,8 +7,10 @@
 //! The window adapts to how long the driver takes to answer, measured whether the thread
 //! polled or slept meanwhile (in the spirit of QEMU's `poll-max-ns`/`poll-grow`/`poll-shrink`):
 //! an answer later than the window but within the maximum doubles the window (from
-//! [`PollWindow::INITIAL`] up to the maximum); an answer later than the maximum, or none,
-//! stops polling (window zero) until quick answers come back. Requests that no interrupt
+//! [`PollWindow::INITIAL`] up to the maximum); an answer later than the maximum (or a full
+//! window at the maximum without one) stops polling (window zero) until quick answers come
+//! back. Losing the CPU while polling (something else wants it, perhaps the driver) stops it
+//! for [`PollWindow::COOLDOWN`]. Requests that no interrupt
 //! asked for (a driver that sends without waiting) teach nothing and are never polled for.
 
 use std::time::{Duration, Instant};
@@ -57,6 +59,14 @@ impl PollWindow {
         self.last_interrupt = Some(now);
     }
 
+    /// A poll for the latest interrupt ran its full window without an answer: at the
+    /// maximum window, the answer will be too late anyway.
+    pub fn expired(&mut self) {
+        if self.window >= self.max {
+            self.window = Duration::ZERO;
+        }
+    }
+
     /// The thread lost its CPU while it polled (found at `now`): something else needs the
     /// CPU, perhaps the driver itself, so spinning is not free. Stop polling for
     /// [`PollWindow::COOLDOWN`].
@@ -78,12 +88,7 @@ impl PollWindow {
         self.cooldown_until = None;
         let took = now.saturating_duration_since(at);
         if took > self.max {
-            // Halved, down to zero below the first window: a driver that answers quickly
-            // only some of the time keeps a window.
-            self.window /= 2;
-            if self.window < Self::INITIAL {
-                self.window = Duration::ZERO;
-            }
+            self.window = Duration::ZERO;
         } else if took > self.window {
             self.window = (self.window * 2).max(Self::INITIAL).min(self.max);
         }
@@ -141,7 +146,7 @@ mod tests {
     }
 
     #[test]
-    fn slow_answers_halve_the_window_and_unasked_requests_teach_nothing() {
+    fn slow_answers_stop_polling_and_unasked_requests_teach_nothing() {
         let mut p = PollWindow::new(MAX);
         let mut t = Instant::now();
         for _ in 0..3 {
@@ -156,14 +161,27 @@ mod tests {
         p.interrupted(t);
         p.interrupted(t + Duration::from_micros(40));
         p.answered(t + Duration::from_micros(60));
-        assert_eq!(p.window(), w / 2);
-        // Halved again, then below the first window: no polling.
-        t = round(&mut p, t + Duration::from_micros(60), 51);
-        assert_eq!(p.window(), w / 4);
-        round(&mut p, t, 51);
         assert_eq!(p.window(), Duration::ZERO);
         p.interrupted(t);
         assert_eq!(p.poll_until(), None);
+    }
+
+    #[test]
+    fn a_full_window_at_the_maximum_without_an_answer_stops_polling() {
+        let mut p = PollWindow::new(MAX);
+        let mut t = Instant::now();
+        for _ in 0..3 {
+            t = round(&mut p, t, 20);
+        }
+        let w = p.window();
+        p.expired();
+        assert_eq!(p.window(), w, "below the maximum: wait for the answer");
+        for _ in 0..10 {
+            t = round(&mut p, t, 40);
+        }
+        assert_eq!(p.window(), MAX);
+        p.expired();
+        assert_eq!(p.window(), Duration::ZERO);
     }
 
     #[test]
