@@ -83,7 +83,7 @@ const MAX_BUFFERS: usize = SEG_MAX as usize + 4;
 const CONFIG_LEN: usize = 60;
 /// Longest the device thread polls for the driver's answer to an interrupt (module `poll`):
 /// a driver woken on an idle CPU answers within 5-20 µs here; one that takes longer is not
-/// worth a spinning CPU.
+/// worth a polling CPU.
 pub const POLL_MAX: std::time::Duration = std::time::Duration::from_micros(50);
 /// Longest one wake-up of the device thread keeps serving before it goes back to its event
 /// loop (which then checks for a stop and comes straight back if work is left).
@@ -545,7 +545,7 @@ impl BlockQueues {
     }
 
     /// While the driver is expected to answer an interrupt soon, keep passing over the rings
-    /// (spinning) until it does, the window closes, the thread loses its CPU or `deadline`.
+    /// (yielding between passes) until it does, the window closes, the thread loses its CPU or `deadline`.
     /// The cost is this thread's CPU for at most the window per interrupt; while a driver
     /// keeps answering in time and nothing else wants the CPU, that can be a whole CPU (as
     /// QEMU's polling iothreads).
@@ -565,7 +565,10 @@ impl BlockQueues {
             if now >= deadline {
                 return;
             }
-            std::hint::spin_loop();
+            // Yield rather than spin: a driver thread woken onto this CPU runs at once
+            // (a spinning thread would keep it waiting until the window closes), and
+            // anything else runnable here takes the CPU, which `contended` then sees.
+            std::thread::yield_now();
             self.pass();
             looked = Instant::now();
         }

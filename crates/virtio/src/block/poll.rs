@@ -68,7 +68,7 @@ impl PollWindow {
     }
 
     /// The thread lost its CPU while it polled (found at `now`): something else needs the
-    /// CPU, perhaps the driver itself, so spinning is not free. Stop polling for
+    /// CPU, perhaps the driver itself, so polling is not free. Stop polling for
     /// [`PollWindow::COOLDOWN`].
     pub fn contended(&mut self, now: Instant) {
         self.window = Duration::ZERO;
