@@ -1,6 +1,9 @@
 //! `bench/disk`, part 1: vireo's virtio-blk device model against the host's own I/O on the
 //! same file. A host-side driver (`vireo_virtio::driver`) fills the device's queue in a guest
-//! memory region and kicks it — no guest CPU involved — and the host's figures come from `dd`
+//! memory region and kicks it — no guest CPU involved. It behaves like Linux's virtio-blk
+//! driver: VIRTIO_F_RING_EVENT_IDX, a kick only when avail_event asks, an interrupt asked for
+//! (used_event) only when it has nothing left to take, and each completion replaced at once
+//! (as fio keeps its queue full). The host's figures come from `dd`
 //! (sequential, 1 MiB blocks) and `fio` (4 KiB random reads, queue depth 1 and 32), all with
 //! O_DIRECT (the device with `direct=on`). Runs are interleaved; medians and device/host
 //! ratios are printed.
