@@ -12,9 +12,9 @@
 //! [--only seqr,seqw,qd1,qd32] [--overhead]`
 //!
 //! Besides throughput, each row reports CPU time per request (or per MiB): the host's from
-//! `getrusage(RUSAGE_CHILDREN)` around `dd`/`fio`, the device's from the scheduler's
-//! accounting of this process's threads (`/proc/self/task/*/schedstat`: the driver thread,
-//! which plays the guest, and the device thread).
+//! `getrusage(RUSAGE_CHILDREN)` around `dd`/`fio`, the device's from `getrusage(RUSAGE_SELF)`
+//! around its run (this process: the driver thread, which plays the guest, and the device
+//! thread).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
