@@ -1,11 +1,20 @@
 //! `bench/disk`, part 1: vireo's virtio-blk device model against the host's own I/O on the
 //! same file. A host-side driver (`vireo_virtio::driver`) fills the device's queue in a guest
-//! memory region and kicks it — no guest CPU involved — and the host's figures come from `dd`
+//! memory region and kicks it — no guest CPU involved. It behaves like Linux's virtio-blk
+//! driver: VIRTIO_F_RING_EVENT_IDX, a kick only when avail_event asks, an interrupt asked for
+//! (used_event) only when it has nothing left to take, and each completion replaced at once
+//! (as fio keeps its queue full). The host's figures come from `dd`
 //! (sequential, 1 MiB blocks) and `fio` (4 KiB random reads, queue depth 1 and 32), all with
 //! O_DIRECT (the device with `direct=on`). Runs are interleaved; medians and device/host
 //! ratios are printed.
 //!
-//! Usage: `target/release/disk [--file PATH] [--size-mib N] [--runs N] [--seconds S]`
+//! Usage: `target/release/disk [--file PATH] [--size-mib N] [--runs N] [--seconds S]
+//! [--only seqr,seqw,qd1,qd32] [--overhead]`
+//!
+//! Besides throughput, each row reports CPU time per request (or per MiB): the host's from
+//! `getrusage(RUSAGE_CHILDREN)` around `dd`/`fio`, the device's from `getrusage(RUSAGE_SELF)`
+//! around its run (this process: the driver thread, which plays the guest, and the device
+//! thread).
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;
@@ -20,7 +29,9 @@ use vireo_virtio::block::{
     VIRTIO_BLK_T_OUT,
 };
 use vireo_virtio::driver::{Desc, EventInterrupt, SplitQueueDriver};
-use vireo_virtio::{Activation, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use vireo_virtio::{
+    Activation, ActiveQueue, VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -33,7 +44,12 @@ struct Args {
     seconds: f64,
     /// Only the device, on the page cache (no O_DIRECT): its own cost per request.
     overhead: bool,
+    /// Which rows to measure (all by default).
+    only: [bool; 4],
 }
+
+/// Row names for `--only`, in table order.
+const ROWS: [&str; 4] = ["seqr", "seqw", "qd1", "qd32"];
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -42,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         runs: 5,
         seconds: 3.0,
         overhead: false,
+        only: [true; 4],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +69,17 @@ fn parse_args() -> Result<Args, String> {
             "--runs" => a.runs = val()?.parse().map_err(|e| format!("{e}"))?,
             "--seconds" => a.seconds = val()?.parse().map_err(|e| format!("{e}"))?,
             "--overhead" => a.overhead = true,
+            "--only" => {
+                let list = val()?;
+                a.only = [false; 4];
+                for name in list.split(',') {
+                    let i = ROWS
+                        .iter()
+                        .position(|r| *r == name)
+                        .ok_or(format!("--only: unknown row {name} (rows: {ROWS:?})"))?;
+                    a.only[i] = true;
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -156,14 +184,15 @@ impl Device {
         let sectors = disk.sectors();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
             .map_err(|e| e.to_string())?;
-        let driver = SplitQueueDriver::new(&mem, QUEUE_BASE, vireo_virtio::block::QUEUE_SIZE);
+        let mut driver = SplitQueueDriver::new(&mem, QUEUE_BASE, vireo_virtio::block::QUEUE_SIZE);
+        // As Linux does: notifications and interrupts suppressed with avail_event/used_event.
+        driver.set_event_idx(true);
         let notify = EventFd::new(EFD_NONBLOCK).map_err(|e| e.to_string())?;
         let irq = Arc::new(EventInterrupt::new().map_err(|e| e.to_string())?);
         let mut blk = Block::new(Arc::new(disk), 0);
         blk.activate(Activation {
             mem: mem.clone(),
-            // No EVENT_IDX: this driver wants an interrupt for every batch.
-            features: VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH,
+            features: VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_BLK_F_FLUSH,
             queues: vec![ActiveQueue {
                 index: 0,
                 queue: driver.queue().map_err(|e| e.to_string())?,
@@ -214,15 +243,21 @@ impl Device {
         Ok(())
     }
 
-    fn kick(&self) -> Result<(), String> {
-        self.notify.write(1).map_err(|e| e.to_string())
+    /// Notify the device of the requests queued since the last kick, if it asked for it
+    /// (avail_event; Linux `virtqueue_kick`).
+    fn kick(&mut self) -> Result<(), String> {
+        if self.driver.kick_needed(&self.mem) {
+            self.notify.write(1).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
-    /// Wait for completions; returns the slots that completed (status checked).
-    fn complete(&mut self) -> Result<Vec<u64>, String> {
-        let mut done = Vec::new();
+    /// The next completed request's slot (status checked), waiting for one if none is there.
+    /// Like Linux's `virtblk_done`: take used requests while there are any, and only when
+    /// there are none ask for the next interrupt (used_event) and sleep.
+    fn next_done(&mut self) -> Result<u64, String> {
         loop {
-            while let Some((head, _len)) = self.driver.pop_used(&self.mem) {
+            if let Some((head, _len)) = self.driver.pop_used(&self.mem) {
                 let slot = self.slot_of.remove(&head).ok_or("unknown head")?;
                 let status: u8 = self
                     .mem
@@ -231,10 +266,10 @@ impl Device {
                 if status != VIRTIO_BLK_S_OK {
                     return Err(format!("request failed with status {status}"));
                 }
-                done.push(slot);
+                return Ok(slot);
             }
-            if !done.is_empty() {
-                return Ok(done);
+            if self.driver.enable_interrupts(&self.mem) {
+                continue; // completions raced in
             }
             if self
                 .irq
@@ -256,13 +291,13 @@ fn device_seq(d: &mut Device, mib: u64, write: bool) -> Result<f64, String> {
     for i in 0..mib {
         d.submit(0, write, i * 2048, 1 << 20)?;
         d.kick()?;
-        d.complete()?;
+        d.next_done()?;
     }
     Ok(mib as f64 / t.elapsed().as_secs_f64())
 }
 
-/// 4 KiB random reads at `depth` for `secs`: IOPS.
-fn device_rand(d: &mut Device, depth: u64, secs: f64) -> Result<f64, String> {
+/// 4 KiB random reads at `depth` for `secs`: IOPS and the number of requests.
+fn device_rand(d: &mut Device, depth: u64, secs: f64) -> Result<(f64, u64), String> {
     let blocks = d.sectors / 8;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d ^ depth;
     let mut next = move || {
@@ -279,19 +314,18 @@ fn device_rand(d: &mut Device, depth: u64, secs: f64) -> Result<f64, String> {
     let deadline = Duration::from_secs_f64(secs);
     let mut ios = 0u64;
     let mut inflight = depth;
+    // As fio does with its own queue: each completion is replaced at once.
     while inflight > 0 {
-        let done = d.complete()?;
-        ios += done.len() as u64;
-        inflight -= done.len() as u64;
+        let slot = d.next_done()?;
+        ios += 1;
+        inflight -= 1;
         if t.elapsed() < deadline {
-            for slot in done {
-                d.submit(slot, false, next() * 8, 4096)?;
-                inflight += 1;
-            }
+            d.submit(slot, false, next() * 8, 4096)?;
+            inflight += 1;
             d.kick()?;
         }
     }
-    Ok(ios as f64 / t.elapsed().as_secs_f64())
+    Ok((ios as f64 / t.elapsed().as_secs_f64(), ios))
 }
 
 /// The device on a page-cached file: requests per second it serves when the disk costs
@@ -303,8 +337,8 @@ fn overhead(a: &Args) -> Result<(), String> {
     let mut qd1 = Vec::new();
     let mut qd32 = Vec::new();
     for _ in 0..a.runs {
-        qd1.push(device_rand(&mut dev, 1, a.seconds)?);
-        qd32.push(device_rand(&mut dev, 32, a.seconds)?);
+        qd1.push(device_rand(&mut dev, 1, a.seconds)?.0);
+        qd32.push(device_rand(&mut dev, 32, a.seconds)?.0);
     }
     let (q1, q32) = (median(qd1), median(qd32));
     println!(
@@ -340,26 +374,37 @@ fn run(a: &Args) -> Result<(), String> {
     let have_fio = Command::new("fio").arg("--version").output().is_ok();
     let mut dev = Device::new(&a.file, true)?;
     let seq_mib = a.size_mib.min(512);
-    // [host, device] samples of: seq read, seq write, rand QD1, rand QD32.
-    let mut s: [[Vec<f64>; 2]; 4] = Default::default();
+    // [host, device] samples of: seq read, seq write, rand QD1, rand QD32; each (rate, CPU
+    // seconds per unit).
+    let mut s: [[Vec<(f64, f64)>; 2]; 4] = Default::default();
     for run in 0..a.runs {
         eprint!("run {}/{}\r", run + 1, a.runs);
         let _ = std::io::stderr().flush();
-        if let Some(v) = host_dd(&a.file, seq_mib, false) {
-            s[0][0].push(v);
+        for (i, write) in [(0, false), (1, true)] {
+            if !a.only[i] {
+                continue;
+            }
+            let c = children_cpu();
+            if let Some(v) = host_dd(&a.file, seq_mib, write) {
+                s[i][0].push((v, (children_cpu() - c) / seq_mib as f64));
+            }
+            let c = own_cpu();
+            let v = device_seq(&mut dev, seq_mib, write)?;
+            s[i][1].push((v, (own_cpu() - c) / seq_mib as f64));
         }
-        s[0][1].push(device_seq(&mut dev, seq_mib, false)?);
-        if let Some(v) = host_dd(&a.file, seq_mib, true) {
-            s[1][0].push(v);
-        }
-        s[1][1].push(device_seq(&mut dev, seq_mib, true)?);
         for (i, depth) in [(2, 1u32), (3, 32)] {
+            if !a.only[i] {
+                continue;
+            }
             if have_fio {
+                let c = children_cpu();
                 if let Some(v) = host_fio(&a.file, depth, a.seconds) {
-                    s[i][0].push(v);
+                    s[i][0].push((v, (children_cpu() - c) / (v * a.seconds)));
                 }
             }
-            s[i][1].push(device_rand(&mut dev, u64::from(depth), a.seconds)?);
+            let c = own_cpu();
+            let (v, ios) = device_rand(&mut dev, u64::from(depth), a.seconds)?;
+            s[i][1].push((v, (own_cpu() - c) / ios.max(1) as f64));
         }
     }
     eprintln!();
@@ -369,8 +414,8 @@ fn run(a: &Args) -> Result<(), String> {
         a.size_mib,
         a.runs
     );
-    println!("| test | host | vireo device | device/host |");
-    println!("|---|---:|---:|---:|");
+    println!("| test | host | vireo device | device/host | CPU µs per unit: host | device |");
+    println!("|---|---:|---:|---:|---:|---:|");
     let names = [
         "sequential read, 1 MiB, QD1 (MiB/s)",
         "sequential write, 1 MiB, QD1 (MiB/s)",
@@ -378,15 +423,45 @@ fn run(a: &Args) -> Result<(), String> {
         "random read, 4 KiB, QD32 (IOPS)",
     ];
     for (i, name) in names.iter().enumerate() {
-        let host = median(s[i][0].clone());
-        let dev = median(s[i][1].clone());
+        if !a.only[i] {
+            continue;
+        }
+        let col = |side: usize, f: fn(&(f64, f64)) -> f64| {
+            median(s[i][side].iter().map(f).collect::<Vec<_>>())
+        };
+        let host = col(0, |x| x.0);
+        let dev = col(1, |x| x.0);
         let ratio = host.zip(dev).map(|(h, d)| d / h);
         println!(
-            "| {name} | {} | {} | {} |",
+            "| {name} | {} | {} | {} | {} | {} |",
             fmt(host, 0),
             fmt(dev, 0),
-            fmt(ratio, 2)
+            fmt(ratio, 2),
+            fmt(col(0, |x| x.1 * 1e6), 1),
+            fmt(col(1, |x| x.1 * 1e6), 1),
         );
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
+fn rusage_cpu(who: libc::c_int) -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value (integers and timevals).
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given, which lives for the call.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU seconds of the children waited for so far (`dd`, `fio`).
+fn children_cpu() -> f64 {
+    rusage_cpu(libc::RUSAGE_CHILDREN)
+}
+
+/// CPU seconds of this process (the driver thread and the device thread).
+fn own_cpu() -> f64 {
+    rusage_cpu(libc::RUSAGE_SELF)
 }

@@ -19,6 +19,8 @@ pub const VIRTQ_DESC_F_WRITE: u16 = 2;
 pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 /// Avail ring flag: "do not interrupt me" (§2.7.7).
 pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Used ring flag: "do not notify me" (§2.7.8).
+pub const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
 /// One buffer of a chain to add: guest address, length, device-writable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +61,11 @@ pub struct SplitQueueDriver {
     chains: HashMap<u16, Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated: notifications and interrupts are suppressed with
+    /// avail_event / used_event rather than the ring flags (§2.7.7, §2.7.10).
+    event_idx: bool,
+    /// The available index when the driver last decided whether to notify.
+    notified_avail: u16,
 }
 
 impl SplitQueueDriver {
@@ -88,6 +95,59 @@ impl SplitQueueDriver {
             chains: HashMap::new(),
             avail_idx: 0,
             last_used: 0,
+            event_idx: false,
+            notified_avail: 0,
+        }
+    }
+
+    /// Drive the queue with VIRTIO_F_RING_EVENT_IDX (also set on the queue [`Self::queue`]
+    /// builds).
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Whether the device must be notified of the chains published since the last call
+    /// (§2.7.13.4 / Linux `virtqueue_kick_prepare`): with EVENT_IDX when the available index
+    /// passed avail_event, otherwise unless the device set VIRTQ_USED_F_NO_NOTIFY.
+    pub fn kick_needed(&mut self, mem: &GuestMemory) -> bool {
+        // The index store must be visible before the device's suppression is read.
+        fence(Ordering::SeqCst);
+        let old = self.notified_avail;
+        let new = self.avail_idx;
+        self.notified_avail = new;
+        if old == new {
+            return false;
+        }
+        if self.event_idx {
+            // vring_need_event (§2.7.10).
+            let event = self.avail_event(mem);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = mem.read_obj(self.used).unwrap_or(0);
+            flags & VIRTQ_USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Ask for an interrupt when the device uses the next chain (§2.7.10: used_event = the
+    /// next used index to read, or clear VIRTQ_AVAIL_F_NO_INTERRUPT). Returns true when used
+    /// chains are already waiting: read them before sleeping, or the interrupt for them may
+    /// never come.
+    pub fn enable_interrupts(&self, mem: &GuestMemory) -> bool {
+        if self.event_idx {
+            self.set_used_event(mem, self.last_used);
+        } else {
+            self.set_avail_flags(mem, 0);
+        }
+        fence(Ordering::SeqCst);
+        self.used_idx(mem) != self.last_used
+    }
+
+    /// Ask for no interrupts (without EVENT_IDX: VIRTQ_AVAIL_F_NO_INTERRUPT; with it, the
+    /// device interrupts at most once past the used_event set by
+    /// [`Self::enable_interrupts`], so nothing needs writing).
+    pub fn disable_interrupts(&self, mem: &GuestMemory) {
+        if !self.event_idx {
+            self.set_avail_flags(mem, VIRTQ_AVAIL_F_NO_INTERRUPT);
         }
     }
 
@@ -108,6 +168,7 @@ impl SplitQueueDriver {
         q.set_desc_table_address(Some(self.desc.0 as u32), Some((self.desc.0 >> 32) as u32));
         q.set_avail_ring_address(Some(self.avail.0 as u32), Some((self.avail.0 >> 32) as u32));
         q.set_used_ring_address(Some(self.used.0 as u32), Some((self.used.0 >> 32) as u32));
+        q.set_event_idx(self.event_idx);
         q.set_ready(true);
         Ok(q)
     }
@@ -336,5 +397,68 @@ mod tests {
         assert_eq!(chain.head_index(), h);
         assert_eq!(chain.count(), 2);
         assert!(SplitQueueDriver::footprint(256) < 0x3000);
+    }
+
+    #[test]
+    fn event_idx_suppresses_kicks_and_interrupts_both_ways() {
+        let mem = guest_memory();
+        let mut d = SplitQueueDriver::new(&mem, QUEUE_BASE, 8);
+        d.set_event_idx(true);
+        let mut q = d.queue().unwrap();
+        let chain = [Desc::r(DATA, 16), Desc::w(DATA + 16, 1)];
+        // The device waits at avail index 0: the first chain needs a kick, a second one
+        // before the device looked again does not.
+        assert!(!q.enable_notification(&mem).unwrap());
+        let h1 = d.add(&mem, &chain).unwrap();
+        assert!(d.kick_needed(&mem));
+        let h2 = d.add(&mem, &chain).unwrap();
+        assert!(!d.kick_needed(&mem));
+        assert!(!d.kick_needed(&mem), "nothing new, no kick");
+        let heads: Vec<u16> = q.iter(&mem).unwrap().map(|c| c.head_index()).collect();
+        assert_eq!(heads, vec![h1, h2]);
+        // The device waits again (avail_event 2): the next chain kicks.
+        assert!(!q.enable_notification(&mem).unwrap());
+        let h3 = d.add(&mem, &chain).unwrap();
+        assert!(d.kick_needed(&mem));
+        // Interrupts: asked for at used index 0, so once for the first used chain, then
+        // not again until the driver asks.
+        assert!(!d.enable_interrupts(&mem));
+        d.disable_interrupts(&mem);
+        q.add_used(&mem, h1, 1).unwrap();
+        assert!(q.needs_notification(&mem).unwrap());
+        q.add_used(&mem, h2, 1).unwrap();
+        assert!(!q.needs_notification(&mem).unwrap());
+        // Asking again with used chains unread says so.
+        assert!(d.enable_interrupts(&mem));
+        assert_eq!(d.pop_used(&mem), Some((h1, 1)));
+        assert_eq!(d.pop_used(&mem), Some((h2, 1)));
+        assert!(!d.enable_interrupts(&mem));
+        q.iter(&mem).unwrap().for_each(drop);
+        q.add_used(&mem, h3, 1).unwrap();
+        assert!(q.needs_notification(&mem).unwrap());
+    }
+
+    #[test]
+    fn without_event_idx_the_used_flags_suppress_kicks() {
+        let mem = guest_memory();
+        let mut d = SplitQueueDriver::new(&mem, QUEUE_BASE, 8);
+        let mut q = d.queue().unwrap();
+        let chain = [Desc::r(DATA, 16), Desc::w(DATA + 16, 1)];
+        q.disable_notification(&mem).unwrap();
+        d.add(&mem, &chain).unwrap();
+        assert!(!d.kick_needed(&mem));
+        assert!(q.enable_notification(&mem).unwrap(), "a chain is waiting");
+        d.add(&mem, &chain).unwrap();
+        assert!(d.kick_needed(&mem));
+        d.disable_interrupts(&mem);
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(d.addresses().1)).unwrap(),
+            VIRTQ_AVAIL_F_NO_INTERRUPT
+        );
+        assert!(!d.enable_interrupts(&mem));
+        assert_eq!(
+            mem.read_obj::<u16>(GuestAddress(d.addresses().1)).unwrap(),
+            0
+        );
     }
 }

@@ -225,10 +225,12 @@ impl Aio {
                     return;
                 }
             };
-            if n == 0 {
+            self.take(n, out);
+            // Fewer than asked for: that was everything (saves a system call that would
+            // return nothing).
+            if n < self.events.len() {
                 return;
             }
-            self.take(n, out);
         }
     }
 }

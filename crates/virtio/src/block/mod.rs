@@ -6,26 +6,37 @@
 //! last device-writable byte. Framing is free (§2.6.4): the header, data and status may be
 //! split across buffers in any way. Supported: IN, OUT, FLUSH, GET_ID, DISCARD,
 //! WRITE_ZEROES. A read-only disk answers every write with VIRTIO_BLK_S_IOERR (§5.2.6.2).
+//!
+//! The device thread: every wake-up (a queue notification or finished transfers) makes one
+//! pass — reap the finished transfers, write their status bytes and used elements, interrupt
+//! once (§2.7.10), then take the new requests (a request alone is done synchronously, the
+//! others are submitted to Linux AIO one by one as they are taken). While the driver is
+//! expected to answer the interrupt it may poll for a short adaptive window (module `poll`);
+//! then it enables notifications again, serves whatever raced in and sleeps. One wake-up
+//! serves for at most 2 ms before going back through the event loop.
 
 mod aio;
 mod disk;
+mod poll;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 
 pub use disk::{DiskImage, DiskOptions, DIRECT_ALIGN, SECTOR_SIZE, SERIAL_LEN};
 
-use crate::queue::{read_bytes, serve_queue, write_bytes, Buffer, Chain};
+use crate::queue::{read_bytes, write_bytes, Buffer, Chain, QueueError};
 use crate::worker::{positions, QueueHandler, QueuePosition, Shared, Worker};
 use crate::{
     Activation, ActiveQueue, DeviceState, Error, LogOnce, Result, VirtioDevice, VirtioInterrupt,
     VIRTIO_ID_BLOCK,
 };
 use aio::{Aio, Pending};
+use poll::PollWindow;
 use vireo_hv::GuestMemory;
 
 /// Feature bits (§5.2.3).
@@ -70,6 +81,13 @@ const SEGMENT_LEN: u64 = 16;
 const MAX_BUFFERS: usize = SEG_MAX as usize + 4;
 /// Size of the configuration space (§5.2.4, up to `write_zeroes_may_unmap` and its padding).
 const CONFIG_LEN: usize = 60;
+/// Longest the device thread polls for the driver's answer to an interrupt (module `poll`):
+/// a driver woken on an idle CPU answers within 5-20 µs here; one that takes longer is not
+/// worth a polling CPU.
+pub const POLL_MAX: std::time::Duration = std::time::Duration::from_micros(50);
+/// Longest one wake-up of the device thread keeps serving before it goes back to its event
+/// loop (which then checks for a stop and comes straight back if work is left).
+const BUSY_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// What a request needs once checked.
 enum Plan {
@@ -261,6 +279,9 @@ impl VirtioDevice for Block {
             chain: Chain::new(),
             aio,
             completions: Vec::new(),
+            interrupts: 0,
+            reaped_since_reset: false,
+            poll: PollWindow::new(POLL_MAX),
         };
         self.handler = Some(Arc::new(Mutex::new(handler)));
         self.notifiers = notifiers;
@@ -333,6 +354,11 @@ struct BlockQueues {
     /// thread ends: its Drop waits for the kernel to finish with guest memory.
     aio: Option<Aio>,
     completions: Vec<(Pending, bool)>,
+    poll: PollWindow,
+    /// Interrupts sent (to tell whether a pass sent one).
+    interrupts: u64,
+    /// Transfers were reaped since the completion eventfd was last reset.
+    reaped_since_reset: bool,
 }
 
 impl BlockQueues {
@@ -361,22 +387,29 @@ impl BlockQueues {
         self.interrupt.set_needs_reset();
     }
 
-    /// Report finished asynchronous transfers: status byte, used ring, interrupt.
-    fn complete(&mut self) {
+    /// Report finished asynchronous transfers: status byte, used ring, then one interrupt per
+    /// queue (if the driver wants it, §2.7.10). Returns how many it reported.
+    fn complete(&mut self) -> usize {
         self.complete_with(false)
     }
 
     /// [`BlockQueues::complete`], first waiting for a completion when `wait`.
-    fn complete_with(&mut self, wait: bool) {
+    fn complete_with(&mut self, wait: bool) -> usize {
         let Some(aio) = self.aio.as_mut() else {
-            return;
+            return 0;
         };
         let mut done = std::mem::take(&mut self.completions);
         if wait {
             aio.reap_wait(&mut done);
-        } else {
+        } else if aio.in_flight() > 0 {
             aio.reap(&mut done);
         }
+        let count = done.len();
+        if count == 0 {
+            self.completions = done;
+            return 0;
+        }
+        self.reaped_since_reset = true;
         let mut touched = vec![false; self.queues.len()];
         for (p, ok) in done.drain(..) {
             if self.broken.get(p.queue).copied().unwrap_or(true) {
@@ -404,9 +437,11 @@ impl BlockQueues {
                 let q = &mut self.queues[pos];
                 if q.queue.needs_notification(&self.mem).unwrap_or(true) {
                     self.interrupt.notify_queue(q.index);
+                    self.interrupts += 1;
                 }
             }
         }
+        count
     }
 
     /// Submit the batched transfers; fail those the kernel refuses.
@@ -426,39 +461,180 @@ impl BlockQueues {
     }
 }
 
-impl QueueHandler for BlockQueues {
-    fn queue_notified(&mut self, index: usize) {
-        if index == AIO_EVENT {
-            self.complete();
-            return;
-        }
-        let Some(pos) = self.queues.iter().position(|q| q.index == index) else {
-            return;
-        };
-        if self.broken[pos] {
-            return;
-        }
+impl BlockQueues {
+    /// Serve what the driver made available on the queue at `pos`, at most one queue's worth
+    /// (so a driver that keeps adding requests cannot hold the thread): asynchronous
+    /// transfers are submitted as they come, and one interrupt covers those done
+    /// synchronously. Notifications are left as they are: [`BlockQueues::settle`] enables
+    /// them before the thread sleeps.
+    fn serve_avail(&mut self, pos: usize) {
         let server = &mut self.server;
+        let mem = &self.mem;
+        let chain = &mut self.chain;
         let mut aio = self.aio.as_mut();
-        let r = serve_queue(
-            &mut self.queues[pos],
-            &self.mem,
-            self.interrupt.as_ref(),
-            &mut self.chain,
-            MAX_BUFFERS,
-            |chain, more| {
+        let q = &mut self.queues[pos].queue;
+        let poll = &mut self.poll;
+        let mut taken = 0usize;
+        let mut used_any = false;
+        let mut refused = Vec::new();
+        let r = (|| {
+            let budget = usize::from(q.size());
+            while taken < budget {
+                let Some(c) = q.iter(mem)?.next() else {
+                    break;
+                };
+                if taken == 0 {
+                    // The driver answered (before the time serving it takes).
+                    poll.answered(Instant::now());
+                }
+                // Requests left behind this one (a hint: a wrong index fails the next `iter`).
+                let avail = q.avail_idx(mem, Ordering::Acquire)?;
+                let more = avail.0.wrapping_sub(q.next_avail()).min(q.size());
+                chain.load(mem, c, MAX_BUFFERS)?;
+                taken += 1;
                 // Asynchronous only when it buys parallelism: a request alone (queue depth 1)
                 // is done right here, saving the completion's trip through the eventfd.
-                let aio = aio
+                let engine = aio
                     .as_deref_mut()
                     .filter(|a| more > 0 || a.busy())
                     .map(|a| (a, pos));
-                server.serve_with(&self.mem, chain, aio)
-            },
-        );
-        self.submit();
+                if let Some(used) = server.serve_with(mem, chain, engine) {
+                    q.add_used(mem, chain.head, used)?;
+                    used_any = true;
+                }
+                // Each transfer goes to the kernel at once, as fio does: io_submit plugs the
+                // block queue for more than two control blocks (fs/aio.c), so in a batch the
+                // first transfer would wait until the last one is prepared.
+                if let Some(a) = aio.as_deref_mut().filter(|a| a.batched() > 0) {
+                    refused.extend(a.submit());
+                }
+            }
+            Ok::<(), QueueError>(())
+        })();
+        if !refused.is_empty() {
+            // Failed at once (IOERR), like transfers that fail in the kernel.
+            self.completions
+                .extend(refused.into_iter().map(|p| (p, false)));
+            self.complete();
+        }
         if let Err(e) = r {
             self.broke(pos, &e);
+            return;
+        }
+        let q = &mut self.queues[pos];
+        if used_any && q.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.notify_queue(q.index);
+            self.interrupts += 1;
+        }
+    }
+
+    /// One pass over everything: report finished transfers, then serve every queue (new
+    /// requests are submitted in the same wake-up as the completions that made room for
+    /// them); tell the polling window whether the driver was interrupted.
+    fn pass(&mut self) {
+        let interrupts = self.interrupts;
+        self.complete();
+        for pos in 0..self.queues.len() {
+            if !self.broken[pos] {
+                self.serve_avail(pos);
+            }
+        }
+        if self.interrupts != interrupts {
+            self.poll.interrupted(Instant::now());
+        }
+    }
+
+    /// While the driver is expected to answer an interrupt soon, keep passing over the rings
+    /// (yielding between passes) until it does, the window closes, the thread loses its CPU or `deadline`.
+    /// The cost is this thread's CPU for at most the window per interrupt; while a driver
+    /// keeps answering in time and nothing else wants the CPU, that can be a whole CPU (as
+    /// QEMU's polling iothreads).
+    fn poll(&mut self, deadline: Instant) {
+        let mut looked = Instant::now();
+        while let Some(until) = self.poll.poll_until() {
+            let now = Instant::now();
+            if now.saturating_duration_since(looked) >= PollWindow::PREEMPTED {
+                // Descheduled between two looks: the CPU is wanted elsewhere.
+                self.poll.contended(now);
+                return;
+            }
+            if now >= until {
+                self.poll.expired();
+                return;
+            }
+            if now >= deadline {
+                return;
+            }
+            // Yield rather than spin: a driver thread woken onto this CPU runs at once
+            // (a spinning thread would keep it waiting until the window closes), and
+            // anything else runnable here takes the CPU, which `contended` then sees.
+            std::thread::yield_now();
+            self.pass();
+            looked = Instant::now();
+        }
+    }
+
+    /// Before sleeping: reset the completion eventfd and report what completed, then ask for
+    /// notifications again (§2.7.10: avail_event, or clear VIRTQ_USED_F_NO_NOTIFY). True when
+    /// nothing is left to do (the thread may sleep); false when requests or completions raced
+    /// in.
+    fn settle(&mut self) -> bool {
+        if let Some(aio) = self.aio.as_ref().filter(|_| self.reaped_since_reset) {
+            // Completions reaped since the last reset left counts on the eventfd: without
+            // this the thread would wake for them again. Non-blocking; completions after this
+            // signal it again.
+            let _ = aio.event.read();
+            self.reaped_since_reset = false;
+        }
+        let interrupts = self.interrupts;
+        let mut more = self.complete() > 0;
+        if self.interrupts != interrupts {
+            self.poll.interrupted(Instant::now());
+        }
+        for pos in 0..self.queues.len() {
+            if self.broken[pos] {
+                continue;
+            }
+            match self.queues[pos].queue.enable_notification(&self.mem) {
+                Ok(pending) => more |= pending,
+                Err(e) => self.broke(pos, &e),
+            }
+        }
+        !more
+    }
+
+    fn disable_notifications(&mut self) {
+        for pos in 0..self.queues.len() {
+            if self.broken[pos] {
+                continue;
+            }
+            if let Err(e) = self.queues[pos].queue.disable_notification(&self.mem) {
+                self.broke(pos, &e);
+            }
+        }
+    }
+}
+
+impl QueueHandler for BlockQueues {
+    /// Any wake-up (a queue notification or finished transfers) does the same: pass over
+    /// every queue and the completions, poll for more while it pays off, settle, sleep.
+    fn queue_notified(&mut self, _index: usize) {
+        let deadline = Instant::now() + BUSY_MAX;
+        loop {
+            self.disable_notifications();
+            self.pass();
+            self.poll(deadline);
+            if self.settle() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                // Work keeps coming: back through the event loop (which checks for a stop),
+                // straight here again.
+                for q in &self.queues {
+                    let _ = q.notify.write(1);
+                }
+                return;
+            }
         }
     }
 }
