@@ -807,9 +807,10 @@ fn wait_interrupts(irq: &RecordingInterrupt, n: usize) {
     }
 }
 
-#[test]
-fn interrupts_inside_the_moderation_gap_are_held_back_then_sent() {
-    let gap = Duration::from_millis(300);
+/// A device with moderation gap `gap` that has sent one receive interrupt and holds back the
+/// one for a second, acknowledgement-sized frame the driver asked for (sent at the instant
+/// returned).
+fn receive_interrupt_held_back(gap: Duration) -> (Setup, Instant) {
     let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
     let mut s = Setup::with_gap(features, gap);
     s.post_rx(0, 8, 2048);
@@ -822,10 +823,17 @@ fn interrupts_inside_the_moderation_gap_are_held_back_then_sent() {
     let t = Instant::now();
     s.host_send(0, VnetHeader::default(), &frame(60, 2));
     s.wait_used(0);
-    // Used at once, the interrupt held back ...
+    // Used at once, the interrupt held back.
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(s.irq.queue_interrupts(), 1);
-    // ... until the gap has passed, not much later.
+    (s, t)
+}
+
+#[test]
+fn interrupts_inside_the_moderation_gap_are_held_back_then_sent() {
+    let gap = Duration::from_millis(300);
+    let (mut s, t) = receive_interrupt_held_back(gap);
+    // The held-back interrupt goes out when the gap has passed, not much later.
     wait_interrupts(&s.irq, 2);
     let waited = t.elapsed();
     assert!(waited >= gap - Duration::from_millis(60), "{waited:?}");
@@ -847,15 +855,7 @@ fn interrupts_inside_the_moderation_gap_are_held_back_then_sent() {
 #[test]
 fn a_held_back_interrupt_the_driver_no_longer_wants_is_not_sent() {
     let gap = Duration::from_millis(200);
-    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
-    let mut s = Setup::with_gap(features, gap);
-    s.post_rx(0, 8, 2048);
-    s.host_send(0, VnetHeader::default(), &frame(60, 1));
-    s.wait_used(0);
-    wait_interrupts(&s.irq, 1);
-    s.queues[0].0.set_used_event(&s.mem, 1);
-    s.host_send(0, VnetHeader::default(), &frame(60, 2));
-    s.wait_used(0);
+    let (mut s, _) = receive_interrupt_held_back(gap);
     // The driver polled the entry itself and now waits for the one after it.
     s.queues[0].0.set_used_event(&s.mem, 2);
     std::thread::sleep(gap * 2);
@@ -866,26 +866,9 @@ fn a_held_back_interrupt_the_driver_no_longer_wants_is_not_sent() {
     wait_interrupts(&s.irq, 2);
 }
 
-/// A device with a 60 s moderation gap that has sent one receive interrupt and holds back the
-/// one for a second, acknowledgement-sized frame the driver asked for.
-fn one_receive_interrupt_held_back() -> Setup {
-    let features = BASE_FEATURES | crate::VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MRG_RXBUF;
-    let mut s = Setup::with_gap(features, Duration::from_secs(60));
-    s.post_rx(0, 8, 2048);
-    s.host_send(0, VnetHeader::default(), &frame(60, 1));
-    s.wait_used(0);
-    wait_interrupts(&s.irq, 1);
-    s.queues[0].0.set_used_event(&s.mem, 1);
-    s.host_send(0, VnetHeader::default(), &frame(60, 2));
-    s.wait_used(0);
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(s.irq.queue_interrupts(), 1);
-    s
-}
-
 #[test]
 fn a_pause_sends_the_held_back_interrupts() {
-    let mut s = one_receive_interrupt_held_back();
+    let (mut s, _) = receive_interrupt_held_back(Duration::from_secs(60));
     s.net.pause().unwrap();
     assert_eq!(s.irq.queue_interrupts(), 2);
 }
@@ -893,7 +876,7 @@ fn a_pause_sends_the_held_back_interrupts() {
 #[test]
 fn a_data_frame_is_not_held_back_and_takes_a_held_back_interrupt_along() {
     // An acknowledgement-sized frame waits for the gap ...
-    let mut s = one_receive_interrupt_held_back();
+    let (mut s, _) = receive_interrupt_held_back(Duration::from_secs(60));
     // ... a frame with data does not, and one interrupt covers both.
     s.host_send(0, VnetHeader::default(), &frame(1000, 3));
     s.wait_used(0);
