@@ -131,23 +131,28 @@ pub struct Exec<'a> {
 }
 
 impl Exec<'_> {
+    /// Base + scaled index + displacement of the memory operand, not yet truncated to the
+    /// address size.
+    #[inline(always)]
+    fn ea_untruncated(&self, op: &Op) -> u64 {
+        let c = &*self.cpu;
+        let mut a = op.disp;
+        if let Some(b) = c.gpr.get(op.base as usize) {
+            a = a.wrapping_add(*b);
+        } else if op.base == RIPREG {
+            a = a.wrapping_add(c.rip);
+        }
+        if let Some(i) = c.gpr.get(op.index as usize) {
+            a = a.wrapping_add(*i << (op.scale & 3));
+        }
+        a
+    }
+
     /// Effective address of the memory operand (SDM Vol. 1 §3.7.5), truncated to the address
     /// size.
     #[inline(always)]
     pub fn ea(&self, op: &Op) -> u64 {
-        let c = &*self.cpu;
-        let mut a = op.disp;
-        if op.base != NOREG {
-            let b = if op.base == RIPREG {
-                c.rip
-            } else {
-                c.gpr[op.base as usize & 15]
-            };
-            a = a.wrapping_add(b);
-        }
-        if op.index != NOREG {
-            a = a.wrapping_add(c.gpr[op.index as usize & 15] << (op.scale & 3));
-        }
+        let a = self.ea_untruncated(op);
         match op.asize {
             8 => a,
             4 => a & 0xffff_ffff,
@@ -169,17 +174,7 @@ impl Exec<'_> {
     #[inline(always)]
     pub fn lin(&self, op: &Op) -> u64 {
         if op.flags & F_FLAT != 0 {
-            let c = &*self.cpu;
-            let mut a = op.disp;
-            if let Some(b) = c.gpr.get(op.base as usize) {
-                a = a.wrapping_add(*b);
-            } else if op.base == RIPREG {
-                a = a.wrapping_add(c.rip);
-            }
-            if let Some(i) = c.gpr.get(op.index as usize) {
-                a = a.wrapping_add(*i << (op.scale & 3));
-            }
-            return a;
+            return self.ea_untruncated(op);
         }
         let ea = self.ea(op);
         self.seg_lin(op.seg, ea)
