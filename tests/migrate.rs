@@ -15,6 +15,7 @@
 //!   after it, the source keeps the guest paused (in doubt) rather than risk two copies.
 
 mod common;
+mod netutil;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::running::{last, numbers, start_counting_linux, Running};
 use common::{vireo, TempDir};
+use netutil::{recv_timeout, IcmpEcho};
 use vireo_guests::probe::{build, Probe};
 
 /// A TCP port free right now on `ip`.
@@ -405,37 +407,6 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
-/// Set a receive timeout on `fd`.
-fn recv_timeout(fd: i32, t: Duration) {
-    let tv = libc::timeval {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_usec: t.subsec_micros() as libc::suseconds_t,
-    };
-    // SAFETY: a valid timeval for SO_RCVTIMEO on a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
-}
-
-/// RFC 1071 Internet checksum.
-fn inet_checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for c in data.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 /// A continuous pinger (ICMP echo, RFC 792) inside a namespace, one request every `every`;
 /// [`Pinger::finish`] gives the times the replies arrived.
 struct Pinger {
@@ -448,54 +419,20 @@ impl Pinger {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = in_netns(ns, move || {
-            // SAFETY: socket(2) with constant arguments; the result is checked.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-            // SAFETY: `fd` is ours; the File closes it.
-            let sock = unsafe { std::fs::File::from_raw_fd(fd) };
-            recv_timeout(fd, Duration::from_millis(5));
-            let id = (std::process::id() & 0xffff) as u16 ^ 0x5a5a;
-            let addr = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(dst.octets()),
-                },
-                sin_zero: [0; 8],
-            };
+            let echo = IcmpEcho::open(
+                (std::process::id() & 0xffff) as u16 ^ 0x5a5a,
+                Duration::from_millis(5),
+            );
             let mut replies = Vec::new();
             let mut seq = 0u16;
             let mut next = Instant::now();
-            let mut buf = [0u8; 1500];
             while !s.load(Ordering::SeqCst) {
                 if Instant::now() >= next {
                     next += every;
                     seq = seq.wrapping_add(1);
-                    let mut p = vec![8u8, 0, 0, 0];
-                    p.extend_from_slice(&id.to_be_bytes());
-                    p.extend_from_slice(&seq.to_be_bytes());
-                    p.extend_from_slice(b"vireo migration ping");
-                    let c = inet_checksum(&p);
-                    p[2..4].copy_from_slice(&c.to_be_bytes());
-                    // SAFETY: a valid buffer and sockaddr_in for the call.
-                    unsafe {
-                        libc::sendto(
-                            fd,
-                            p.as_ptr().cast(),
-                            p.len(),
-                            0,
-                            (&addr as *const libc::sockaddr_in).cast(),
-                            std::mem::size_of::<libc::sockaddr_in>() as u32,
-                        )
-                    };
+                    echo.send(dst, seq, b"vireo migration ping");
                 }
-                let n = (&sock).read(&mut buf).unwrap_or(0);
-                if n < 28 {
-                    continue;
-                }
-                let ihl = usize::from(buf[0] & 0xf) * 4;
-                let icmp = &buf[ihl.min(n)..n];
-                if icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+                if echo.reply().is_some() {
                     replies.push(Instant::now());
                 }
             }

@@ -21,19 +21,8 @@ const GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 
 /// `vireo ctl --api-socket S ARGS...`, which must succeed; returns its output.
 fn ctl(socket: &Path, args: &[&str]) -> String {
-    let o = common::vireo()
-        .arg("ctl")
-        .arg("--api-socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("vireo ctl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    assert!(o.status.success(), "vireo ctl {args:?}: {text}");
+    let (ok, text) = common::running::ctl(socket, args);
+    assert!(ok, "vireo ctl {args:?}: {text}");
     text
 }
 

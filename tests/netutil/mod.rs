@@ -241,20 +241,14 @@ fn inet_checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Send `count` ICMP echo requests to `dst` (RFC 792) from a raw socket; returns the number
-/// of matching replies. Call inside a namespace thread.
-pub fn ping(dst: Ipv4Addr, count: u16) -> u16 {
-    // SAFETY: socket(2) with constant arguments; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-    // SAFETY: `fd` is ours; the File closes it.
-    let sock = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+/// Set `SO_RCVTIMEO` of socket `fd` to `t`.
+pub fn recv_timeout(fd: i32, t: Duration) {
     let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
     };
-    // SAFETY: a valid timeval for SO_RCVTIMEO.
-    unsafe {
+    // SAFETY: a valid timeval for SO_RCVTIMEO on a socket the caller owns.
+    let rc = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -263,13 +257,34 @@ pub fn ping(dst: Ipv4Addr, count: u16) -> u16 {
             std::mem::size_of::<libc::timeval>() as u32,
         )
     };
-    let id = (std::process::id() & 0xffff) as u16;
-    let mut replies = 0;
-    for seq in 0..count {
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+}
+
+/// A raw ICMP socket that sends echo requests (RFC 792) with identifier `id` and reads the
+/// replies to them. Open it inside a namespace thread.
+pub struct IcmpEcho {
+    sock: std::fs::File,
+    id: u16,
+}
+
+impl IcmpEcho {
+    /// A socket whose reads give up after `timeout`.
+    pub fn open(id: u16, timeout: Duration) -> IcmpEcho {
+        // SAFETY: socket(2) with constant arguments; the result is checked.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `fd` is ours; the File closes it.
+        let sock = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        recv_timeout(fd, timeout);
+        IcmpEcho { sock, id }
+    }
+
+    /// Send echo request `seq` carrying `payload` to `dst`.
+    pub fn send(&self, dst: Ipv4Addr, seq: u16, payload: &[u8]) {
         let mut p = vec![8u8, 0, 0, 0];
-        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(&self.id.to_be_bytes());
         p.extend_from_slice(&seq.to_be_bytes());
-        p.extend_from_slice(b"vireo ping payload 0123456789abcdef");
+        p.extend_from_slice(payload);
         let c = inet_checksum(&p);
         p[2..4].copy_from_slice(&c.to_be_bytes());
         let addr = libc::sockaddr_in {
@@ -283,7 +298,7 @@ pub fn ping(dst: Ipv4Addr, count: u16) -> u16 {
         // SAFETY: valid buffer and sockaddr_in for the call.
         unsafe {
             libc::sendto(
-                fd,
+                self.sock.as_raw_fd(),
                 p.as_ptr().cast(),
                 p.len(),
                 0,
@@ -291,20 +306,36 @@ pub fn ping(dst: Ipv4Addr, count: u16) -> u16 {
                 std::mem::size_of::<libc::sockaddr_in>() as u32,
             )
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+    }
+
+    /// Read one packet: the sequence number when it is an echo reply with our identifier,
+    /// None for anything else or when the read times out.
+    pub fn reply(&self) -> Option<u16> {
         let mut buf = [0u8; 1500];
+        let n = (&self.sock).read(&mut buf).unwrap_or(0);
+        if n < 28 {
+            return None;
+        }
+        let ihl = usize::from(buf[0] & 0xf) * 4;
+        let icmp = &buf[ihl.min(n)..n];
+        (icmp.len() >= 8 && icmp[0] == 0 && icmp[4..6] == self.id.to_be_bytes())
+            .then(|| u16::from_be_bytes([icmp[6], icmp[7]]))
+    }
+}
+
+/// Send `count` ICMP echo requests to `dst` (RFC 792) from a raw socket; returns the number
+/// of matching replies. Call inside a namespace thread.
+pub fn ping(dst: Ipv4Addr, count: u16) -> u16 {
+    let echo = IcmpEcho::open(
+        (std::process::id() & 0xffff) as u16,
+        Duration::from_millis(200),
+    );
+    let mut replies = 0;
+    for seq in 0..count {
+        echo.send(dst, seq, b"vireo ping payload 0123456789abcdef");
+        let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            let n = (&sock).read(&mut buf).unwrap_or(0);
-            if n < 28 {
-                continue;
-            }
-            let ihl = usize::from(buf[0] & 0xf) * 4;
-            let icmp = &buf[ihl..n];
-            if icmp.len() >= 8
-                && icmp[0] == 0
-                && icmp[4..6] == id.to_be_bytes()
-                && icmp[6..8] == seq.to_be_bytes()
-            {
+            if echo.reply() == Some(seq) {
                 replies += 1;
                 break;
             }
