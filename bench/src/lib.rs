@@ -123,27 +123,20 @@ pub fn qemu_accel(accel: &str) -> &'static str {
     }
 }
 
+/// QEMU's microvm machine as the VMM-level benchmarks run it: no option ROMs, an ISA serial
+/// port, no RTC, PIT or PIC.
+pub const QEMU_MICROVM: &str = "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off";
+
+/// QEMU with no default devices, no user configuration and no display.
+pub const QEMU_BARE: [&str; 4] = ["-nodefaults", "-no-user-config", "-display", "none"];
+
 /// Adds the PC machine the guest-level benchmarks compare against: `-M pc` on `accel`
 /// (`tcg` or `kvm`) with `memory`, one vCPU, no default devices or user config, no display,
 /// the serial port on stdio, and exit instead of reboot.
 pub fn qemu_pc<'c>(c: &'c mut Command, accel: &str, memory: &str) -> &'c mut Command {
-    c.args([
-        "-M",
-        "pc",
-        "-accel",
-        accel,
-        "-m",
-        memory,
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-    ])
+    c.args(["-M", "pc", "-accel", accel, "-m", memory, "-smp", "1"])
+        .args(QEMU_BARE)
+        .args(["-serial", "stdio", "-no-reboot"])
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vireo_bench::qmp::Qmp;
-use vireo_bench::{fmt, have, median, vireo_binary};
+use vireo_bench::{fmt, have, median, vireo_binary, QEMU_BARE, QEMU_MICROVM};
 use vireo_guests::probe::{build, Probe};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -195,19 +195,14 @@ fn qemu_cmd(kernel: &Path, memory: &str, qmp: &Path, accel: &str) -> Command {
     let mut c = Command::new(QEMU);
     c.args([
         "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off",
+        QEMU_MICROVM,
         "-accel",
         vireo_bench::qemu_accel(accel),
         "-m",
         memory,
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "null",
-        "-qmp",
     ])
+    .args(QEMU_BARE)
+    .args(["-serial", "null", "-qmp"])
     .arg(format!("unix:{},server=on,wait=off", qmp.display()))
     .arg("-kernel")
     .arg(kernel)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use vireo_bench::{fmt, have, measure, median, vireo_binary, Sample};
+use vireo_bench::{fmt, have, measure, median, vireo_binary, Sample, QEMU_BARE, QEMU_MICROVM};
 use vireo_guests::probe::{build_for, Platform, Probe};
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -44,21 +44,16 @@ fn qemu() -> Vmm {
             let mut c = Command::new(QEMU);
             c.args([
                 "-M",
-                "microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off",
+                QEMU_MICROVM,
                 "-accel",
                 "kvm",
                 "-cpu",
                 "host",
                 "-m",
                 memory,
-                "-nodefaults",
-                "-no-user-config",
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-kernel",
             ])
+            .args(QEMU_BARE)
+            .args(["-serial", "stdio", "-kernel"])
             .arg(kernel);
             c
         }),
