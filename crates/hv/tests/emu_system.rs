@@ -744,8 +744,56 @@ fn self_modifying_code_in_another_block_of_the_page() {
 #[test]
 fn self_modifying_code_in_another_page() {
     assert_eq!(patch_between_calls(CODE + 0x1000), 0x1111_112a);
-    // The patched instruction straddles two pages (and is never cached).
+    // The patched instruction straddles two pages.
     assert_eq!(patch_between_calls(CODE + 0x1ffe), 0x1111_112a);
+}
+
+/// `call target` four times (`target: mov eax, imm32; ret`), summing EAX, with a store of 42
+/// at `target + off` after the second call.
+fn patch_after_two_calls(target: u64, off: u64) -> u32 {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(byte_ptr(target + 0x10), 0).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 4).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(target).unwrap();
+        a.add(edx, eax).unwrap();
+        a.cmp(ecx, 3).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(byte_ptr(target + off), 42).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    assert!(CODE + code.len() as u64 <= target);
+    let t = asm64(target, |a| {
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.ret().unwrap();
+    });
+    m.write(target, &t);
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    m.r32(DATA)
+}
+
+#[test]
+fn a_page_straddling_instruction_is_reused_until_either_page_changes() {
+    // `mov eax, imm32` at two bytes before a page end: opcode and imm byte 0 in the first
+    // page, imm bytes 1-3 in the second. Calls 2 and 4 reuse the decoded instruction.
+    let sum = |patched: u32| {
+        0x1111_1111u32
+            .wrapping_mul(2)
+            .wrapping_add(patched.wrapping_mul(2))
+    };
+    assert_eq!(patch_after_two_calls(CODE + 0x1ffe, 1), sum(0x1111_112a));
+    assert_eq!(patch_after_two_calls(CODE + 0x1ffe, 3), sum(0x112a_1111));
+    assert_eq!(patch_after_two_calls(CODE + 0x1ffe, 0x10), sum(0x1111_1111));
 }
 
 /// The guest runs `target: mov eax, imm32; mov [DATA], eax; ret` (caching it), lets `device`

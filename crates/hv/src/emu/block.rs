@@ -397,6 +397,12 @@ pub struct BlockCache {
     pub revalidated: u64,
     /// Blocks found unchanged after I/O exits by their page's bit in the bitmap of VMM writes.
     pub revalidated_soft: u64,
+    /// Instructions that straddle two pages, decoded once and found again by their bytes
+    /// (direct-mapped by the key of their first byte). They never join the index: both pages
+    /// must be translated each time, and a block is checked against one page only.
+    cross: Vec<Option<Cross>>,
+    /// Page-straddling instructions taken from `cross` instead of being decoded (statistics).
+    pub cross_hits: u64,
     /// Pages whose bit was found clear, and the epoch then (direct-mapped by page): the
     /// page's other blocks at that epoch need no second look. Only blocks that missed I/O
     /// exits alone use it (stamped at `floor` or later), never while dirty logging is on.
@@ -405,6 +411,18 @@ pub struct BlockCache {
 
 /// Entries of [`BlockCache::soft_memo`].
 const SOFT_MEMO: usize = 64;
+/// Entries of [`BlockCache::cross`].
+const CROSS_SLOTS: usize = 64;
+
+/// A decoded instruction that straddles two pages: its op depends only on its bytes and the
+/// decoding mode (ops are position-independent), so equal bytes under the same key reuse it.
+#[derive(Clone, Copy)]
+struct Cross {
+    key: u64,
+    len: usize,
+    bytes: [u8; 15],
+    op: Op,
+}
 
 /// The cache key of a block: the guest-physical address of its first byte and the decoding
 /// mode (16, 32 or 64).
@@ -455,6 +473,8 @@ impl BlockCache {
             stale: 0,
             revalidated: 0,
             revalidated_soft: 0,
+            cross: vec![None; CROSS_SLOTS],
+            cross_hits: 0,
             soft_memo: [(0, 0); SOFT_MEMO],
         }
     }
@@ -466,6 +486,7 @@ impl BlockCache {
         self.blocks.clear();
         self.ops.clear();
         self.bytes.clear();
+        self.cross.fill(None);
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code
@@ -655,6 +676,11 @@ impl BlockCache {
         let rip = x.cpu.rip;
         let phys = key >> 7;
         let avail = ((PAGE_SIZE - (phys & 0xfff)) as usize).min(MAX_BYTES);
+        if avail < 15 {
+            if let Some(found) = self.find_cross(x, key, lin, host, avail) {
+                return found;
+            }
+        }
         let mut buf = [0u8; MAX_BYTES];
         let got = match x.cpu.mmu.memory() {
             Some(m) => m.read_slice(&mut buf[..avail], GuestAddress(phys)).is_ok(),
@@ -708,7 +734,7 @@ impl BlockCache {
         }
         if self.ops.len() == op_start {
             // The first instruction crosses into the next page.
-            return self.build_cross(x, lin, bitness, rip);
+            return self.build_cross(x, Some(key), lin, bitness, rip);
         }
         let byte_start = self.bytes.len();
         self.bytes.extend_from_slice(&buf[..used]);
@@ -747,8 +773,53 @@ impl BlockCache {
         self.ops.truncate(out);
     }
 
-    /// One instruction that straddles two pages: decoded every time, never cached.
-    fn build_cross(&mut self, x: &mut Exec<'_>, lin: u64, bitness: u32, rip: u64) -> R<u32> {
+    /// The instruction at `lin` (key `key`, host address `host`, `avail` bytes left in its
+    /// page) from [`cross`](Self::cross) when the one decoded there last time had the same
+    /// bytes. The bytes in the first page are compared before the second page is translated:
+    /// equal bytes there and a longer instruction mean it does straddle the pages, so the
+    /// translation (and a fault it raises) is the instruction's own.
+    fn find_cross(
+        &mut self,
+        x: &mut Exec<'_>,
+        key: u64,
+        lin: u64,
+        host: usize,
+        avail: usize,
+    ) -> Option<R<u32>> {
+        let c = self.cross.get(slot(key) % CROSS_SLOTS).copied().flatten()?;
+        if c.key != key || c.len <= avail {
+            return None;
+        }
+        for (i, want) in c.bytes[..avail].iter().enumerate() {
+            // SAFETY: `host` is the translation of `lin` (a RAM page) and `avail` stops at the
+            // end of the page.
+            if unsafe { load(host + i, 1) } as u8 != *want {
+                return None;
+            }
+        }
+        let mut buf = [0u8; 15];
+        if let Err(e) = fetch_cross(x, lin, &mut buf[..c.len]) {
+            return Some(Err(e));
+        }
+        if buf[..c.len] != c.bytes[..c.len] {
+            return None;
+        }
+        self.cross_hits += 1;
+        self.tmp.clear();
+        self.tmp.push(c.op);
+        Some(Ok(TMP_BLOCK))
+    }
+
+    /// One instruction that straddles two pages: decoded, and kept in
+    /// [`cross`](Self::cross) under `key` for the next time (never in the index).
+    fn build_cross(
+        &mut self,
+        x: &mut Exec<'_>,
+        key: Option<u64>,
+        lin: u64,
+        bitness: u32,
+        rip: u64,
+    ) -> R<u32> {
         let mut buf = [0u8; 15];
         fetch_cross(x, lin, &mut buf)?;
         let mut decoder = Decoder::with_ip(bitness, &buf, rip, DECODER_OPTIONS);
@@ -760,6 +831,17 @@ impl BlockCache {
             });
         }
         let (op, _) = decode::translate(&instr, bitness, true);
+        if let Some(key) = key {
+            let bytes = buf;
+            if let Some(c) = self.cross.get_mut(slot(key) % CROSS_SLOTS) {
+                *c = Some(Cross {
+                    key,
+                    len: instr.len(),
+                    bytes,
+                    op,
+                });
+            }
+        }
         self.tmp.clear();
         self.tmp.push(op);
         Ok(TMP_BLOCK)
@@ -781,7 +863,7 @@ impl BlockCache {
         let mut decoder = Decoder::with_ip(bitness, &buf[..avail], rip, DECODER_OPTIONS);
         let instr = decoder.decode();
         if instr.is_invalid() && decoder.last_error() == DecoderError::NoMoreBytes {
-            return self.build_cross(x, lin, bitness, rip);
+            return self.build_cross(x, None, lin, bitness, rip);
         }
         let (op, _) = decode::translate(&instr, bitness, true);
         self.tmp.clear();

@@ -109,6 +109,7 @@ impl Drop for EmuVcpu {
             blocks_stale = self.cache.stale,
             blocks_revalidated = self.cache.revalidated,
             blocks_revalidated_by_bitmap = self.cache.revalidated_soft,
+            page_straddling_reused = self.cache.cross_hits,
             code_pages_watched = self.cpu.mmu.code().watched(),
             "emu: block cache statistics"
         );
