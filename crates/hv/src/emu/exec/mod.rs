@@ -361,12 +361,17 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         x.cpu.blk_len = byte_len;
         x.cpu.icount += ops.len() as u64;
         let mut start = rip;
+        // RIP after the op about to run: ops that move RIP elsewhere (taken branches, faults,
+        // REP yields) end the block, so inside one it advances by each op's length.
+        let mut next = rip;
         let mut faulted = false;
         for (i, op) in ops.iter().enumerate() {
-            start = x.cpu.rip;
-            x.cpu.rip = start.wrapping_add(op.len as u64);
+            start = next;
+            next = start.wrapping_add(op.len as u64);
+            x.cpu.rip = next;
             let r = (op.h)(x, op);
             if r.is_ok() && !x.cpu.smc {
+                debug_assert!(x.cpu.rip == next || i + 1 == ops.len());
                 continue;
             }
             // The block ends early (a taken Jcc, a fault, a store into the block): its other
