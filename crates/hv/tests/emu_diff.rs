@@ -325,8 +325,8 @@ struct Emu {
 }
 
 impl Emu {
-    fn new() -> Emu {
-        let m = Machine::new(1);
+    fn new(jit: bool) -> Emu {
+        let m = Machine::with_jit(jit, 1);
         let mut v = m.vcpu(0);
         m.load_long(v.as_mut(), &[0xf4], CODE);
         Emu { m, v }
@@ -401,12 +401,19 @@ fn native_run(n: &mut Native, c: &Case, ptrs: &[usize]) -> (St, Vec<u8>) {
     (st, mem)
 }
 
+/// Every form against the host CPU, on the interpreter and on the JIT (which translates a
+/// form's block once it has run `HOT` times, so most cases run translated).
 fn check(forms: Vec<Form>, cases: usize, seed: u64) {
+    check_on(&forms, cases, seed, false);
+    check_on(&forms, cases, seed, true);
+}
+
+fn check_on(forms: &[Form], cases: usize, seed: u64, jit: bool) {
     let mut native = Native::new();
-    let mut emu = Emu::new();
+    let mut emu = Emu::new(jit);
     let mut rng = Rng(seed);
     let mut failures = Vec::new();
-    for form in &forms {
+    for form in forms {
         native.load(form.native.unwrap_or(form.body));
         emu.load(form.body);
         let ptrs = pointer_regs(form.gen);
@@ -445,7 +452,7 @@ fn check(forms: Vec<Form>, cases: usize, seed: u64) {
                 bad += 1;
                 if bad <= 3 {
                     failures.push(format!(
-                        "{}: input r={:x?} f={:#x}: {}",
+                        "{} (jit {jit}): input r={:x?} f={:#x}: {}",
                         form.name,
                         c.st.r,
                         c.st.f,

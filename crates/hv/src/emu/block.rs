@@ -61,6 +61,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, Mmap
 use super::cpu::{Exc, R};
 use super::decode;
 use super::exec::{fetch_cross, Exec, Op};
+use super::jit::{self, Jit};
 use super::mmu::{load, PAGE_SIZE};
 use crate::GuestMemory;
 
@@ -237,6 +238,12 @@ impl CodePages {
             .is_some_and(|f| f.load(Ordering::Relaxed) != 0)
     }
 
+    /// The flag bytes (one per page, nonzero: a store must take the slow path) for translated
+    /// code, which reads them with plain loads (atomic on x86).
+    pub fn flags_raw(&self) -> (*const u8, usize) {
+        (self.flags.as_ptr() as *const u8, self.flags.len())
+    }
+
     /// Flag page `i` as holding decoded code; stores into it check in from now on.
     ///
     /// A flag that is already set needs no fence: a store that races with the caller's read
@@ -372,6 +379,10 @@ struct Block {
     op_len: u16,
     byte_start: u32,
     byte_len: u16,
+    /// Runs so far, up to [`jit::HOT`] (then translated, or not translatable).
+    heat: u16,
+    /// Entry of the block's translation (0: none).
+    native: usize,
     /// The last two blocks that ran after this one (keys and block numbers, most recent
     /// first): the next lookup usually finds its block here without touching the index.
     /// Only a hint: the block found is checked like an index hit.
@@ -403,6 +414,8 @@ pub struct BlockCache {
     cross: Vec<Option<Cross>>,
     /// Page-straddling instructions taken from `cross` instead of being decoded (statistics).
     pub cross_hits: u64,
+    /// The translator of hot blocks, when the VM has the JIT on.
+    pub jit: Option<Jit>,
     /// Pages whose bit was found clear, and the epoch then (direct-mapped by page): the
     /// page's other blocks at that epoch need no second look. Only blocks that missed I/O
     /// exits alone use it (stamped at `floor` or later), never while dirty logging is on.
@@ -475,6 +488,7 @@ impl BlockCache {
             revalidated_soft: 0,
             cross: vec![None; CROSS_SLOTS],
             cross_hits: 0,
+            jit: None,
             soft_memo: [(0, 0); SOFT_MEMO],
         }
     }
@@ -487,6 +501,41 @@ impl BlockCache {
         self.ops.clear();
         self.bytes.clear();
         self.cross.fill(None);
+        if let Some(j) = self.jit.as_mut() {
+            j.reset();
+        }
+    }
+
+    /// Translate hot 64-bit blocks with `jit`. Translated code calls handlers with pointers
+    /// into `ops`, so its storage is reserved for `MAX_TOTAL_OPS` now and never moves: `build`
+    /// clears the cache (and the translations) before it would grow past that.
+    pub fn enable_jit(&mut self, jit: Jit) {
+        self.clear();
+        self.ops.reserve_exact(MAX_TOTAL_OPS);
+        self.jit = Some(jit);
+    }
+
+    /// The translation of block `b`, made on its [`jit::HOT`]th run (64-bit blocks, JIT on).
+    #[inline(always)]
+    pub fn native(&mut self, b: u32) -> Option<usize> {
+        let jit = self.jit.as_mut()?;
+        let blk = self.blocks.get_mut(b as usize)?;
+        if blk.native != 0 {
+            return Some(blk.native);
+        }
+        if blk.heat >= jit::HOT {
+            return None;
+        }
+        blk.heat += 1;
+        if blk.heat < jit::HOT || blk.key & 0x7f != 64 {
+            return None;
+        }
+        let ops = self
+            .ops
+            .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
+        debug_assert!(self.ops.capacity() >= MAX_TOTAL_OPS);
+        blk.native = jit.translate(ops)?;
+        Some(blk.native)
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code
@@ -746,6 +795,8 @@ impl BlockCache {
             op_len: (self.ops.len() - op_start) as u16,
             byte_start: byte_start as u32,
             byte_len: used as u16,
+            heat: 0,
+            native: 0,
             next_key: [NO_KEY; 2],
             next: [NO_BLOCK; 2],
         });
@@ -912,6 +963,8 @@ mod tests {
             op_len: 1,
             byte_start: c.bytes.len() as u32,
             byte_len: bytes.len() as u16,
+            heat: 0,
+            native: 0,
             next_key: [NO_KEY; 2],
             next: [NO_BLOCK; 2],
         });

@@ -14,6 +14,7 @@ mod decode;
 mod exec;
 mod flags;
 mod interrupt;
+mod jit;
 mod mmu;
 mod msr;
 mod profile;
@@ -41,11 +42,19 @@ pub const MAX_VCPUS: u32 = 64;
 
 /// The software CPU backend (`--accel emu`).
 #[derive(Debug, Default)]
-pub struct EmuHypervisor;
+pub struct EmuHypervisor {
+    /// Translate hot blocks to host code: `None` follows `VIREO_EMU_JIT` (see `jit.rs`).
+    jit: Option<bool>,
+}
 
 impl EmuHypervisor {
     pub fn new() -> EmuHypervisor {
-        EmuHypervisor
+        EmuHypervisor::default()
+    }
+
+    /// The backend with its JIT on or off whatever the environment says (tests).
+    pub fn with_jit(on: bool) -> EmuHypervisor {
+        EmuHypervisor { jit: Some(on) }
     }
 }
 
@@ -86,6 +95,7 @@ impl Hypervisor for EmuHypervisor {
                 hard_epoch: AtomicU64::new(0),
                 vcpus: params.vcpus,
                 vcpu_shared: Mutex::new(Vec::new()),
+                jit: self.jit.unwrap_or_else(jit::default_on),
             }),
         }))
     }
@@ -126,6 +136,8 @@ pub struct VmShared {
     vcpus: u32,
     /// Every vCPU's shared half, for [`EmuVm::sync_vcpus`].
     pub(crate) vcpu_shared: Mutex<Vec<Arc<vcpu::VcpuShared>>>,
+    /// vCPUs translate hot blocks to host code.
+    pub(crate) jit: bool,
 }
 
 impl VmShared {
@@ -439,6 +451,7 @@ pub(crate) mod tests {
             hard_epoch: AtomicU64::new(0),
             vcpus,
             vcpu_shared: Mutex::new(Vec::new()),
+            jit: false,
         })
     }
 

@@ -110,6 +110,8 @@ impl Drop for EmuVcpu {
             blocks_revalidated = self.cache.revalidated,
             blocks_revalidated_by_bitmap = self.cache.revalidated_soft,
             page_straddling_reused = self.cache.cross_hits,
+            jit_blocks = self.cache.jit.as_ref().map_or(0, |j| j.translated),
+            jit_native_ops = self.cache.jit.as_ref().map_or(0, |j| j.native_ops),
             code_pages_watched = self.cpu.mmu.code().watched(),
             "emu: block cache statistics"
         );
@@ -132,6 +134,11 @@ impl EmuVcpu {
             kicker: Arc::new(EmuKicker(shared.clone())),
             shared,
         };
+        if v.cpu.vm.jit {
+            if let Some(jit) = super::jit::new() {
+                v.cache.enable_jit(jit);
+            }
+        }
         v.sync_memory();
         v.cpu.refresh_apic_base();
         v

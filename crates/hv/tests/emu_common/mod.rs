@@ -291,6 +291,17 @@ pub fn seg64(selector: u16, code: bool, dpl: u8) -> Segment {
 
 impl Machine {
     pub fn new(vcpus: u32) -> Machine {
+        Machine::with(EmuHypervisor::new(), vcpus)
+    }
+
+    /// A machine whose emulator translates hot blocks (`jit`) or only interprets, whatever
+    /// `VIREO_EMU_JIT` says.
+    #[allow(dead_code)]
+    pub fn with_jit(jit: bool, vcpus: u32) -> Machine {
+        Machine::with(EmuHypervisor::with_jit(jit), vcpus)
+    }
+
+    fn with(h: EmuHypervisor, vcpus: u32) -> Machine {
         let chip = FakeChip::new();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let params = VmParams {
@@ -299,7 +310,7 @@ impl Machine {
             user_irqchip: Some(chip.clone()),
             private_pages: 0xfeff_c000,
         };
-        let vm = EmuHypervisor::new().create_vm(&params).unwrap();
+        let vm = h.create_vm(&params).unwrap();
         let m = Machine {
             chip,
             io: TestIo::new(),

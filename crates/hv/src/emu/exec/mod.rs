@@ -28,6 +28,7 @@ use super::block::{block_key, BlockCache, NO_BLOCK};
 use super::cpu::*;
 use super::flags::TF;
 use super::interrupt::{self, Event};
+use super::jit;
 use super::mmu::{tlb_index, Access, Target, PAGE_MASK, PAGE_SIZE};
 use crate::IoHandler;
 
@@ -331,11 +332,16 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
             },
         };
         prev = b;
-        let (ops, byte_len) = cache.get(b);
 
         // TF only changes through instructions that end a block, so it is constant here. With
         // TF or an interrupt shadow, one instruction runs.
         let tf = x.cpu.flags & TF != 0;
+        let native = if x.cpu.shadow || tf {
+            None
+        } else {
+            cache.native(b)
+        };
+        let (ops, byte_len) = cache.get(b);
         let ops = if x.cpu.shadow || tf {
             x.cpu.shadow = false;
             if ops
@@ -365,11 +371,27 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         // REP yields) end the block, so inside one it advances by each op's length.
         let mut next = rip;
         let mut faulted = false;
-        for (i, op) in ops.iter().enumerate() {
+        // A translated block runs first; it may leave the block's tail to the loop below.
+        let (mut from, mut done) = (0, None);
+        if let Some(code) = native {
+            match jit::run(x, code, rip) {
+                jit::Exit::Done => from = ops.len(),
+                jit::Exit::Bail { k, at } => (from, next) = (k, rip.wrapping_add(at)),
+                jit::Exit::Result { k, at, r } => {
+                    (from, next, done) = (k, rip.wrapping_add(at), Some(r));
+                }
+            }
+        }
+        for (i, op) in ops.iter().enumerate().skip(from) {
             start = next;
             next = start.wrapping_add(op.len as u64);
-            x.cpu.rip = next;
-            let r = (op.h)(x, op);
+            let r = match done.take() {
+                Some(r) => r,
+                None => {
+                    x.cpu.rip = next;
+                    (op.h)(x, op)
+                }
+            };
             if r.is_ok() && !x.cpu.smc {
                 debug_assert!(x.cpu.rip == next || i + 1 == ops.len());
                 continue;

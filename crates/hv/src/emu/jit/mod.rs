@@ -1,0 +1,550 @@
+//! A template JIT for hot 64-bit blocks. A block that has run [`HOT`] times is translated to
+//! host code: the most common ops (register and flat-memory MOV, LEA, PUSH/POP of a 64-bit
+//! register, NOP) become a few host instructions with the TLB fast path inline; every other op
+//! is a call of its interpreter handler ([`call_op`]). Translated code never leaves an op half
+//! done: when a fast path misses (TLB miss, a store into a code page, an access that crosses a
+//! page) it returns *before* that op and the block loop interprets the rest of the block, so
+//! faults, self-modifying code and dirty logging keep the interpreter's exact behaviour.
+//!
+//! On with `VIREO_EMU_JIT=1` (or `EmuHypervisor::with_jit`); off by default for now.
+
+mod arena;
+mod emit;
+
+use std::ffi::c_void;
+use std::mem::offset_of;
+
+use super::cpu::{Cpu, R, RSP as GUEST_RSP};
+use super::exec::{alu, data, stack, Exec, Handler, Op, F_FLAT, F_LOCK, F_MEM, RIPREG};
+use super::flags::{self, Lazy};
+use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
+use arena::Arena;
+
+/// Runs of a block before it is translated.
+pub const HOT: u16 = 32;
+/// Bytes of executable memory per vCPU.
+const ARENA_SIZE: usize = 16 << 20;
+
+/// `Exit` codes in the high half of a translated block's return value (the op index is in the
+/// low half).
+const DONE: u64 = 0;
+const BAIL: u64 = 1;
+const RESULT: u64 = 2;
+
+/// How a translated block ended. `at` is the offset of op `k` from the block's start.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Every op ran.
+    Done,
+    /// Op `k` and the ops after it did not run: interpret them.
+    Bail { k: usize, at: u64 },
+    /// Op `k` ran through its handler and returned this (an error, or `Ok` with a store into
+    /// the running block): the ops after it did not run.
+    Result { k: usize, at: u64, r: R },
+}
+
+/// A translated block's return value: `code`, the op index and its offset.
+fn exit_value(code: u64, k: usize, at: u32) -> u64 {
+    code << 32 | (at as u64 & 0xffff) << 16 | k as u64 & 0xffff
+}
+
+/// What translated code reads: built by [`Jit::run`] for each call.
+#[repr(C)]
+struct Ctx {
+    exec: *mut c_void,
+    gpr: *mut u64,
+    rip: *mut u64,
+    tlb: *const TlbEntry,
+    code_flags: *const u8,
+    code_len: u64,
+    lazy: *mut Lazy,
+    /// Fused CMP/TEST + Jcc ops run (each is two instructions).
+    fused: u64,
+    out: Option<R>,
+}
+
+/// One vCPU's translator: its arena and statistics.
+pub struct Jit {
+    arena: Arena,
+    /// Blocks translated (statistics).
+    pub translated: u64,
+    /// Ops translated to host code rather than handler calls (statistics).
+    pub native_ops: u64,
+}
+
+/// Whether the environment turns the JIT on (`VIREO_EMU_JIT=1`).
+pub fn default_on() -> bool {
+    std::env::var("VIREO_EMU_JIT").is_ok_and(|v| v == "1")
+}
+
+/// A translator, when executable memory can be had.
+pub fn new() -> Option<Jit> {
+    match Arena::new(ARENA_SIZE) {
+        Ok(arena) => Some(Jit {
+            arena,
+            translated: 0,
+            native_ops: 0,
+        }),
+        Err(e) => {
+            tracing::warn!("emu: no JIT, executable memory unavailable: {e}");
+            None
+        }
+    }
+}
+
+/// The op kinds translated to host code.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    MovRR(u8),
+    MovRI(u8),
+    MovRM(u8),
+    MovMR(u8),
+    Lea,
+    Push,
+    Pop,
+    Nop,
+    /// `op reg, reg/imm` (ADD, OR, AND, SUB, XOR, CMP, TEST); `nf`: no flags recorded.
+    Alu {
+        op: u8,
+        s: u8,
+        imm: bool,
+        nf: bool,
+    },
+    /// CMP/TEST `reg, reg/imm` fused with a Jcc: translated when not taken; a taken one is
+    /// left to the interpreter (it ends the block anyway).
+    CmpJcc {
+        op: u8,
+        s: u8,
+        imm: bool,
+    },
+}
+
+/// Handlers of the ALU kinds, with their kinds (built once).
+fn alu_table() -> &'static [(Handler, Kind)] {
+    static TABLE: std::sync::OnceLock<Vec<(Handler, Kind)>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut v: Vec<(Handler, Kind)> = Vec::new();
+        macro_rules! sizes_forms {
+            ($o:expr) => {
+                sizes_forms!(@one $o, 4);
+                sizes_forms!(@one $o, 8);
+            };
+            (@one $o:expr, $s:literal) => {
+                let k = |imm, nf| Kind::Alu { op: $o, s: $s, imm, nf };
+                v.push((alu::alu::<{ $o }, $s, { alu::RR }>, k(false, false)));
+                v.push((alu::alu::<{ $o }, $s, { alu::RI }>, k(true, false)));
+                if $o != alu::CMP && $o != alu::TEST {
+                    v.push((alu::alu_nf::<{ $o }, $s, { alu::RR }>, k(false, true)));
+                    v.push((alu::alu_nf::<{ $o }, $s, { alu::RI }>, k(true, true)));
+                } else {
+                    let j = |imm| Kind::CmpJcc { op: $o, s: $s, imm };
+                    v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RR }>, j(false)));
+                    v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RI }>, j(true)));
+                }
+            };
+        }
+        sizes_forms!(alu::ADD);
+        sizes_forms!(alu::OR);
+        sizes_forms!(alu::AND);
+        sizes_forms!(alu::SUB);
+        sizes_forms!(alu::XOR);
+        sizes_forms!(alu::CMP);
+        sizes_forms!(alu::TEST);
+        v
+    })
+}
+
+fn kind(op: &Op) -> Option<Kind> {
+    let is = |h: Handler| std::ptr::fn_addr_eq(op.h, h);
+    let flat = op.flags & F_FLAT != 0 && op.flags & F_LOCK == 0;
+    if is(data::nop) {
+        return Some(Kind::Nop);
+    }
+    for s in [4u8, 8] {
+        let (rr, ri, rm, mr): (Handler, Handler, Handler, Handler) = if s == 8 {
+            (
+                data::mov::<8, { alu::RR }>,
+                data::mov::<8, { alu::RI }>,
+                data::mov::<8, { alu::RM }>,
+                data::mov::<8, { alu::MR }>,
+            )
+        } else {
+            (
+                data::mov::<4, { alu::RR }>,
+                data::mov::<4, { alu::RI }>,
+                data::mov::<4, { alu::RM }>,
+                data::mov::<4, { alu::MR }>,
+            )
+        };
+        if is(rr) && op.r1 < 16 && op.r2 < 16 {
+            return Some(Kind::MovRR(s));
+        }
+        if is(ri) && op.r1 < 16 {
+            return Some(Kind::MovRI(s));
+        }
+        if is(rm) && flat && op.r1 < 16 {
+            return Some(Kind::MovRM(s));
+        }
+        if is(mr) && flat && op.r1 < 16 {
+            return Some(Kind::MovMR(s));
+        }
+    }
+    if is(data::lea::<8>) && op.asize == 8 && op.r1 < 16 && op.flags & F_MEM != 0 {
+        return Some(Kind::Lea);
+    }
+    if is(stack::push_r64) {
+        return Some(Kind::Push);
+    }
+    if is(stack::pop_r64) {
+        return Some(Kind::Pop);
+    }
+    if op.r1 < 16 && op.r2 < 16 {
+        if let Some((_, k)) = alu_table().iter().find(|(h, _)| is(*h)) {
+            return Some(*k);
+        }
+    }
+    None
+}
+
+/// Call op `op` through its handler with RIP `next` (after the instruction). Nonzero when the
+/// block must stop after it: the result is left in the context.
+extern "sysv64" fn call_op(ctx: *mut Ctx, op: *const Op, next: u64) -> u32 {
+    // SAFETY: translated code passes the context `Jit::run` built on its stack (alive for the
+    // whole call) and a pointer into the block cache's op storage, which is never reallocated
+    // while translated code exists (see `BlockCache::new`).
+    let (ctx, op) = unsafe { (&mut *ctx, &*op) };
+    // SAFETY: `exec` is the `&mut Exec` `Jit::run` was given, unused by it during the call.
+    let x = unsafe { &mut *(ctx.exec as *mut Exec<'_>) };
+    x.cpu.rip = next;
+    let r = (op.h)(x, op);
+    if r.is_ok() && !x.cpu.smc {
+        return 0;
+    }
+    ctx.out = Some(r);
+    1
+}
+
+use emit::*;
+
+/// Displacement of guest register `r` from RBX (`gpr`).
+fn gpr_disp(r: u8) -> i32 {
+    (r as i32 & 15) * 8
+}
+
+/// Registers the translated code keeps: RBX = `gpr`, R12 = context, R13 = the block's RIP,
+/// R14 = the TLB in use; RBP and R15 hold values across a TLB look-up.
+fn prologue(e: &mut Emit) {
+    for r in [RBX, RBP, R12, R13, R14, R15] {
+        e.push(r);
+    }
+    // Keep RSP 16-byte aligned at handler calls.
+    e.alu_imm(SUB, true, RSP, 8);
+    e.mov_rr(true, R12, RDI);
+    e.mov_rr(true, R13, RSI);
+    e.load64(RBX, R12, offset_of!(Ctx, gpr) as i32);
+    e.load64(R14, R12, offset_of!(Ctx, tlb) as i32);
+}
+
+fn epilogue(e: &mut Emit) {
+    e.alu_imm(ADD, true, RSP, 8);
+    for r in [R15, R14, R13, R12, RBP, RBX] {
+        e.pop(r);
+    }
+    e.ret();
+}
+
+/// RAX = the flat linear address of `op`'s memory operand (base + index * scale + disp; a
+/// RIP-relative base is RIP after the op, `next` bytes into the block). Uses RCX.
+fn effective_address(e: &mut Emit, op: &Op, next: u32) {
+    e.mov_imm(RAX, op.disp);
+    if op.base < 16 {
+        e.add_mem(RAX, RBX, gpr_disp(op.base));
+    } else if op.base == RIPREG {
+        e.lea(RCX, R13, next as i32);
+        e.add_rr(RAX, RCX);
+    }
+    if op.index < 16 {
+        e.load64(RCX, RBX, gpr_disp(op.index));
+        if op.scale & 3 != 0 {
+            e.shift(SHL, RCX, op.scale & 3);
+        }
+        e.add_rr(RAX, RCX);
+    }
+    // Other register numbers add nothing, as in `Exec::ea`.
+}
+
+/// RAX: linear address of a `size`-byte access. Leaves RAX = its host address when the TLB
+/// holds the page for a read or `write` (and, for a write, the page's flag byte is clear: no
+/// code, not armed for dirty logging) and the access stays in the page; jumps to `miss`
+/// otherwise. Uses RCX and RDX. The same test as `Exec::read` / `Exec::write`.
+fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
+    let esz = std::mem::size_of::<TlbEntry>() as i32;
+    e.mov_rr(true, RDX, RAX);
+    e.shift(SHR, RDX, 12);
+    e.alu_imm(AND, false, RDX, (TLB_SIZE - 1) as i32);
+    e.imul_imm(RDX, RDX, esz);
+    e.add_rr(RDX, R14);
+    e.mov_rr(true, RCX, RAX);
+    e.alu_imm(AND, true, RCX, -(PAGE_SIZE as i32));
+    let tag = if write {
+        offset_of!(TlbEntry, tag_w)
+    } else {
+        offset_of!(TlbEntry, tag_r)
+    };
+    e.cmp_mem(RCX, RDX, tag as i32);
+    e.jcc(CC_NE, miss);
+    e.mov_rr(false, RCX, RAX);
+    e.alu_imm(AND, false, RCX, 0xfff);
+    e.alu_imm(CMP, false, RCX, (PAGE_SIZE as i32) - size as i32);
+    e.jcc(CC_A, miss);
+    if write {
+        e.load32(RCX, RDX, offset_of!(TlbEntry, code) as i32);
+        e.cmp_mem(RCX, R12, offset_of!(Ctx, code_len) as i32);
+        e.jcc(CC_AE, miss);
+        e.add_mem(RCX, R12, offset_of!(Ctx, code_flags) as i32);
+        e.cmp_byte_zero(RCX, 0);
+        e.jcc(CC_NE, miss);
+    }
+    e.add_mem(RAX, RDX, offset_of!(TlbEntry, addend) as i32);
+}
+
+impl Jit {
+    /// Translate `ops` (a block of 64-bit code); its entry address, or `None` when the arena
+    /// is full or nothing in the block is worth it.
+    pub fn translate(&mut self, ops: &[Op]) -> Option<usize> {
+        let kinds: Vec<Option<Kind>> = ops.iter().map(kind).collect();
+        if kinds.iter().all(|k| k.is_none()) {
+            return None;
+        }
+        let code = assemble(ops, &kinds)?;
+        let at = self.arena.push(&code)?;
+        self.translated += 1;
+        self.native_ops += kinds.iter().filter(|k| k.is_some()).count() as u64;
+        Some(at)
+    }
+
+    /// Forget every translation (the block cache was cleared).
+    pub fn reset(&mut self) {
+        self.arena.reset();
+    }
+}
+
+/// RAX = the first operand (register `r1`), RCX = the second (register `r2`, or `imm`),
+/// `s` bytes wide (a 4-byte load zero-extends).
+fn load_operands(e: &mut Emit, op: &Op, s: u8, imm: bool, b: u64) {
+    if s == 8 {
+        e.load64(RAX, RBX, gpr_disp(op.r1));
+    } else {
+        e.load32(RAX, RBX, gpr_disp(op.r1));
+    }
+    if imm {
+        e.mov_imm(RCX, b);
+    } else if s == 8 {
+        e.load64(RCX, RBX, gpr_disp(op.r2));
+    } else {
+        e.load32(RCX, RBX, gpr_disp(op.r2));
+    }
+}
+
+/// `Cpu::lazy` = { `fop`, `s`, res RDX, a RAX, b RCX } (as `alu::compute` records it).
+fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
+    e.load64(RSI, R12, offset_of!(Ctx, lazy) as i32);
+    e.store_imm8(RSI, offset_of!(Lazy, op) as i32, fop);
+    e.store_imm8(RSI, offset_of!(Lazy, size) as i32, s);
+    e.store64(RSI, offset_of!(Lazy, res) as i32, RDX);
+    e.store64(RSI, offset_of!(Lazy, a) as i32, RAX);
+    e.store64(RSI, offset_of!(Lazy, b) as i32, RCX);
+}
+
+/// Host code for `ops` (classified as `kinds`).
+fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
+    let mut e = Emit::new();
+    prologue(&mut e);
+    let mut exits: Vec<(Label, u64)> = Vec::new();
+    let done = e.label();
+    let mut end = 0u32;
+    let mut last_native = false;
+    for (k, (op, kind)) in ops.iter().zip(kinds).enumerate() {
+        let at = end;
+        end += op.len as u32;
+        last_native = kind.is_some();
+        let Some(kind) = *kind else {
+            e.mov_rr(true, RDI, R12);
+            e.mov_imm(RSI, op as *const Op as u64);
+            e.lea(RDX, R13, end as i32);
+            e.mov_imm(RAX, call_op as *const () as u64);
+            e.call(RAX);
+            e.test32(RAX, RAX);
+            let stop = e.label();
+            e.jcc(CC_NE, stop);
+            exits.push((stop, exit_value(RESULT, k, at)));
+            continue;
+        };
+        let bail = e.label();
+        let mut can_bail = true;
+        match kind {
+            Kind::Nop => can_bail = false,
+            Kind::MovRR(s) => {
+                if s == 8 {
+                    e.load64(RAX, RBX, gpr_disp(op.r2));
+                } else {
+                    e.load32(RAX, RBX, gpr_disp(op.r2));
+                }
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = false;
+            }
+            Kind::MovRI(s) => {
+                e.mov_imm(RAX, if s == 8 { op.imm } else { op.imm & 0xffff_ffff });
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = false;
+            }
+            Kind::MovRM(s) => {
+                effective_address(&mut e, op, end);
+                tlb_fast_path(&mut e, s, false, bail);
+                if s == 8 {
+                    e.load64(RAX, RAX, 0);
+                } else {
+                    e.load32(RAX, RAX, 0);
+                }
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+            }
+            Kind::MovMR(s) => {
+                effective_address(&mut e, op, end);
+                tlb_fast_path(&mut e, s, true, bail);
+                e.load64(RCX, RBX, gpr_disp(op.r1));
+                if s == 8 {
+                    e.store64(RAX, 0, RCX);
+                } else {
+                    e.store32(RAX, 0, RCX);
+                }
+            }
+            Kind::Lea => {
+                effective_address(&mut e, op, end);
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = false;
+            }
+            Kind::Push => {
+                // The value first: PUSH RSP pushes the old RSP.
+                e.load64(R15, RBX, gpr_disp(op.r1));
+                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+                e.alu_imm(SUB, true, RAX, 8);
+                e.mov_rr(true, RBP, RAX);
+                tlb_fast_path(&mut e, 8, true, bail);
+                e.store64(RAX, 0, R15);
+                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+            }
+            Kind::Alu { op: o, s, imm, nf } => {
+                let w = s == 8;
+                load_operands(&mut e, op, s, imm, op.imm & flags::mask(s));
+                let (host, fop) = match o {
+                    alu::ADD => (alu::ADD, flags::ADD),
+                    alu::SUB | alu::CMP => (alu::SUB, flags::SUB),
+                    alu::TEST => (alu::AND, flags::LOGIC),
+                    o => (o, flags::LOGIC),
+                };
+                e.mov_rr(true, RDX, RAX);
+                e.alu_rr(host, w, RDX, RCX);
+                if !nf {
+                    record_lazy(&mut e, fop, s);
+                }
+                if o != alu::CMP && o != alu::TEST {
+                    e.store64(RBX, gpr_disp(op.r1), RDX);
+                }
+                can_bail = false;
+            }
+            Kind::CmpJcc { op: o, s, imm } => {
+                let w = s == 8;
+                let b = op.imm as u32 as i32 as i64 as u64 & flags::mask(s);
+                load_operands(&mut e, op, s, imm, b);
+                // The host's flags are the guest's: a taken branch leaves the op to the
+                // interpreter (nothing changed yet).
+                e.alu_rr(o, w, RAX, RCX);
+                e.jcc(op.ext & 15, bail);
+                let (host, fop) = if o == alu::TEST {
+                    (alu::AND, flags::LOGIC)
+                } else {
+                    (alu::SUB, flags::SUB)
+                };
+                e.mov_rr(true, RDX, RAX);
+                e.alu_rr(host, w, RDX, RCX);
+                record_lazy(&mut e, fop, s);
+                e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
+                e.alu_imm(ADD, true, RSI, 1);
+                e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
+            }
+            Kind::Pop => {
+                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+                e.mov_rr(true, RBP, RAX);
+                tlb_fast_path(&mut e, 8, false, bail);
+                e.load64(R15, RAX, 0);
+                e.alu_imm(ADD, true, RBP, 8);
+                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                // Last: POP RSP loads the popped value.
+                e.store64(RBX, gpr_disp(op.r1), R15);
+            }
+        }
+        if can_bail {
+            exits.push((bail, exit_value(BAIL, k, at)));
+        } else {
+            e.bind(bail);
+        }
+    }
+    // Every op ran. A block that ends with a translated op leaves RIP after it (one that ends
+    // with a handler call had RIP set by the handler).
+    if last_native {
+        e.lea(RAX, R13, end as i32);
+        e.load64(RCX, R12, offset_of!(Ctx, rip) as i32);
+        e.store64(RCX, 0, RAX);
+    }
+    e.mov_imm(RAX, DONE);
+    e.jmp(done);
+    for (l, v) in exits {
+        e.bind(l);
+        e.mov_imm(RAX, v);
+        e.jmp(done);
+    }
+    e.bind(done);
+    epilogue(&mut e);
+    e.finish()
+}
+
+/// Run translated block `code` (built for `x.cpu`'s mode) starting at RIP `rip`.
+pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
+    let cpu: &mut Cpu = x.cpu;
+    let u = cpu.tlb_user & 1;
+    let tlb = cpu.mmu.tlb[u].as_ptr();
+    let (code_flags, code_len) = cpu.mmu.code().flags_raw();
+    let gpr = cpu.gpr.as_mut_ptr();
+    let rip_ptr: *mut u64 = &mut cpu.rip;
+    let lazy: *mut Lazy = &mut cpu.lazy;
+    let mut ctx = Ctx {
+        exec: x as *mut Exec<'_> as *mut c_void,
+        gpr,
+        rip: rip_ptr,
+        tlb,
+        code_flags,
+        code_len: code_len as u64,
+        lazy,
+        fused: 0,
+        out: None,
+    };
+    // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
+    // System V calling convention; it only touches the context and what its pointers reach
+    // (this vCPU's registers, RIP, TLB and code flags, and guest RAM through TLB entries), and
+    // calls back into `call_op` with the context.
+    let ret = unsafe {
+        let f: extern "sysv64" fn(*mut Ctx, u64) -> u64 = std::mem::transmute(code);
+        f(&mut ctx, rip)
+    };
+    x.cpu.icount += ctx.fused;
+    let (k, at) = ((ret & 0xffff) as usize, ret >> 16 & 0xffff);
+    match ret >> 32 {
+        DONE => Exit::Done,
+        BAIL => Exit::Bail { k, at },
+        _ => Exit::Result {
+            k,
+            at,
+            r: ctx.out.take().unwrap_or(Ok(())),
+        },
+    }
+}
