@@ -1069,6 +1069,65 @@ fn cond_form(cc: u8) -> Form {
     }
 }
 
+/// CMP/TEST immediately followed by a Jcc (one fused op in the emulator) in every operand form
+/// and size the JIT translates, for condition `cc`; each branch skips a marker MOV.
+fn fused_form(cc: u8) -> Form {
+    macro_rules! per_cc {
+        ($($n:literal => $j:ident;)*) => {
+            match cc {
+                $($n => |a: &mut CodeAssembler| {
+                    let mut skip = |a: &mut CodeAssembler, r: AsmRegister64| {
+                        let mut l = a.create_label();
+                        a.$j(l)?;
+                        a.mov(r, 1u64)?;
+                        a.set_label(&mut l)
+                    };
+                    a.cmp(rax, rbx)?;
+                    skip(a, r8)?;
+                    a.test(ecx, edx)?;
+                    skip(a, r9)?;
+                    a.cmp(byte_ptr(r15 + 3), 0x40)?;
+                    skip(a, r10)?;
+                    a.cmp(dword_ptr(r15 + 8), esi)?;
+                    skip(a, r11)?;
+                    a.cmp(rdi, qword_ptr(r15 + 16))?;
+                    skip(a, r12)?;
+                    a.test(al, 0x81)?;
+                    skip(a, r13)?;
+                    a.cmp(bl, dl)?;
+                    skip(a, r14)?;
+                    a.cmp(qword_ptr(r15 + 24), -5)?;
+                    skip(a, rbp)
+                },)*
+                _ => unreachable!(),
+            }
+        };
+    }
+    let body: Body = per_cc! {
+        0 => jo; 1 => jno; 2 => jb; 3 => jae; 4 => je; 5 => jne; 6 => jbe; 7 => ja;
+        8 => js; 9 => jns; 10 => jp; 11 => jnp; 12 => jl; 13 => jge; 14 => jle; 15 => jg;
+    };
+    Form {
+        name: [
+            "cmp+jo", "cmp+jno", "cmp+jb", "cmp+jae", "cmp+je", "cmp+jne", "cmp+jbe", "cmp+ja",
+            "cmp+js", "cmp+jns", "cmp+jp", "cmp+jnp", "cmp+jl", "cmp+jge", "cmp+jle", "cmp+jg",
+        ][cc as usize],
+        body,
+        native: None,
+        undef: undef(AF),
+        gen: Gen::Any,
+    }
+}
+
+#[test]
+fn diff_fused_compare_and_branch() {
+    check(
+        (0..16).map(fused_form).collect(),
+        CASES,
+        0x6789_abcd_ef12_3456,
+    );
+}
+
 #[test]
 fn diff_strings() {
     let forms = forms![

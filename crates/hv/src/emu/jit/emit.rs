@@ -29,6 +29,7 @@ pub const CMP: u8 = 7;
 /// Shifts (`C1 /n ib`).
 pub const SHL: u8 = 4;
 pub const SHR: u8 = 5;
+pub const SAR: u8 = 7;
 
 /// A jump target, bound once.
 #[derive(Clone, Copy)]
@@ -88,6 +89,20 @@ impl Emit {
         self.op_mem(0x8b, false, dst, base, disp);
     }
 
+    /// MOVZX r32, BYTE [base + disp].
+    pub fn load8z(&mut self, dst: u8, base: u8, disp: i32) {
+        self.rex(false, dst, base);
+        self.buf.extend_from_slice(&[0x0f, 0xb6]);
+        self.mem(dst, base, disp);
+    }
+
+    /// MOVZX r32, WORD [base + disp].
+    pub fn load16z(&mut self, dst: u8, base: u8, disp: i32) {
+        self.rex(false, dst, base);
+        self.buf.extend_from_slice(&[0x0f, 0xb7]);
+        self.mem(dst, base, disp);
+    }
+
     /// MOV [base + disp], r64.
     pub fn store64(&mut self, base: u8, disp: i32, src: u8) {
         self.op_mem(0x89, true, src, base, disp);
@@ -136,6 +151,14 @@ impl Emit {
         self.op_rr(opc, w, src, dst);
     }
 
+    /// `op dst8, src8` (as [`alu_rr`](Self::alu_rr), byte-sized) on AL, CL, DL or BL.
+    pub fn alu_rr8(&mut self, op: u8, dst: u8, src: u8) {
+        debug_assert!(dst < 4 && src < 4);
+        let opc = if op == 8 { 0x84 } else { (op & 7) << 3 };
+        self.buf.push(opc);
+        self.buf.push(0xc0 | (src & 3) << 3 | (dst & 3));
+    }
+
     /// MOV BYTE [base + disp], imm8.
     pub fn store_imm8(&mut self, base: u8, disp: i32, v: u8) {
         self.op_mem(0xc6, false, 0, base, disp);
@@ -171,7 +194,7 @@ impl Emit {
         self.buf.extend_from_slice(&imm.to_le_bytes());
     }
 
-    /// SHL/SHR r64, imm8.
+    /// SHL/SHR/SAR r64, imm8.
     pub fn shift(&mut self, op: u8, dst: u8, n: u8) {
         self.op_rr(0xc1, true, op, dst);
         self.buf.push(n);
@@ -341,6 +364,17 @@ mod tests {
                             a.test(ex, ey).unwrap();
                         }
                     }
+                    e.load8z(x, y, disp);
+                    a.movzx(reg32(x), byte_ptr(ry + disp)).unwrap();
+                    e.load16z(x, y, disp);
+                    a.movzx(reg32(x), word_ptr(ry + disp)).unwrap();
+                    if x < 4 && y < 4 {
+                        let b8 = [al, cl, dl, bl];
+                        e.alu_rr8(7, x, y);
+                        a.cmp(b8[x as usize], b8[y as usize]).unwrap();
+                        e.alu_rr8(8, x, y);
+                        a.test(b8[x as usize], b8[y as usize]).unwrap();
+                    }
                     e.store_imm8(y, disp, 0x5a);
                     a.mov(byte_ptr(ry + disp), 0x5a).unwrap();
                     let got: Vec<_> = decode(&e.finish().unwrap()).iter().map(key).collect();
@@ -397,6 +431,8 @@ mod tests {
             a.shl(r, 3).unwrap();
             e.shift(SHR, x, 12);
             a.shr(r, 12).unwrap();
+            e.shift(SAR, x, 16);
+            a.sar(r, 16).unwrap();
             e.call(x);
             a.call(r).unwrap();
             e.push(x);

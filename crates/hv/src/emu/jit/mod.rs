@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::mem::offset_of;
 
 use super::cpu::{Cpu, R, RSP as GUEST_RSP};
-use super::exec::{alu, data, stack, Exec, Handler, Op, F_FLAT, F_LOCK, F_MEM, RIPREG};
+use super::exec::{alu, branch, data, stack, Exec, Handler, Op, F_FLAT, F_LOCK, F_MEM, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
@@ -115,8 +115,26 @@ enum Kind {
     CmpJcc {
         op: u8,
         s: u8,
-        imm: bool,
+        form: u8,
     },
+    /// MOVZX/MOVSX/MOVSXD to a 32- or 64-bit register, from a register or flat memory.
+    Movx {
+        d: u8,
+        s: u8,
+        signed: bool,
+        mem: bool,
+    },
+    /// CALL rel32, RET (imm16), JMP rel in 64-bit mode: they end their block.
+    Call,
+    Ret,
+    Jmp,
+}
+
+impl Kind {
+    /// The op sets RIP itself (a branch, last in its block).
+    fn branches(self) -> bool {
+        matches!(self, Kind::Call | Kind::Ret | Kind::Jmp)
+    }
 }
 
 /// Handlers of the ALU kinds, with their kinds (built once).
@@ -137,12 +155,47 @@ fn alu_table() -> &'static [(Handler, Kind)] {
                     v.push((alu::alu_nf::<{ $o }, $s, { alu::RR }>, k(false, true)));
                     v.push((alu::alu_nf::<{ $o }, $s, { alu::RI }>, k(true, true)));
                 } else {
-                    let j = |imm| Kind::CmpJcc { op: $o, s: $s, imm };
-                    v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RR }>, j(false)));
-                    v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RI }>, j(true)));
+                    sizes_forms!(@jcc $o, $s);
+                }
+            };
+            (@jcc $o:expr, $s:literal) => {
+                let j = |form| Kind::CmpJcc { op: $o, s: $s, form };
+                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RR }>, j(alu::RR)));
+                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RI }>, j(alu::RI)));
+                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RM }>, j(alu::RM)));
+                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::MR }>, j(alu::MR)));
+                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::MI }>, j(alu::MI)));
+            };
+        }
+        macro_rules! movx {
+            ($d:literal, $s:literal) => {
+                for (signed, mem) in [(false, false), (false, true), (true, false), (true, true)] {
+                    let h: Handler = match (signed, mem) {
+                        (false, false) => data::movx::<$d, $s, false, false>,
+                        (false, true) => data::movx::<$d, $s, false, true>,
+                        (true, false) => data::movx::<$d, $s, true, false>,
+                        (true, true) => data::movx::<$d, $s, true, true>,
+                    };
+                    v.push((
+                        h,
+                        Kind::Movx {
+                            d: $d,
+                            s: $s,
+                            signed,
+                            mem,
+                        },
+                    ));
                 }
             };
         }
+        sizes_forms!(@jcc alu::CMP, 1);
+        sizes_forms!(@jcc alu::TEST, 1);
+        movx!(4, 1);
+        movx!(4, 2);
+        movx!(8, 1);
+        movx!(8, 2);
+        movx!(4, 4);
+        movx!(8, 4);
         sizes_forms!(alu::ADD);
         sizes_forms!(alu::OR);
         sizes_forms!(alu::AND);
@@ -198,9 +251,25 @@ fn kind(op: &Op) -> Option<Kind> {
     if is(stack::pop_r64) {
         return Some(Kind::Pop);
     }
+    if is(branch::call_rel64) {
+        return Some(Kind::Call);
+    }
+    if is(branch::ret64) {
+        return Some(Kind::Ret);
+    }
+    if is(branch::jmp_rel) {
+        return Some(Kind::Jmp);
+    }
     if op.r1 < 16 && op.r2 < 16 {
         if let Some((_, k)) = alu_table().iter().find(|(h, _)| is(*h)) {
-            return Some(*k);
+            let mem = match *k {
+                Kind::CmpJcc { form, .. } => form == alu::RM || form == alu::MR || form == alu::MI,
+                Kind::Movx { mem, .. } => mem,
+                _ => false,
+            };
+            if !mem || flat {
+                return Some(*k);
+            }
         }
     }
     None
@@ -346,6 +415,72 @@ fn load_operands(e: &mut Emit, op: &Op, s: u8, imm: bool, b: u64) {
     }
 }
 
+/// `dst` = the `s`-byte value at `[base + disp]`, zero-extended.
+fn load_sized(e: &mut Emit, dst: u8, base: u8, disp: i32, s: u8) {
+    match s {
+        1 => e.load8z(dst, base, disp),
+        2 => e.load16z(dst, base, disp),
+        4 => e.load32(dst, base, disp),
+        _ => e.load64(dst, base, disp),
+    }
+}
+
+/// RAX, RCX = the two operands of a CMP/TEST in `form` (`s` bytes, zero-extended; `b` is the
+/// immediate). A memory operand is read first, through the TLB fast path (to `bail` on a
+/// miss, nothing changed).
+fn cmp_operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: Label) {
+    if matches!(form, alu::RM | alu::MR | alu::MI) {
+        effective_address(e, op, end);
+        tlb_fast_path(e, s, false, bail);
+        load_sized(e, RSI, RAX, 0, s);
+    }
+    match form {
+        alu::RR => {
+            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+            load_sized(e, RCX, RBX, gpr_disp(op.r2), s);
+        }
+        alu::RI => {
+            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+            e.mov_imm(RCX, b);
+        }
+        alu::RM => {
+            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+            e.mov_rr(true, RCX, RSI);
+        }
+        alu::MR => {
+            e.mov_rr(true, RAX, RSI);
+            load_sized(e, RCX, RBX, gpr_disp(op.r1), s);
+        }
+        _ => {
+            e.mov_rr(true, RAX, RSI);
+            e.mov_imm(RCX, b);
+        }
+    }
+}
+
+/// RSI = RIP `end` bytes into the block plus `rel` (a branch target); to `bail` when it is
+/// not canonical (the interpreter raises the #GP). Uses RCX.
+fn branch_target(e: &mut Emit, end: u32, rel: u64, bail: Label) {
+    e.mov_imm(RSI, (end as u64).wrapping_add(rel));
+    e.add_rr(RSI, R13);
+    canonical_or(e, RSI, bail);
+}
+
+/// Jump to `bail` unless register `r` holds a canonical address (bits 63..47 equal). Uses RCX.
+fn canonical_or(e: &mut Emit, r: u8, bail: Label) {
+    e.mov_rr(true, RCX, r);
+    e.shift(SHL, RCX, 16);
+    e.shift(SAR, RCX, 16);
+    e.alu_rr(alu::CMP, true, RCX, r);
+    e.jcc(CC_NE, bail);
+}
+
+/// `Cpu::rip` = register `r`.
+fn set_rip(e: &mut Emit, r: u8) {
+    e.load64(RCX, R12, offset_of!(Ctx, rip) as i32);
+    e.store64(RCX, 0, r);
+}
+
 /// `Cpu::lazy` = { `fop`, `s`, res RDX, a RAX, b RCX } (as `alu::compute` records it).
 fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
     e.load64(RSI, R12, offset_of!(Ctx, lazy) as i32);
@@ -363,11 +498,12 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
     let mut exits: Vec<(Label, u64)> = Vec::new();
     let done = e.label();
     let mut end = 0u32;
+    // The last op was translated and is not a branch: RIP goes after it at the end.
     let mut last_native = false;
     for (k, (op, kind)) in ops.iter().zip(kinds).enumerate() {
         let at = end;
         end += op.len as u32;
-        last_native = kind.is_some();
+        last_native = kind.is_some_and(|k| !k.branches());
         let Some(kind) = *kind else {
             e.mov_rr(true, RDI, R12);
             e.mov_imm(RSI, op as *const Op as u64);
@@ -452,13 +588,16 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 }
                 can_bail = false;
             }
-            Kind::CmpJcc { op: o, s, imm } => {
-                let w = s == 8;
+            Kind::CmpJcc { op: o, s, form } => {
                 let b = op.imm as u32 as i32 as i64 as u64 & flags::mask(s);
-                load_operands(&mut e, op, s, imm, b);
+                cmp_operands(&mut e, op, s, form, b, end, bail);
                 // The host's flags are the guest's: a taken branch leaves the op to the
                 // interpreter (nothing changed yet).
-                e.alu_rr(o, w, RAX, RCX);
+                if s == 1 {
+                    e.alu_rr8(o, RAX, RCX);
+                } else {
+                    e.alu_rr(o, s == 8, RAX, RCX);
+                }
                 e.jcc(op.ext & 15, bail);
                 let (host, fop) = if o == alu::TEST {
                     (alu::AND, flags::LOGIC)
@@ -466,11 +605,58 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                     (alu::SUB, flags::SUB)
                 };
                 e.mov_rr(true, RDX, RAX);
-                e.alu_rr(host, w, RDX, RCX);
+                e.alu_rr(host, s == 8, RDX, RCX);
+                if s == 1 {
+                    e.alu_imm(AND, false, RDX, 0xff);
+                }
                 record_lazy(&mut e, fop, s);
                 e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
                 e.alu_imm(ADD, true, RSI, 1);
                 e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
+            }
+            Kind::Movx { d, s, signed, mem } => {
+                if mem {
+                    effective_address(&mut e, op, end);
+                    tlb_fast_path(&mut e, s, false, bail);
+                    load_sized(&mut e, RAX, RAX, 0, s);
+                } else {
+                    load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+                }
+                if signed && s < 8 {
+                    e.shift(SHL, RAX, 64 - 8 * s);
+                    e.shift(SAR, RAX, 64 - 8 * s);
+                }
+                if d == 4 {
+                    e.mov_rr(false, RAX, RAX);
+                }
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = mem;
+            }
+            Kind::Call => {
+                // Return address in R15, target in RSI (checked canonical), new RSP in RBP.
+                e.lea(R15, R13, end as i32);
+                branch_target(&mut e, end, op.imm, bail);
+                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+                e.alu_imm(SUB, true, RAX, 8);
+                e.mov_rr(true, RBP, RAX);
+                tlb_fast_path(&mut e, 8, true, bail);
+                e.store64(RAX, 0, R15);
+                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                set_rip(&mut e, RSI);
+            }
+            Kind::Ret => {
+                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+                e.mov_rr(true, RBP, RAX);
+                tlb_fast_path(&mut e, 8, false, bail);
+                e.load64(RSI, RAX, 0);
+                canonical_or(&mut e, RSI, bail);
+                e.alu_imm(ADD, true, RBP, 8 + (op.imm as u16) as i32);
+                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                set_rip(&mut e, RSI);
+            }
+            Kind::Jmp => {
+                branch_target(&mut e, end, op.imm, bail);
+                set_rip(&mut e, RSI);
             }
             Kind::Pop => {
                 e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
