@@ -1076,7 +1076,7 @@ fn fused_form(cc: u8) -> Form {
         ($($n:literal => $j:ident;)*) => {
             match cc {
                 $($n => |a: &mut CodeAssembler| {
-                    let mut skip = |a: &mut CodeAssembler, r: AsmRegister64| {
+                    let skip = |a: &mut CodeAssembler, r: AsmRegister64| {
                         let mut l = a.create_label();
                         a.$j(l)?;
                         a.mov(r, 1u64)?;
