@@ -9,7 +9,7 @@ use iced_x86::{Code, ConditionCode, Instruction, MemorySize, Mnemonic as M, OpKi
 
 use super::exec::alu::{self, MI, MR, RI, RM, RR};
 use super::exec::{
-    atomic, bits, branch, data, fpu, muldiv, shift, stack, string, system, Handler, Op, F_CL,
+    atomic, bits, branch, data, fpu, muldiv, shift, stack, string, system, tag, Handler, Op, F_CL,
     F_FLAT, F_FUSED, F_LOCK, F_MEM, F_NF, F_REP, F_REPNE, RIPREG, SEG_NONE,
 };
 
@@ -125,6 +125,11 @@ macro_rules! nf_sizes {
     };
 }
 
+/// Whether binary operation `opid` writes its destination (CMP and TEST do not).
+fn writes_dest(opid: u8) -> bool {
+    opid != alu::CMP && opid != alu::TEST
+}
+
 /// An ALU handler that leaves the flags alone, for forms RR, RI and RM.
 fn alu_nf_handler(opid: u8, s: u8, form: u8) -> Handler {
     match opid {
@@ -198,6 +203,7 @@ pub fn fuse_cmp_jcc(first: &Instruction, second: &Instruction, a: &Op, j: &Op) -
         _ => cmp_jcc_sizes!(alu::TEST, a.size, form),
     };
     f.len = a.len.checked_add(j.len)?;
+    (f.jit, f.jarg) = (tag::CMP_JCC, opid << 4 | form);
     f.ext = j.ext;
     f.size2 = j.len;
     f.imm = ((j.imm as u32 as u64) << 32) | (a.imm as u32 as u64);
@@ -663,6 +669,11 @@ impl Dec<'_> {
                 } else {
                     alu_handler(opid, s, form, lock)
                 };
+                if !lock {
+                    let dead = op.flags & F_NF != 0 && form != RM && !writes_dest(opid);
+                    op.jit = if dead { tag::NOP } else { tag::ALU };
+                    op.jarg = opid << 4 | form;
+                }
                 Some(false)
             }
             M::Inc | M::Dec | M::Not | M::Neg => {
@@ -700,6 +711,8 @@ impl Dec<'_> {
                 op.size = d;
                 op.size2 = s;
                 op.h = movx_handler(d, s, m != M::Movzx, mem);
+                op.jit = tag::MOVX;
+                op.jarg = s | if m != M::Movzx { 0x10 } else { 0 } | if mem { 0x20 } else { 0 };
                 Some(false)
             }
             M::Lea => {
@@ -711,6 +724,7 @@ impl Dec<'_> {
                     4 => data::lea::<4>,
                     _ => data::lea::<8>,
                 };
+                op.jit = tag::LEA;
                 Some(false)
             }
             M::Xchg => {
@@ -805,6 +819,7 @@ impl Dec<'_> {
                 op.imm = if i.op_count() > 0 { i.immediate(0) } else { 0 };
                 op.size = valid_size((i.stack_pointer_increment() as i64 - op.imm as i64) as u8)?;
                 op.h = if self.bits == 64 && op.size == 8 {
+                    op.jit = tag::RET;
                     branch::ret64
                 } else {
                     branch::ret
@@ -878,6 +893,7 @@ impl Dec<'_> {
                     OpKind::Register => {
                         op.r1 = self.gpr(0)?;
                         op.h = if self.bits == 64 && op.size == 8 {
+                            op.jit = tag::PUSH;
                             stack::push_r64
                         } else {
                             stack::push_r
@@ -903,6 +919,7 @@ impl Dec<'_> {
                     OpKind::Register => {
                         op.r1 = self.gpr(0)?;
                         op.h = if self.bits == 64 && op.size == 8 {
+                            op.jit = tag::POP;
                             stack::pop_r64
                         } else {
                             stack::pop_r
@@ -1124,7 +1141,10 @@ impl Dec<'_> {
             | M::Prefetcht2
             | M::Prefetchnta
             | M::Reservednop
-            | M::Wait => Some(self.simple(op, data::nop, 0, false)),
+            | M::Wait => {
+                op.jit = tag::NOP;
+                Some(self.simple(op, data::nop, 0, false))
+            }
             M::Lfence | M::Mfence | M::Sfence => Some(self.simple(op, data::fence, 0, false)),
             M::Clflush | M::Clflushopt | M::Clwb => {
                 op.h = system::clflush;
@@ -1342,6 +1362,7 @@ impl Dec<'_> {
         };
         op.size = s;
         op.h = mov_sizes!(s, form);
+        (op.jit, op.jarg) = (tag::MOV, form);
         Some(false)
     }
 
@@ -1351,10 +1372,14 @@ impl Dec<'_> {
             OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
                 self.near_branch(op)?;
                 op.h = if call && self.bits == 64 && op.size == 8 {
+                    op.jit = tag::CALL;
                     branch::call_rel64
                 } else if call {
                     branch::call_rel
                 } else {
+                    if self.bits == 64 {
+                        op.jit = tag::JMP;
+                    }
                     branch::jmp_rel
                 };
             }

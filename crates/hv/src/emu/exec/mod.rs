@@ -95,6 +95,37 @@ pub struct Op {
     pub flags: u8,
     /// Second operand size (source of MOVZX/MOVSX, ...).
     pub size2: u8,
+    /// What the JIT may translate the op as (`tag::*`; `tag::NONE`: a call of `h`), set by
+    /// the decoder where it picks `h`.
+    pub jit: u8,
+    /// The tag's detail (`tag::*` says how it is packed).
+    pub jarg: u8,
+}
+
+/// `Op::jit` tags: the handler families the JIT knows, named by the decoder (function
+/// addresses cannot name them: a handler may have a copy per codegen unit).
+pub mod tag {
+    pub const NONE: u8 = 0;
+    /// MOV; `jarg` = form (`alu::RR` ...), size in `Op::size`.
+    pub const MOV: u8 = 1;
+    /// LEA; size in `Op::size`.
+    pub const LEA: u8 = 2;
+    /// PUSH r64 / POP r64 in 64-bit mode.
+    pub const PUSH: u8 = 3;
+    pub const POP: u8 = 4;
+    /// Binary ALU op without LOCK; `jarg` = operation << 4 | form.
+    pub const ALU: u8 = 5;
+    /// Fused CMP/TEST + Jcc; `jarg` = operation << 4 | form.
+    pub const CMP_JCC: u8 = 6;
+    /// MOVZX/MOVSX/MOVSXD; `jarg` = source size | 0x10 (signed) | 0x20 (memory source),
+    /// destination size in `Op::size`.
+    pub const MOVX: u8 = 7;
+    /// CALL rel / RET / JMP rel in 64-bit mode.
+    pub const CALL: u8 = 8;
+    pub const RET: u8 = 9;
+    pub const JMP: u8 = 10;
+    /// Does nothing (NOP, ENDBR64, prefetch, a CMP/TEST whose flags are dead).
+    pub const NOP: u8 = 11;
 }
 
 impl Op {
@@ -116,6 +147,8 @@ impl Op {
             ext: 0,
             flags: 0,
             size2: 0,
+            jit: tag::NONE,
+            jarg: 0,
         }
     }
 

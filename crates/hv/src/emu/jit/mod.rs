@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::mem::offset_of;
 
 use super::cpu::{Cpu, R, RSP as GUEST_RSP};
-use super::exec::{alu, branch, data, stack, Exec, Handler, Op, F_FLAT, F_LOCK, F_MEM, RIPREG};
+use super::exec::{alu, tag, Exec, Op, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
@@ -93,7 +93,7 @@ pub fn new() -> Option<Jit> {
 }
 
 /// The op kinds translated to host code.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     MovRR(u8),
     MovRI(u8),
@@ -137,142 +137,65 @@ impl Kind {
     }
 }
 
-/// Handlers of the ALU kinds, with their kinds (built once).
-fn alu_table() -> &'static [(Handler, Kind)] {
-    static TABLE: std::sync::OnceLock<Vec<(Handler, Kind)>> = std::sync::OnceLock::new();
-    TABLE.get_or_init(|| {
-        let mut v: Vec<(Handler, Kind)> = Vec::new();
-        macro_rules! sizes_forms {
-            ($o:expr) => {
-                sizes_forms!(@one $o, 4);
-                sizes_forms!(@one $o, 8);
-            };
-            (@one $o:expr, $s:literal) => {
-                let k = |imm, nf| Kind::Alu { op: $o, s: $s, imm, nf };
-                v.push((alu::alu::<{ $o }, $s, { alu::RR }>, k(false, false)));
-                v.push((alu::alu::<{ $o }, $s, { alu::RI }>, k(true, false)));
-                if $o != alu::CMP && $o != alu::TEST {
-                    v.push((alu::alu_nf::<{ $o }, $s, { alu::RR }>, k(false, true)));
-                    v.push((alu::alu_nf::<{ $o }, $s, { alu::RI }>, k(true, true)));
-                } else {
-                    sizes_forms!(@jcc $o, $s);
-                }
-            };
-            (@jcc $o:expr, $s:literal) => {
-                let j = |form| Kind::CmpJcc { op: $o, s: $s, form };
-                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RR }>, j(alu::RR)));
-                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RI }>, j(alu::RI)));
-                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::RM }>, j(alu::RM)));
-                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::MR }>, j(alu::MR)));
-                v.push((alu::cmp_jcc::<{ $o }, $s, { alu::MI }>, j(alu::MI)));
-            };
-        }
-        macro_rules! movx {
-            ($d:literal, $s:literal) => {
-                for (signed, mem) in [(false, false), (false, true), (true, false), (true, true)] {
-                    let h: Handler = match (signed, mem) {
-                        (false, false) => data::movx::<$d, $s, false, false>,
-                        (false, true) => data::movx::<$d, $s, false, true>,
-                        (true, false) => data::movx::<$d, $s, true, false>,
-                        (true, true) => data::movx::<$d, $s, true, true>,
-                    };
-                    v.push((
-                        h,
-                        Kind::Movx {
-                            d: $d,
-                            s: $s,
-                            signed,
-                            mem,
-                        },
-                    ));
-                }
-            };
-        }
-        sizes_forms!(@jcc alu::CMP, 1);
-        sizes_forms!(@jcc alu::TEST, 1);
-        movx!(4, 1);
-        movx!(4, 2);
-        movx!(8, 1);
-        movx!(8, 2);
-        movx!(4, 4);
-        movx!(8, 4);
-        sizes_forms!(alu::ADD);
-        sizes_forms!(alu::OR);
-        sizes_forms!(alu::AND);
-        sizes_forms!(alu::SUB);
-        sizes_forms!(alu::XOR);
-        sizes_forms!(alu::CMP);
-        sizes_forms!(alu::TEST);
-        v
-    })
-}
-
+/// What `op` is translated as, from the decoder's tag; `None`: call its handler.
 fn kind(op: &Op) -> Option<Kind> {
-    let is = |h: Handler| std::ptr::fn_addr_eq(op.h, h);
     let flat = op.flags & F_FLAT != 0 && op.flags & F_LOCK == 0;
-    if is(data::nop) {
-        return Some(Kind::Nop);
-    }
-    for s in [4u8, 8] {
-        let (rr, ri, rm, mr): (Handler, Handler, Handler, Handler) = if s == 8 {
-            (
-                data::mov::<8, { alu::RR }>,
-                data::mov::<8, { alu::RI }>,
-                data::mov::<8, { alu::RM }>,
-                data::mov::<8, { alu::MR }>,
-            )
-        } else {
-            (
-                data::mov::<4, { alu::RR }>,
-                data::mov::<4, { alu::RI }>,
-                data::mov::<4, { alu::RM }>,
-                data::mov::<4, { alu::MR }>,
-            )
-        };
-        if is(rr) && op.r1 < 16 && op.r2 < 16 {
-            return Some(Kind::MovRR(s));
+    let regs = op.r1 < 16 && op.r2 < 16;
+    let s = op.size;
+    let (opid, form) = (op.jarg >> 4, op.jarg & 15);
+    let mem_form = matches!(form, alu::RM | alu::MR | alu::MI);
+    match op.jit {
+        tag::NOP => Some(Kind::Nop),
+        tag::MOV if regs && (s == 4 || s == 8) => match op.jarg {
+            alu::RR => Some(Kind::MovRR(s)),
+            alu::RI => Some(Kind::MovRI(s)),
+            alu::RM if flat => Some(Kind::MovRM(s)),
+            alu::MR if flat => Some(Kind::MovMR(s)),
+            _ => None,
+        },
+        tag::LEA if s == 8 && op.asize == 8 && regs && op.flags & F_MEM != 0 => Some(Kind::Lea),
+        tag::PUSH if regs => Some(Kind::Push),
+        tag::POP if regs => Some(Kind::Pop),
+        tag::CALL => Some(Kind::Call),
+        tag::RET => Some(Kind::Ret),
+        tag::JMP => Some(Kind::Jmp),
+        tag::ALU
+            if regs
+                && (s == 4 || s == 8)
+                && matches!(form, alu::RR | alu::RI)
+                && matches!(
+                    opid,
+                    alu::ADD | alu::OR | alu::AND | alu::SUB | alu::XOR | alu::CMP | alu::TEST
+                ) =>
+        {
+            Some(Kind::Alu {
+                op: opid,
+                s,
+                imm: form == alu::RI,
+                nf: op.flags & F_NF != 0,
+            })
         }
-        if is(ri) && op.r1 < 16 {
-            return Some(Kind::MovRI(s));
+        tag::CMP_JCC
+            if regs
+                && matches!(s, 1 | 4 | 8)
+                && form <= alu::MI
+                && (opid == alu::CMP || opid == alu::TEST)
+                && (flat || !mem_form) =>
+        {
+            Some(Kind::CmpJcc { op: opid, s, form })
         }
-        if is(rm) && flat && op.r1 < 16 {
-            return Some(Kind::MovRM(s));
+        tag::MOVX => {
+            let (src, signed, mem) = (op.jarg & 15, op.jarg & 0x10 != 0, op.jarg & 0x20 != 0);
+            let ok = regs && (s == 4 || s == 8) && matches!(src, 1 | 2 | 4) && (flat || !mem);
+            ok.then_some(Kind::Movx {
+                d: s,
+                s: src,
+                signed,
+                mem,
+            })
         }
-        if is(mr) && flat && op.r1 < 16 {
-            return Some(Kind::MovMR(s));
-        }
+        _ => None,
     }
-    if is(data::lea::<8>) && op.asize == 8 && op.r1 < 16 && op.flags & F_MEM != 0 {
-        return Some(Kind::Lea);
-    }
-    if is(stack::push_r64) {
-        return Some(Kind::Push);
-    }
-    if is(stack::pop_r64) {
-        return Some(Kind::Pop);
-    }
-    if is(branch::call_rel64) {
-        return Some(Kind::Call);
-    }
-    if is(branch::ret64) {
-        return Some(Kind::Ret);
-    }
-    if is(branch::jmp_rel) {
-        return Some(Kind::Jmp);
-    }
-    if op.r1 < 16 && op.r2 < 16 {
-        if let Some((_, k)) = alu_table().iter().find(|(h, _)| is(*h)) {
-            let mem = match *k {
-                Kind::CmpJcc { form, .. } => form == alu::RM || form == alu::MR || form == alu::MI,
-                Kind::Movx { mem, .. } => mem,
-                _ => false,
-            };
-            if !mem || flat {
-                return Some(*k);
-            }
-        }
-    }
-    None
 }
 
 /// Call op `op` through its handler with RIP `next` (after the instruction). Nonzero when the
@@ -732,5 +655,49 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
             at,
             r: ctx.out.take().unwrap_or(Ok(())),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emu::decode;
+    use iced_x86::{Decoder, DecoderOptions};
+
+    /// The op the decoder makes of `bytes` (64-bit code).
+    fn op(bytes: &[u8]) -> Op {
+        let i = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE).decode();
+        decode::translate(&i, 64, true).0
+    }
+
+    #[test]
+    fn the_decoder_names_what_the_jit_translates() {
+        assert_eq!(kind(&op(&[0xe9, 0, 0, 0, 0])), Some(Kind::Jmp));
+        assert_eq!(kind(&op(&[0xe8, 0, 0, 0, 0])), Some(Kind::Call));
+        assert_eq!(kind(&op(&[0xc3])), Some(Kind::Ret));
+        assert_eq!(kind(&op(&[0x53])), Some(Kind::Push));
+        assert_eq!(kind(&op(&[0x5b])), Some(Kind::Pop));
+        assert_eq!(kind(&op(&[0x48, 0x89, 0xd8])), Some(Kind::MovRR(8)));
+        assert_eq!(kind(&op(&[0x8b, 0x47, 0x08])), Some(Kind::MovRM(4)));
+        assert_eq!(kind(&op(&[0x0f, 0x1f, 0x44, 0, 0])), Some(Kind::Nop));
+        let add = Kind::Alu {
+            op: alu::ADD,
+            s: 8,
+            imm: false,
+            nf: false,
+        };
+        assert_eq!(kind(&op(&[0x48, 0x01, 0xd8])), Some(add));
+        let movzx = Kind::Movx {
+            d: 4,
+            s: 1,
+            signed: false,
+            mem: true,
+        };
+        assert_eq!(kind(&op(&[0x0f, 0xb6, 0x07])), Some(movzx));
+        // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load, ADC.
+        assert_eq!(kind(&op(&[0x88, 0xd8])), None);
+        assert_eq!(kind(&op(&[0xf0, 0x48, 0x01, 0x07])), None);
+        assert_eq!(kind(&op(&[0x65, 0x48, 0x8b, 0x07])), None);
+        assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
     }
 }
