@@ -70,6 +70,13 @@ fn parse() -> Command {
 fn main() -> ExitCode {
     let command = parse();
     init_logging();
+    if matches!(
+        command,
+        Command::Run(_) | Command::Restore(_) | Command::Migrate(_)
+    ) {
+        // Before any seccomp filter: they refuse executable mappings.
+        vireo_vmm::prepare_emulator();
+    }
     let result = match command {
         Command::Run(args) => run::run(*args),
         Command::Container(cmd) => container::run(cmd),

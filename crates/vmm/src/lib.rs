@@ -12,7 +12,7 @@ pub mod seccomp;
 pub mod snapshot;
 mod vm;
 
-pub use backend::{select_hypervisor, Selected};
+pub use backend::{prepare_emulator, select_hypervisor, Selected};
 pub use machine::{DeviceCounters, DeviceInfo, VcpuExitCounts};
 pub use migrate::{MigrateRequest, MigrationPhase, MigrationProgress, ReceiveRequest};
 pub use vm::{

@@ -37,24 +37,37 @@ use crate::{
 pub use msr::SAVED_MSRS;
 pub use vcpu::EmuVcpu;
 
+/// Map code memory for the emulator's JIT when `VIREO_EMU_JIT=1`: first thing in the VMM,
+/// before seccomp filters refuse executable mappings. Backends created later use it.
+pub fn prepare_jit() {
+    jit::prepare();
+}
+
 /// The most vCPUs an emulated VM may have (APIC IDs fit in 8 bits).
 pub const MAX_VCPUS: u32 = 64;
 
 /// The software CPU backend (`--accel emu`).
 #[derive(Debug, Default)]
 pub struct EmuHypervisor {
-    /// Translate hot blocks to host code: `None` follows `VIREO_EMU_JIT` (see `jit.rs`).
-    jit: Option<bool>,
+    /// Code memory for translating hot blocks to host code (`jit`), when on. Mapped here, as
+    /// the VMM starts and before its seccomp filters, which refuse executable mappings.
+    jit: Option<Arc<jit::Pool>>,
 }
 
 impl EmuHypervisor {
+    /// The backend, with its JIT when [`prepare_jit`] mapped code memory for it.
     pub fn new() -> EmuHypervisor {
-        EmuHypervisor::default()
+        EmuHypervisor {
+            jit: jit::prepared(),
+        }
     }
 
-    /// The backend with its JIT on or off whatever the environment says (tests).
+    /// The backend with its JIT on (its own code memory) or off, whatever the environment
+    /// says (tests; call it before any seccomp filter).
     pub fn with_jit(on: bool) -> EmuHypervisor {
-        EmuHypervisor { jit: Some(on) }
+        EmuHypervisor {
+            jit: if on { jit::pool() } else { None },
+        }
     }
 }
 
@@ -95,7 +108,7 @@ impl Hypervisor for EmuHypervisor {
                 hard_epoch: AtomicU64::new(0),
                 vcpus: params.vcpus,
                 vcpu_shared: Mutex::new(Vec::new()),
-                jit: self.jit.unwrap_or_else(jit::default_on),
+                jit: self.jit.clone(),
             }),
         }))
     }
@@ -136,8 +149,8 @@ pub struct VmShared {
     vcpus: u32,
     /// Every vCPU's shared half, for [`EmuVm::sync_vcpus`].
     pub(crate) vcpu_shared: Mutex<Vec<Arc<vcpu::VcpuShared>>>,
-    /// vCPUs translate hot blocks to host code.
-    pub(crate) jit: bool,
+    /// Code memory when vCPUs translate hot blocks to host code.
+    pub(crate) jit: Option<Arc<jit::Pool>>,
 }
 
 impl VmShared {
@@ -451,7 +464,7 @@ pub(crate) mod tests {
             hard_epoch: AtomicU64::new(0),
             vcpus,
             vcpu_shared: Mutex::new(Vec::new()),
-            jit: false,
+            jit: None,
         })
     }
 

@@ -134,10 +134,8 @@ impl EmuVcpu {
             kicker: Arc::new(EmuKicker(shared.clone())),
             shared,
         };
-        if v.cpu.vm.jit {
-            if let Some(jit) = super::jit::new() {
-                v.cache.enable_jit(jit);
-            }
+        if let Some(jit) = v.cpu.vm.jit.as_ref().and_then(super::jit::Jit::new) {
+            v.cache.enable_jit(jit);
         }
         v.sync_memory();
         v.cpu.refresh_apic_base();

@@ -13,17 +13,21 @@ mod emit;
 
 use std::ffi::c_void;
 use std::mem::offset_of;
+use std::sync::{Arc, OnceLock};
 
 use super::cpu::{Cpu, R, RSP as GUEST_RSP};
 use super::exec::{alu, tag, Exec, Op, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
+pub use arena::Pool;
 
 /// Runs of a block before it is translated.
 pub const HOT: u16 = 32;
 /// Bytes of executable memory per vCPU.
 const ARENA_SIZE: usize = 16 << 20;
+/// vCPUs of one backend with a JIT (the others only interpret).
+const JIT_VCPUS: usize = 16;
 
 /// `Exit` codes in the high half of a translated block's return value (the op index is in the
 /// low half).
@@ -77,19 +81,31 @@ pub fn default_on() -> bool {
     std::env::var("VIREO_EMU_JIT").is_ok_and(|v| v == "1")
 }
 
-/// A translator, when executable memory can be had.
-pub fn new() -> Option<Jit> {
-    match Arena::new(ARENA_SIZE) {
-        Ok(arena) => Some(Jit {
-            arena,
-            translated: 0,
-            native_ops: 0,
-        }),
+/// Code memory for the JIT of up to `JIT_VCPUS` vCPUs at a time (`None`, with a warning,
+/// when it cannot be mapped: the vCPUs then interpret).
+pub fn pool() -> Option<Arc<Pool>> {
+    match Pool::new(ARENA_SIZE, JIT_VCPUS) {
+        Ok(p) => Some(Arc::new(p)),
         Err(e) => {
             tracing::warn!("emu: no JIT, executable memory unavailable: {e}");
             None
         }
     }
+}
+
+/// The process's code memory, mapped by [`prepare`] (`None`: not prepared, or the JIT is off).
+static POOL: OnceLock<Option<Arc<Pool>>> = OnceLock::new();
+
+/// Map the process's code memory if `VIREO_EMU_JIT` turns the JIT on. The VMM calls this
+/// first thing, before any seccomp filter (they refuse `memfd_create` and executable
+/// mappings); a backend created later uses it.
+pub fn prepare() {
+    POOL.get_or_init(|| if default_on() { pool() } else { None });
+}
+
+/// The code memory [`prepare`] mapped, if any.
+pub fn prepared() -> Option<Arc<Pool>> {
+    POOL.get().cloned().flatten()
 }
 
 /// The op kinds translated to host code.
@@ -301,6 +317,15 @@ fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
 }
 
 impl Jit {
+    /// A translator with code memory from `pool`; `None` when the pool is used up.
+    pub fn new(pool: &Arc<Pool>) -> Option<Jit> {
+        Some(Jit {
+            arena: pool.take()?,
+            translated: 0,
+            native_ops: 0,
+        })
+    }
+
     /// Translate `ops` (a block of 64-bit code); its entry address, or `None` when the arena
     /// is full or nothing in the block is worth it.
     pub fn translate(&mut self, ops: &[Op]) -> Option<usize> {
