@@ -53,7 +53,7 @@ pub fn select_hypervisor(accel: Accel) -> Result<Selected, Error> {
 }
 
 /// Map what the emulator backend must have before seccomp filters go on (its JIT's code
-/// memory, when `VIREO_EMU_JIT=1`): call first thing in a VMM process.
+/// memory, unless `VIREO_EMU_JIT=0`): call first thing in a VMM process.
 pub fn prepare_emulator() {
     vireo_hv::emu::prepare_jit();
 }

@@ -37,7 +37,7 @@ use crate::{
 pub use msr::SAVED_MSRS;
 pub use vcpu::EmuVcpu;
 
-/// Map code memory for the emulator's JIT when `VIREO_EMU_JIT=1`: first thing in the VMM,
+/// Map code memory for the emulator's JIT (unless `VIREO_EMU_JIT=0`): first thing in the VMM,
 /// before seccomp filters refuse executable mappings. Backends created later use it.
 pub fn prepare_jit() {
     jit::prepare();

@@ -6,7 +6,7 @@
 //! page) it returns *before* that op and the block loop interprets the rest of the block, so
 //! faults, self-modifying code and dirty logging keep the interpreter's exact behaviour.
 //!
-//! On with `VIREO_EMU_JIT=1` (or `EmuHypervisor::with_jit`); off by default for now.
+//! On by default; `VIREO_EMU_JIT=0` (or `EmuHypervisor::with_jit(false)`) only interprets.
 
 mod arena;
 mod emit;
@@ -76,9 +76,9 @@ pub struct Jit {
     pub native_ops: u64,
 }
 
-/// Whether the environment turns the JIT on (`VIREO_EMU_JIT=1`).
+/// Whether the JIT is on: unless `VIREO_EMU_JIT=0`.
 pub fn default_on() -> bool {
-    std::env::var("VIREO_EMU_JIT").is_ok_and(|v| v == "1")
+    std::env::var("VIREO_EMU_JIT").map_or(true, |v| v != "0")
 }
 
 /// Code memory for the JIT of up to `JIT_VCPUS` vCPUs at a time (`None`, with a warning,
@@ -96,7 +96,7 @@ pub fn pool() -> Option<Arc<Pool>> {
 /// The process's code memory, mapped by [`prepare`] (`None`: not prepared, or the JIT is off).
 static POOL: OnceLock<Option<Arc<Pool>>> = OnceLock::new();
 
-/// Map the process's code memory if `VIREO_EMU_JIT` turns the JIT on. The VMM calls this
+/// Map the process's code memory unless `VIREO_EMU_JIT=0`. The VMM calls this
 /// first thing, before any seccomp filter (they refuse `memfd_create` and executable
 /// mappings); a backend created later uses it.
 pub fn prepare() {
