@@ -706,6 +706,20 @@ fn self_modifying_code_by_a_device_write() {
     assert_eq!(m.r32(DATA), 7);
 }
 
+/// Run `code` at CODE with `target: mov eax, 0x11111111; ret` placed after it; the dword the
+/// code stored at DATA.
+fn run_with_target(m: &Machine, v: &mut dyn Vcpu, code: &[u8], target: u64) -> u32 {
+    assert!(CODE + code.len() as u64 <= target);
+    let t = asm64(target, |a| {
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.ret().unwrap();
+    });
+    m.write(target, &t);
+    m.load_long(v, code, CODE);
+    run_to_exit(v, &m.io);
+    m.r32(DATA)
+}
+
 /// `call target` twice with a store into `target`'s immediate in between (`target: mov eax,
 /// imm32; ret` at `target`, a block of its own, cached by the first call).
 fn patch_between_calls(target: u64) -> u32 {
@@ -725,15 +739,7 @@ fn patch_between_calls(target: u64) -> u32 {
         a.mov(dword_ptr(DATA), eax).unwrap();
         exit(a);
     });
-    assert!(CODE + code.len() as u64 <= target);
-    let t = asm64(target, |a| {
-        a.mov(eax, 0x1111_1111).unwrap();
-        a.ret().unwrap();
-    });
-    m.write(target, &t);
-    m.load_long(v.as_mut(), &code, CODE);
-    run_to_exit(v.as_mut(), &m.io);
-    m.r32(DATA)
+    run_with_target(&m, v.as_mut(), &code, target)
 }
 
 #[test]
@@ -771,15 +777,7 @@ fn patch_after_two_calls(target: u64, off: u64) -> u32 {
         a.mov(dword_ptr(DATA), edx).unwrap();
         exit(a);
     });
-    assert!(CODE + code.len() as u64 <= target);
-    let t = asm64(target, |a| {
-        a.mov(eax, 0x1111_1111).unwrap();
-        a.ret().unwrap();
-    });
-    m.write(target, &t);
-    m.load_long(v.as_mut(), &code, CODE);
-    run_to_exit(v.as_mut(), &m.io);
-    m.r32(DATA)
+    run_with_target(&m, v.as_mut(), &code, target)
 }
 
 #[test]

@@ -290,12 +290,12 @@ pub fn seg64(selector: u16, code: bool, dpl: u8) -> Segment {
 }
 
 impl Machine {
+    /// A machine with the JIT on, as vireo runs by default.
     pub fn new(vcpus: u32) -> Machine {
-        Machine::with(EmuHypervisor::new(), vcpus)
+        Machine::with(EmuHypervisor::with_jit(true), vcpus)
     }
 
-    /// A machine whose emulator translates hot blocks (`jit`) or only interprets, whatever
-    /// `VIREO_EMU_JIT` says.
+    /// A machine whose emulator translates hot blocks (`jit`) or only interprets.
     #[allow(dead_code)]
     pub fn with_jit(jit: bool, vcpus: u32) -> Machine {
         Machine::with(EmuHypervisor::with_jit(jit), vcpus)

@@ -406,6 +406,26 @@ fn cmp_operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: 
     }
 }
 
+/// Push R15 onto the guest stack (64-bit): to `bail` with nothing changed when the TLB fast
+/// path misses.
+fn push_r15(e: &mut Emit, bail: Label) {
+    e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+    e.alu_imm(SUB, true, RAX, 8);
+    e.mov_rr(true, RBP, RAX);
+    tlb_fast_path(e, 8, true, bail);
+    e.store64(RAX, 0, R15);
+    e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+}
+
+/// `dst` = the 8 bytes at the guest's RSP, RBP = RSP (not yet moved): to `bail` with nothing
+/// changed when the TLB fast path misses.
+fn pop_to(e: &mut Emit, dst: u8, bail: Label) {
+    e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+    e.mov_rr(true, RBP, RAX);
+    tlb_fast_path(e, 8, false, bail);
+    e.load64(dst, RAX, 0);
+}
+
 /// RSI = RIP `end` bytes into the block plus `rel` (a branch target); to `bail` when it is
 /// not canonical (the interpreter raises the #GP). Uses RCX.
 fn branch_target(e: &mut Emit, end: u32, rel: u64, bail: Label) {
@@ -510,12 +530,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             Kind::Push => {
                 // The value first: PUSH RSP pushes the old RSP.
                 e.load64(R15, RBX, gpr_disp(op.r1));
-                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
-                e.alu_imm(SUB, true, RAX, 8);
-                e.mov_rr(true, RBP, RAX);
-                tlb_fast_path(&mut e, 8, true, bail);
-                e.store64(RAX, 0, R15);
-                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                push_r15(&mut e, bail);
             }
             Kind::Alu { op: o, s, imm, nf } => {
                 let w = s == 8;
@@ -584,19 +599,11 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 // Return address in R15, target in RSI (checked canonical), new RSP in RBP.
                 e.lea(R15, R13, end as i32);
                 branch_target(&mut e, end, op.imm, bail);
-                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
-                e.alu_imm(SUB, true, RAX, 8);
-                e.mov_rr(true, RBP, RAX);
-                tlb_fast_path(&mut e, 8, true, bail);
-                e.store64(RAX, 0, R15);
-                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                push_r15(&mut e, bail);
                 set_rip(&mut e, RSI);
             }
             Kind::Ret => {
-                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
-                e.mov_rr(true, RBP, RAX);
-                tlb_fast_path(&mut e, 8, false, bail);
-                e.load64(RSI, RAX, 0);
+                pop_to(&mut e, RSI, bail);
                 canonical_or(&mut e, RSI, bail);
                 e.alu_imm(ADD, true, RBP, 8 + (op.imm as u16) as i32);
                 e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
@@ -607,10 +614,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 set_rip(&mut e, RSI);
             }
             Kind::Pop => {
-                e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
-                e.mov_rr(true, RBP, RAX);
-                tlb_fast_path(&mut e, 8, false, bail);
-                e.load64(R15, RAX, 0);
+                pop_to(&mut e, R15, bail);
                 e.alu_imm(ADD, true, RBP, 8);
                 e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
                 // Last: POP RSP loads the popped value.
