@@ -560,6 +560,20 @@ fn diff_flags_skipped() {
         "shl r64,cl; cmp", |a| { a.shl(rax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
         "shr r32,cl; cmp", |a| { a.shr(eax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(40);
         "sar r16,imm; cmp", |a| { a.sar(ax, 9)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "shl r64,imm; cmp", |a| { a.shl(rax, 13)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "shr r32,imm; cmp", |a| { a.shr(ecx, 7)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sar r32,imm; cmp", |a| { a.sar(edx, 31)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sar r64,imm; cmp", |a| { a.sar(rsi, 63)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "shl r32,0; cmp", |a| { a.shl(edi, 32)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "add r64,m64; cmp", |a| { a.add(rax, qword_ptr(r15 + 8))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "xor r32,m32; cmp", |a| { a.xor(ebx, dword_ptr(r15 - 4))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "sub r64,m64; setc", |a| { a.sub(rcx, qword_ptr(r15 + 16))?; a.setc(dl)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "lea r32; mov m,imm", |a| {
+            a.lea(eax, ptr(rbx + rcx * 4 + 0x7fff_fff0))?;
+            a.mov(qword_ptr(r15 + 24), -3)?;
+            a.mov(dword_ptr(r15 + 40), 0x8765_4321u32)?;
+            a.cmp(r14, r13)
+        }, def(), Gen::Any;
         "rol r32,imm; cmp", |a| { a.rol(esi, 7)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "ror r64,cl; cmp", |a| { a.ror(rax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
         "ror r8,imm; cmp", |a| { a.ror(bl, 3)?; a.cmp(r14, r13) }, def(), Gen::Any;

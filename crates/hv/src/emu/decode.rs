@@ -1016,6 +1016,15 @@ impl Dec<'_> {
                 }
                 op.h = if !mem && !self.need_flags {
                     op.flags |= F_NF;
+                    if op.flags & F_CL == 0 {
+                        op.jit = tag::SHIFT;
+                        op.jarg = match m {
+                            M::Shl | M::Sal => shift::SHL,
+                            M::Shr => shift::SHR,
+                            M::Sar => shift::SAR,
+                            _ => 0,
+                        };
+                    }
                     match m {
                         M::Rol => shift_nf_sizes!(shift::ROL, s),
                         M::Ror => shift_nf_sizes!(shift::ROR, s),

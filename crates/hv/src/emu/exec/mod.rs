@@ -126,6 +126,8 @@ pub mod tag {
     pub const JMP: u8 = 10;
     /// Does nothing (NOP, ENDBR64, prefetch, a CMP/TEST whose flags are dead).
     pub const NOP: u8 = 11;
+    /// SHL/SHR/SAR of a register by an immediate count, flags dead; `jarg` = `shift::SHL` ...
+    pub const SHIFT: u8 = 12;
 }
 
 impl Op {

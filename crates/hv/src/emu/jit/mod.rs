@@ -16,7 +16,7 @@ use std::mem::offset_of;
 use std::sync::{Arc, OnceLock};
 
 use super::cpu::{Cpu, R, RSP as GUEST_RSP};
-use super::exec::{alu, tag, Exec, Op, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
+use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
@@ -119,12 +119,23 @@ enum Kind {
     Push,
     Pop,
     Nop,
-    /// `op reg, reg/imm` (ADD, OR, AND, SUB, XOR, CMP, TEST); `nf`: no flags recorded.
+    /// `op reg, reg/imm/flat memory` (ADD, OR, AND, SUB, XOR, CMP, TEST; forms RR, RI, RM);
+    /// `nf`: no flags recorded.
     Alu {
         op: u8,
         s: u8,
-        imm: bool,
+        form: u8,
         nf: bool,
+    },
+    /// MOV of an immediate to flat memory (4 or 8 bytes).
+    MovMI(u8),
+    /// LEA to a 32-bit register.
+    Lea32,
+    /// SHL/SHR/SAR (`k`) of a 4- or 8-byte register by `count`, flags dead.
+    Shift {
+        k: u8,
+        s: u8,
+        count: u8,
     },
     /// CMP/TEST `reg, reg/imm` fused with a Jcc: translated when not taken; a taken one is
     /// left to the interpreter (it ends the block anyway).
@@ -167,9 +178,24 @@ fn kind(op: &Op) -> Option<Kind> {
             alu::RI => Some(Kind::MovRI(s)),
             alu::RM if flat => Some(Kind::MovRM(s)),
             alu::MR if flat => Some(Kind::MovMR(s)),
+            alu::MI if flat => Some(Kind::MovMI(s)),
             _ => None,
         },
         tag::LEA if s == 8 && op.asize == 8 && regs && op.flags & F_MEM != 0 => Some(Kind::Lea),
+        tag::LEA if s == 4 && op.asize >= 4 && regs && op.flags & F_MEM != 0 => Some(Kind::Lea32),
+        tag::SHIFT
+            if regs
+                && (s == 4 || s == 8)
+                && op.flags & F_CL == 0
+                && matches!(op.jarg, shift::SHL | shift::SHR | shift::SAR) =>
+        {
+            let count = (op.imm & if s == 8 { 0x3f } else { 0x1f }) as u8;
+            Some(Kind::Shift {
+                k: op.jarg,
+                s,
+                count,
+            })
+        }
         tag::PUSH if regs => Some(Kind::Push),
         tag::POP if regs => Some(Kind::Pop),
         tag::CALL => Some(Kind::Call),
@@ -178,7 +204,7 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::ALU
             if regs
                 && (s == 4 || s == 8)
-                && matches!(form, alu::RR | alu::RI)
+                && (matches!(form, alu::RR | alu::RI) || (form == alu::RM && flat))
                 && matches!(
                     opid,
                     alu::ADD | alu::OR | alu::AND | alu::SUB | alu::XOR | alu::CMP | alu::TEST
@@ -187,7 +213,7 @@ fn kind(op: &Op) -> Option<Kind> {
             Some(Kind::Alu {
                 op: opid,
                 s,
-                imm: form == alu::RI,
+                form,
                 nf: op.flags & F_NF != 0,
             })
         }
@@ -343,23 +369,6 @@ impl Jit {
     /// Forget every translation (the block cache was cleared).
     pub fn reset(&mut self) {
         self.arena.reset();
-    }
-}
-
-/// RAX = the first operand (register `r1`), RCX = the second (register `r2`, or `imm`),
-/// `s` bytes wide (a 4-byte load zero-extends).
-fn load_operands(e: &mut Emit, op: &Op, s: u8, imm: bool, b: u64) {
-    if s == 8 {
-        e.load64(RAX, RBX, gpr_disp(op.r1));
-    } else {
-        e.load32(RAX, RBX, gpr_disp(op.r1));
-    }
-    if imm {
-        e.mov_imm(RCX, b);
-    } else if s == 8 {
-        e.load64(RCX, RBX, gpr_disp(op.r2));
-    } else {
-        e.load32(RCX, RBX, gpr_disp(op.r2));
     }
 }
 
@@ -532,9 +541,9 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 e.load64(R15, RBX, gpr_disp(op.r1));
                 push_r15(&mut e, bail);
             }
-            Kind::Alu { op: o, s, imm, nf } => {
+            Kind::Alu { op: o, s, form, nf } => {
                 let w = s == 8;
-                load_operands(&mut e, op, s, imm, op.imm & flags::mask(s));
+                cmp_operands(&mut e, op, s, form, op.imm & flags::mask(s), end, bail);
                 let (host, fop) = match o {
                     alu::ADD => (alu::ADD, flags::ADD),
                     alu::SUB | alu::CMP => (alu::SUB, flags::SUB),
@@ -549,6 +558,41 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 if o != alu::CMP && o != alu::TEST {
                     e.store64(RBX, gpr_disp(op.r1), RDX);
                 }
+                can_bail = form == alu::RM;
+            }
+            Kind::MovMI(s) => {
+                effective_address(&mut e, op, end);
+                tlb_fast_path(&mut e, s, true, bail);
+                e.mov_imm(RCX, op.imm & flags::mask(s));
+                if s == 8 {
+                    e.store64(RAX, 0, RCX);
+                } else {
+                    e.store32(RAX, 0, RCX);
+                }
+            }
+            Kind::Lea32 => {
+                effective_address(&mut e, op, end);
+                e.mov_rr(false, RAX, RAX);
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = false;
+            }
+            Kind::Shift { k, s, count } => {
+                load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+                match (k, s) {
+                    (_, _) if count == 0 => {}
+                    (shift::SAR, 4) => {
+                        // Sign-extend the 32-bit value first.
+                        e.shift(SHL, RAX, 32);
+                        e.shift(SAR, RAX, 32 + count);
+                    }
+                    (shift::SHL, _) => e.shift(SHL, RAX, count),
+                    (shift::SHR, _) => e.shift(SHR, RAX, count),
+                    _ => e.shift(SAR, RAX, count),
+                }
+                if s == 4 {
+                    e.mov_rr(false, RAX, RAX);
+                }
+                e.store64(RBX, gpr_disp(op.r2), RAX);
                 can_bail = false;
             }
             Kind::CmpJcc { op: o, s, form } => {
@@ -712,7 +756,7 @@ mod tests {
         let add = Kind::Alu {
             op: alu::ADD,
             s: 8,
-            imm: false,
+            form: alu::RR,
             nf: false,
         };
         assert_eq!(kind(&op(&[0x48, 0x01, 0xd8])), Some(add));
@@ -723,6 +767,14 @@ mod tests {
             mem: true,
         };
         assert_eq!(kind(&op(&[0x0f, 0xb6, 0x07])), Some(movzx));
+        let shr = Kind::Shift {
+            k: shift::SHR,
+            s: 8,
+            count: 3,
+        };
+        // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
+        let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
+        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr));
         // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load, ADC.
         assert_eq!(kind(&op(&[0x88, 0xd8])), None);
         assert_eq!(kind(&op(&[0xf0, 0x48, 0x01, 0x07])), None);
