@@ -15,7 +15,7 @@ use std::ffi::c_void;
 use std::mem::offset_of;
 use std::sync::{Arc, OnceLock};
 
-use super::cpu::{Cpu, R, RSP as GUEST_RSP};
+use super::cpu::{Cpu, Exc, R, RSP as GUEST_RSP};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
@@ -34,6 +34,8 @@ const JIT_VCPUS: usize = 16;
 const DONE: u64 = 0;
 const BAIL: u64 = 1;
 const RESULT: u64 = 2;
+/// A fused CMP/TEST + Jcc was taken: RIP is at the target (`Exc::Stop` at that op).
+const TAKEN: u64 = 3;
 
 /// How a translated block ended. `at` is the offset of op `k` from the block's start.
 #[derive(Debug, PartialEq, Eq)]
@@ -435,12 +437,31 @@ fn pop_to(e: &mut Emit, dst: u8, bail: Label) {
     e.load64(dst, RAX, 0);
 }
 
-/// RSI = RIP `end` bytes into the block plus `rel` (a branch target); to `bail` when it is
+/// `dst` = RIP `end` bytes into the block plus `rel` (a branch target); to `bail` when it is
 /// not canonical (the interpreter raises the #GP). Uses RCX.
-fn branch_target(e: &mut Emit, end: u32, rel: u64, bail: Label) {
-    e.mov_imm(RSI, (end as u64).wrapping_add(rel));
-    e.add_rr(RSI, R13);
-    canonical_or(e, RSI, bail);
+fn branch_target(e: &mut Emit, dst: u8, end: u32, rel: u64, bail: Label) {
+    e.mov_imm(dst, (end as u64).wrapping_add(rel));
+    e.add_rr(dst, R13);
+    canonical_or(e, dst, bail);
+}
+
+/// The rest of a fused CMP/TEST (`o`, `s` bytes) of RAX with RCX once its branch is decided:
+/// `Cpu::lazy` as `alu::compute` records it, and one more fused op counted. Uses RDX, RSI.
+fn record_compare(e: &mut Emit, o: u8, s: u8) {
+    let (host, fop) = if o == alu::TEST {
+        (alu::AND, flags::LOGIC)
+    } else {
+        (alu::SUB, flags::SUB)
+    };
+    e.mov_rr(true, RDX, RAX);
+    e.alu_rr(host, s == 8, RDX, RCX);
+    if s == 1 {
+        e.alu_imm(AND, false, RDX, 0xff);
+    }
+    record_lazy(e, fop, s);
+    e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
+    e.alu_imm(ADD, true, RSI, 1);
+    e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
 }
 
 /// Jump to `bail` unless register `r` holds a canonical address (bits 63..47 equal). Uses RCX.
@@ -473,6 +494,10 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
     let mut e = Emit::new();
     prologue(&mut e);
     let mut exits: Vec<(Label, u64)> = Vec::new();
+    // Taken fused compare-and-branch ops: (entry, bail, op index, offset, end, displacement,
+    // operation, size).
+    #[allow(clippy::type_complexity)]
+    let mut taken: Vec<(Label, Label, usize, u32, u32, u64, u8, u8)> = Vec::new();
     let done = e.label();
     let mut end = 0u32;
     // The last op was translated and is not a branch: RIP goes after it at the end.
@@ -598,28 +623,18 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             Kind::CmpJcc { op: o, s, form } => {
                 let b = op.imm as u32 as i32 as i64 as u64 & flags::mask(s);
                 cmp_operands(&mut e, op, s, form, b, end, bail);
-                // The host's flags are the guest's: a taken branch leaves the op to the
-                // interpreter (nothing changed yet).
+                // The host's flags are the guest's. A taken branch goes to code after the
+                // block's end that finishes the op there.
                 if s == 1 {
                     e.alu_rr8(o, RAX, RCX);
                 } else {
                     e.alu_rr(o, s == 8, RAX, RCX);
                 }
-                e.jcc(op.ext & 15, bail);
-                let (host, fop) = if o == alu::TEST {
-                    (alu::AND, flags::LOGIC)
-                } else {
-                    (alu::SUB, flags::SUB)
-                };
-                e.mov_rr(true, RDX, RAX);
-                e.alu_rr(host, s == 8, RDX, RCX);
-                if s == 1 {
-                    e.alu_imm(AND, false, RDX, 0xff);
-                }
-                record_lazy(&mut e, fop, s);
-                e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
-                e.alu_imm(ADD, true, RSI, 1);
-                e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
+                let to = e.label();
+                e.jcc(op.ext & 15, to);
+                record_compare(&mut e, o, s);
+                let disp = (op.imm >> 32) as u32 as i32 as i64 as u64;
+                taken.push((to, bail, k, at, end, disp, o, s));
             }
             Kind::Movx { d, s, signed, mem } => {
                 if mem {
@@ -642,7 +657,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             Kind::Call => {
                 // Return address in R15, target in RSI (checked canonical), new RSP in RBP.
                 e.lea(R15, R13, end as i32);
-                branch_target(&mut e, end, op.imm, bail);
+                branch_target(&mut e, RSI, end, op.imm, bail);
                 push_r15(&mut e, bail);
                 set_rip(&mut e, RSI);
             }
@@ -654,7 +669,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 set_rip(&mut e, RSI);
             }
             Kind::Jmp => {
-                branch_target(&mut e, end, op.imm, bail);
+                branch_target(&mut e, RSI, end, op.imm, bail);
                 set_rip(&mut e, RSI);
             }
             Kind::Pop => {
@@ -683,6 +698,18 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
     for (l, v) in exits {
         e.bind(l);
         e.mov_imm(RAX, v);
+        e.jmp(done);
+    }
+    for (to, bail, k, at, end, disp, o, s) in taken {
+        // The target first (a non-canonical one faults at the Jcc: the interpreter's), with
+        // the operands kept; then the flags, then RIP.
+        e.bind(to);
+        e.mov_rr(true, R11, RCX);
+        branch_target(&mut e, R10, end, disp, bail);
+        e.mov_rr(true, RCX, R11);
+        record_compare(&mut e, o, s);
+        set_rip(&mut e, R10);
+        e.mov_imm(RAX, exit_value(TAKEN, k, at));
         e.jmp(done);
     }
     e.bind(done);
@@ -723,6 +750,11 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
     match ret >> 32 {
         DONE => Exit::Done,
         BAIL => Exit::Bail { k, at },
+        TAKEN => Exit::Result {
+            k,
+            at,
+            r: Err(Exc::Stop),
+        },
         _ => Exit::Result {
             k,
             at,
