@@ -139,8 +139,8 @@ enum Kind {
         s: u8,
         count: u8,
     },
-    /// CMP/TEST `reg, reg/imm` fused with a Jcc: translated when not taken; a taken one is
-    /// left to the interpreter (it ends the block anyway).
+    /// CMP/TEST fused with a Jcc, in every form; a taken one finishes in code placed after
+    /// the block's end and returns `TAKEN` (it ends the block).
     CmpJcc {
         op: u8,
         s: u8,
