@@ -215,9 +215,11 @@ fn linux_pause_snapshot_restore_and_power_button() {
 }
 
 fn last_count_and_uptime(out: &str) -> (u64, f64) {
+    // The last complete line (output read while the guest prints can end in half a line).
     let line = out
-        .lines()
+        .split_inclusive('\n')
         .rev()
+        .filter(|l| l.ends_with('\n'))
         .find(|l| l.contains("count ") && l.contains(" up "))
         .expect("a count line");
     let n = numbers(line, "count ")[0];

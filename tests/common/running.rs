@@ -180,9 +180,11 @@ pub fn start_counting_linux(
     vm
 }
 
-/// Numbers after `key` in `out` (anywhere in a line), in order.
+/// Numbers after `key` in `out` (anywhere in a line), in order. Only complete lines count:
+/// output read while the guest prints can end in half a line (`count 2` of `count 21`).
 pub fn numbers(out: &str, key: &str) -> Vec<u64> {
-    out.lines()
+    out.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .filter_map(|l| {
             let rest = &l[l.find(key)? + key.len()..];
             rest.split_whitespace().next()?.parse().ok()
