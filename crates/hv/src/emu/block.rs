@@ -542,18 +542,11 @@ impl BlockCache {
     /// epoch `epoch` (the block loop uses [`find_after`](Self::find_after)).
     #[cfg(test)]
     pub fn find(&self, key: u64, epoch: u64) -> Option<(&[Op], usize)> {
-        let set = self.index.get(slot(key))?;
-        let mut blk = self.blocks.get(set[0] as usize)?;
-        if blk.key != key {
-            blk = self.blocks.get(set[1] as usize)?;
-        }
-        if blk.key != key || blk.epoch != epoch {
+        let b = self.indexed(key)?;
+        if self.blocks.get(b as usize)?.epoch != epoch {
             return None;
         }
-        let ops = self
-            .ops
-            .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
-        Some((ops, blk.byte_len as usize))
+        Some(self.get(b))
     }
 
     /// The block for `key` if it is valid at code epoch `epoch`, looked up among the recent
@@ -581,14 +574,7 @@ impl BlockCache {
                 return if fresh(self, b) { Ok(b) } else { Err(b) };
             }
         }
-        let Some(set) = self.index.get(slot(key)) else {
-            return Err(NO_BLOCK);
-        };
-        let b = if has_key(self, set[0]) {
-            set[0]
-        } else if has_key(self, set[1]) {
-            set[1]
-        } else {
+        let Some(b) = self.indexed(key) else {
             return Err(NO_BLOCK);
         };
         if !fresh(self, b) {
@@ -599,6 +585,25 @@ impl BlockCache {
             p.next = [b, p.next[0]];
         }
         Ok(b)
+    }
+
+    /// The block for `key` in its index set, if either way holds it.
+    #[inline(always)]
+    fn indexed(&self, key: u64) -> Option<u32> {
+        let set = self.index.get(slot(key))?;
+        set.iter().copied().find(|&b| {
+            self.blocks
+                .get(b as usize)
+                .is_some_and(|blk| blk.key == key)
+        })
+    }
+
+    /// Stamp block `b` as checked at code epoch `epoch`; returns it.
+    fn stamp(&mut self, b: u32, epoch: u64) -> Option<u32> {
+        if let Some(blk) = self.blocks.get_mut(b as usize) {
+            blk.epoch = epoch;
+        }
+        Some(b)
     }
 
     /// The ops and byte length of block `b` (from `revalidate` or `build`).
@@ -635,24 +640,14 @@ impl BlockCache {
     ) -> Option<u32> {
         let b = if found != NO_BLOCK {
             found
+        } else if let Some(b) = self.indexed(key) {
+            b
         } else {
-            let set = *self.index.get(slot(key))?;
-            let is = |b: u32| {
-                self.blocks
-                    .get(b as usize)
-                    .is_some_and(|blk| blk.key == key)
-            };
-            if is(set[0]) {
-                set[0]
-            } else if is(set[1]) {
-                set[1]
-            } else {
-                // Evicted from the index (or never built): look in the full map before
-                // decoding again.
-                let b = *self.all.get(&key)?;
-                self.insert(key, b);
-                b
-            }
+            // Evicted from the index (or never built): look in the full map before decoding
+            // again.
+            let b = *self.all.get(&key)?;
+            self.insert(key, b);
+            b
         };
         let blk = self.blocks.get(b as usize)?;
         if blk.epoch == epoch {
@@ -665,10 +660,7 @@ impl BlockCache {
         if memo.is_some_and(|m| *m == (code_idx, epoch)) {
             // Another block of this page passed the look below at this epoch.
             self.revalidated_soft += 1;
-            if let Some(blk) = self.blocks.get_mut(b as usize) {
-                blk.epoch = epoch;
-            }
-            return Some(b);
+            return self.stamp(b, epoch);
         }
         code.set(code_idx);
         if blk.epoch >= floor && !code.logging() && !code.vmm_bit_set(code_idx) {
@@ -676,20 +668,14 @@ impl BlockCache {
             if let Some(m) = self.soft_memo.get_mut(code_idx % SOFT_MEMO) {
                 *m = (code_idx, epoch);
             }
-            if let Some(blk) = self.blocks.get_mut(b as usize) {
-                blk.epoch = epoch;
-            }
-            return Some(b);
+            return self.stamp(b, epoch);
         }
         let want = self
             .bytes
             .get(blk.byte_start as usize..blk.byte_start as usize + blk.byte_len as usize)?;
         if same_bytes(want, host) {
             self.revalidated += 1;
-            if let Some(blk) = self.blocks.get_mut(b as usize) {
-                blk.epoch = epoch;
-            }
-            Some(b)
+            self.stamp(b, epoch)
         } else {
             self.stale += 1;
             None
@@ -814,7 +800,7 @@ impl BlockCache {
         while i < insts.len() {
             let (a, j) = (op_start + i, op_start + i + 1);
             let fused = match (insts.get(i + 1), self.ops.get(j)) {
-                (Some(next), Some(jop)) => decode::fuse_cmp_jcc(&insts[i], next, &self.ops[a], jop),
+                (Some(next), Some(jop)) => decode::fuse_cmp_jcc(next, &self.ops[a], jop),
                 _ => None,
             };
             self.ops[out] = fused.unwrap_or(self.ops[a]);
@@ -883,12 +869,11 @@ impl BlockCache {
         }
         let (op, _) = decode::translate(&instr, bitness, true);
         if let Some(key) = key {
-            let bytes = buf;
             if let Some(c) = self.cross.get_mut(slot(key) % CROSS_SLOTS) {
                 *c = Some(Cross {
                     key,
                     len: instr.len(),
-                    bytes,
+                    bytes: buf,
                     op,
                 });
             }

@@ -125,11 +125,6 @@ macro_rules! nf_sizes {
     };
 }
 
-/// Whether binary operation `opid` writes its destination (CMP and TEST do not).
-fn writes_dest(opid: u8) -> bool {
-    opid != alu::CMP && opid != alu::TEST
-}
-
 /// An ALU handler that leaves the flags alone, for forms RR, RI and RM.
 fn alu_nf_handler(opid: u8, s: u8, form: u8) -> Handler {
     match opid {
@@ -170,33 +165,18 @@ macro_rules! cmp_jcc_sizes {
     };
 }
 
-/// One op for a CMP or TEST (`first`, decoded as `a`) followed by a Jcc (decoded as `j`) in
+/// One op for a CMP or TEST (decoded as `a`) followed by a Jcc (`second`, decoded as `j`) in
 /// 64-bit mode, or `None` when the pair does not qualify. Most blocks end in such a pair; the
-/// fused op saves a dispatch per block. See [`alu::cmp_jcc`] for the packing.
-pub fn fuse_cmp_jcc(first: &Instruction, second: &Instruction, a: &Op, j: &Op) -> Option<Op> {
-    let opid = match first.mnemonic() {
-        M::Cmp => alu::CMP,
-        M::Test => alu::TEST,
-        _ => return None,
-    };
+/// fused op saves a dispatch per block. See [`alu::cmp_jcc`] for the packing. The operation
+/// and form are the ones the decoder recorded in `a`'s tag (`tag::ALU`).
+pub fn fuse_cmp_jcc(second: &Instruction, a: &Op, j: &Op) -> Option<Op> {
+    let (opid, form) = (a.jarg >> 4, a.jarg & 15);
+    if a.jit != tag::ALU || !(opid == alu::CMP || opid == alu::TEST) {
+        return None;
+    }
     if !second.is_jcc_short_or_near() || j.size != 8 || a.flags & (F_LOCK | F_NF) != 0 {
         return None;
     }
-    let kind = |n: u32| {
-        if n < first.op_count() {
-            first.op_kind(n)
-        } else {
-            OpKind::Register
-        }
-    };
-    let form = match (kind(0), kind(1)) {
-        (OpKind::Register, OpKind::Register) => RR,
-        (OpKind::Register, OpKind::Memory) => RM,
-        (OpKind::Memory, OpKind::Register) => MR,
-        (OpKind::Register, k) if is_imm(k) => RI,
-        (OpKind::Memory, k) if is_imm(k) => MI,
-        _ => return None,
-    };
     let mut f = *a;
     f.h = match opid {
         alu::CMP => cmp_jcc_sizes!(alu::CMP, a.size, form),
@@ -670,7 +650,7 @@ impl Dec<'_> {
                     alu_handler(opid, s, form, lock)
                 };
                 if !lock {
-                    let dead = op.flags & F_NF != 0 && form != RM && !writes_dest(opid);
+                    let dead = op.flags & F_NF != 0 && form != RM && !alu::writes(opid);
                     op.jit = if dead { tag::NOP } else { tag::ALU };
                     op.jarg = opid << 4 | form;
                 }

@@ -67,7 +67,7 @@ pub fn compute(cpu: &Cpu, op: u8, size: u8, a: u64, b: u64) -> (u64, Lazy) {
 
 /// Whether the operation writes its destination (CMP and TEST do not).
 #[inline(always)]
-const fn writes(op: u8) -> bool {
+pub const fn writes(op: u8) -> bool {
     op != CMP && op != TEST
 }
 

@@ -46,9 +46,7 @@ pub fn call_rel64(x: &mut Exec<'_>, op: &Op) -> R {
     if !Cpu::canonical(t) {
         return Err(gp0());
     }
-    let sp = x.cpu.gpr[RSP].wrapping_sub(8);
-    x.write(sp, 8, ret)?;
-    x.cpu.gpr[RSP] = sp;
+    super::stack::push64(x, ret)?;
     x.cpu.rip = t;
     Ok(())
 }

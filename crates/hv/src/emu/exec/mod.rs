@@ -371,13 +371,11 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         // TF only changes through instructions that end a block, so it is constant here. With
         // TF or an interrupt shadow, one instruction runs.
         let tf = x.cpu.flags & TF != 0;
-        let native = if x.cpu.shadow || tf {
-            None
-        } else {
-            cache.native(b)
-        };
+        let single = x.cpu.shadow || tf;
+        // Translated code runs whole blocks only.
+        let native = if single { None } else { cache.native(b) };
         let (ops, byte_len) = cache.get(b);
-        let ops = if x.cpu.shadow || tf {
+        let ops = if single {
             x.cpu.shadow = false;
             if ops
                 .first()

@@ -13,7 +13,12 @@ pub fn push_r(x: &mut Exec<'_>, op: &Op) -> R {
 /// PUSH reg in 64-bit mode with a 64-bit operand (the flat 64-bit stack: no mask, no segment
 /// base), the common case spelled out.
 pub fn push_r64(x: &mut Exec<'_>, op: &Op) -> R {
-    let v = x.cpu.gpr[op.r1 as usize & 15];
+    push64(x, x.cpu.gpr[op.r1 as usize & 15])
+}
+
+/// Push `v` on the flat 64-bit stack; RSP moves only if the write succeeds.
+#[inline(always)]
+pub fn push64(x: &mut Exec<'_>, v: u64) -> R {
     let sp = x.cpu.gpr[RSP].wrapping_sub(8);
     x.write(sp, 8, v)?;
     x.cpu.gpr[RSP] = sp;

@@ -1,7 +1,8 @@
 //! A template JIT for hot 64-bit blocks. A block that has run [`HOT`] times is translated to
-//! host code: the most common ops (register and flat-memory MOV, LEA, PUSH/POP of a 64-bit
-//! register, NOP) become a few host instructions with the TLB fast path inline; every other op
-//! is a call of its interpreter handler ([`call_op`]). Translated code never leaves an op half
+//! host code: the most common ops (the [`Kind`]s: MOV, LEA, PUSH/POP, the ALU ops, fused
+//! CMP/TEST+Jcc, MOVZX/MOVSX, shifts by an immediate, CALL/RET/JMP) become a few host
+//! instructions with the TLB fast path inline; every other op is a call of its interpreter
+//! handler ([`call_op`]). Translated code never leaves an op half
 //! done: when a fast path misses (TLB miss, a store into a code page, an access that crosses a
 //! page) it returns *before* that op and the block loop interprets the rest of the block, so
 //! faults, self-modifying code and dirty logging keep the interpreter's exact behaviour.
@@ -54,7 +55,7 @@ fn exit_value(code: u64, k: usize, at: u32) -> u64 {
     code << 32 | (at as u64 & 0xffff) << 16 | k as u64 & 0xffff
 }
 
-/// What translated code reads: built by [`Jit::run`] for each call.
+/// What translated code reads: built by [`run`] for each call.
 #[repr(C)]
 struct Ctx {
     exec: *mut c_void,
@@ -245,11 +246,11 @@ fn kind(op: &Op) -> Option<Kind> {
 /// Call op `op` through its handler with RIP `next` (after the instruction). Nonzero when the
 /// block must stop after it: the result is left in the context.
 extern "sysv64" fn call_op(ctx: *mut Ctx, op: *const Op, next: u64) -> u32 {
-    // SAFETY: translated code passes the context `Jit::run` built on its stack (alive for the
+    // SAFETY: translated code passes the context `run` built on its stack (alive for the
     // whole call) and a pointer into the block cache's op storage, which is never reallocated
-    // while translated code exists (see `BlockCache::new`).
+    // while translated code exists (see `BlockCache::enable_jit`).
     let (ctx, op) = unsafe { (&mut *ctx, &*op) };
-    // SAFETY: `exec` is the `&mut Exec` `Jit::run` was given, unused by it during the call.
+    // SAFETY: `exec` is the `&mut Exec` `run` was given, unused by it during the call.
     let x = unsafe { &mut *(ctx.exec as *mut Exec<'_>) };
     x.cpu.rip = next;
     let r = (op.h)(x, op);
@@ -384,10 +385,19 @@ fn load_sized(e: &mut Emit, dst: u8, base: u8, disp: i32, s: u8) {
     }
 }
 
-/// RAX, RCX = the two operands of a CMP/TEST in `form` (`s` bytes, zero-extended; `b` is the
-/// immediate). A memory operand is read first, through the TLB fast path (to `bail` on a
-/// miss, nothing changed).
-fn cmp_operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: Label) {
+/// `[base + disp]` = the low `s` (4 or 8) bytes of `src`.
+fn store_sized(e: &mut Emit, base: u8, disp: i32, src: u8, s: u8) {
+    if s == 8 {
+        e.store64(base, disp, src);
+    } else {
+        e.store32(base, disp, src);
+    }
+}
+
+/// RAX, RCX = the two operands of a binary op (ALU, CMP/TEST) in `form` (`s` bytes,
+/// zero-extended; `b` is the immediate). A memory operand is read first, through the TLB fast
+/// path (to `bail` on a miss, nothing changed).
+fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: Label) {
     if matches!(form, alu::RM | alu::MR | alu::MI) {
         effective_address(e, op, end);
         tlb_fast_path(e, s, false, bail);
@@ -445,19 +455,27 @@ fn branch_target(e: &mut Emit, dst: u8, end: u32, rel: u64, bail: Label) {
     canonical_or(e, dst, bail);
 }
 
-/// The rest of a fused CMP/TEST (`o`, `s` bytes) of RAX with RCX once its branch is decided:
-/// `Cpu::lazy` as `alu::compute` records it, and one more fused op counted. Uses RDX, RSI.
-fn record_compare(e: &mut Emit, o: u8, s: u8) {
-    let (host, fop) = if o == alu::TEST {
-        (alu::AND, flags::LOGIC)
-    } else {
-        (alu::SUB, flags::SUB)
+/// RDX = binary operation `o` (ADD, OR, AND, SUB, XOR, CMP, TEST) of RAX and RCX, `s` bytes;
+/// returns the `Lazy::op` that records it (as `alu::compute` does).
+fn compute(e: &mut Emit, o: u8, s: u8) -> u8 {
+    let (host, fop) = match o {
+        alu::ADD => (alu::ADD, flags::ADD),
+        alu::SUB | alu::CMP => (alu::SUB, flags::SUB),
+        alu::TEST => (alu::AND, flags::LOGIC),
+        o => (o, flags::LOGIC),
     };
     e.mov_rr(true, RDX, RAX);
     e.alu_rr(host, s == 8, RDX, RCX);
     if s == 1 {
         e.alu_imm(AND, false, RDX, 0xff);
     }
+    fop
+}
+
+/// The rest of a fused CMP/TEST (`o`, `s` bytes) of RAX with RCX once its branch is decided:
+/// `Cpu::lazy` as `alu::compute` records it, and one more fused op counted. Uses RDX, RSI.
+fn record_compare(e: &mut Emit, o: u8, s: u8) {
+    let fop = compute(e, o, s);
     record_lazy(e, fop, s);
     e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
     e.alu_imm(ADD, true, RSI, 1);
@@ -523,11 +541,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
         match kind {
             Kind::Nop => can_bail = false,
             Kind::MovRR(s) => {
-                if s == 8 {
-                    e.load64(RAX, RBX, gpr_disp(op.r2));
-                } else {
-                    e.load32(RAX, RBX, gpr_disp(op.r2));
-                }
+                load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
                 e.store64(RBX, gpr_disp(op.r1), RAX);
                 can_bail = false;
             }
@@ -539,22 +553,14 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             Kind::MovRM(s) => {
                 effective_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, false, bail);
-                if s == 8 {
-                    e.load64(RAX, RAX, 0);
-                } else {
-                    e.load32(RAX, RAX, 0);
-                }
+                load_sized(&mut e, RAX, RAX, 0, s);
                 e.store64(RBX, gpr_disp(op.r1), RAX);
             }
             Kind::MovMR(s) => {
                 effective_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.load64(RCX, RBX, gpr_disp(op.r1));
-                if s == 8 {
-                    e.store64(RAX, 0, RCX);
-                } else {
-                    e.store32(RAX, 0, RCX);
-                }
+                store_sized(&mut e, RAX, 0, RCX, s);
             }
             Kind::Lea => {
                 effective_address(&mut e, op, end);
@@ -567,20 +573,12 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 push_r15(&mut e, bail);
             }
             Kind::Alu { op: o, s, form, nf } => {
-                let w = s == 8;
-                cmp_operands(&mut e, op, s, form, op.imm & flags::mask(s), end, bail);
-                let (host, fop) = match o {
-                    alu::ADD => (alu::ADD, flags::ADD),
-                    alu::SUB | alu::CMP => (alu::SUB, flags::SUB),
-                    alu::TEST => (alu::AND, flags::LOGIC),
-                    o => (o, flags::LOGIC),
-                };
-                e.mov_rr(true, RDX, RAX);
-                e.alu_rr(host, w, RDX, RCX);
+                operands(&mut e, op, s, form, op.imm & flags::mask(s), end, bail);
+                let fop = compute(&mut e, o, s);
                 if !nf {
                     record_lazy(&mut e, fop, s);
                 }
-                if o != alu::CMP && o != alu::TEST {
+                if alu::writes(o) {
                     e.store64(RBX, gpr_disp(op.r1), RDX);
                 }
                 can_bail = form == alu::RM;
@@ -589,11 +587,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
                 effective_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.mov_imm(RCX, op.imm & flags::mask(s));
-                if s == 8 {
-                    e.store64(RAX, 0, RCX);
-                } else {
-                    e.store32(RAX, 0, RCX);
-                }
+                store_sized(&mut e, RAX, 0, RCX, s);
             }
             Kind::Lea32 => {
                 effective_address(&mut e, op, end);
@@ -622,7 +616,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             }
             Kind::CmpJcc { op: o, s, form } => {
                 let b = op.imm as u32 as i32 as i64 as u64 & flags::mask(s);
-                cmp_operands(&mut e, op, s, form, b, end, bail);
+                operands(&mut e, op, s, form, b, end, bail);
                 // The host's flags are the guest's. A taken branch goes to code after the
                 // block's end that finishes the op there.
                 if s == 1 {
@@ -690,8 +684,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
     // with a handler call had RIP set by the handler).
     if last_native {
         e.lea(RAX, R13, end as i32);
-        e.load64(RCX, R12, offset_of!(Ctx, rip) as i32);
-        e.store64(RCX, 0, RAX);
+        set_rip(&mut e, RAX);
     }
     e.mov_imm(RAX, DONE);
     e.jmp(done);
