@@ -194,6 +194,36 @@ pub fn write_bytes(mem: &GuestMemory, bufs: &[Buffer], offset: u64, src: &[u8]) 
     true
 }
 
+/// Serve the chains available on `q`, at most one queue's worth (so a driver that keeps adding
+/// chains cannot keep the device thread here forever without yielding to other queues), as
+/// [`serve_queue`] does but leaving notifications and interrupts to the caller. `used_any` is
+/// set when a chain went to the used ring (also when an error stops the loop later). True
+/// when the queue ran out of chains before the budget did.
+pub fn serve_available(
+    q: &mut virtio_queue::Queue,
+    mem: &GuestMemory,
+    chain: &mut Chain,
+    max_buffers: usize,
+    used_any: &mut bool,
+    mut serve: impl FnMut(&mut Chain, u16) -> Option<u32>,
+) -> Result<bool, QueueError> {
+    for _ in 0..q.size() {
+        let next = q.iter(mem)?.next();
+        let Some(c) = next else {
+            return Ok(true);
+        };
+        // Chains left after this one (a hint: a wrong index fails the next `iter`).
+        let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+        let more = avail.0.wrapping_sub(q.next_avail()).min(q.size());
+        chain.load(mem, c, max_buffers)?;
+        if let Some(used) = serve(chain, more) {
+            q.add_used(mem, chain.head, used)?;
+            *used_any = true;
+        }
+    }
+    Ok(false)
+}
+
 /// Serve every chain the driver made available on `q`: `serve` gets the chain and how many
 /// more chains are waiting behind it, fills in the reply and returns the number of bytes it
 /// wrote into the chain's writable buffers (the used length), or `None` when the request
@@ -211,35 +241,18 @@ pub fn serve_queue(
     mut serve: impl FnMut(&mut Chain, u16) -> Option<u32>,
 ) -> Result<(), QueueError> {
     let mut used_any = false;
-    let result = (|| {
-        loop {
-            q.queue.disable_notification(mem)?;
-            // Each pass serves at most one queue's worth, so a driver that keeps adding chains
-            // cannot keep the device thread here forever without yielding to other queues.
-            let mut budget = q.queue.size();
-            while budget > 0 {
-                let next = q.queue.iter(mem)?.next();
-                let Some(c) = next else {
-                    break;
-                };
-                // Chains left after this one (a hint: a wrong index fails the next `iter`).
-                let avail = q
-                    .queue
-                    .avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
-                let more = avail
-                    .0
-                    .wrapping_sub(q.queue.next_avail())
-                    .min(q.queue.size());
-                chain.load(mem, c, max_buffers)?;
-                if let Some(used) = serve(chain, more) {
-                    q.queue.add_used(mem, chain.head, used)?;
-                    used_any = true;
-                }
-                budget -= 1;
-            }
-            if budget == 0 || !q.queue.enable_notification(mem)? {
-                return Ok::<(), QueueError>(());
-            }
+    let result = (|| loop {
+        q.queue.disable_notification(mem)?;
+        let all = serve_available(
+            &mut q.queue,
+            mem,
+            chain,
+            max_buffers,
+            &mut used_any,
+            &mut serve,
+        )?;
+        if !all || !q.queue.enable_notification(mem)? {
+            return Ok::<(), QueueError>(());
         }
     })();
     if used_any && q.queue.needs_notification(mem).unwrap_or(true) {

@@ -24,12 +24,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 pub use disk::{DiskImage, DiskOptions, DIRECT_ALIGN, SECTOR_SIZE, SERIAL_LEN};
 
-use crate::queue::{read_bytes, write_bytes, Buffer, Chain, QueueError};
+use crate::queue::{read_bytes, serve_available, write_bytes, Buffer, Chain};
 use crate::worker::{positions, QueueHandler, QueuePosition, Shared, Worker};
 use crate::{
     Activation, ActiveQueue, DeviceState, Error, LogOnce, Result, VirtioDevice, VirtioInterrupt,
@@ -474,43 +474,30 @@ impl BlockQueues {
         let mut aio = self.aio.as_mut();
         let q = &mut self.queues[pos].queue;
         let poll = &mut self.poll;
-        let mut taken = 0usize;
+        let mut answered = false;
         let mut used_any = false;
         let mut refused = Vec::new();
-        let r = (|| {
-            let budget = usize::from(q.size());
-            while taken < budget {
-                let Some(c) = q.iter(mem)?.next() else {
-                    break;
-                };
-                if taken == 0 {
-                    // The driver answered (before the time serving it takes).
-                    poll.answered(Instant::now());
-                }
-                // Requests left behind this one (a hint: a wrong index fails the next `iter`).
-                let avail = q.avail_idx(mem, Ordering::Acquire)?;
-                let more = avail.0.wrapping_sub(q.next_avail()).min(q.size());
-                chain.load(mem, c, MAX_BUFFERS)?;
-                taken += 1;
-                // Asynchronous only when it buys parallelism: a request alone (queue depth 1)
-                // is done right here, saving the completion's trip through the eventfd.
-                let engine = aio
-                    .as_deref_mut()
-                    .filter(|a| more > 0 || a.busy())
-                    .map(|a| (a, pos));
-                if let Some(used) = server.serve_with(mem, chain, engine) {
-                    q.add_used(mem, chain.head, used)?;
-                    used_any = true;
-                }
-                // Each transfer goes to the kernel at once, as fio does: io_submit plugs the
-                // block queue for more than two control blocks (fs/aio.c), so in a batch the
-                // first transfer would wait until the last one is prepared.
-                if let Some(a) = aio.as_deref_mut().filter(|a| a.batched() > 0) {
-                    refused.extend(a.submit());
-                }
+        let r = serve_available(q, mem, chain, MAX_BUFFERS, &mut used_any, |chain, more| {
+            if !answered {
+                // The driver answered (before the time serving it takes).
+                poll.answered(Instant::now());
+                answered = true;
             }
-            Ok::<(), QueueError>(())
-        })();
+            // Asynchronous only when it buys parallelism: a request alone (queue depth 1) is
+            // done right here, saving the completion's trip through the eventfd.
+            let engine = aio
+                .as_deref_mut()
+                .filter(|a| more > 0 || a.busy())
+                .map(|a| (a, pos));
+            let used = server.serve_with(mem, chain, engine);
+            // Each transfer goes to the kernel at once, as fio does: io_submit plugs the block
+            // queue for more than two control blocks (fs/aio.c), so in a batch the first
+            // transfer would wait until the last one is prepared.
+            if let Some(a) = aio.as_deref_mut().filter(|a| a.batched() > 0) {
+                refused.extend(a.submit());
+            }
+            used
+        });
         if !refused.is_empty() {
             // Failed at once (IOERR), like transfers that fail in the kernel.
             self.completions

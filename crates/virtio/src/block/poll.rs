@@ -117,6 +117,25 @@ mod tests {
         answer
     }
 
+    /// A window that has learned from three answers 20 µs after their interrupts.
+    fn polling() -> (PollWindow, Instant) {
+        let mut p = PollWindow::new(MAX);
+        let mut t = Instant::now();
+        for _ in 0..3 {
+            t = round(&mut p, t, 20);
+        }
+        (p, t)
+    }
+
+    /// Answers 40 µs late until the window is at the maximum; the time of the last one.
+    fn grow_to_max(p: &mut PollWindow, mut t: Instant) -> Instant {
+        for _ in 0..10 {
+            t = round(p, t, 40);
+        }
+        assert_eq!(p.window(), MAX);
+        t
+    }
+
     #[test]
     fn quick_answers_grow_the_window_up_to_the_maximum() {
         let mut p = PollWindow::new(MAX);
@@ -132,10 +151,7 @@ mod tests {
         // An answer the window already covers leaves it alone.
         t = round(&mut p, t, 10);
         assert_eq!(p.window(), Duration::from_micros(16));
-        for _ in 0..10 {
-            t = round(&mut p, t, 40);
-        }
-        assert_eq!(p.window(), MAX);
+        t = grow_to_max(&mut p, t);
         // Poll until the window after the latest interrupt, and not once answered.
         p.interrupted(t);
         let later = t + Duration::from_micros(3);
@@ -147,11 +163,7 @@ mod tests {
 
     #[test]
     fn slow_answers_stop_polling_and_unasked_requests_teach_nothing() {
-        let mut p = PollWindow::new(MAX);
-        let mut t = Instant::now();
-        for _ in 0..3 {
-            t = round(&mut p, t, 20);
-        }
+        let (mut p, t) = polling();
         let w = p.window();
         assert!(w > Duration::ZERO);
         // Requests without an interrupt before them: unchanged.
@@ -168,29 +180,18 @@ mod tests {
 
     #[test]
     fn a_full_window_at_the_maximum_without_an_answer_stops_polling() {
-        let mut p = PollWindow::new(MAX);
-        let mut t = Instant::now();
-        for _ in 0..3 {
-            t = round(&mut p, t, 20);
-        }
+        let (mut p, t) = polling();
         let w = p.window();
         p.expired();
         assert_eq!(p.window(), w, "below the maximum: wait for the answer");
-        for _ in 0..10 {
-            t = round(&mut p, t, 40);
-        }
-        assert_eq!(p.window(), MAX);
+        grow_to_max(&mut p, t);
         p.expired();
         assert_eq!(p.window(), Duration::ZERO);
     }
 
     #[test]
     fn losing_the_cpu_stops_polling_for_a_while() {
-        let mut p = PollWindow::new(MAX);
-        let mut t = Instant::now();
-        for _ in 0..3 {
-            t = round(&mut p, t, 20);
-        }
+        let (mut p, mut t) = polling();
         assert!(p.window() > Duration::ZERO);
         p.contended(t);
         assert_eq!(p.window(), Duration::ZERO);
