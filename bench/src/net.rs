@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vireo_bench::{fmt, have, median, qemu_pc, vireo_binary};
-use vireo_virtio::driver::{Desc, EventInterrupt, SplitQueueDriver};
+use vireo_virtio::driver::{need_event, Desc, EventInterrupt, SplitQueueDriver};
 use vireo_virtio::net::features::VIRTIO_NET_F_MRG_RXBUF;
 use vireo_virtio::net::tap::{iovec_mut, readv, writev, NetBackend};
 use vireo_virtio::{
@@ -342,12 +342,6 @@ const QSIZE: u16 = 256;
 const SLOT: u64 = 0x1_0000;
 const RX_BASE: u64 = 0x100_0000;
 const TX_BASE: u64 = 0x200_0000;
-
-/// `vring_need_event` (§2.7.10): with EVENT_IDX, notify when the other side's event index is
-/// among the entries just published (from `old` to `new`).
-fn need_event(event: u16, new: u16, old: u16) -> bool {
-    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-}
 
 /// vireo's device on the TAP, driven by a host-side driver that, like Linux's, uses
 /// EVENT_IDX to skip notifications the device does not need and interrupts it does not want.

@@ -22,6 +22,12 @@ pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Used ring flag: "do not notify me" (§2.7.8).
 pub const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
+/// `vring_need_event` (§2.7.10): with EVENT_IDX, notify when the other side's event index is
+/// among the entries just published (from `old` to `new`).
+pub fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 /// One buffer of a chain to add: guest address, length, device-writable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Desc {
@@ -119,9 +125,7 @@ impl SplitQueueDriver {
             return false;
         }
         if self.event_idx {
-            // vring_need_event (§2.7.10).
-            let event = self.avail_event(mem);
-            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+            need_event(self.avail_event(mem), new, old)
         } else {
             let flags: u16 = mem.read_obj(self.used).unwrap_or(0);
             flags & VIRTQ_USED_F_NO_NOTIFY == 0
