@@ -135,8 +135,9 @@ pub trait Hypervisor: Send + Sync {
     fn needs_user_irqchip(&self) -> bool {
         false
     }
-    /// True when guest instructions are interpreted (a guest CPU tens of times slower than
-    /// the host's): devices may then trade a little latency for fewer interrupts.
+    /// True when guest instructions are emulated in software, interpreted or translated (a
+    /// guest CPU several times slower than the host's): devices may then trade a little
+    /// latency for fewer interrupts.
     fn emulated_cpu(&self) -> bool {
         false
     }
