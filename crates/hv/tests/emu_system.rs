@@ -1894,3 +1894,165 @@ fn stack_instructions_that_fault_leave_rsp_alone() {
         assert_eq!(f.rsp, stack, "{name}: RSP unchanged");
     }
 }
+
+/// `call target` 100 times (`target: mov eax, imm32; ret`, translated after its first runs and
+/// reached by chaining from translated code), summing EAX, with a one-byte store of 42 into
+/// the immediate after call 60: calls 61-100 must run the patched code.
+fn patch_a_hot_target(target: u64) -> u32 {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(byte_ptr(target + 0x10), 0).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(target).unwrap();
+        a.add(edx, eax).unwrap();
+        a.cmp(ecx, 41).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(byte_ptr(target + 1), 42).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    run_with_target(&m, v.as_mut(), &code, target)
+}
+
+#[test]
+fn chained_translated_code_runs_a_patched_block() {
+    let want = 0x1111_1111u32
+        .wrapping_mul(60)
+        .wrapping_add(0x1111_112au32.wrapping_mul(40));
+    assert_eq!(patch_a_hot_target(CODE + 0x100), want, "same page");
+    assert_eq!(patch_a_hot_target(CODE + 0x1000), want, "other page");
+}
+
+/// A hot loop of SYSCALLs whose kernel side reads a supervisor-only page and SYSRETs: user
+/// code must not go on with the kernel's TLB (translated code chains blocks only at the same
+/// privilege), so the user read of that page after the loop faults.
+#[test]
+fn chained_translated_code_stops_at_a_privilege_change() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 14, true);
+    m.w64(PT + 3 * 8, 0x20_3000 | 0x3);
+    let star = ((USER32_CS as u64) << 48) | ((KERNEL_CS as u64) << 32);
+    let entry = HANDLERS;
+    let handler = asm64(entry, |a| {
+        let mut bad = a.create_label();
+        a.cmp(ebx, 0xdead).unwrap();
+        a.je(bad).unwrap();
+        // In the SYSRET's block: a block of handler calls only is not translated.
+        a.mov(rax, qword_ptr(0x20_3000)).unwrap();
+        a.sysretq().unwrap();
+        a.set_label(&mut bad).unwrap();
+        a.mov(al, 0x77).unwrap();
+        exit(a);
+    });
+    m.write(entry, &handler);
+    // The read is in the loop (hot, translated) and reaches the supervisor page in the last
+    // iteration.
+    let user = asm64(USER_CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(ebx, 100).unwrap();
+        a.mov(esi, DATA as u32).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.syscall().unwrap();
+        a.cmp(ebx, 1).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(esi, 0x20_3008).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.sub(ebx, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(ebx, 0xdead).unwrap();
+        a.syscall().unwrap();
+    });
+    m.write(USER_CODE, &user);
+    // The kernel runs code in the user page too (no SMEP here), so its TLB has the page for
+    // execution: only the privilege check keeps the user code off the kernel's TLB.
+    m.write(USER_CODE + 0x800, &[0xc3]);
+    let kernel = asm64(CODE, |a| {
+        for (msr, val) in [
+            (0xc000_0081u32, star),
+            (0xc000_0082, entry),
+            // IF stays clear throughout: no interrupt-window poll ends the blocks.
+            (0xc000_0084, 0),
+        ] {
+            a.mov(ecx, msr).unwrap();
+            a.mov(eax, val as u32).unwrap();
+            a.mov(edx, (val >> 32) as u32).unwrap();
+            a.wrmsr().unwrap();
+        }
+        a.mov(rax, USER_CODE + 0x800).unwrap();
+        a.call(rax).unwrap();
+        a.mov(rcx, USER_CODE).unwrap();
+        a.mov(r11, 0x2u64).unwrap();
+        a.mov(rsp, USER_STACK).unwrap();
+        a.sysretq().unwrap();
+    });
+    m.load_long(v.as_mut(), &kernel, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 14, "the user read faults");
+    let f = frame(&m);
+    assert_eq!(f.cr2, 0x20_3008);
+    assert_eq!(f.err, 5, "user read of a present page");
+    assert_eq!(
+        v.regs().unwrap().rbx,
+        1,
+        "the fault is in the last iteration"
+    );
+}
+
+/// A hot loop calls linear page 0x206000, which the loop remaps (PTE store and INVLPG) from
+/// code returning 1 to code returning 2 after call 50, then reads through the new mapping
+/// (refilling the TLB entry) before calling again: translated code must not chain to the
+/// block of the old physical page.
+#[test]
+fn chained_translated_code_follows_a_remapped_page() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let (lin, p1, p2) = (0x20_6000u64, 0x20_7000u64, 0x20_8000u64);
+    m.w64(PT + 6 * 8, p1 | 0x7);
+    m.write(
+        p1,
+        &asm64(lin, |a| {
+            a.mov(eax, 1).unwrap();
+            a.ret().unwrap();
+        }),
+    );
+    m.write(
+        p2,
+        &asm64(lin, |a| {
+            a.mov(eax, 2).unwrap();
+            a.ret().unwrap();
+        }),
+    );
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(lin).unwrap();
+        a.add(edx, eax).unwrap();
+        a.cmp(ecx, 51).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(rax, p2 | 0x7).unwrap();
+        a.mov(qword_ptr(PT + 6 * 8), rax).unwrap();
+        a.invlpg(byte_ptr(lin)).unwrap();
+        a.mov(rax, qword_ptr(lin)).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 50 + 2 * 50);
+}

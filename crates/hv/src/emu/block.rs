@@ -516,13 +516,28 @@ impl BlockCache {
     }
 
     /// The translation of block `b`, made on its [`jit::HOT`]th run (64-bit blocks, JIT on).
+    /// A translated block is about to run at RIP `rip`, checked at code epoch `epoch`: the
+    /// JIT's chain stub may find it there from now on.
     #[inline(always)]
-    pub fn native(&mut self, b: u32) -> Option<usize> {
+    pub fn native(&mut self, b: u32, rip: u64, epoch: u64) -> Option<usize> {
         let jit = self.jit.as_mut()?;
         let blk = self.blocks.get_mut(b as usize)?;
-        if blk.native != 0 {
-            return Some(blk.native);
+        if blk.native == 0 {
+            debug_assert!(self.ops.capacity() >= MAX_TOTAL_OPS);
+            blk.native = Self::translate(jit, &self.ops, blk)?;
         }
+        let (n, l) = (blk.op_len as usize, blk.byte_len as usize);
+        jit.remember(rip, blk.key >> 7, epoch, blk.native, b, n, l);
+        Some(blk.native)
+    }
+
+    /// The jump cache of the JIT's chain stub (null without a JIT).
+    pub fn links(&self) -> *const jit::Link {
+        self.jit.as_ref().map_or(std::ptr::null(), |j| j.links())
+    }
+
+    /// Count a run of untranslated block `blk`; translate it on its [`jit::HOT`]th.
+    fn translate(jit: &mut Jit, ops: &[Op], blk: &mut Block) -> Option<usize> {
         if blk.heat >= jit::HOT {
             return None;
         }
@@ -530,12 +545,8 @@ impl BlockCache {
         if blk.heat < jit::HOT || blk.key & 0x7f != 64 {
             return None;
         }
-        let ops = self
-            .ops
-            .get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
-        debug_assert!(self.ops.capacity() >= MAX_TOTAL_OPS);
-        blk.native = jit.translate(ops)?;
-        Some(blk.native)
+        let ops = ops.get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
+        jit.translate(ops)
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code

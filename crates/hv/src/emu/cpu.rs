@@ -222,6 +222,10 @@ pub struct Cpu {
     pub profile: Option<Box<crate::emu::profile::Profile>>,
     /// Instructions retired (approximately: counted per executed op).
     pub icount: u64,
+    /// Translated blocks entered from the block loop, and blocks they chained to
+    /// (statistics).
+    pub jit_entered: u64,
+    pub jit_chained: u64,
     /// PAUSE instructions executed (to yield the host thread now and then).
     pub pauses: u64,
 }
@@ -309,6 +313,8 @@ impl Cpu {
             deadline: None,
             profile: crate::emu::profile::Profile::from_env(),
             icount: 0,
+            jit_entered: 0,
+            jit_chained: 0,
             pauses: 0,
         };
         cpu.reset();

@@ -112,6 +112,8 @@ impl Drop for EmuVcpu {
             page_straddling_reused = self.cache.cross_hits,
             jit_blocks = self.cache.jit.as_ref().map_or(0, |j| j.translated),
             jit_native_ops = self.cache.jit.as_ref().map_or(0, |j| j.native_ops),
+            jit_entered = self.cpu.jit_entered,
+            jit_chained = self.cpu.jit_chained,
             code_pages_watched = self.cpu.mmu.code().watched(),
             "emu: block cache statistics"
         );

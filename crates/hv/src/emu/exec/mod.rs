@@ -355,7 +355,7 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         } else {
             None
         };
-        let (b, host) = match hit {
+        let (mut b, host) = match hit {
             Some(b) => (b, host),
             None => match find_slow(x, cache, rip, lin, tlb_hit) {
                 Ok(found) => found,
@@ -373,9 +373,13 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         let tf = x.cpu.flags & TF != 0;
         let single = x.cpu.shadow || tf;
         // Translated code runs whole blocks only.
-        let native = if single { None } else { cache.native(b) };
+        let native = if single {
+            None
+        } else {
+            cache.native(b, rip, x.cpu.epoch)
+        };
         let (ops, byte_len) = cache.get(b);
-        let ops = if single {
+        let mut ops = if single {
             x.cpu.shadow = false;
             if ops
                 .first()
@@ -404,14 +408,28 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
         // REP yields) end the block, so inside one it advances by each op's length.
         let mut next = rip;
         let mut faulted = false;
-        // A translated block runs first; it may leave the block's tail to the loop below.
+        // A translated block runs first, and the translated blocks it chains to; the last
+        // may leave its tail to the loop below.
         let (mut from, mut done) = (0, None);
         if let Some(code) = native {
-            match jit::run(x, code, rip) {
+            let chain = jit::Chain {
+                block: b,
+                budget: budget - 1,
+                attention,
+            };
+            let ran = jit::run(x, code, rip, chain, cache.links());
+            budget = ran.budget + 1;
+            x.cpu.jit_entered += 1;
+            x.cpu.jit_chained += ran.chained;
+            if ran.block != b {
+                (b, prev, start) = (ran.block, ran.block, ran.start);
+                ops = cache.get(b).0;
+            }
+            match ran.exit {
                 jit::Exit::Done => from = ops.len(),
-                jit::Exit::Bail { k, at } => (from, next) = (k, rip.wrapping_add(at)),
+                jit::Exit::Bail { k, at } => (from, next) = (k, start.wrapping_add(at)),
                 jit::Exit::Result { k, at, r } => {
-                    (from, next, done) = (k, rip.wrapping_add(at), Some(r));
+                    (from, next, done) = (k, start.wrapping_add(at), Some(r));
                 }
             }
         }

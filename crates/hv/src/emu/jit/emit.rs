@@ -19,6 +19,7 @@ pub const R15: u8 = 15;
 
 /// Condition codes (the low nibble of `0F 8x`).
 pub const CC_AE: u8 = 0x3;
+pub const CC_E: u8 = 0x4;
 pub const CC_NE: u8 = 0x5;
 pub const CC_A: u8 = 0x7;
 
@@ -136,6 +137,12 @@ impl Emit {
         self.buf.push(0);
     }
 
+    /// TEST BYTE [base + disp], imm8.
+    pub fn test_mem8(&mut self, base: u8, disp: i32, imm: u8) {
+        self.op_mem(0xf6, false, 0, base, disp);
+        self.buf.push(imm);
+    }
+
     /// MOV r64, r64 (`w`) or MOV r32, r32.
     pub fn mov_rr(&mut self, w: bool, dst: u8, src: u8) {
         self.op_rr(0x89, w, src, dst);
@@ -211,6 +218,11 @@ impl Emit {
     /// CALL r64.
     pub fn call(&mut self, r: u8) {
         self.op_rr(0xff, false, 2, r);
+    }
+
+    /// JMP r64.
+    pub fn jmp_r(&mut self, r: u8) {
+        self.op_rr(0xff, false, 4, r);
     }
 
     pub fn push(&mut self, r: u8) {
@@ -337,6 +349,8 @@ mod tests {
                     a.cmp(rx, qword_ptr(ry + disp)).unwrap();
                     e.cmp_byte_zero(y, disp);
                     a.cmp(byte_ptr(ry + disp), 0).unwrap();
+                    e.test_mem8(y, disp, 0x81);
+                    a.test(byte_ptr(ry + disp), 0x81).unwrap();
                     e.mov_rr(true, x, y);
                     a.mov(rx, ry).unwrap();
                     e.mov_rr(false, x, y);
@@ -437,6 +451,8 @@ mod tests {
             a.sar(r, 16).unwrap();
             e.call(x);
             a.call(r).unwrap();
+            e.jmp_r(x);
+            a.jmp(r).unwrap();
             e.push(x);
             a.push(r).unwrap();
             e.pop(x);

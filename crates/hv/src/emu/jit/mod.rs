@@ -14,12 +14,13 @@ mod emit;
 
 use std::ffi::c_void;
 use std::mem::offset_of;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
 use super::cpu::{Cpu, Exc, R, RSP as GUEST_RSP};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
-use super::mmu::{TlbEntry, PAGE_SIZE, TLB_SIZE};
+use super::mmu::{TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
 pub use arena::Pool;
 
@@ -68,11 +69,90 @@ struct Ctx {
     /// Fused CMP/TEST + Jcc ops run (each is two instructions).
     fused: u64,
     out: Option<R>,
+    /// For the chain stub: the vCPU, the block loop's attention flag, the VM's code epoch,
+    /// `Cpu::tlb_user` on entry (the TLB in R14) and the jump cache.
+    cpu: *mut Cpu,
+    attention: *const AtomicBool,
+    code_epoch: *const AtomicU64,
+    user: u64,
+    links: *const Link,
+    /// Blocks the stub may still chain to before the block loop's time check.
+    budget: u64,
+    /// The block running and its first RIP (the stub updates them on each chain).
+    block: u64,
+    start: u64,
+    /// Blocks chained to (statistics).
+    chained: u64,
 }
 
-/// One vCPU's translator: its arena and statistics.
+/// Entries of a vCPU's jump cache (a power of two).
+const LINKS: usize = 4096;
+/// `Link::rip` of an empty entry (not canonical: no block starts there).
+const NO_RIP: u64 = u64::MAX;
+
+/// A jump-cache entry: a translated block the chain stub may go on to without returning to
+/// the block loop, found by the linear RIP it ran at. It is good while that RIP's page still
+/// translates to `phys` for execution and the vCPU's code epoch is still `epoch` (the block
+/// was checked then).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Link {
+    rip: u64,
+    phys: u64,
+    epoch: u64,
+    /// Where the translation goes on after its prologue.
+    code: u64,
+    block: u64,
+    ops: u64,
+    bytes: u64,
+    _pad: u64,
+}
+
+const EMPTY_LINK: Link = Link {
+    rip: NO_RIP,
+    phys: 0,
+    epoch: 0,
+    code: 0,
+    block: 0,
+    ops: 0,
+    bytes: 0,
+    _pad: 0,
+};
+
+const _: () = assert!(std::mem::size_of::<Link>() == 64);
+
+/// The jump-cache slot of `rip`.
+fn link_slot(rip: u64) -> usize {
+    (rip ^ rip >> 12) as usize & (LINKS - 1)
+}
+
+/// What the block loop gives [`run`] for chaining: the block about to run, the blocks it may
+/// chain to before its time check, and its attention flag.
+pub struct Chain<'a> {
+    pub block: u32,
+    pub budget: u32,
+    pub attention: &'a AtomicBool,
+}
+
+/// Where [`run`] stopped: the exit of the block that ran last (`block`, entered at RIP
+/// `start`), and the chaining budget left.
+pub struct Ran {
+    pub exit: Exit,
+    pub block: u32,
+    pub start: u64,
+    pub budget: u32,
+    /// Blocks chained to.
+    pub chained: u64,
+}
+
+/// One vCPU's translator: its arena, jump cache and statistics.
 pub struct Jit {
     arena: Arena,
+    links: Box<[Link]>,
+    /// The chain stub's address in the arena (first in it).
+    stub: usize,
+    /// Bytes of a translation's prologue (the same for all).
+    prologue: usize,
     /// Blocks translated (statistics).
     pub translated: u64,
     /// Ops translated to host code rather than handler calls (statistics).
@@ -243,8 +323,16 @@ fn kind(op: &Op) -> Option<Kind> {
     }
 }
 
-/// Call op `op` through its handler with RIP `next` (after the instruction). Nonzero when the
-/// block must stop after it: the result is left in the context.
+/// `call_op`: the op ran and the block goes on.
+const GO_ON: u32 = 0;
+/// `call_op`: the block must stop after the op; its result is in the context.
+const STOP: u32 = 1;
+/// `call_op`: the op ended the block (`Exc::Stop`: a taken Jcc, a mode change, a REP
+/// yield) with RIP set; the block may chain.
+const ENDED: u32 = 2;
+
+/// Call op `op` through its handler with RIP `next` (after the instruction): [`GO_ON`],
+/// [`STOP`] or [`ENDED`].
 extern "sysv64" fn call_op(ctx: *mut Ctx, op: *const Op, next: u64) -> u32 {
     // SAFETY: translated code passes the context `run` built on its stack (alive for the
     // whole call) and a pointer into the block cache's op storage, which is never reallocated
@@ -254,11 +342,14 @@ extern "sysv64" fn call_op(ctx: *mut Ctx, op: *const Op, next: u64) -> u32 {
     let x = unsafe { &mut *(ctx.exec as *mut Exec<'_>) };
     x.cpu.rip = next;
     let r = (op.h)(x, op);
-    if r.is_ok() && !x.cpu.smc {
-        return 0;
+    match r {
+        _ if x.cpu.smc => {}
+        Ok(()) => return GO_ON,
+        Err(Exc::Stop) => return ENDED,
+        Err(_) => {}
     }
     ctx.out = Some(r);
-    1
+    STOP
 }
 
 use emit::*;
@@ -348,11 +439,50 @@ fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
 impl Jit {
     /// A translator with code memory from `pool`; `None` when the pool is used up.
     pub fn new(pool: &Arc<Pool>) -> Option<Jit> {
-        Some(Jit {
+        let mut e = Emit::new();
+        prologue(&mut e);
+        let mut jit = Jit {
             arena: pool.take()?,
+            links: vec![EMPTY_LINK; LINKS].into_boxed_slice(),
+            stub: 0,
+            prologue: e.buf.len(),
             translated: 0,
             native_ops: 0,
-        })
+        };
+        jit.stub = jit.arena.push(&chain_stub()?)?;
+        Some(jit)
+    }
+
+    /// The jump cache, for [`run`].
+    pub fn links(&self) -> *const Link {
+        self.links.as_ptr()
+    }
+
+    /// Let the chain stub find block `block` (translated at `native`; `ops` ops, `bytes`
+    /// bytes, at guest-physical `phys`) by RIP `rip` while the code epoch is `epoch`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn remember(
+        &mut self,
+        rip: u64,
+        phys: u64,
+        epoch: u64,
+        native: usize,
+        block: u32,
+        ops: usize,
+        bytes: usize,
+    ) {
+        if let Some(l) = self.links.get_mut(link_slot(rip)) {
+            *l = Link {
+                rip,
+                phys: phys & PAGE_MASK,
+                epoch,
+                code: (native + self.prologue) as u64,
+                block: block as u64,
+                ops: ops as u64,
+                bytes: bytes as u64,
+                _pad: 0,
+            };
+        }
     }
 
     /// Translate `ops` (a block of 64-bit code); its entry address, or `None` when the arena
@@ -362,7 +492,7 @@ impl Jit {
         if kinds.iter().all(|k| k.is_none()) {
             return None;
         }
-        let code = assemble(ops, &kinds)?;
+        let code = assemble(ops, &kinds, self.stub)?;
         let at = self.arena.push(&code)?;
         self.translated += 1;
         self.native_ops += kinds.iter().filter(|k| k.is_some()).count() as u64;
@@ -372,6 +502,11 @@ impl Jit {
     /// Forget every translation (the block cache was cleared).
     pub fn reset(&mut self) {
         self.arena.reset();
+        self.links.fill(EMPTY_LINK);
+        // The stub first again, where it was: it fitted before.
+        if let Some(at) = chain_stub().and_then(|c| self.arena.push(&c)) {
+            self.stub = at;
+        }
     }
 }
 
@@ -507,11 +642,126 @@ fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
     e.store64(RSI, offset_of!(Lazy, b) as i32, RCX);
 }
 
-/// Host code for `ops` (classified as `kinds`).
-fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
+/// The chain stub, called by a translated block that ran to its end (RIP is set): RAX = where
+/// the translation of the block at RIP goes on after its prologue, with R13, the context and
+/// the vCPU's instruction count and running-block bounds moved on to that block; RAX = 0
+/// (nothing changed) when the block loop must look first: the vCPU has something to attend to
+/// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the code
+/// epoch moved, the budget is spent, or the jump cache does not hold a block for RIP that
+/// is good now (same page translation, same epoch). Uses RAX, RCX, RDX, RSI, RDI.
+fn chain_stub() -> Option<Vec<u8>> {
+    let mut e = Emit::new();
+    let fail = e.label();
+    let ctx = |f: usize| f as i32;
+    e.load64(RAX, R12, ctx(offset_of!(Ctx, budget)));
+    e.alu_imm(CMP, true, RAX, 0);
+    e.jcc(CC_E, fail);
+    e.load64(RAX, R12, ctx(offset_of!(Ctx, attention)));
+    e.cmp_byte_zero(RAX, 0);
+    e.jcc(CC_NE, fail);
+    e.load64(RDI, R12, ctx(offset_of!(Ctx, cpu)));
+    e.cmp_byte_zero(RDI, offset_of!(Cpu, poll) as i32);
+    e.jcc(CC_NE, fail);
+    e.cmp_byte_zero(RDI, offset_of!(Cpu, shadow) as i32);
+    e.jcc(CC_NE, fail);
+    // TF is bit 8 of RFLAGS.
+    e.test_mem8(RDI, offset_of!(Cpu, flags) as i32 + 1, 1);
+    e.jcc(CC_NE, fail);
+    e.load8z(RAX, RDI, offset_of!(Cpu, bitness) as i32);
+    e.alu_imm(CMP, false, RAX, 64);
+    e.jcc(CC_NE, fail);
+    e.load64(RAX, RDI, offset_of!(Cpu, tlb_user) as i32);
+    e.cmp_mem(RAX, R12, ctx(offset_of!(Ctx, user)));
+    e.jcc(CC_NE, fail);
+    // `Cpu::sync_epoch` would move the epoch.
+    e.load64(RAX, R12, ctx(offset_of!(Ctx, code_epoch)));
+    e.load64(RAX, RAX, 0);
+    e.cmp_mem(RAX, RDI, offset_of!(Cpu, seen_epoch) as i32);
+    e.jcc(CC_NE, fail);
+    // The jump cache entry for RIP, checked at this epoch.
+    e.load64(RSI, RDI, offset_of!(Cpu, rip) as i32);
+    e.mov_rr(true, RAX, RSI);
+    e.shift(SHR, RAX, 12);
+    e.alu_rr(alu::XOR, true, RAX, RSI);
+    e.alu_imm(AND, false, RAX, (LINKS - 1) as i32);
+    e.shift(SHL, RAX, std::mem::size_of::<Link>().trailing_zeros() as u8);
+    e.add_mem(RAX, R12, ctx(offset_of!(Ctx, links)));
+    e.cmp_mem(RSI, RAX, offset_of!(Link, rip) as i32);
+    e.jcc(CC_NE, fail);
+    e.load64(RCX, RDI, offset_of!(Cpu, epoch) as i32);
+    e.cmp_mem(RCX, RAX, offset_of!(Link, epoch) as i32);
+    e.jcc(CC_NE, fail);
+    // RIP's page in the execute TLB, still at the block's physical page.
+    let esz = std::mem::size_of::<TlbEntry>() as i32;
+    e.mov_rr(true, RDX, RSI);
+    e.shift(SHR, RDX, 12);
+    e.alu_imm(AND, false, RDX, (TLB_SIZE - 1) as i32);
+    e.imul_imm(RDX, RDX, esz);
+    e.add_rr(RDX, R14);
+    e.mov_rr(true, RCX, RSI);
+    e.alu_imm(AND, true, RCX, -(PAGE_SIZE as i32));
+    e.cmp_mem(RCX, RDX, offset_of!(TlbEntry, tag_x) as i32);
+    e.jcc(CC_NE, fail);
+    e.load64(RCX, RDX, offset_of!(TlbEntry, phys) as i32);
+    e.cmp_mem(RCX, RAX, offset_of!(Link, phys) as i32);
+    e.jcc(CC_NE, fail);
+    // Go: what the block loop does before running a block.
+    e.mov_rr(true, R13, RSI);
+    e.store64(R12, ctx(offset_of!(Ctx, start)), RSI);
+    e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
+    e.add_rr(RCX, RSI);
+    e.store64(RDI, offset_of!(Cpu, blk_host) as i32, RCX);
+    e.load64(RCX, RAX, offset_of!(Link, bytes) as i32);
+    e.store64(RDI, offset_of!(Cpu, blk_len) as i32, RCX);
+    e.load64(RCX, RAX, offset_of!(Link, ops) as i32);
+    e.add_mem(RCX, RDI, offset_of!(Cpu, icount) as i32);
+    e.store64(RDI, offset_of!(Cpu, icount) as i32, RCX);
+    e.load64(RCX, RAX, offset_of!(Link, block) as i32);
+    e.store64(R12, ctx(offset_of!(Ctx, block)), RCX);
+    e.load64(RCX, R12, ctx(offset_of!(Ctx, budget)));
+    e.alu_imm(SUB, true, RCX, 1);
+    e.store64(R12, ctx(offset_of!(Ctx, budget)), RCX);
+    e.load64(RCX, R12, ctx(offset_of!(Ctx, chained)));
+    e.alu_imm(ADD, true, RCX, 1);
+    e.store64(R12, ctx(offset_of!(Ctx, chained)), RCX);
+    e.load64(RAX, RAX, offset_of!(Link, code) as i32);
+    e.ret();
+    e.bind(fail);
+    e.mov_imm(RAX, 0);
+    e.ret();
+    e.finish()
+}
+
+/// A block's end with RIP set: go on to the next translated block through the chain stub at
+/// `stub` when it can, else return `exit` to the block loop. `skipped`: ops of the block that
+/// did not run (the block loop counted them as retired; it takes them back on a return).
+fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Label) {
+    e.mov_imm(RAX, stub as u64);
+    e.call(RAX);
+    e.alu_rr(alu::TEST, true, RAX, RAX);
+    let back = e.label();
+    e.jcc(CC_E, back);
+    if skipped != 0 {
+        let icount = offset_of!(Cpu, icount) as i32;
+        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
+        e.load64(RDX, RCX, icount);
+        e.alu_imm(SUB, true, RDX, skipped);
+        e.store64(RCX, icount, RDX);
+    }
+    e.jmp_r(RAX);
+    e.bind(back);
+    e.mov_imm(RAX, exit);
+    e.jmp(done);
+}
+
+/// Host code for `ops` (classified as `kinds`); a block that runs to its end goes on through
+/// the chain stub at `stub`.
+fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: usize) -> Option<Vec<u8>> {
     let mut e = Emit::new();
     prologue(&mut e);
     let mut exits: Vec<(Label, u64)> = Vec::new();
+    // Handler calls that did not go on: (label, op index, offset).
+    let mut ended: Vec<(Label, usize, u32)> = Vec::new();
     // Taken fused compare-and-branch ops: (entry, bail, op index, offset, end, displacement,
     // operation, size).
     #[allow(clippy::type_complexity)]
@@ -533,7 +783,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
             e.test32(RAX, RAX);
             let stop = e.label();
             e.jcc(CC_NE, stop);
-            exits.push((stop, exit_value(RESULT, k, at)));
+            ended.push((stop, k, at));
             continue;
         };
         let bail = e.label();
@@ -686,11 +936,22 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
         e.lea(RAX, R13, end as i32);
         set_rip(&mut e, RAX);
     }
-    e.mov_imm(RAX, DONE);
-    e.jmp(done);
+    chain_or_return(&mut e, stub, DONE, 0, done);
     for (l, v) in exits {
         e.bind(l);
         e.mov_imm(RAX, v);
+        e.jmp(done);
+    }
+    for (l, k, at) in ended {
+        // STOP returns the handler's result; ENDED chains, as the block loop would go on.
+        e.bind(l);
+        let result = e.label();
+        e.alu_imm(CMP, false, RAX, ENDED as i32);
+        e.jcc(CC_NE, result);
+        let skipped = (ops.len() - k - 1) as i32;
+        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
+        e.bind(result);
+        e.mov_imm(RAX, exit_value(RESULT, k, at));
         e.jmp(done);
     }
     for (to, bail, k, at, end, disp, o, s) in taken {
@@ -702,17 +963,20 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>]) -> Option<Vec<u8>> {
         e.mov_rr(true, RCX, R11);
         record_compare(&mut e, o, s);
         set_rip(&mut e, R10);
-        e.mov_imm(RAX, exit_value(TAKEN, k, at));
-        e.jmp(done);
+        let skipped = (ops.len() - k - 1) as i32;
+        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
     }
     e.bind(done);
     epilogue(&mut e);
     e.finish()
 }
 
-/// Run translated block `code` (built for `x.cpu`'s mode) starting at RIP `rip`.
-pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
+/// Run translated block `code` (built for `x.cpu`'s mode) starting at RIP `rip`, and the
+/// translated blocks it chains to (`links`: the jump cache of the vCPU's [`Jit`]).
+pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: *const Link) -> Ran {
     let cpu: &mut Cpu = x.cpu;
+    let user = cpu.tlb_user as u64;
+    let code_epoch: *const AtomicU64 = &cpu.vm.code_epoch;
     let u = cpu.tlb_user & 1;
     let tlb = cpu.mmu.tlb[u].as_ptr();
     let (code_flags, code_len) = cpu.mmu.code().flags_raw();
@@ -729,7 +993,17 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
         lazy,
         fused: 0,
         out: None,
+        cpu: std::ptr::null_mut(),
+        attention: chain.attention,
+        code_epoch,
+        user,
+        links,
+        budget: chain.budget as u64,
+        block: chain.block as u64,
+        start: rip,
+        chained: 0,
     };
+    ctx.cpu = x.cpu as *mut Cpu;
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
     // System V calling convention; it only touches the context and what its pointers reach
     // (this vCPU's registers, RIP, TLB and code flags, and guest RAM through TLB entries), and
@@ -740,7 +1014,7 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
     };
     x.cpu.icount += ctx.fused;
     let (k, at) = ((ret & 0xffff) as usize, ret >> 16 & 0xffff);
-    match ret >> 32 {
+    let exit = match ret >> 32 {
         DONE => Exit::Done,
         BAIL => Exit::Bail { k, at },
         TAKEN => Exit::Result {
@@ -753,6 +1027,13 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64) -> Exit {
             at,
             r: ctx.out.take().unwrap_or(Ok(())),
         },
+    };
+    Ran {
+        exit,
+        block: ctx.block as u32,
+        start: ctx.start,
+        budget: ctx.budget as u32,
+        chained: ctx.chained,
     }
 }
 
