@@ -531,9 +531,9 @@ impl BlockCache {
         Some(blk.native)
     }
 
-    /// The jump cache of the JIT's chain stub (null without a JIT).
-    pub fn links(&self) -> *const jit::Link {
-        self.jit.as_ref().map_or(std::ptr::null(), |j| j.links())
+    /// The jump cache of the JIT's chain stub (empty without a JIT).
+    pub fn links(&self) -> &[jit::Link] {
+        self.jit.as_ref().map_or(&[], |j| j.links())
     }
 
     /// Count a run of untranslated block `blk`; translate it on its [`jit::HOT`]th.

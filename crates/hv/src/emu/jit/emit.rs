@@ -131,6 +131,18 @@ impl Emit {
         self.op_mem(0x3b, true, dst, base, disp);
     }
 
+    /// `op QWORD [base + disp], imm8` (group 1 by `/digit`: ADD, AND, SUB, CMP; the
+    /// immediate sign-extended).
+    pub fn alu_mem_imm8(&mut self, op: u8, base: u8, disp: i32, imm: i8) {
+        self.op_mem(0x83, true, op, base, disp);
+        self.buf.push(imm as u8);
+    }
+
+    /// ADD QWORD [base + disp], r64.
+    pub fn add_to_mem(&mut self, base: u8, disp: i32, src: u8) {
+        self.op_mem(0x01, true, src, base, disp);
+    }
+
     /// CMP BYTE [base + disp], 0.
     pub fn cmp_byte_zero(&mut self, base: u8, disp: i32) {
         self.op_mem(0x80, false, 7, base, disp);
@@ -351,6 +363,12 @@ mod tests {
                     a.cmp(byte_ptr(ry + disp), 0).unwrap();
                     e.test_mem8(y, disp, 0x81);
                     a.test(byte_ptr(ry + disp), 0x81).unwrap();
+                    e.alu_mem_imm8(CMP, y, disp, 0);
+                    a.cmp(qword_ptr(ry + disp), 0).unwrap();
+                    e.alu_mem_imm8(SUB, y, disp, 1);
+                    a.sub(qword_ptr(ry + disp), 1).unwrap();
+                    e.add_to_mem(y, disp, x);
+                    a.add(qword_ptr(ry + disp), rx).unwrap();
                     e.mov_rr(true, x, y);
                     a.mov(rx, ry).unwrap();
                     e.mov_rr(false, x, y);

@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use super::cpu::{Cpu, Exc, R, RSP as GUEST_RSP};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
-use super::mmu::{TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
+use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
 pub use arena::Pool;
 
@@ -78,11 +78,8 @@ struct Ctx {
     links: *const Link,
     /// Blocks the stub may still chain to before the block loop's time check.
     budget: u64,
-    /// The block running and its first RIP (the stub updates them on each chain).
-    block: u64,
-    start: u64,
-    /// Blocks chained to (statistics).
-    chained: u64,
+    /// The jump-cache entry of the block running, once the stub chained (else null).
+    link: *const Link,
 }
 
 /// Entries of a vCPU's jump cache (a power of two).
@@ -105,7 +102,8 @@ pub struct Link {
     block: u64,
     ops: u64,
     bytes: u64,
-    _pad: u64,
+    /// Offset of RIP's entry in a TLB.
+    tlb_off: u64,
 }
 
 const EMPTY_LINK: Link = Link {
@@ -116,7 +114,7 @@ const EMPTY_LINK: Link = Link {
     block: 0,
     ops: 0,
     bytes: 0,
-    _pad: 0,
+    tlb_off: 0,
 };
 
 const _: () = assert!(std::mem::size_of::<Link>() == 64);
@@ -145,12 +143,32 @@ pub struct Ran {
     pub chained: u64,
 }
 
+/// The chain stub's two entries.
+#[derive(Clone, Copy, Default)]
+struct Stub {
+    full: usize,
+    native: usize,
+}
+
+impl Stub {
+    /// Put the stub at the start of `arena`.
+    fn place(arena: &mut Arena) -> Option<Stub> {
+        let (code, fast) = chain_stub()?;
+        let full = arena.push(&code)?;
+        Some(Stub {
+            full,
+            native: full + fast,
+        })
+    }
+}
+
 /// One vCPU's translator: its arena, jump cache and statistics.
 pub struct Jit {
     arena: Arena,
     links: Box<[Link]>,
-    /// The chain stub's address in the arena (first in it).
-    stub: usize,
+    /// The chain stub's entries in the arena (first in it): full, and for blocks without
+    /// handler calls.
+    stub: Stub,
     /// Bytes of a translation's prologue (the same for all).
     prologue: usize,
     /// Blocks translated (statistics).
@@ -444,18 +462,18 @@ impl Jit {
         let mut jit = Jit {
             arena: pool.take()?,
             links: vec![EMPTY_LINK; LINKS].into_boxed_slice(),
-            stub: 0,
+            stub: Stub::default(),
             prologue: e.buf.len(),
             translated: 0,
             native_ops: 0,
         };
-        jit.stub = jit.arena.push(&chain_stub()?)?;
+        jit.stub = Stub::place(&mut jit.arena)?;
         Some(jit)
     }
 
     /// The jump cache, for [`run`].
-    pub fn links(&self) -> *const Link {
-        self.links.as_ptr()
+    pub fn links(&self) -> &[Link] {
+        &self.links
     }
 
     /// Let the chain stub find block `block` (translated at `native`; `ops` ops, `bytes`
@@ -480,7 +498,7 @@ impl Jit {
                 block: block as u64,
                 ops: ops as u64,
                 bytes: bytes as u64,
-                _pad: 0,
+                tlb_off: (tlb_index(rip) * std::mem::size_of::<TlbEntry>()) as u64,
             };
         }
     }
@@ -504,8 +522,8 @@ impl Jit {
         self.arena.reset();
         self.links.fill(EMPTY_LINK);
         // The stub first again, where it was: it fitted before.
-        if let Some(at) = chain_stub().and_then(|c| self.arena.push(&c)) {
-            self.stub = at;
+        if let Some(stub) = Stub::place(&mut self.arena) {
+            self.stub = stub;
         }
     }
 }
@@ -642,94 +660,89 @@ fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
     e.store64(RSI, offset_of!(Lazy, b) as i32, RCX);
 }
 
-/// The chain stub, called by a translated block that ran to its end (RIP is set): RAX = where
+/// The chain stub and the offset of its second entry, which skips the checks of the vCPU
+/// state only handlers change; called by a translated block that ran to its end (RIP is
+/// set): RAX = where
 /// the translation of the block at RIP goes on after its prologue, with R13, the context and
 /// the vCPU's instruction count and running-block bounds moved on to that block; RAX = 0
 /// (nothing changed) when the block loop must look first: the vCPU has something to attend to
 /// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the code
 /// epoch moved, the budget is spent, or the jump cache does not hold a block for RIP that
 /// is good now (same page translation, same epoch). Uses RAX, RCX, RDX, RSI, RDI.
-fn chain_stub() -> Option<Vec<u8>> {
+fn chain_stub() -> Option<(Vec<u8>, usize)> {
     let mut e = Emit::new();
     let fail = e.label();
     let ctx = |f: usize| f as i32;
-    e.load64(RAX, R12, ctx(offset_of!(Ctx, budget)));
-    e.alu_imm(CMP, true, RAX, 0);
+    let cpu = |f: usize| f as i32;
+    let link = |f: usize| f as i32;
+    // The full entry: a handler ran in the block, it may have changed the vCPU's state.
+    e.load64(RDI, R12, ctx(offset_of!(Ctx, cpu)));
+    e.cmp_byte_zero(RDI, cpu(offset_of!(Cpu, poll)));
+    e.jcc(CC_NE, fail);
+    e.cmp_byte_zero(RDI, cpu(offset_of!(Cpu, shadow)));
+    e.jcc(CC_NE, fail);
+    // TF is bit 8 of RFLAGS.
+    e.test_mem8(RDI, cpu(offset_of!(Cpu, flags)) + 1, 1);
+    e.jcc(CC_NE, fail);
+    e.load8z(RAX, RDI, cpu(offset_of!(Cpu, bitness)));
+    e.alu_imm(CMP, false, RAX, 64);
+    e.jcc(CC_NE, fail);
+    e.load64(RAX, RDI, cpu(offset_of!(Cpu, tlb_user)));
+    e.cmp_mem(RAX, R12, ctx(offset_of!(Ctx, user)));
+    e.jcc(CC_NE, fail);
+    // The entry for blocks of translated ops only: those leave that state alone.
+    let fast = e.buf.len();
+    e.alu_mem_imm8(CMP, R12, ctx(offset_of!(Ctx, budget)), 0);
     e.jcc(CC_E, fail);
     e.load64(RAX, R12, ctx(offset_of!(Ctx, attention)));
     e.cmp_byte_zero(RAX, 0);
     e.jcc(CC_NE, fail);
     e.load64(RDI, R12, ctx(offset_of!(Ctx, cpu)));
-    e.cmp_byte_zero(RDI, offset_of!(Cpu, poll) as i32);
-    e.jcc(CC_NE, fail);
-    e.cmp_byte_zero(RDI, offset_of!(Cpu, shadow) as i32);
-    e.jcc(CC_NE, fail);
-    // TF is bit 8 of RFLAGS.
-    e.test_mem8(RDI, offset_of!(Cpu, flags) as i32 + 1, 1);
-    e.jcc(CC_NE, fail);
-    e.load8z(RAX, RDI, offset_of!(Cpu, bitness) as i32);
-    e.alu_imm(CMP, false, RAX, 64);
-    e.jcc(CC_NE, fail);
-    e.load64(RAX, RDI, offset_of!(Cpu, tlb_user) as i32);
-    e.cmp_mem(RAX, R12, ctx(offset_of!(Ctx, user)));
-    e.jcc(CC_NE, fail);
     // `Cpu::sync_epoch` would move the epoch.
     e.load64(RAX, R12, ctx(offset_of!(Ctx, code_epoch)));
     e.load64(RAX, RAX, 0);
-    e.cmp_mem(RAX, RDI, offset_of!(Cpu, seen_epoch) as i32);
+    e.cmp_mem(RAX, RDI, cpu(offset_of!(Cpu, seen_epoch)));
     e.jcc(CC_NE, fail);
     // The jump cache entry for RIP, checked at this epoch.
-    e.load64(RSI, RDI, offset_of!(Cpu, rip) as i32);
+    e.load64(RSI, RDI, cpu(offset_of!(Cpu, rip)));
     e.mov_rr(true, RAX, RSI);
     e.shift(SHR, RAX, 12);
     e.alu_rr(alu::XOR, true, RAX, RSI);
     e.alu_imm(AND, false, RAX, (LINKS - 1) as i32);
     e.shift(SHL, RAX, std::mem::size_of::<Link>().trailing_zeros() as u8);
     e.add_mem(RAX, R12, ctx(offset_of!(Ctx, links)));
-    e.cmp_mem(RSI, RAX, offset_of!(Link, rip) as i32);
+    e.cmp_mem(RSI, RAX, link(offset_of!(Link, rip)));
     e.jcc(CC_NE, fail);
-    e.load64(RCX, RDI, offset_of!(Cpu, epoch) as i32);
-    e.cmp_mem(RCX, RAX, offset_of!(Link, epoch) as i32);
+    e.load64(RCX, RDI, cpu(offset_of!(Cpu, epoch)));
+    e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
     e.jcc(CC_NE, fail);
     // RIP's page in the execute TLB, still at the block's physical page.
-    let esz = std::mem::size_of::<TlbEntry>() as i32;
-    e.mov_rr(true, RDX, RSI);
-    e.shift(SHR, RDX, 12);
-    e.alu_imm(AND, false, RDX, (TLB_SIZE - 1) as i32);
-    e.imul_imm(RDX, RDX, esz);
+    e.load64(RDX, RAX, link(offset_of!(Link, tlb_off)));
     e.add_rr(RDX, R14);
     e.mov_rr(true, RCX, RSI);
     e.alu_imm(AND, true, RCX, -(PAGE_SIZE as i32));
     e.cmp_mem(RCX, RDX, offset_of!(TlbEntry, tag_x) as i32);
     e.jcc(CC_NE, fail);
     e.load64(RCX, RDX, offset_of!(TlbEntry, phys) as i32);
-    e.cmp_mem(RCX, RAX, offset_of!(Link, phys) as i32);
+    e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
     e.jcc(CC_NE, fail);
     // Go: what the block loop does before running a block.
     e.mov_rr(true, R13, RSI);
-    e.store64(R12, ctx(offset_of!(Ctx, start)), RSI);
+    e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
     e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
     e.add_rr(RCX, RSI);
-    e.store64(RDI, offset_of!(Cpu, blk_host) as i32, RCX);
-    e.load64(RCX, RAX, offset_of!(Link, bytes) as i32);
-    e.store64(RDI, offset_of!(Cpu, blk_len) as i32, RCX);
-    e.load64(RCX, RAX, offset_of!(Link, ops) as i32);
-    e.add_mem(RCX, RDI, offset_of!(Cpu, icount) as i32);
-    e.store64(RDI, offset_of!(Cpu, icount) as i32, RCX);
-    e.load64(RCX, RAX, offset_of!(Link, block) as i32);
-    e.store64(R12, ctx(offset_of!(Ctx, block)), RCX);
-    e.load64(RCX, R12, ctx(offset_of!(Ctx, budget)));
-    e.alu_imm(SUB, true, RCX, 1);
-    e.store64(R12, ctx(offset_of!(Ctx, budget)), RCX);
-    e.load64(RCX, R12, ctx(offset_of!(Ctx, chained)));
-    e.alu_imm(ADD, true, RCX, 1);
-    e.store64(R12, ctx(offset_of!(Ctx, chained)), RCX);
-    e.load64(RAX, RAX, offset_of!(Link, code) as i32);
+    e.store64(RDI, cpu(offset_of!(Cpu, blk_host)), RCX);
+    e.load64(RCX, RAX, link(offset_of!(Link, bytes)));
+    e.store64(RDI, cpu(offset_of!(Cpu, blk_len)), RCX);
+    e.load64(RCX, RAX, link(offset_of!(Link, ops)));
+    e.add_to_mem(RDI, cpu(offset_of!(Cpu, icount)), RCX);
+    e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
+    e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
     e.bind(fail);
     e.mov_imm(RAX, 0);
     e.ret();
-    e.finish()
+    Some((e.finish()?, fast))
 }
 
 /// A block's end with RIP set: go on to the next translated block through the chain stub at
@@ -755,9 +768,14 @@ fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Lab
 }
 
 /// Host code for `ops` (classified as `kinds`); a block that runs to its end goes on through
-/// the chain stub at `stub`.
-fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: usize) -> Option<Vec<u8>> {
+/// the chain stub (its shorter entry when every op is translated).
+fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
     let mut e = Emit::new();
+    let stub = if kinds.iter().all(|k| k.is_some()) {
+        stub.native
+    } else {
+        stub.full
+    };
     prologue(&mut e);
     let mut exits: Vec<(Label, u64)> = Vec::new();
     // Handler calls that did not go on: (label, op index, offset).
@@ -973,7 +991,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: usize) -> Option<Vec<u8>> 
 
 /// Run translated block `code` (built for `x.cpu`'s mode) starting at RIP `rip`, and the
 /// translated blocks it chains to (`links`: the jump cache of the vCPU's [`Jit`]).
-pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: *const Link) -> Ran {
+pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &[Link]) -> Ran {
     let cpu: &mut Cpu = x.cpu;
     let user = cpu.tlb_user as u64;
     let code_epoch: *const AtomicU64 = &cpu.vm.code_epoch;
@@ -997,11 +1015,9 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: *co
         attention: chain.attention,
         code_epoch,
         user,
-        links,
+        links: links.as_ptr(),
         budget: chain.budget as u64,
-        block: chain.block as u64,
-        start: rip,
-        chained: 0,
+        link: std::ptr::null(),
     };
     ctx.cpu = x.cpu as *mut Cpu;
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
@@ -1028,12 +1044,19 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: *co
             r: ctx.out.take().unwrap_or(Ok(())),
         },
     };
+    // The block that ran last: the one the stub chained to last, found again in the jump
+    // cache by the entry's address (nothing is read through the pointer).
+    let last = (ctx.link as usize)
+        .checked_sub(links.as_ptr() as usize)
+        .map(|d| d / std::mem::size_of::<Link>())
+        .and_then(|i| links.get(i))
+        .filter(|_| !ctx.link.is_null());
     Ran {
         exit,
-        block: ctx.block as u32,
-        start: ctx.start,
+        block: last.map_or(chain.block, |l| l.block as u32),
+        start: last.map_or(rip, |l| l.rip),
         budget: ctx.budget as u32,
-        chained: ctx.chained,
+        chained: (chain.budget as u64).saturating_sub(ctx.budget),
     }
 }
 
