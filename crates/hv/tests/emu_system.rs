@@ -2056,3 +2056,49 @@ fn chained_translated_code_follows_a_remapped_page() {
     run_to_exit(v.as_mut(), &m.io);
     assert_eq!(m.r32(DATA), 50 + 2 * 50);
 }
+
+/// A hot translated loop whose handler-run op (a byte store) faults in its last iteration:
+/// the fault has the op's RIP, and the ops before it in the block ran.
+#[test]
+fn a_handler_op_faults_in_a_hot_translated_block() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    recorder(&m, 14, true);
+    m.w64(PT + 8, 0);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        a.mov(ecx, 100).unwrap();
+        a.mov(esi, DATA as u32).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.cmp(ecx, 1).unwrap();
+        a.jne(skip).unwrap();
+        a.mov(esi, 0x20_1010).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.add(edx, 3).unwrap();
+        a.mov(byte_ptr(rsi), cl).unwrap();
+        a.add(edx, 5).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    assert_eq!(run_to_exit(v.as_mut(), &m.io), 14);
+    let f = frame(&m);
+    assert_eq!(f.cr2, 0x20_1010);
+    assert_eq!(f.err, 2, "write to a not-present page");
+    // The store's RIP: decode the code to find it.
+    let mut d = iced_x86::Decoder::with_ip(64, &code, CODE, iced_x86::DecoderOptions::NONE);
+    let is_store = |i: &iced_x86::Instruction| {
+        i.mnemonic() == iced_x86::Mnemonic::Mov && i.op0_kind() == iced_x86::OpKind::Memory
+    };
+    let store_rip = d.iter().find(is_store).unwrap().ip();
+    assert_eq!(f.rip, store_rip);
+    let r = v.regs().unwrap();
+    assert_eq!(
+        r.rdx & 0xffff_ffff,
+        99 * 8 + 3,
+        "the ADD before the store ran, the one after not"
+    );
+    assert_eq!(r.rcx, 1);
+}

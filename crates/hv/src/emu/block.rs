@@ -524,7 +524,16 @@ impl BlockCache {
         let blk = self.blocks.get_mut(b as usize)?;
         if blk.native == 0 {
             debug_assert!(self.ops.capacity() >= MAX_TOTAL_OPS);
-            blk.native = Self::translate(jit, &self.ops, blk)?;
+            match Self::translate(jit, &self.ops, blk) {
+                Some(code) => blk.native = code,
+                None if jit.full => {
+                    // Start over rather than interpret hot blocks from now on: block `b` is
+                    // gone (the block loop runs nothing and finds RIP's block again).
+                    self.clear();
+                    return None;
+                }
+                None => return None,
+            }
         }
         let (n, l) = (blk.op_len as usize, blk.byte_len as usize);
         jit.remember(rip, blk.key >> 7, epoch, blk.native, b, n, l);

@@ -143,6 +143,11 @@ impl Emit {
         self.op_mem(0x01, true, src, base, disp);
     }
 
+    /// SUB QWORD [base + disp], r64.
+    pub fn sub_to_mem(&mut self, base: u8, disp: i32, src: u8) {
+        self.op_mem(0x29, true, src, base, disp);
+    }
+
     /// CMP BYTE [base + disp], 0.
     pub fn cmp_byte_zero(&mut self, base: u8, disp: i32) {
         self.op_mem(0x80, false, 7, base, disp);
@@ -369,6 +374,8 @@ mod tests {
                     a.sub(qword_ptr(ry + disp), 1).unwrap();
                     e.add_to_mem(y, disp, x);
                     a.add(qword_ptr(ry + disp), rx).unwrap();
+                    e.sub_to_mem(y, disp, x);
+                    a.sub(qword_ptr(ry + disp), rx).unwrap();
                     e.mov_rr(true, x, y);
                     a.mov(rx, ry).unwrap();
                     e.mov_rr(false, x, y);

@@ -27,7 +27,9 @@ pub use arena::Pool;
 /// Runs of a block before it is translated.
 pub const HOT: u16 = 32;
 /// Bytes of executable memory per vCPU.
-const ARENA_SIZE: usize = 16 << 20;
+/// Bytes of executable memory per vCPU (address space: only what is written is backed). The
+/// kernel's I/O paths alone took 16 MiB with the chain exits.
+const ARENA_SIZE: usize = 64 << 20;
 /// vCPUs of one backend with a JIT (the others only interpret).
 const JIT_VCPUS: usize = 16;
 
@@ -171,6 +173,8 @@ pub struct Jit {
     stub: Stub,
     /// Bytes of a translation's prologue (the same for all).
     prologue: usize,
+    /// A translation did not fit: the block cache should be cleared.
+    pub full: bool,
     /// Blocks translated (statistics).
     pub translated: u64,
     /// Ops translated to host code rather than handler calls (statistics).
@@ -464,6 +468,7 @@ impl Jit {
             links: vec![EMPTY_LINK; LINKS].into_boxed_slice(),
             stub: Stub::default(),
             prologue: e.buf.len(),
+            full: false,
             translated: 0,
             native_ops: 0,
         };
@@ -511,7 +516,10 @@ impl Jit {
             return None;
         }
         let code = assemble(ops, &kinds, self.stub)?;
-        let at = self.arena.push(&code)?;
+        let Some(at) = self.arena.push(&code) else {
+            self.full = true;
+            return None;
+        };
         self.translated += 1;
         self.native_ops += kinds.iter().filter(|k| k.is_some()).count() as u64;
         Some(at)
@@ -520,6 +528,7 @@ impl Jit {
     /// Forget every translation (the block cache was cleared).
     pub fn reset(&mut self) {
         self.arena.reset();
+        self.full = false;
         self.links.fill(EMPTY_LINK);
         // The stub first again, where it was: it fitted before.
         if let Some(stub) = Stub::place(&mut self.arena) {
@@ -960,16 +969,36 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         e.mov_imm(RAX, v);
         e.jmp(done);
     }
-    for (l, k, at) in ended {
-        // STOP returns the handler's result; ENDED chains, as the block loop would go on.
-        e.bind(l);
-        let result = e.label();
+    if !ended.is_empty() {
+        // A handler call that did not go on: RBP = its exit as a taken branch, R15 = the ops
+        // after it. STOP returns the handler's result; ENDED chains, as the block loop would
+        // go on (then the skipped ops are taken back from the count).
+        let common = e.label();
+        for (l, k, at) in ended {
+            e.bind(l);
+            e.mov_imm(RBP, exit_value(TAKEN, k, at));
+            e.mov_imm(R15, (ops.len() - k - 1) as u64);
+            e.jmp(common);
+        }
+        e.bind(common);
+        let (result, back) = (e.label(), e.label());
         e.alu_imm(CMP, false, RAX, ENDED as i32);
         e.jcc(CC_NE, result);
-        let skipped = (ops.len() - k - 1) as i32;
-        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
+        e.mov_imm(RAX, stub as u64);
+        e.call(RAX);
+        e.alu_rr(alu::TEST, true, RAX, RAX);
+        e.jcc(CC_E, back);
+        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
+        e.sub_to_mem(RCX, offset_of!(Cpu, icount) as i32, R15);
+        e.jmp_r(RAX);
+        e.bind(back);
+        e.mov_rr(true, RAX, RBP);
+        e.jmp(done);
         e.bind(result);
-        e.mov_imm(RAX, exit_value(RESULT, k, at));
+        // The same op and offset, as a handler result.
+        e.mov_imm(RCX, (TAKEN - RESULT) << 32);
+        e.mov_rr(true, RAX, RBP);
+        e.alu_rr(alu::SUB, true, RAX, RCX);
         e.jmp(done);
     }
     for (to, bail, k, at, end, disp, o, s) in taken {
@@ -1070,6 +1099,27 @@ mod tests {
     fn op(bytes: &[u8]) -> Op {
         let i = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE).decode();
         decode::translate(&i, 64, true).0
+    }
+
+    #[test]
+    fn a_full_arena_says_so_until_it_is_reset() {
+        let pool = Arc::new(Pool::new(8192, 1).unwrap());
+        let mut jit = Jit::new(&pool).unwrap();
+        assert!(Jit::new(&pool).is_none(), "one slice");
+        let block = [
+            op(&[0x48, 0x89, 0xd8]),
+            op(&[0x48, 0x01, 0xd8]),
+            op(&[0xc3]),
+        ];
+        let mut n = 0;
+        while jit.translate(&block).is_some() {
+            n += 1;
+            assert!(n < 1000, "an 8 KiB arena fills up");
+        }
+        assert!(n > 0 && jit.full);
+        jit.reset();
+        assert!(!jit.full);
+        assert!(jit.translate(&block).is_some(), "room again after a reset");
     }
 
     #[test]
