@@ -2102,3 +2102,61 @@ fn a_handler_op_faults_in_a_hot_translated_block() {
     );
     assert_eq!(r.rcx, 1);
 }
+
+/// GS- and FS-relative loads, stores and ALU ops in a hot translated loop, with the GS base
+/// moved by WRMSR halfway: translated code adds the base at run time.
+#[test]
+fn fs_and_gs_relative_operands_in_translated_code() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let (gs1, gs2, fs_base) = (DATA + 0x1000, DATA + 0x2000, DATA + 0x3000);
+    m.w64(gs1 + 8, 1);
+    m.w64(gs2 + 8, 1000);
+    m.w32(fs_base + 4, 7);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        let mut skip = a.create_label();
+        for (msr, val) in [(0xc000_0100u32, fs_base), (0xc000_0101, gs1)] {
+            a.mov(ecx, msr).unwrap();
+            a.mov(eax, val as u32).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.wrmsr().unwrap();
+        }
+        a.xor(ebx, ebx).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.set_label(&mut l).unwrap();
+        // The page at linear 0 in the TLB: a load that forgot the base would hit it.
+        a.mov(rdx, qword_ptr(8)).unwrap();
+        // RBX += gs:[8] + fs:[4]; gs:[16] = RBX.
+        a.mov(rax, qword_ptr(8).gs()).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.add(ebx, dword_ptr(4).fs()).unwrap();
+        a.mov(qword_ptr(16).gs(), rbx).unwrap();
+        a.cmp(ecx, 51).unwrap();
+        a.jne(skip).unwrap();
+        a.push(rcx).unwrap();
+        a.mov(ecx, 0xc000_0101u32).unwrap();
+        a.mov(eax, gs2 as u32).unwrap();
+        a.xor(edx, edx).unwrap();
+        a.wrmsr().unwrap();
+        a.pop(rcx).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let want = 50 * (1 + 7) + 50 * (1000 + 7);
+    assert_eq!(v.regs().unwrap().rbx, want);
+    assert_eq!(
+        m.r64(gs2 + 16),
+        want,
+        "the last store went through the new base"
+    );
+    assert_eq!(
+        m.r64(gs1 + 16),
+        50 * 8,
+        "the last store through the old base"
+    );
+}

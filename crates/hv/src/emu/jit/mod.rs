@@ -17,7 +17,7 @@ use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use super::cpu::{Cpu, Exc, R, RSP as GUEST_RSP};
+use super::cpu::{Cpu, Exc, FS, GS, R, RSP as GUEST_RSP};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
@@ -271,7 +271,9 @@ impl Kind {
 
 /// What `op` is translated as, from the decoder's tag; `None`: call its handler.
 fn kind(op: &Op) -> Option<Kind> {
-    let flat = op.flags & F_FLAT != 0 && op.flags & F_LOCK == 0;
+    // Flat, or FS:/GS: with 64-bit addressing (only 64-bit blocks are translated).
+    let fs_gs = matches!(op.seg as usize, FS | GS) && op.asize == 8 && op.flags & F_MEM != 0;
+    let flat = (op.flags & F_FLAT != 0 || fs_gs) && op.flags & F_LOCK == 0;
     let regs = op.r1 < 16 && op.r2 < 16;
     let s = op.size;
     let (opid, form) = (op.jarg >> 4, op.jarg & 15);
@@ -423,6 +425,19 @@ fn effective_address(e: &mut Emit, op: &Op, next: u32) {
     // Other register numbers add nothing, as in `Exec::ea`.
 }
 
+/// RAX = the linear address of `op`'s memory operand: its effective address plus the FS or
+/// GS base for an FS:/GS: operand (64-bit mode: other segments have base 0). Uses RCX.
+fn linear_address(e: &mut Emit, op: &Op, next: u32) {
+    effective_address(e, op, next);
+    if matches!(op.seg as usize, FS | GS) {
+        let base = offset_of!(Cpu, seg)
+            + op.seg as usize * std::mem::size_of::<crate::Segment>()
+            + offset_of!(crate::Segment, base);
+        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
+        e.add_mem(RAX, RCX, base as i32);
+    }
+}
+
 /// RAX: linear address of a `size`-byte access. Leaves RAX = its host address when the TLB
 /// holds the page for a read or `write` (and, for a write, the page's flag byte is clear: no
 /// code, not armed for dirty logging) and the access stays in the page; jumps to `miss`
@@ -561,7 +576,7 @@ fn store_sized(e: &mut Emit, base: u8, disp: i32, src: u8, s: u8) {
 /// path (to `bail` on a miss, nothing changed).
 fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: Label) {
     if matches!(form, alu::RM | alu::MR | alu::MI) {
-        effective_address(e, op, end);
+        linear_address(e, op, end);
         tlb_fast_path(e, s, false, bail);
         load_sized(e, RSI, RAX, 0, s);
     }
@@ -828,13 +843,13 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 can_bail = false;
             }
             Kind::MovRM(s) => {
-                effective_address(&mut e, op, end);
+                linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, false, bail);
                 load_sized(&mut e, RAX, RAX, 0, s);
                 e.store64(RBX, gpr_disp(op.r1), RAX);
             }
             Kind::MovMR(s) => {
-                effective_address(&mut e, op, end);
+                linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.load64(RCX, RBX, gpr_disp(op.r1));
                 store_sized(&mut e, RAX, 0, RCX, s);
@@ -861,7 +876,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 can_bail = form == alu::RM;
             }
             Kind::MovMI(s) => {
-                effective_address(&mut e, op, end);
+                linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.mov_imm(RCX, op.imm & flags::mask(s));
                 store_sized(&mut e, RAX, 0, RCX, s);
@@ -909,7 +924,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             }
             Kind::Movx { d, s, signed, mem } => {
                 if mem {
-                    effective_address(&mut e, op, end);
+                    linear_address(&mut e, op, end);
                     tlb_fast_path(&mut e, s, false, bail);
                     load_sized(&mut e, RAX, RAX, 0, s);
                 } else {
@@ -1154,10 +1169,12 @@ mod tests {
         // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
         let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
         assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr));
-        // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load, ADC.
+        // GS-relative: the base is added at run time.
+        assert_eq!(kind(&op(&[0x65, 0x48, 0x8b, 0x07])), Some(Kind::MovRM(8)));
+        // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load with 32-bit addressing, ADC.
         assert_eq!(kind(&op(&[0x88, 0xd8])), None);
         assert_eq!(kind(&op(&[0xf0, 0x48, 0x01, 0x07])), None);
-        assert_eq!(kind(&op(&[0x65, 0x48, 0x8b, 0x07])), None);
+        assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
     }
 }
