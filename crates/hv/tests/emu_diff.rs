@@ -481,6 +481,15 @@ fn diff_alu() {
         "add r64,imm8", |a| a.add(rax, -3), def(), Gen::Any;
         "add r32,imm32", |a| a.add(ecx, 0x1234_5678), def(), Gen::Any;
         "add m64,r64", |a| a.add(qword_ptr(r15 + 8), rbx), def(), Gen::Any;
+        "add m32,r32", |a| a.add(dword_ptr(r15 + 4), ecx), def(), Gen::Any;
+        "add m32,imm32", |a| a.add(dword_ptr(r15 + 12), 0x7654_3210), def(), Gen::Any;
+        "sub m64,imm8", |a| a.sub(qword_ptr(r15 + 16), 7), def(), Gen::Any;
+        "sub m32,r32", |a| a.sub(dword_ptr(r15), edx), def(), Gen::Any;
+        "xor m64,r64", |a| a.xor(qword_ptr(r15 + 24), rsi), undef(AF), Gen::Any;
+        "and m32,imm8", |a| a.and(dword_ptr(r15 + 8), -16), undef(AF), Gen::Any;
+        "cmp m64,imm8", |a| a.cmp(qword_ptr(r15 + 8), 3), def(), Gen::Any;
+        "cmp m32,r32", |a| a.cmp(dword_ptr(r15 + 4), ebx), def(), Gen::Any;
+        "test m64,imm32", |a| a.test(qword_ptr(r15), 0x8000_0001u32 as i32), undef(AF), Gen::Any;
         "add r32,m32", |a| a.add(edx, dword_ptr(r15 - 12)), def(), Gen::Any;
         "add m8,imm8", |a| a.add(byte_ptr(r15 + 3), 0x7f), def(), Gen::Any;
         "add m16,imm16", |a| a.add(word_ptr(r15 + 1), 0x7fff), def(), Gen::Any;
@@ -566,6 +575,8 @@ fn diff_flags_skipped() {
         "sar r64,imm; cmp", |a| { a.sar(rsi, 63)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "shl r32,0; cmp", |a| { a.shl(edi, 32)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "add r64,m64; cmp", |a| { a.add(rax, qword_ptr(r15 + 8))?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "add m32,imm8; cmp", |a| { a.add(dword_ptr(r15 + 4), 1)?; a.cmp(r14, r13) }, def(), Gen::Any;
+        "or m64,r64; cmp", |a| { a.or(qword_ptr(r15 + 8), rcx)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "xor r32,m32; cmp", |a| { a.xor(ebx, dword_ptr(r15 - 4))?; a.cmp(r14, r13) }, def(), Gen::Any;
         "sub r64,m64; setc", |a| { a.sub(rcx, qword_ptr(r15 + 16))?; a.setc(dl)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "lea r32; mov m,imm", |a| {

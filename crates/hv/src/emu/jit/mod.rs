@@ -224,7 +224,8 @@ enum Kind {
     Push,
     Pop,
     Nop,
-    /// `op reg, reg/imm/flat memory` (ADD, OR, AND, SUB, XOR, CMP, TEST; forms RR, RI, RM);
+    /// `op reg, reg/imm/flat memory` or `op flat memory, reg/imm` (ADD, OR, AND, SUB, XOR,
+    /// CMP, TEST; forms RR, RI, RM, MR, MI);
     /// `nf`: no flags recorded.
     Alu {
         op: u8,
@@ -311,7 +312,7 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::ALU
             if regs
                 && (s == 4 || s == 8)
-                && (matches!(form, alu::RR | alu::RI) || (form == alu::RM && flat))
+                && (matches!(form, alu::RR | alu::RI) || (mem_form && flat))
                 && matches!(
                     opid,
                     alu::ADD | alu::OR | alu::AND | alu::SUB | alu::XOR | alu::CMP | alu::TEST
@@ -573,11 +574,14 @@ fn store_sized(e: &mut Emit, base: u8, disp: i32, src: u8, s: u8) {
 
 /// RAX, RCX = the two operands of a binary op (ALU, CMP/TEST) in `form` (`s` bytes,
 /// zero-extended; `b` is the immediate). A memory operand is read first, through the TLB fast
-/// path (to `bail` on a miss, nothing changed).
-fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, bail: Label) {
+/// path (for a write too when `write`: the op stores its result there), to `bail` on a miss
+/// with nothing changed; R15 = its host address.
+#[allow(clippy::too_many_arguments)]
+fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, write: bool, bail: Label) {
     if matches!(form, alu::RM | alu::MR | alu::MI) {
         linear_address(e, op, end);
-        tlb_fast_path(e, s, false, bail);
+        tlb_fast_path(e, s, write, bail);
+        e.mov_rr(true, R15, RAX);
         load_sized(e, RSI, RAX, 0, s);
     }
     match form {
@@ -865,15 +869,19 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 push_r15(&mut e, bail);
             }
             Kind::Alu { op: o, s, form, nf } => {
-                operands(&mut e, op, s, form, op.imm & flags::mask(s), end, bail);
+                let to_mem = matches!(form, alu::MR | alu::MI);
+                let b = op.imm & flags::mask(s);
+                operands(&mut e, op, s, form, b, end, to_mem && alu::writes(o), bail);
                 let fop = compute(&mut e, o, s);
                 if !nf {
                     record_lazy(&mut e, fop, s);
                 }
-                if alu::writes(o) {
-                    e.store64(RBX, gpr_disp(op.r1), RDX);
+                match (alu::writes(o), to_mem) {
+                    (false, _) => {}
+                    (true, false) => e.store64(RBX, gpr_disp(op.r1), RDX),
+                    (true, true) => store_sized(&mut e, R15, 0, RDX, s),
                 }
-                can_bail = form == alu::RM;
+                can_bail = form != alu::RR && form != alu::RI;
             }
             Kind::MovMI(s) => {
                 linear_address(&mut e, op, end);
@@ -908,7 +916,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             }
             Kind::CmpJcc { op: o, s, form } => {
                 let b = op.imm as u32 as i32 as i64 as u64 & flags::mask(s);
-                operands(&mut e, op, s, form, b, end, bail);
+                operands(&mut e, op, s, form, b, end, false, bail);
                 // The host's flags are the guest's. A taken branch goes to code after the
                 // block's end that finishes the op there.
                 if s == 1 {
@@ -1169,6 +1177,15 @@ mod tests {
         // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
         let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
         assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr));
+        // ALU to memory: ADD [rax], ecx and ADD DWORD [rax], 5.
+        let add_mem = |form| Kind::Alu {
+            op: alu::ADD,
+            s: 4,
+            form,
+            nf: false,
+        };
+        assert_eq!(kind(&op(&[0x01, 0x08])), Some(add_mem(alu::MR)));
+        assert_eq!(kind(&op(&[0x83, 0x00, 0x05])), Some(add_mem(alu::MI)));
         // GS-relative: the base is added at run time.
         assert_eq!(kind(&op(&[0x65, 0x48, 0x8b, 0x07])), Some(Kind::MovRM(8)));
         // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load with 32-bit addressing, ADC.
