@@ -538,6 +538,14 @@ fn diff_alu() {
         "not r32", |a| a.not(eax), def(), Gen::Any;
         "not m8", |a| a.not(byte_ptr(r15 + 9)), def(), Gen::Any;
         "adc chain", |a| { a.add(rax, rbx)?; a.adc(rcx, rdx)?; a.adc(r8, r9) }, def(), Gen::Any;
+        "sub r64,r64; cmovb", |a| { a.sub(rax, rbx)?; a.cmovb(rcx, rdx) }, def(), Gen::Any;
+        "add r32,imm; cmovo", |a| { a.add(eax, 0x7fff_0000)?; a.cmovo(ecx, edx) }, def(), Gen::Any;
+        "cmp r64,r64; cmovl", |a| { a.cmp(rsi, rdi)?; a.cmovl(r8, r9) }, def(), Gen::Any;
+        "cmp r32,m32; cmovg", |a| { a.cmp(esi, dword_ptr(r15 + 4))?; a.cmovg(r8d, r9d) }, def(), Gen::Any;
+        "and r32,r32; cmove", |a| { a.and(eax, ebx)?; a.cmove(ecx, edx) }, undef(AF), Gen::Any;
+        "xor r64,r64; cmovs", |a| { a.xor(rax, rbx)?; a.cmovs(rcx, rdx) }, undef(AF), Gen::Any;
+        "test r32,r32; cmovp", |a| { a.test(eax, ebx)?; a.cmovp(ecx, edx) }, undef(AF), Gen::Any;
+        "sub r64,imm; cmovbe", |a| { a.sub(rax, 3)?; a.cmovbe(rcx, rdx) }, def(), Gen::Any;
         "sbb chain", |a| { a.sub(rax, rbx)?; a.sbb(rcx, rdx)?; a.sbb(r8d, r9d) }, def(), Gen::Any;
     ];
     check(forms, CASES, 0x1234_5678_9abc_def1);
@@ -1142,6 +1150,62 @@ fn fused_form(cc: u8) -> Form {
         undef: undef(AF),
         gen: Gen::Any,
     }
+}
+
+/// An ALU op immediately followed by a Jcc (the JIT branches on the host's flags of the ALU
+/// op), for condition `cc`, in register, immediate and memory forms; each branch skips a
+/// marker MOV.
+fn alu_jcc_form(cc: u8) -> Form {
+    macro_rules! per_cc {
+        ($($n:literal => $j:ident;)*) => {
+            match cc {
+                $($n => |a: &mut CodeAssembler| {
+                    let skip = |a: &mut CodeAssembler, r: AsmRegister64| {
+                        let mut l = a.create_label();
+                        a.$j(l)?;
+                        a.mov(r, 1u64)?;
+                        a.set_label(&mut l)
+                    };
+                    a.add(rax, rbx)?;
+                    skip(a, r10)?;
+                    a.sub(ecx, edx)?;
+                    skip(a, r11)?;
+                    a.and(rsi, rdi)?;
+                    skip(a, r12)?;
+                    a.or(dword_ptr(r15 + 8), esi)?;
+                    skip(a, r13)?;
+                    a.xor(rdx, 0x55)?;
+                    skip(a, r14)?;
+                    a.sub(qword_ptr(r15 + 16), 3)?;
+                    skip(a, rbp)
+                },)*
+                _ => unreachable!(),
+            }
+        };
+    }
+    let body: Body = per_cc! {
+        0 => jo; 1 => jno; 2 => jb; 3 => jae; 4 => je; 5 => jne; 6 => jbe; 7 => ja;
+        8 => js; 9 => jns; 10 => jp; 11 => jnp; 12 => jl; 13 => jge; 14 => jle; 15 => jg;
+    };
+    Form {
+        name: [
+            "alu+jo", "alu+jno", "alu+jb", "alu+jae", "alu+je", "alu+jne", "alu+jbe", "alu+ja",
+            "alu+js", "alu+jns", "alu+jp", "alu+jnp", "alu+jl", "alu+jge", "alu+jle", "alu+jg",
+        ][cc as usize],
+        body,
+        native: None,
+        undef: undef(AF),
+        gen: Gen::Any,
+    }
+}
+
+#[test]
+fn diff_alu_then_branch() {
+    check(
+        (0..16).map(alu_jcc_form).collect(),
+        CASES,
+        0x3456_789a_bcde_f012,
+    );
 }
 
 #[test]

@@ -749,6 +749,9 @@ impl Dec<'_> {
                 self.rm(op, 1)?;
                 op.ext = cc(i)?;
                 op.h = data::cmov;
+                if self.bits == 64 && op.flags & F_MEM == 0 {
+                    op.jit = tag::CMOV;
+                }
                 Some(false)
             }
             M::Seta
@@ -792,6 +795,9 @@ impl Dec<'_> {
                 self.near_branch(op)?;
                 op.ext = cc(i)?;
                 op.h = branch::jcc;
+                if self.bits == 64 {
+                    op.jit = tag::JCC;
+                }
                 Some(true)
             }
             M::Jmp | M::Call => self.jmp_call(op, m == M::Call),

@@ -128,6 +128,10 @@ pub mod tag {
     pub const NOP: u8 = 11;
     /// SHL/SHR/SAR of a register by an immediate count, flags dead; `jarg` = `shift::SHL` ...
     pub const SHIFT: u8 = 12;
+    /// Jcc rel in 64-bit mode (condition in `Op::ext`).
+    pub const JCC: u8 = 13;
+    /// CMOVcc between registers in 64-bit mode (condition in `Op::ext`).
+    pub const CMOV: u8 = 14;
 }
 
 impl Op {

@@ -154,6 +154,13 @@ impl Emit {
         self.buf.push(0);
     }
 
+    /// CMOVcc r64, r64 (`w`) or CMOVcc r32, r32.
+    pub fn cmov(&mut self, cc: u8, w: bool, dst: u8, src: u8) {
+        self.rex(w, dst, src);
+        self.buf.extend_from_slice(&[0x0f, 0x40 | (cc & 15)]);
+        self.buf.push(0xc0 | (dst & 7) << 3 | (src & 7));
+    }
+
     /// TEST BYTE [base + disp], imm8.
     pub fn test_mem8(&mut self, base: u8, disp: i32, imm: u8) {
         self.op_mem(0xf6, false, 0, base, disp);
@@ -376,6 +383,10 @@ mod tests {
                     a.add(qword_ptr(ry + disp), rx).unwrap();
                     e.sub_to_mem(y, disp, x);
                     a.sub(qword_ptr(ry + disp), rx).unwrap();
+                    e.cmov(CC_NE, true, x, y);
+                    a.cmovne(rx, ry).unwrap();
+                    e.cmov(CC_A, false, x, y);
+                    a.cmova(reg32(x), reg32(y)).unwrap();
                     e.mov_rr(true, x, y);
                     a.mov(rx, ry).unwrap();
                     e.mov_rr(false, x, y);

@@ -257,6 +257,11 @@ enum Kind {
         signed: bool,
         mem: bool,
     },
+    /// Jcc right after a translated ALU op that recorded its flags: the host's flags are
+    /// the guest's, so it is a host Jcc; a taken one finishes after the block's end.
+    Jcc,
+    /// CMOVcc between 4- or 8-byte registers right after such an ALU op: a host CMOVcc.
+    Cmov(u8),
     /// CALL rel32, RET (imm16), JMP rel in 64-bit mode: they end their block.
     Call,
     Ret,
@@ -309,6 +314,8 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::CALL => Some(Kind::Call),
         tag::RET => Some(Kind::Ret),
         tag::JMP => Some(Kind::Jmp),
+        tag::JCC if op.size == 8 => Some(Kind::Jcc),
+        tag::CMOV if regs && (s == 4 || s == 8) => Some(Kind::Cmov(s)),
         tag::ALU
             if regs
                 && (s == 4 || s == 8)
@@ -527,7 +534,16 @@ impl Jit {
     /// Translate `ops` (a block of 64-bit code); its entry address, or `None` when the arena
     /// is full or nothing in the block is worth it.
     pub fn translate(&mut self, ops: &[Op]) -> Option<usize> {
-        let kinds: Vec<Option<Kind>> = ops.iter().map(kind).collect();
+        let mut kinds: Vec<Option<Kind>> = ops.iter().map(kind).collect();
+        // A Jcc or CMOVcc is translated only right after an ALU op whose flags the host still
+        // holds.
+        let reads_host_flags = |k: Option<Kind>| matches!(k, Some(Kind::Jcc | Kind::Cmov(_)));
+        for k in (0..kinds.len()).rev() {
+            let after_alu = k > 0 && matches!(kinds[k - 1], Some(Kind::Alu { nf: false, .. }));
+            if reads_host_flags(kinds[k]) && !after_alu {
+                kinds[k] = None;
+            }
+        }
         if kinds.iter().all(|k| k.is_none()) {
             return None;
         }
@@ -806,6 +822,8 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
     };
     prologue(&mut e);
     let mut exits: Vec<(Label, u64)> = Vec::new();
+    // Taken Jccs: (entry, bail, op index, offset, end, displacement).
+    let mut jumps: Vec<(Label, Label, usize, u32, u32, u64)> = Vec::new();
     // Handler calls that did not go on: (label, op index, offset).
     let mut ended: Vec<(Label, usize, u32)> = Vec::new();
     // Taken fused compare-and-branch ops: (entry, bail, op index, offset, end, displacement,
@@ -966,6 +984,21 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 branch_target(&mut e, RSI, end, op.imm, bail);
                 set_rip(&mut e, RSI);
             }
+            Kind::Cmov(s) => {
+                // The flags of the ALU op just before: see `Jit::translate`. A 4-byte CMOVcc
+                // zero-extends its destination either way.
+                load_sized(&mut e, RAX, RBX, gpr_disp(op.r1), s);
+                load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
+                e.cmov(op.ext & 15, s == 8, RAX, RCX);
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                can_bail = false;
+            }
+            Kind::Jcc => {
+                // The flags of the ALU op just before: see `Jit::translate`.
+                let to = e.label();
+                e.jcc(op.ext & 15, to);
+                jumps.push((to, bail, k, at, end, op.imm));
+            }
             Kind::Pop => {
                 pop_to(&mut e, R15, bail);
                 e.alu_imm(ADD, true, RBP, 8);
@@ -1023,6 +1056,14 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         e.mov_rr(true, RAX, RBP);
         e.alu_rr(alu::SUB, true, RAX, RCX);
         e.jmp(done);
+    }
+    for (to, bail, k, at, end, disp) in jumps {
+        // The target first (a non-canonical one faults at the Jcc, interpreted), then RIP.
+        e.bind(to);
+        branch_target(&mut e, R10, end, disp, bail);
+        set_rip(&mut e, R10);
+        let skipped = (ops.len() - k - 1) as i32;
+        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
     }
     for (to, bail, k, at, end, disp, o, s) in taken {
         // The target first (a non-canonical one faults at the Jcc: the interpreter's), with
@@ -1150,6 +1191,11 @@ mod tests {
         assert_eq!(kind(&op(&[0xe9, 0, 0, 0, 0])), Some(Kind::Jmp));
         assert_eq!(kind(&op(&[0xe8, 0, 0, 0, 0])), Some(Kind::Call));
         assert_eq!(kind(&op(&[0xc3])), Some(Kind::Ret));
+        // JNE rel8 and CMOVNE eax, ecx (translated only after an ALU op that recorded its
+        // flags); not CMOVNE eax, [rcx].
+        assert_eq!(kind(&op(&[0x75, 0x10])), Some(Kind::Jcc));
+        assert_eq!(kind(&op(&[0x0f, 0x45, 0xc1])), Some(Kind::Cmov(4)));
+        assert_eq!(kind(&op(&[0x0f, 0x45, 0x01])), None);
         assert_eq!(kind(&op(&[0x53])), Some(Kind::Push));
         assert_eq!(kind(&op(&[0x5b])), Some(Kind::Pop));
         assert_eq!(kind(&op(&[0x48, 0x89, 0xd8])), Some(Kind::MovRR(8)));
