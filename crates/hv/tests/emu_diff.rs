@@ -652,6 +652,24 @@ fn diff_shifts() {
             Gen::Any,
         ),
         f(
+            "shr r64,imm",
+            |a| a.shr(rdx, 13),
+            shift_undef(64, Some(13), true),
+            Gen::Any,
+        ),
+        f(
+            "sar r32,imm",
+            |a| a.sar(esi, 5),
+            shift_undef(32, Some(5), true),
+            Gen::Any,
+        ),
+        f(
+            "sar r64,imm",
+            |a| a.sar(r9, 63),
+            shift_undef(64, Some(63), true),
+            Gen::Any,
+        ),
+        f(
             "shl m16,imm",
             |a| a.shl(word_ptr(r15), 3),
             shift_undef(16, Some(3), true),

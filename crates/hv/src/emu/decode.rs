@@ -1021,6 +1021,16 @@ impl Dec<'_> {
                         _ => shift_nf_sizes!(shift::SAR, s),
                     }
                 } else {
+                    if !mem && op.flags & F_CL == 0 {
+                        // Flags live: the JIT computes them too.
+                        op.jit = tag::SHIFT;
+                        op.jarg = match m {
+                            M::Shl | M::Sal => shift::SHL,
+                            M::Shr => shift::SHR,
+                            M::Sar => shift::SAR,
+                            _ => 0,
+                        };
+                    }
                     match m {
                         M::Rol => shift_sizes!(shift::ROL, s),
                         M::Ror => shift_sizes!(shift::ROR, s),

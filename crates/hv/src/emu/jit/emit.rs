@@ -233,6 +233,17 @@ impl Emit {
         self.buf.push(n);
     }
 
+    /// SHL/SHR/SAR r32, imm8 (zero-extends into the 64-bit register).
+    pub fn shift32(&mut self, op: u8, dst: u8, n: u8) {
+        self.op_rr(0xc1, false, op, dst);
+        self.buf.push(n);
+    }
+
+    /// PUSHFQ.
+    pub fn pushfq(&mut self) {
+        self.buf.push(0x9c);
+    }
+
     /// IMUL r64, r64, imm32.
     pub fn imul_imm(&mut self, dst: u8, src: u8, imm: i32) {
         self.op_rr(0x69, true, dst, src);
@@ -485,6 +496,12 @@ mod tests {
             a.shr(r, 12).unwrap();
             e.shift(SAR, x, 16);
             a.sar(r, 16).unwrap();
+            e.shift32(SHL, x, 3);
+            a.shl(reg32(x), 3).unwrap();
+            e.shift32(SAR, x, 31);
+            a.sar(reg32(x), 31).unwrap();
+            e.pushfq();
+            a.pushfq().unwrap();
             e.call(x);
             a.call(r).unwrap();
             e.jmp_r(x);

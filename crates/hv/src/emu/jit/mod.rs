@@ -237,11 +237,13 @@ enum Kind {
     MovMI(u8),
     /// LEA to a 32-bit register.
     Lea32,
-    /// SHL/SHR/SAR (`k`) of a 4- or 8-byte register by `count`, flags dead.
+    /// SHL/SHR/SAR (`k`) of a 4- or 8-byte register by `count`; `flags`: the arithmetic
+    /// flags are set as `shift::shift` sets them (else they are dead).
     Shift {
         k: u8,
         s: u8,
         count: u8,
+        flags: bool,
     },
     /// CMP/TEST fused with a Jcc, in every form; a taken one finishes in code placed after
     /// the block's end and returns `TAKEN` (it ends the block).
@@ -307,6 +309,7 @@ fn kind(op: &Op) -> Option<Kind> {
                 k: op.jarg,
                 s,
                 count,
+                flags: op.flags & F_NF == 0,
             })
         }
         tag::PUSH if regs => Some(Kind::Push),
@@ -679,6 +682,44 @@ fn record_compare(e: &mut Emit, o: u8, s: u8) {
     e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
 }
 
+/// After SHL/SHR/SAR (`k`, `s` bytes, a nonzero count) of RDX into RAX by the host: set the
+/// guest's arithmetic flags as `shift::shift` does (CF, PF, ZF, SF from the host's shift; OF
+/// the result's sign against CF for SHL, the value's sign for SHR, clear for SAR; AF clear),
+/// eagerly. Uses RCX, RDX, RSI.
+fn shift_flags(e: &mut Emit, k: u8, s: u8) {
+    e.pushfq();
+    e.pop(RCX);
+    e.alu_imm(
+        AND,
+        false,
+        RCX,
+        (flags::CF | flags::PF | flags::ZF | flags::SF) as i32,
+    );
+    let top = s * 8 - 1;
+    match k {
+        shift::SHL => {
+            e.mov_rr(true, RDX, RAX);
+            e.shift(SHR, RDX, top);
+            e.alu_rr(alu::XOR, false, RDX, RCX);
+            e.alu_imm(AND, false, RDX, 1);
+        }
+        shift::SHR => {
+            e.shift(SHR, RDX, top);
+            e.alu_imm(AND, false, RDX, 1);
+        }
+        _ => e.mov_imm(RDX, 0),
+    }
+    e.shift(SHL, RDX, flags::OF.trailing_zeros() as u8);
+    e.alu_rr(alu::OR, false, RCX, RDX);
+    e.load64(RSI, R12, offset_of!(Ctx, cpu) as i32);
+    e.load64(RDX, RSI, offset_of!(Cpu, flags) as i32);
+    e.alu_imm(AND, true, RDX, !flags::ARITH as i32);
+    e.alu_rr(alu::OR, true, RDX, RCX);
+    e.store64(RSI, offset_of!(Cpu, flags) as i32, RDX);
+    e.load64(RSI, R12, offset_of!(Ctx, lazy) as i32);
+    e.store_imm8(RSI, offset_of!(Lazy, op) as i32, flags::EAGER);
+}
+
 /// Jump to `bail` unless register `r` holds a canonical address (bits 63..47 equal). Uses RCX.
 fn canonical_or(e: &mut Emit, r: u8, bail: Label) {
     e.mov_rr(true, RCX, r);
@@ -913,19 +954,26 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 e.store64(RBX, gpr_disp(op.r1), RAX);
                 can_bail = false;
             }
-            Kind::Shift { k, s, count } => {
+            Kind::Shift { k, s, count, flags } => {
                 load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
-                match (k, s) {
-                    (_, _) if count == 0 => {}
-                    (shift::SAR, 4) => {
-                        // Sign-extend the 32-bit value first.
-                        e.shift(SHL, RAX, 32);
-                        e.shift(SAR, RAX, 32 + count);
+                // The value before, for SHR's OF.
+                e.mov_rr(true, RDX, RAX);
+                let host = match k {
+                    shift::SHL => SHL,
+                    shift::SHR => SHR,
+                    _ => SAR,
+                };
+                if count != 0 {
+                    if s == 8 {
+                        e.shift(host, RAX, count);
+                    } else {
+                        e.shift32(host, RAX, count);
                     }
-                    (shift::SHL, _) => e.shift(SHL, RAX, count),
-                    (shift::SHR, _) => e.shift(SHR, RAX, count),
-                    _ => e.shift(SAR, RAX, count),
+                    if flags {
+                        shift_flags(&mut e, k, s);
+                    }
                 }
+                // A 32-bit result (or a zero count) zero-extends.
                 if s == 4 {
                     e.mov_rr(false, RAX, RAX);
                 }
@@ -1219,6 +1267,7 @@ mod tests {
             k: shift::SHR,
             s: 8,
             count: 3,
+            flags: false,
         };
         // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
         let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
