@@ -1120,49 +1120,37 @@ fn cond_form(cc: u8) -> Form {
     }
 }
 
-/// CMP/TEST immediately followed by a Jcc (one fused op in the emulator) in every operand form
-/// and size the JIT translates, for condition `cc`; each branch skips a marker MOV.
-fn fused_form(cc: u8) -> Form {
-    macro_rules! per_cc {
-        ($($n:literal => $j:ident;)*) => {
-            match cc {
-                $($n => |a: &mut CodeAssembler| {
-                    let skip = |a: &mut CodeAssembler, r: AsmRegister64| {
-                        let mut l = a.create_label();
-                        a.$j(l)?;
-                        a.mov(r, 1u64)?;
-                        a.set_label(&mut l)
-                    };
-                    a.cmp(rax, rbx)?;
-                    skip(a, r8)?;
-                    a.test(ecx, edx)?;
-                    skip(a, r9)?;
-                    a.cmp(byte_ptr(r15 + 3), 0x40)?;
-                    skip(a, r10)?;
-                    a.cmp(dword_ptr(r15 + 8), esi)?;
-                    skip(a, r11)?;
-                    a.cmp(rdi, qword_ptr(r15 + 16))?;
-                    skip(a, r12)?;
-                    a.test(al, 0x81)?;
-                    skip(a, r13)?;
-                    a.cmp(bl, dl)?;
-                    skip(a, r14)?;
-                    a.cmp(qword_ptr(r15 + 24), -5)?;
-                    skip(a, rbp)
-                },)*
-                _ => unreachable!(),
-            }
-        };
-    }
-    let body: Body = per_cc! {
-        0 => jo; 1 => jno; 2 => jb; 3 => jae; 4 => je; 5 => jne; 6 => jbe; 7 => ja;
-        8 => js; 9 => jns; 10 => jp; 11 => jnp; 12 => jl; 13 => jge; 14 => jle; 15 => jg;
+/// A `Body` for condition code `$cc`: `$body`, in which `$skip(a, r)` is a Jcc of that
+/// condition over a marker `mov r, 1`.
+macro_rules! cc_body {
+    ($cc:expr, |$a:ident, $skip:ident| $body:block) => {
+        cc_body!(@arms $cc, $a, $skip, $body;
+            0 => jo; 1 => jno; 2 => jb; 3 => jae; 4 => je; 5 => jne; 6 => jbe; 7 => ja;
+            8 => js; 9 => jns; 10 => jp; 11 => jnp; 12 => jl; 13 => jge; 14 => jle; 15 => jg;)
     };
+    (@arms $cc:expr, $a:ident, $skip:ident, $body:block; $($n:literal => $j:ident;)*) => {
+        match $cc {
+            $($n => |$a: &mut CodeAssembler| {
+                let $skip = |a: &mut CodeAssembler, r: AsmRegister64| {
+                    let mut l = a.create_label();
+                    a.$j(l)?;
+                    a.mov(r, 1u64)?;
+                    a.set_label(&mut l)
+                };
+                $body
+            },)*
+            _ => unreachable!(),
+        }
+    };
+}
+
+/// A form named `what+j<cc>` for condition code `cc`.
+fn cc_form(cc: u8, what: &str, body: Body) -> Form {
+    const CC: [&str; 16] = [
+        "o", "no", "b", "ae", "e", "ne", "be", "a", "s", "ns", "p", "np", "l", "ge", "le", "g",
+    ];
     Form {
-        name: [
-            "cmp+jo", "cmp+jno", "cmp+jb", "cmp+jae", "cmp+je", "cmp+jne", "cmp+jbe", "cmp+ja",
-            "cmp+js", "cmp+jns", "cmp+jp", "cmp+jnp", "cmp+jl", "cmp+jge", "cmp+jle", "cmp+jg",
-        ][cc as usize],
+        name: Box::leak(format!("{what}+j{}", CC[cc as usize]).into_boxed_str()),
         body,
         native: None,
         undef: undef(AF),
@@ -1170,51 +1158,49 @@ fn fused_form(cc: u8) -> Form {
     }
 }
 
+/// CMP/TEST immediately followed by a Jcc (one fused op in the emulator) in every operand form
+/// and size the JIT translates, for condition `cc`; each branch skips a marker MOV.
+fn fused_form(cc: u8) -> Form {
+    let body: Body = cc_body!(cc, |a, skip| {
+        a.cmp(rax, rbx)?;
+        skip(a, r8)?;
+        a.test(ecx, edx)?;
+        skip(a, r9)?;
+        a.cmp(byte_ptr(r15 + 3), 0x40)?;
+        skip(a, r10)?;
+        a.cmp(dword_ptr(r15 + 8), esi)?;
+        skip(a, r11)?;
+        a.cmp(rdi, qword_ptr(r15 + 16))?;
+        skip(a, r12)?;
+        a.test(al, 0x81)?;
+        skip(a, r13)?;
+        a.cmp(bl, dl)?;
+        skip(a, r14)?;
+        a.cmp(qword_ptr(r15 + 24), -5)?;
+        skip(a, rbp)
+    });
+    cc_form(cc, "cmp", body)
+}
+
 /// An ALU op immediately followed by a Jcc (the JIT branches on the host's flags of the ALU
 /// op), for condition `cc`, in register, immediate and memory forms; each branch skips a
 /// marker MOV.
 fn alu_jcc_form(cc: u8) -> Form {
-    macro_rules! per_cc {
-        ($($n:literal => $j:ident;)*) => {
-            match cc {
-                $($n => |a: &mut CodeAssembler| {
-                    let skip = |a: &mut CodeAssembler, r: AsmRegister64| {
-                        let mut l = a.create_label();
-                        a.$j(l)?;
-                        a.mov(r, 1u64)?;
-                        a.set_label(&mut l)
-                    };
-                    a.add(rax, rbx)?;
-                    skip(a, r10)?;
-                    a.sub(ecx, edx)?;
-                    skip(a, r11)?;
-                    a.and(rsi, rdi)?;
-                    skip(a, r12)?;
-                    a.or(dword_ptr(r15 + 8), esi)?;
-                    skip(a, r13)?;
-                    a.xor(rdx, 0x55)?;
-                    skip(a, r14)?;
-                    a.sub(qword_ptr(r15 + 16), 3)?;
-                    skip(a, rbp)
-                },)*
-                _ => unreachable!(),
-            }
-        };
-    }
-    let body: Body = per_cc! {
-        0 => jo; 1 => jno; 2 => jb; 3 => jae; 4 => je; 5 => jne; 6 => jbe; 7 => ja;
-        8 => js; 9 => jns; 10 => jp; 11 => jnp; 12 => jl; 13 => jge; 14 => jle; 15 => jg;
-    };
-    Form {
-        name: [
-            "alu+jo", "alu+jno", "alu+jb", "alu+jae", "alu+je", "alu+jne", "alu+jbe", "alu+ja",
-            "alu+js", "alu+jns", "alu+jp", "alu+jnp", "alu+jl", "alu+jge", "alu+jle", "alu+jg",
-        ][cc as usize],
-        body,
-        native: None,
-        undef: undef(AF),
-        gen: Gen::Any,
-    }
+    let body: Body = cc_body!(cc, |a, skip| {
+        a.add(rax, rbx)?;
+        skip(a, r10)?;
+        a.sub(ecx, edx)?;
+        skip(a, r11)?;
+        a.and(rsi, rdi)?;
+        skip(a, r12)?;
+        a.or(dword_ptr(r15 + 8), esi)?;
+        skip(a, r13)?;
+        a.xor(rdx, 0x55)?;
+        skip(a, r14)?;
+        a.sub(qword_ptr(r15 + 16), 3)?;
+        skip(a, rbp)
+    });
+    cc_form(cc, "alu", body)
 }
 
 #[test]

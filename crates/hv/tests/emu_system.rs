@@ -757,6 +757,12 @@ fn self_modifying_code_in_another_page() {
 /// `call target` four times (`target: mov eax, imm32; ret`), summing EAX, with a store of 42
 /// at `target + off` after the second call.
 fn patch_after_two_calls(target: u64, off: u64) -> u32 {
+    patch_after_calls(target, off, 4, 2)
+}
+
+/// `call target` `calls` times, summing EAX, with a one-byte store of 42 at `target + off`
+/// after call `after`; the sum the code stored at DATA.
+fn patch_after_calls(target: u64, off: u64, calls: u32, after: u32) -> u32 {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);
     let code = asm64(CODE, |a| {
@@ -764,15 +770,15 @@ fn patch_after_two_calls(target: u64, off: u64) -> u32 {
         let mut skip = a.create_label();
         a.mov(byte_ptr(target + 0x10), 0).unwrap();
         a.xor(edx, edx).unwrap();
-        a.mov(ecx, 4).unwrap();
+        a.mov(ecx, calls).unwrap();
         a.set_label(&mut l).unwrap();
         a.call(target).unwrap();
         a.add(edx, eax).unwrap();
-        a.cmp(ecx, 3).unwrap();
+        a.cmp(ecx, calls - after + 1).unwrap();
         a.jne(skip).unwrap();
         a.mov(byte_ptr(target + off), 42).unwrap();
         a.set_label(&mut skip).unwrap();
-        a.dec(ecx).unwrap();
+        a.sub(ecx, 1).unwrap();
         a.jnz(l).unwrap();
         a.mov(dword_ptr(DATA), edx).unwrap();
         exit(a);
@@ -1895,40 +1901,23 @@ fn stack_instructions_that_fault_leave_rsp_alone() {
     }
 }
 
-/// `call target` 100 times (`target: mov eax, imm32; ret`, translated after its first runs and
-/// reached by chaining from translated code), summing EAX, with a one-byte store of 42 into
-/// the immediate after call 60: calls 61-100 must run the patched code.
-fn patch_a_hot_target(target: u64) -> u32 {
-    let m = Machine::new(1);
-    let mut v = m.vcpu(0);
-    let code = asm64(CODE, |a| {
-        let mut l = a.create_label();
-        let mut skip = a.create_label();
-        a.mov(byte_ptr(target + 0x10), 0).unwrap();
-        a.xor(edx, edx).unwrap();
-        a.mov(ecx, 100).unwrap();
-        a.set_label(&mut l).unwrap();
-        a.call(target).unwrap();
-        a.add(edx, eax).unwrap();
-        a.cmp(ecx, 41).unwrap();
-        a.jne(skip).unwrap();
-        a.mov(byte_ptr(target + 1), 42).unwrap();
-        a.set_label(&mut skip).unwrap();
-        a.sub(ecx, 1).unwrap();
-        a.jnz(l).unwrap();
-        a.mov(dword_ptr(DATA), edx).unwrap();
-        exit(a);
-    });
-    run_with_target(&m, v.as_mut(), &code, target)
-}
-
 #[test]
 fn chained_translated_code_runs_a_patched_block() {
     let want = 0x1111_1111u32
         .wrapping_mul(60)
         .wrapping_add(0x1111_112au32.wrapping_mul(40));
-    assert_eq!(patch_a_hot_target(CODE + 0x100), want, "same page");
-    assert_eq!(patch_a_hot_target(CODE + 0x1000), want, "other page");
+    // 100 calls of a target translated after its first runs and reached by chaining from
+    // translated code; calls 61-100 must run the patched code.
+    assert_eq!(
+        patch_after_calls(CODE + 0x100, 1, 100, 60),
+        want,
+        "same page"
+    );
+    assert_eq!(
+        patch_after_calls(CODE + 0x1000, 1, 100, 60),
+        want,
+        "other page"
+    );
 }
 
 /// A hot loop of SYSCALLs whose kernel side reads a supervisor-only page and SYSRETs: user

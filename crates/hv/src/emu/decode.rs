@@ -1000,17 +1000,19 @@ impl Dec<'_> {
                     k if is_imm(k) => op.imm = i.immediate(1),
                     _ => return None,
                 }
+                if !mem && op.flags & F_CL == 0 {
+                    // The JIT translates SHL/SHR/SAR of a register by an immediate, with or
+                    // without their flags.
+                    op.jit = tag::SHIFT;
+                    op.jarg = match m {
+                        M::Shl | M::Sal => shift::SHL,
+                        M::Shr => shift::SHR,
+                        M::Sar => shift::SAR,
+                        _ => 0,
+                    };
+                }
                 op.h = if !mem && !self.need_flags {
                     op.flags |= F_NF;
-                    if op.flags & F_CL == 0 {
-                        op.jit = tag::SHIFT;
-                        op.jarg = match m {
-                            M::Shl | M::Sal => shift::SHL,
-                            M::Shr => shift::SHR,
-                            M::Sar => shift::SAR,
-                            _ => 0,
-                        };
-                    }
                     match m {
                         M::Rol => shift_nf_sizes!(shift::ROL, s),
                         M::Ror => shift_nf_sizes!(shift::ROR, s),
@@ -1021,16 +1023,6 @@ impl Dec<'_> {
                         _ => shift_nf_sizes!(shift::SAR, s),
                     }
                 } else {
-                    if !mem && op.flags & F_CL == 0 {
-                        // Flags live: the JIT computes them too.
-                        op.jit = tag::SHIFT;
-                        op.jarg = match m {
-                            M::Shl | M::Sal => shift::SHL,
-                            M::Shr => shift::SHR,
-                            M::Sar => shift::SAR,
-                            _ => 0,
-                        };
-                    }
                     match m {
                         M::Rol => shift_sizes!(shift::ROL, s),
                         M::Ror => shift_sizes!(shift::ROR, s),
