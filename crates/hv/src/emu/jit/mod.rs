@@ -62,18 +62,16 @@ fn exit_value(code: u64, k: usize, at: u32) -> u64 {
 #[repr(C)]
 struct Ctx {
     exec: *mut c_void,
-    gpr: *mut u64,
-    rip: *mut u64,
+    /// The vCPU: translated code reaches its fields from RBX (see [`cpu_field`]).
+    cpu: *mut Cpu,
     tlb: *const TlbEntry,
     code_flags: *const u8,
     code_len: u64,
-    lazy: *mut Lazy,
     /// Fused CMP/TEST + Jcc ops run (each is two instructions).
     fused: u64,
     out: Option<R>,
-    /// For the chain stub: the vCPU, the block loop's attention flag, the VM's code epoch,
+    /// For the chain stub: the block loop's attention flag, the VM's code epoch,
     /// `Cpu::tlb_user` on entry (the TLB in R14) and the jump cache.
-    cpu: *mut Cpu,
     attention: *const AtomicBool,
     code_epoch: *const AtomicU64,
     user: u64,
@@ -394,8 +392,15 @@ fn gpr_disp(r: u8) -> i32 {
     (r as i32 & 15) * 8
 }
 
-/// Registers the translated code keeps: RBX = `gpr`, R12 = context, R13 = the block's RIP,
-/// R14 = the TLB in use; RBP and R15 hold values across a TLB look-up.
+/// Displacement of field `offset` (`offset_of!(Cpu, ...)`) of the vCPU from RBX, which points
+/// at `Cpu::gpr`.
+fn cpu_field(offset: usize) -> i32 {
+    offset as i32 - offset_of!(Cpu, gpr) as i32
+}
+
+/// Registers the translated code keeps: RBX = `Cpu::gpr` (so the vCPU's fields too, see
+/// [`cpu_field`]), R12 = context, R13 = the block's RIP, R14 = the TLB in use; RBP and R15
+/// hold values across a TLB look-up.
 fn prologue(e: &mut Emit) {
     for r in [RBX, RBP, R12, R13, R14, R15] {
         e.push(r);
@@ -404,7 +409,8 @@ fn prologue(e: &mut Emit) {
     e.alu_imm(SUB, true, RSP, 8);
     e.mov_rr(true, R12, RDI);
     e.mov_rr(true, R13, RSI);
-    e.load64(RBX, R12, offset_of!(Ctx, gpr) as i32);
+    e.load64(RBX, R12, offset_of!(Ctx, cpu) as i32);
+    e.lea(RBX, RBX, offset_of!(Cpu, gpr) as i32);
     e.load64(R14, R12, offset_of!(Ctx, tlb) as i32);
 }
 
@@ -444,8 +450,7 @@ fn linear_address(e: &mut Emit, op: &Op, next: u32) {
         let base = offset_of!(Cpu, seg)
             + op.seg as usize * std::mem::size_of::<crate::Segment>()
             + offset_of!(crate::Segment, base);
-        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
-        e.add_mem(RAX, RCX, base as i32);
+        e.add_mem(RAX, RBX, cpu_field(base));
     }
 }
 
@@ -541,7 +546,7 @@ impl Jit {
         // A Jcc or CMOVcc is translated only right after an ALU op whose flags the host still
         // holds.
         let reads_host_flags = |k: Option<Kind>| matches!(k, Some(Kind::Jcc | Kind::Cmov(_)));
-        for k in (0..kinds.len()).rev() {
+        for k in 0..kinds.len() {
             let after_alu = k > 0 && matches!(kinds[k - 1], Some(Kind::Alu { nf: false, .. }));
             if reads_host_flags(kinds[k]) && !after_alu {
                 kinds[k] = None;
@@ -685,7 +690,7 @@ fn record_compare(e: &mut Emit, o: u8, s: u8) {
 /// After SHL/SHR/SAR (`k`, `s` bytes, a nonzero count) of RDX into RAX by the host: set the
 /// guest's arithmetic flags as `shift::shift` does (CF, PF, ZF, SF from the host's shift; OF
 /// the result's sign against CF for SHL, the value's sign for SHR, clear for SAR; AF clear),
-/// eagerly. Uses RCX, RDX, RSI.
+/// eagerly. Uses RCX, RDX.
 fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     e.pushfq();
     e.pop(RCX);
@@ -711,13 +716,12 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     }
     e.shift(SHL, RDX, flags::OF.trailing_zeros() as u8);
     e.alu_rr(alu::OR, false, RCX, RDX);
-    e.load64(RSI, R12, offset_of!(Ctx, cpu) as i32);
-    e.load64(RDX, RSI, offset_of!(Cpu, flags) as i32);
+    let rflags = cpu_field(offset_of!(Cpu, flags));
+    e.load64(RDX, RBX, rflags);
     e.alu_imm(AND, true, RDX, !flags::ARITH as i32);
     e.alu_rr(alu::OR, true, RDX, RCX);
-    e.store64(RSI, offset_of!(Cpu, flags) as i32, RDX);
-    e.load64(RSI, R12, offset_of!(Ctx, lazy) as i32);
-    e.store_imm8(RSI, offset_of!(Lazy, op) as i32, flags::EAGER);
+    e.store64(RBX, rflags, RDX);
+    e.store_imm8(RBX, lazy_field(offset_of!(Lazy, op)), flags::EAGER);
 }
 
 /// Jump to `bail` unless register `r` holds a canonical address (bits 63..47 equal). Uses RCX.
@@ -731,18 +735,21 @@ fn canonical_or(e: &mut Emit, r: u8, bail: Label) {
 
 /// `Cpu::rip` = register `r`.
 fn set_rip(e: &mut Emit, r: u8) {
-    e.load64(RCX, R12, offset_of!(Ctx, rip) as i32);
-    e.store64(RCX, 0, r);
+    e.store64(RBX, cpu_field(offset_of!(Cpu, rip)), r);
+}
+
+/// Displacement of field `offset` of `Cpu::lazy` from RBX.
+fn lazy_field(offset: usize) -> i32 {
+    cpu_field(offset_of!(Cpu, lazy) + offset)
 }
 
 /// `Cpu::lazy` = { `fop`, `s`, res RDX, a RAX, b RCX } (as `alu::compute` records it).
 fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
-    e.load64(RSI, R12, offset_of!(Ctx, lazy) as i32);
-    e.store_imm8(RSI, offset_of!(Lazy, op) as i32, fop);
-    e.store_imm8(RSI, offset_of!(Lazy, size) as i32, s);
-    e.store64(RSI, offset_of!(Lazy, res) as i32, RDX);
-    e.store64(RSI, offset_of!(Lazy, a) as i32, RAX);
-    e.store64(RSI, offset_of!(Lazy, b) as i32, RCX);
+    e.store_imm8(RBX, lazy_field(offset_of!(Lazy, op)), fop);
+    e.store_imm8(RBX, lazy_field(offset_of!(Lazy, size)), s);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, res)), RDX);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, a)), RAX);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, b)), RCX);
 }
 
 /// The chain stub and the offset of its second entry, which skips the checks of the vCPU
@@ -753,26 +760,24 @@ fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
 /// (nothing changed) when the block loop must look first: the vCPU has something to attend to
 /// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the code
 /// epoch moved, the budget is spent, or the jump cache does not hold a block for RIP that
-/// is good now (same page translation, same epoch). Uses RAX, RCX, RDX, RSI, RDI.
+/// is good now (same page translation, same epoch). Uses RAX, RCX, RDX, RSI.
 fn chain_stub() -> Option<(Vec<u8>, usize)> {
     let mut e = Emit::new();
     let fail = e.label();
     let ctx = |f: usize| f as i32;
-    let cpu = |f: usize| f as i32;
-    let link = |f: usize| f as i32;
+    let link = ctx;
     // The full entry: a handler ran in the block, it may have changed the vCPU's state.
-    e.load64(RDI, R12, ctx(offset_of!(Ctx, cpu)));
-    e.cmp_byte_zero(RDI, cpu(offset_of!(Cpu, poll)));
+    e.cmp_byte_zero(RBX, cpu_field(offset_of!(Cpu, poll)));
     e.jcc(CC_NE, fail);
-    e.cmp_byte_zero(RDI, cpu(offset_of!(Cpu, shadow)));
+    e.cmp_byte_zero(RBX, cpu_field(offset_of!(Cpu, shadow)));
     e.jcc(CC_NE, fail);
     // TF is bit 8 of RFLAGS.
-    e.test_mem8(RDI, cpu(offset_of!(Cpu, flags)) + 1, 1);
+    e.test_mem8(RBX, cpu_field(offset_of!(Cpu, flags)) + 1, 1);
     e.jcc(CC_NE, fail);
-    e.load8z(RAX, RDI, cpu(offset_of!(Cpu, bitness)));
+    e.load8z(RAX, RBX, cpu_field(offset_of!(Cpu, bitness)));
     e.alu_imm(CMP, false, RAX, 64);
     e.jcc(CC_NE, fail);
-    e.load64(RAX, RDI, cpu(offset_of!(Cpu, tlb_user)));
+    e.load64(RAX, RBX, cpu_field(offset_of!(Cpu, tlb_user)));
     e.cmp_mem(RAX, R12, ctx(offset_of!(Ctx, user)));
     e.jcc(CC_NE, fail);
     // The entry for blocks of translated ops only: those leave that state alone.
@@ -782,14 +787,13 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.load64(RAX, R12, ctx(offset_of!(Ctx, attention)));
     e.cmp_byte_zero(RAX, 0);
     e.jcc(CC_NE, fail);
-    e.load64(RDI, R12, ctx(offset_of!(Ctx, cpu)));
     // `Cpu::sync_epoch` would move the epoch.
     e.load64(RAX, R12, ctx(offset_of!(Ctx, code_epoch)));
     e.load64(RAX, RAX, 0);
-    e.cmp_mem(RAX, RDI, cpu(offset_of!(Cpu, seen_epoch)));
+    e.cmp_mem(RAX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
     e.jcc(CC_NE, fail);
-    // The jump cache entry for RIP, checked at this epoch.
-    e.load64(RSI, RDI, cpu(offset_of!(Cpu, rip)));
+    // The jump cache entry for RIP (`link_slot`), checked at this epoch.
+    e.load64(RSI, RBX, cpu_field(offset_of!(Cpu, rip)));
     e.mov_rr(true, RAX, RSI);
     e.shift(SHR, RAX, 12);
     e.alu_rr(alu::XOR, true, RAX, RSI);
@@ -798,7 +802,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.add_mem(RAX, R12, ctx(offset_of!(Ctx, links)));
     e.cmp_mem(RSI, RAX, link(offset_of!(Link, rip)));
     e.jcc(CC_NE, fail);
-    e.load64(RCX, RDI, cpu(offset_of!(Cpu, epoch)));
+    e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
     e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
     e.jcc(CC_NE, fail);
     // RIP's page in the execute TLB, still at the block's physical page.
@@ -816,11 +820,11 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
     e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
     e.add_rr(RCX, RSI);
-    e.store64(RDI, cpu(offset_of!(Cpu, blk_host)), RCX);
+    e.store64(RBX, cpu_field(offset_of!(Cpu, blk_host)), RCX);
     e.load64(RCX, RAX, link(offset_of!(Link, bytes)));
-    e.store64(RDI, cpu(offset_of!(Cpu, blk_len)), RCX);
+    e.store64(RBX, cpu_field(offset_of!(Cpu, blk_len)), RCX);
     e.load64(RCX, RAX, link(offset_of!(Link, ops)));
-    e.add_to_mem(RDI, cpu(offset_of!(Cpu, icount)), RCX);
+    e.add_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), RCX);
     e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
     e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
@@ -828,6 +832,12 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.mov_imm(RAX, 0);
     e.ret();
     Some((e.finish()?, fast))
+}
+
+/// Take the ops in register `r` back from the instruction count: ops of a block that ended
+/// early, which the block loop counted as retired when it was entered.
+fn uncount(e: &mut Emit, r: u8) {
+    e.sub_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), r);
 }
 
 /// A block's end with RIP set: go on to the next translated block through the chain stub at
@@ -840,11 +850,8 @@ fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Lab
     let back = e.label();
     e.jcc(CC_E, back);
     if skipped != 0 {
-        let icount = offset_of!(Cpu, icount) as i32;
-        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
-        e.load64(RDX, RCX, icount);
-        e.alu_imm(SUB, true, RDX, skipped);
-        e.store64(RCX, icount, RDX);
+        e.mov_imm(RDX, skipped as u64);
+        uncount(e, RDX);
     }
     e.jmp_r(RAX);
     e.bind(back);
@@ -956,8 +963,10 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             }
             Kind::Shift { k, s, count, flags } => {
                 load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
-                // The value before, for SHR's OF.
-                e.mov_rr(true, RDX, RAX);
+                if flags && k == shift::SHR {
+                    // The value before, for SHR's OF.
+                    e.mov_rr(true, RDX, RAX);
+                }
                 let host = match k {
                     shift::SHL => SHL,
                     shift::SHR => SHR,
@@ -1092,8 +1101,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         e.call(RAX);
         e.alu_rr(alu::TEST, true, RAX, RAX);
         e.jcc(CC_E, back);
-        e.load64(RCX, R12, offset_of!(Ctx, cpu) as i32);
-        e.sub_to_mem(RCX, offset_of!(Cpu, icount) as i32, R15);
+        uncount(&mut e, R15);
         e.jmp_r(RAX);
         e.bind(back);
         e.mov_rr(true, RAX, RBP);
@@ -1136,23 +1144,17 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &[L
     let cpu: &mut Cpu = x.cpu;
     let user = cpu.tlb_user as u64;
     let code_epoch: *const AtomicU64 = &cpu.vm.code_epoch;
-    let u = cpu.tlb_user & 1;
-    let tlb = cpu.mmu.tlb[u].as_ptr();
+    let tlb = cpu.mmu.tlb[cpu.tlb_user & 1].as_ptr();
     let (code_flags, code_len) = cpu.mmu.code().flags_raw();
-    let gpr = cpu.gpr.as_mut_ptr();
-    let rip_ptr: *mut u64 = &mut cpu.rip;
-    let lazy: *mut Lazy = &mut cpu.lazy;
+    let cpu: *mut Cpu = cpu;
     let mut ctx = Ctx {
         exec: x as *mut Exec<'_> as *mut c_void,
-        gpr,
-        rip: rip_ptr,
+        cpu,
         tlb,
         code_flags,
         code_len: code_len as u64,
-        lazy,
         fused: 0,
         out: None,
-        cpu: std::ptr::null_mut(),
         attention: chain.attention,
         code_epoch,
         user,
@@ -1160,11 +1162,10 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &[L
         budget: chain.budget as u64,
         link: std::ptr::null(),
     };
-    ctx.cpu = x.cpu as *mut Cpu;
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
     // System V calling convention; it only touches the context and what its pointers reach
-    // (this vCPU's registers, RIP, TLB and code flags, and guest RAM through TLB entries), and
-    // calls back into `call_op` with the context.
+    // (this vCPU's `Cpu`, its TLB, the code flags, the jump cache, and guest RAM through TLB
+    // entries), and calls back into `call_op` with the context.
     let ret = unsafe {
         let f: extern "sysv64" fn(*mut Ctx, u64) -> u64 = std::mem::transmute(code);
         f(&mut ctx, rip)
