@@ -1203,6 +1203,29 @@ fn alu_jcc_form(cc: u8) -> Form {
     cc_form(cc, "alu", body)
 }
 
+/// Narrow ALU ops, INC/DEC/NEG and the atomic forms immediately followed by a Jcc, for
+/// condition `cc` (the JIT branches on the host's flags, except for a CF condition after
+/// INC/DEC, which keep the guest's CF); each branch skips a marker MOV.
+fn narrow_jcc_form(cc: u8) -> Form {
+    let body: Body = cc_body!(cc, |a, skip| {
+        a.add(al, bl)?;
+        skip(a, r10)?;
+        a.sub(cx, word_ptr(r15 + 2))?;
+        skip(a, r11)?;
+        a.inc(esi)?;
+        skip(a, r12)?;
+        a.dec(qword_ptr(r15 + 8))?;
+        skip(a, r13)?;
+        a.neg(dl)?;
+        skip(a, r14)?;
+        a.lock().sub(dword_ptr(r15 + 16), edi)?;
+        skip(a, rbp)?;
+        a.lock().xadd(qword_ptr(r15 + 24), r8)?;
+        skip(a, r9)
+    });
+    cc_form(cc, "narrow", body)
+}
+
 #[test]
 fn diff_alu_then_branch() {
     check(
@@ -1210,6 +1233,69 @@ fn diff_alu_then_branch() {
         CASES,
         0x3456_789a_bcde_f012,
     );
+}
+
+#[test]
+fn diff_narrow_and_atomic_ops_then_branch() {
+    check(
+        (0..16).map(narrow_jcc_form).collect(),
+        CASES,
+        0x4567_89ab_cdef_0123,
+    );
+}
+
+/// LOCK-prefixed read-modify-write ops, CMPXCHG and XADD (translated to the host's locked
+/// instructions), narrow MOVs and SETcc (a host SETcc on the flags of the op before).
+#[test]
+fn diff_atomics_narrow_moves_and_setcc() {
+    let forms = forms![
+        "lock add m32,r32", |a| a.lock().add(dword_ptr(r15 + 4), ecx), def(), Gen::Any;
+        "lock or m8,imm8", |a| a.lock().or(byte_ptr(r15 + 3), 0x41), undef(AF), Gen::Any;
+        "lock and m16,r16", |a| a.lock().and(word_ptr(r15 + 6), bx), undef(AF), Gen::Any;
+        "lock sub m64,imm8", |a| a.lock().sub(qword_ptr(r15 + 8), 7), def(), Gen::Any;
+        "lock xor m32,imm32", |a| a.lock().xor(dword_ptr(r15), 0x1234_5678), undef(AF), Gen::Any;
+        "lock inc m32", |a| a.lock().inc(dword_ptr(r15 + 12)), def(), Gen::Any;
+        "lock dec m64", |a| a.lock().dec(qword_ptr(r15 + 16)), def(), Gen::Any;
+        "lock neg m16", |a| a.lock().neg(word_ptr(r15 + 2)), def(), Gen::Any;
+        "lock not m8", |a| a.lock().not(byte_ptr(r15 + 5)), def(), Gen::Any;
+        "inc m8; dec r16", |a| { a.inc(byte_ptr(r15 + 1))?; a.dec(dx) }, def(), Gen::Any;
+        "not r32; neg m64", |a| { a.not(ecx)?; a.neg(qword_ptr(r15 + 8)) }, def(), Gen::Any;
+        "lock cmpxchg m64,r64", |a| a.lock().cmpxchg(qword_ptr(r15 + 8), rbx), def(), Gen::Any;
+        "cmpxchg m32,r32", |a| a.cmpxchg(dword_ptr(r15 + 4), ecx), def(), Gen::Any;
+        "lock cmpxchg m8,r8", |a| a.lock().cmpxchg(byte_ptr(r15 + 1), dl), def(), Gen::Any;
+        "lock cmpxchg m16,r16", |a| a.lock().cmpxchg(word_ptr(r15 + 2), si), def(), Gen::Any;
+        "matching lock cmpxchg m32", |a| {
+            a.mov(eax, dword_ptr(r15 + 4))?;
+            a.lock().cmpxchg(dword_ptr(r15 + 4), ecx)
+        }, def(), Gen::Any;
+        "matching cmpxchg m64", |a| {
+            a.mov(rax, qword_ptr(r15 + 16))?;
+            a.cmpxchg(qword_ptr(r15 + 16), rdi)
+        }, def(), Gen::Any;
+        "lock xadd m64,r64", |a| a.lock().xadd(qword_ptr(r15 + 8), rbx), def(), Gen::Any;
+        "xadd m32,r32", |a| a.xadd(dword_ptr(r15 + 4), ecx), def(), Gen::Any;
+        "lock xadd m16,r16", |a| a.lock().xadd(word_ptr(r15 + 2), si), def(), Gen::Any;
+        "lock xadd m8,r8", |a| a.lock().xadd(byte_ptr(r15 + 1), dl), def(), Gen::Any;
+        "mov r8,m8; mov m16,r16", |a| {
+            a.mov(sil, byte_ptr(r15 + 3))?;
+            a.mov(word_ptr(r15 + 6), di)
+        }, def(), Gen::Any;
+        "mov m8,imm8; mov r16,imm16", |a| {
+            a.mov(byte_ptr(r15 + 9), 0x9a)?;
+            a.mov(r9w, 0x8765)
+        }, def(), Gen::Any;
+        "mov r8,r8; mov r16,m16; mov m8,r8", |a| {
+            a.mov(bl, dil)?;
+            a.mov(cx, word_ptr(r15 + 12))?;
+            a.mov(byte_ptr(r15 + 2), r8b)
+        }, def(), Gen::Any;
+        "sub r32,r32; setb", |a| { a.sub(eax, ebx)?; a.setb(cl) }, def(), Gen::Any;
+        "test r8,r8; sete; setl", |a| { a.test(al, bl)?; a.sete(dl)?; a.setl(sil) }, undef(AF), Gen::Any;
+        "inc r64; setle; seto", |a| { a.inc(rax)?; a.setle(r9b)?; a.seto(cl) }, def(), Gen::Any;
+        "dec r32; setbe", |a| { a.dec(eax)?; a.setbe(cl) }, def(), Gen::Any;
+        "cmp r16,r16; seta; cmovg", |a| { a.cmp(ax, bx)?; a.seta(cl)?; a.cmovg(rdx, rsi) }, def(), Gen::Any;
+    ];
+    check(forms, CASES, 0x5678_9abc_def0_1234);
 }
 
 #[test]

@@ -653,6 +653,9 @@ impl Dec<'_> {
                     let dead = op.flags & F_NF != 0 && form != RM && !alu::writes(opid);
                     op.jit = if dead { tag::NOP } else { tag::ALU };
                     op.jarg = opid << 4 | form;
+                } else if self.bits == 64 && opid != alu::ADC && opid != alu::SBB {
+                    op.jit = tag::LOCK_ALU;
+                    op.jarg = opid << 4 | form;
                 }
                 Some(false)
             }
@@ -671,8 +674,18 @@ impl Dec<'_> {
                     M::Not => unary_sizes!(alu::NOT, s, mem, lock),
                     _ => unary_sizes!(alu::NEG, s, mem, lock),
                 };
-                if !mem && !self.need_flags && m != M::Not {
+                // The memory forms' handlers record the flags anyway; the JIT skips them.
+                if !self.need_flags && m != M::Not {
                     op.flags |= F_NF;
+                }
+                if self.bits == 64 && (mem || !lock) {
+                    op.jit = tag::UNARY;
+                    op.jarg = match m {
+                        M::Inc => alu::INC,
+                        M::Dec => alu::DEC,
+                        M::Not => alu::NOT,
+                        _ => alu::NEG,
+                    };
                 }
                 Some(false)
             }
@@ -774,6 +787,9 @@ impl Dec<'_> {
                 op.size = 1;
                 op.ext = cc(i)?;
                 op.h = data::setcc;
+                if self.bits == 64 && !mem {
+                    op.jit = tag::SETCC;
+                }
                 Some(false)
             }
             M::Ja
@@ -1108,6 +1124,13 @@ impl Dec<'_> {
                 } else {
                     atomic::cmpxchg
                 };
+                if self.bits == 64 && mem {
+                    op.jit = if m == M::Xadd {
+                        tag::XADD
+                    } else {
+                        tag::CMPXCHG
+                    };
+                }
                 Some(false)
             }
             M::Cmpxchg8b | M::Cmpxchg16b => {

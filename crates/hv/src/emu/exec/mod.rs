@@ -133,6 +133,17 @@ pub mod tag {
     pub const JCC: u8 = 13;
     /// CMOVcc between registers in 64-bit mode (condition in `Op::ext`).
     pub const CMOV: u8 = 14;
+    /// INC/DEC/NOT/NEG of a register or memory in 64-bit mode, LOCK too (flags dead with
+    /// `F_NF`); `jarg` = `alu::INC` ...
+    pub const UNARY: u8 = 15;
+    /// SETcc of a register in 64-bit mode (condition in `Op::ext`).
+    pub const SETCC: u8 = 16;
+    /// LOCK ADD/OR/AND/SUB/XOR with a memory destination in 64-bit mode; `jarg` as `ALU`.
+    pub const LOCK_ALU: u8 = 17;
+    /// CMPXCHG / XADD with a memory destination in 64-bit mode (LOCK or not: both run
+    /// atomically).
+    pub const CMPXCHG: u8 = 18;
+    pub const XADD: u8 = 19;
 }
 
 impl Op {

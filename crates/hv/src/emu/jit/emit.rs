@@ -34,6 +34,12 @@ pub const SHL: u8 = 4;
 pub const SHR: u8 = 5;
 pub const SAR: u8 = 7;
 
+/// Unary ops for [`Emit::unary`] (group 3 digits for NOT/NEG; INC/DEC are mapped).
+pub const INC: u8 = 0x10;
+pub const DEC: u8 = 0x11;
+pub const NOT: u8 = 2;
+pub const NEG: u8 = 3;
+
 /// A jump target, bound once.
 #[derive(Clone, Copy)]
 pub struct Label(usize);
@@ -190,6 +196,77 @@ impl Emit {
         let opc = if op == 8 { 0x84 } else { (op & 7) << 3 };
         self.buf.push(opc);
         self.buf.push(0xc0 | (src & 3) << 3 | (dst & 3));
+    }
+
+    /// `op dst16, src16` (as [`alu_rr`](Self::alu_rr), word-sized).
+    pub fn alu_rr16(&mut self, op: u8, dst: u8, src: u8) {
+        self.buf.push(0x66);
+        self.alu_rr(op, false, dst, src);
+    }
+
+    /// MOV BYTE [base + disp], r8 for AL, CL, DL or BL.
+    pub fn store8(&mut self, base: u8, disp: i32, src: u8) {
+        debug_assert!(src < 4);
+        self.op_mem(0x88, false, src, base, disp);
+    }
+
+    /// MOV WORD [base + disp], r16.
+    pub fn store16(&mut self, base: u8, disp: i32, src: u8) {
+        self.buf.push(0x66);
+        self.op_mem(0x89, false, src, base, disp);
+    }
+
+    /// Group 3/4/5 unary op `digit` (INC 0, DEC 1 by [`INC`]/[`DEC`]; NOT 2, NEG 3 by
+    /// [`NOT`]/[`NEG`]) on a register of `s` bytes (1: AL, CL, DL or BL).
+    pub fn unary(&mut self, digit: u8, s: u8, r: u8) {
+        let (opc, w) = match (digit, s) {
+            (INC | DEC, 1) => (0xfe, false),
+            (INC | DEC, _) => (0xff, s == 8),
+            (_, 1) => (0xf6, false),
+            _ => (0xf7, s == 8),
+        };
+        let digit = match digit {
+            INC => 0,
+            DEC => 1,
+            d => d,
+        };
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        debug_assert!(s != 1 || r < 4);
+        self.op_rr(opc, w, digit, r);
+    }
+
+    /// SETcc r8 (AL, CL, DL or BL).
+    pub fn setcc(&mut self, cc: u8, r: u8) {
+        debug_assert!(r < 4);
+        self.buf.extend_from_slice(&[0x0f, 0x90 | (cc & 15), 0xc0 | (r & 3)]);
+    }
+
+    /// LOCK CMPXCHG [base + disp], `src` of `s` bytes (compares with AL/AX/EAX/RAX).
+    pub fn lock_cmpxchg(&mut self, s: u8, base: u8, disp: i32, src: u8) {
+        self.buf.push(0xf0);
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        debug_assert!(s != 1 || src < 4);
+        self.rex(s == 8, src, base);
+        self.buf
+            .extend_from_slice(&[0x0f, if s == 1 { 0xb0 } else { 0xb1 }]);
+        self.mem(src, base, disp);
+    }
+
+    /// LOCK XADD [base + disp], `src` of `s` bytes.
+    pub fn lock_xadd(&mut self, s: u8, base: u8, disp: i32, src: u8) {
+        self.buf.push(0xf0);
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        debug_assert!(s != 1 || src < 4);
+        self.rex(s == 8, src, base);
+        self.buf
+            .extend_from_slice(&[0x0f, if s == 1 { 0xc0 } else { 0xc1 }]);
+        self.mem(src, base, disp);
     }
 
     /// MOV BYTE [base + disp], imm8.
@@ -358,6 +435,12 @@ mod tests {
         ][n as usize]
     }
 
+    fn reg16(n: u8) -> AsmRegister16 {
+        [
+            ax, cx, dx, bx, sp, bp, si, di, r8w, r9w, r10w, r11w, r12w, r13w, r14w, r15w,
+        ][n as usize]
+    }
+
     /// Each form, for every register and a few displacements, decodes to what iced's
     /// assembler would have encoded.
     #[test]
@@ -440,6 +523,37 @@ mod tests {
                     }
                     e.store_imm8(y, disp, 0x5a);
                     a.mov(byte_ptr(ry + disp), 0x5a).unwrap();
+                    e.store16(y, disp, x);
+                    a.mov(word_ptr(ry + disp), reg16(x)).unwrap();
+                    e.alu_rr16(5, x, y);
+                    a.sub(reg16(x), reg16(y)).unwrap();
+                    e.alu_rr16(8, x, y);
+                    a.test(reg16(x), reg16(y)).unwrap();
+                    for s in [2u8, 4, 8] {
+                        e.lock_xadd(s, y, disp, x);
+                        match s {
+                            2 => a.lock().xadd(word_ptr(ry + disp), reg16(x)),
+                            4 => a.lock().xadd(dword_ptr(ry + disp), reg32(x)),
+                            _ => a.lock().xadd(qword_ptr(ry + disp), rx),
+                        }
+                        .unwrap();
+                        e.lock_cmpxchg(s, y, disp, x);
+                        match s {
+                            2 => a.lock().cmpxchg(word_ptr(ry + disp), reg16(x)),
+                            4 => a.lock().cmpxchg(dword_ptr(ry + disp), reg32(x)),
+                            _ => a.lock().cmpxchg(qword_ptr(ry + disp), rx),
+                        }
+                        .unwrap();
+                    }
+                    if x < 4 {
+                        let b8 = [al, cl, dl, bl];
+                        e.store8(y, disp, x);
+                        a.mov(byte_ptr(ry + disp), b8[x as usize]).unwrap();
+                        e.lock_xadd(1, y, disp, x);
+                        a.lock().xadd(byte_ptr(ry + disp), b8[x as usize]).unwrap();
+                        e.lock_cmpxchg(1, y, disp, x);
+                        a.lock().cmpxchg(byte_ptr(ry + disp), b8[x as usize]).unwrap();
+                    }
                     let got: Vec<_> = decode(&e.finish().unwrap()).iter().map(key).collect();
                     let want: Vec<_> = a.instructions().iter().map(key).collect();
                     assert_eq!(got, want, "registers {x}, {y}, disp {disp}");
@@ -502,6 +616,40 @@ mod tests {
             a.sar(reg32(x), 31).unwrap();
             e.pushfq();
             a.pushfq().unwrap();
+            for s in [1u8, 2, 4, 8] {
+                if s == 1 && x >= 4 {
+                    continue;
+                }
+                for d in [INC, DEC, NOT, NEG] {
+                    e.unary(d, s, x);
+                    let a = &mut a;
+                    match (s, d) {
+                        (1, INC) => a.inc([al, cl, dl, bl][x as usize]),
+                        (1, DEC) => a.dec([al, cl, dl, bl][x as usize]),
+                        (1, NOT) => a.not([al, cl, dl, bl][x as usize]),
+                        (1, _) => a.neg([al, cl, dl, bl][x as usize]),
+                        (2, INC) => a.inc(reg16(x)),
+                        (2, DEC) => a.dec(reg16(x)),
+                        (2, NOT) => a.not(reg16(x)),
+                        (2, _) => a.neg(reg16(x)),
+                        (4, INC) => a.inc(reg32(x)),
+                        (4, DEC) => a.dec(reg32(x)),
+                        (4, NOT) => a.not(reg32(x)),
+                        (4, _) => a.neg(reg32(x)),
+                        (_, INC) => a.inc(r),
+                        (_, DEC) => a.dec(r),
+                        (_, NOT) => a.not(r),
+                        _ => a.neg(r),
+                    }
+                    .unwrap();
+                }
+            }
+            if x < 4 {
+                e.setcc(CC_NE, x);
+                a.setne([al, cl, dl, bl][x as usize]).unwrap();
+                e.setcc(CC_A, x);
+                a.seta([al, cl, dl, bl][x as usize]).unwrap();
+            }
             e.call(x);
             a.call(r).unwrap();
             e.jmp_r(x);

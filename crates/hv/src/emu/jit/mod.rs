@@ -17,7 +17,7 @@ use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use super::cpu::{Cpu, Exc, FS, GS, R, RSP as GUEST_RSP};
+use super::cpu::{Cpu, Exc, FS, GS, R, RAX as GUEST_RAX, RSP as GUEST_RSP};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
@@ -262,10 +262,41 @@ enum Kind {
     Jcc,
     /// CMOVcc between 4- or 8-byte registers right after such an ALU op: a host CMOVcc.
     Cmov(u8),
+    /// INC/DEC/NOT/NEG (`op`, `alu::INC` ...) of a register or flat memory (`mem`), `s`
+    /// bytes; `nf`: no flags recorded; `lock`: an atomic read-modify-write of memory.
+    Unary {
+        op: u8,
+        s: u8,
+        mem: bool,
+        nf: bool,
+        lock: bool,
+    },
+    /// SETcc of a register, right after an op whose flags the host holds: a host SETcc.
+    Setcc,
+    /// LOCK ADD/OR/AND/SUB/XOR with a flat memory destination (forms MR, MI), `s` bytes: a
+    /// host compare-and-exchange loop.
+    LockAlu { op: u8, s: u8, form: u8 },
+    /// CMPXCHG / XADD of flat memory with a register, `s` bytes: the host's locked
+    /// instruction.
+    Cmpxchg(u8),
+    Xadd(u8),
     /// CALL rel32, RET (imm16), JMP rel in 64-bit mode: they end their block.
     Call,
     Ret,
     Jmp,
+}
+
+/// What the host's arithmetic flags hold after an op's translation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HostFlags {
+    /// Nothing of the guest's.
+    Lost,
+    /// The guest's flags, all of them.
+    All,
+    /// The guest's flags except CF (after INC/DEC, which keep the guest's CF).
+    NoCf,
+    /// Whatever they held before (the op changes neither the guest's nor the host's).
+    Kept,
 }
 
 impl Kind {
@@ -273,6 +304,40 @@ impl Kind {
     fn branches(self) -> bool {
         matches!(self, Kind::Call | Kind::Ret | Kind::Jmp)
     }
+
+    /// The op reads the guest's flags from the host's (condition code `Op::ext`).
+    fn reads_host_flags(self) -> bool {
+        matches!(self, Kind::Jcc | Kind::Cmov(_) | Kind::Setcc)
+    }
+
+    /// What the host's flags hold after the op's code (see `assemble`).
+    fn host_flags(self) -> HostFlags {
+        match self {
+            Kind::Alu { nf: false, .. }
+            | Kind::LockAlu { .. }
+            | Kind::Cmpxchg(_)
+            | Kind::Xadd(_)
+            | Kind::Unary {
+                op: alu::NEG,
+                nf: false,
+                ..
+            } => HostFlags::All,
+            Kind::Unary {
+                op: alu::INC | alu::DEC,
+                nf: false,
+                ..
+            } => HostFlags::NoCf,
+            Kind::Jcc | Kind::Cmov(_) | Kind::Setcc | Kind::MovRR(_) | Kind::MovRI(_) | Kind::Nop => {
+                HostFlags::Kept
+            }
+            _ => HostFlags::Lost,
+        }
+    }
+}
+
+/// Whether condition code `cc` reads CF (B, AE, BE, A).
+fn cc_reads_cf(cc: u8) -> bool {
+    matches!(cc & 15, 2 | 3 | 6 | 7)
 }
 
 /// What `op` is translated as, from the decoder's tag; `None`: call its handler.
@@ -282,11 +347,14 @@ fn kind(op: &Op) -> Option<Kind> {
     let flat = (op.flags & F_FLAT != 0 || fs_gs) && op.flags & F_LOCK == 0;
     let regs = op.r1 < 16 && op.r2 < 16;
     let s = op.size;
+    let sized = matches!(s, 1 | 2 | 4 | 8);
+    // Flat memory with LOCK: the atomic forms.
+    let flat_locked = op.flags & F_FLAT != 0 || fs_gs;
     let (opid, form) = (op.jarg >> 4, op.jarg & 15);
     let mem_form = matches!(form, alu::RM | alu::MR | alu::MI);
     match op.jit {
         tag::NOP => Some(Kind::Nop),
-        tag::MOV if regs && (s == 4 || s == 8) => match op.jarg {
+        tag::MOV if regs && sized => match op.jarg {
             alu::RR => Some(Kind::MovRR(s)),
             alu::RI => Some(Kind::MovRI(s)),
             alu::RM if flat => Some(Kind::MovRM(s)),
@@ -317,9 +385,33 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::JMP => Some(Kind::Jmp),
         tag::JCC if op.size == 8 => Some(Kind::Jcc),
         tag::CMOV if regs && (s == 4 || s == 8) => Some(Kind::Cmov(s)),
+        tag::SETCC if op.r2 < 16 => Some(Kind::Setcc),
+        tag::UNARY if regs && sized => {
+            let mem = op.flags & F_MEM != 0;
+            let lock = op.flags & F_LOCK != 0;
+            let ok = if lock { mem && flat_locked } else { !mem || flat };
+            ok.then_some(Kind::Unary {
+                op: op.jarg,
+                s,
+                mem,
+                nf: op.flags & F_NF != 0,
+                lock,
+            })
+        }
+        tag::LOCK_ALU
+            if regs
+                && sized
+                && flat_locked
+                && matches!(form, alu::MR | alu::MI)
+                && matches!(opid, alu::ADD | alu::OR | alu::AND | alu::SUB | alu::XOR) =>
+        {
+            Some(Kind::LockAlu { op: opid, s, form })
+        }
+        tag::CMPXCHG if regs && sized && flat_locked => Some(Kind::Cmpxchg(s)),
+        tag::XADD if regs && sized && flat_locked => Some(Kind::Xadd(s)),
         tag::ALU
             if regs
-                && (s == 4 || s == 8)
+                && sized
                 && (matches!(form, alu::RR | alu::RI) || (mem_form && flat))
                 && matches!(
                     opid,
@@ -335,7 +427,7 @@ fn kind(op: &Op) -> Option<Kind> {
         }
         tag::CMP_JCC
             if regs
-                && matches!(s, 1 | 4 | 8)
+                && sized
                 && form <= alu::MI
                 && (opid == alu::CMP || opid == alu::TEST)
                 && (flat || !mem_form) =>
@@ -543,14 +635,24 @@ impl Jit {
     /// is full or nothing in the block is worth it.
     pub fn translate(&mut self, ops: &[Op]) -> Option<usize> {
         let mut kinds: Vec<Option<Kind>> = ops.iter().map(kind).collect();
-        // A Jcc or CMOVcc is translated only right after an ALU op whose flags the host still
-        // holds.
-        let reads_host_flags = |k: Option<Kind>| matches!(k, Some(Kind::Jcc | Kind::Cmov(_)));
-        for k in 0..kinds.len() {
-            let after_alu = k > 0 && matches!(kinds[k - 1], Some(Kind::Alu { nf: false, .. }));
-            if reads_host_flags(kinds[k]) && !after_alu {
-                kinds[k] = None;
+        // A Jcc, CMOVcc or SETcc is translated only where the host's flags are the guest's:
+        // after a translated op that sets them, with only ops that keep them in between.
+        let mut host = HostFlags::Lost;
+        for (k, op) in kinds.iter_mut().zip(ops) {
+            if let Some(kind) = *k {
+                let good = match host {
+                    HostFlags::All => true,
+                    HostFlags::NoCf => !cc_reads_cf(op.ext),
+                    _ => false,
+                };
+                if kind.reads_host_flags() && !good {
+                    *k = None;
+                }
             }
+            host = match k.map_or(HostFlags::Lost, Kind::host_flags) {
+                HostFlags::Kept => host,
+                h => h,
+            };
         }
         if kinds.iter().all(|k| k.is_none()) {
             return None;
@@ -587,12 +689,32 @@ fn load_sized(e: &mut Emit, dst: u8, base: u8, disp: i32, s: u8) {
     }
 }
 
-/// `[base + disp]` = the low `s` (4 or 8) bytes of `src`.
+/// `[base + disp]` = the low `s` bytes of `src` (RAX, RCX or RDX for a byte).
 fn store_sized(e: &mut Emit, base: u8, disp: i32, src: u8, s: u8) {
-    if s == 8 {
-        e.store64(base, disp, src);
-    } else {
-        e.store32(base, disp, src);
+    match s {
+        1 => e.store8(base, disp, src),
+        2 => e.store16(base, disp, src),
+        4 => e.store32(base, disp, src),
+        _ => e.store64(base, disp, src),
+    }
+}
+
+/// Guest register `r` = the `s`-byte value in `src` (zero-extended when `s` is 4): a 1- or
+/// 2-byte write keeps the rest of the register, a 4-byte one clears the upper half (SDM
+/// Vol. 1 §3.4.1.1).
+fn set_gpr(e: &mut Emit, r: u8, src: u8, s: u8) {
+    match s {
+        1 | 2 => store_sized(e, RBX, gpr_disp(r), src, s),
+        _ => e.store64(RBX, gpr_disp(r), src),
+    }
+}
+
+/// `op dst, src` (binary operation in `alu_rr` numbering) on the low `s` bytes.
+fn alu_sized(e: &mut Emit, op: u8, s: u8, dst: u8, src: u8) {
+    match s {
+        1 => e.alu_rr8(op, dst, src),
+        2 => e.alu_rr16(op, dst, src),
+        _ => e.alu_rr(op, s == 8, dst, src),
     }
 }
 
@@ -669,11 +791,9 @@ fn compute(e: &mut Emit, o: u8, s: u8) -> u8 {
         alu::TEST => (alu::AND, flags::LOGIC),
         o => (o, flags::LOGIC),
     };
+    // Operands are zero-extended: a 1- or 2-byte result leaves RDX zero-extended too.
     e.mov_rr(true, RDX, RAX);
-    e.alu_rr(host, s == 8, RDX, RCX);
-    if s == 1 {
-        e.alu_imm(AND, false, RDX, 0xff);
-    }
+    alu_sized(e, host, s, RDX, RCX);
     fop
 }
 
@@ -724,6 +844,61 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     e.store_imm8(RBX, lazy_field(offset_of!(Lazy, op)), flags::EAGER);
 }
 
+/// INC/DEC/NOT/NEG (`o`) of `s` bytes of a register or flat memory (`mem`; LOCK: `lock`),
+/// with the flags recorded unless `nf`, as `alu::unary` does; the host's flags are then the
+/// guest's (but for CF after INC/DEC). To `bail` on a TLB miss, with nothing changed but CF
+/// frozen (which the interpreter does again).
+#[allow(clippy::too_many_arguments)]
+fn unary(e: &mut Emit, op: &Op, o: u8, s: u8, mem: bool, nf: bool, lock: bool, end: u32, bail: Label) {
+    let host = match o {
+        alu::INC => INC,
+        alu::DEC => DEC,
+        alu::NOT => NOT,
+        _ => NEG,
+    };
+    if !nf && matches!(o, alu::INC | alu::DEC) {
+        e.mov_rr(true, RDI, R12);
+        e.mov_imm(RAX, freeze_cf as *const () as u64);
+        e.call(RAX);
+    }
+    if mem {
+        linear_address(e, op, end);
+        tlb_fast_path(e, s, true, bail);
+        e.mov_rr(true, R15, RAX);
+        load_sized(e, RAX, RAX, 0, s);
+    } else {
+        load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+    }
+    // RAX = the value (zero-extended), RDX = the result.
+    if lock {
+        let again = e.label();
+        e.bind(again);
+        e.mov_rr(true, RDX, RAX);
+        e.unary(host, s, RDX);
+        e.lock_cmpxchg(s, R15, 0, RDX);
+        e.jcc(CC_NE, again);
+    }
+    e.mov_rr(true, RDX, RAX);
+    e.unary(host, s, RDX);
+    match (lock, mem) {
+        (true, _) => {}
+        (false, true) => store_sized(e, R15, 0, RDX, s),
+        (false, false) => set_gpr(e, op.r1, RDX, s),
+    }
+    if nf || o == alu::NOT {
+        return;
+    }
+    if o == alu::NEG {
+        // As SUB 0 - value.
+        e.mov_rr(true, RCX, RAX);
+        e.mov_imm(RAX, 0);
+        record_lazy(e, flags::SUB, s);
+    } else {
+        e.mov_imm(RCX, 1);
+        record_lazy(e, if o == alu::INC { flags::INC } else { flags::DEC }, s);
+    }
+}
+
 /// Jump to `bail` unless register `r` holds a canonical address (bits 63..47 equal). Uses RCX.
 fn canonical_or(e: &mut Emit, r: u8, bail: Label) {
     e.mov_rr(true, RCX, r);
@@ -745,11 +920,26 @@ fn lazy_field(offset: usize) -> i32 {
 
 /// `Cpu::lazy` = { `fop`, `s`, res RDX, a RAX, b RCX } (as `alu::compute` records it).
 fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
+    record_lazy_from(e, fop, s, RDX, RAX, RCX);
+}
+
+/// `Cpu::lazy` = { `fop`, `s`, `res`, `a`, `b` } (registers). Leaves the host's flags alone.
+fn record_lazy_from(e: &mut Emit, fop: u8, s: u8, res: u8, a: u8, b: u8) {
     e.store_imm8(RBX, lazy_field(offset_of!(Lazy, op)), fop);
     e.store_imm8(RBX, lazy_field(offset_of!(Lazy, size)), s);
-    e.store64(RBX, lazy_field(offset_of!(Lazy, res)), RDX);
-    e.store64(RBX, lazy_field(offset_of!(Lazy, a)), RAX);
-    e.store64(RBX, lazy_field(offset_of!(Lazy, b)), RCX);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, res)), res);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, a)), a);
+    e.store64(RBX, lazy_field(offset_of!(Lazy, b)), b);
+}
+
+/// Before INC/DEC records its flags: CF as the current flags have it, kept in `Cpu::flags`
+/// (as `Cpu::set_lazy` does). Called from translated code.
+extern "sysv64" fn freeze_cf(ctx: *mut Ctx) {
+    // SAFETY: translated code passes the context `run` built on its stack; its `cpu` is the
+    // vCPU `run` was given, which nothing else touches during the call.
+    let cpu = unsafe { &mut *(*ctx).cpu };
+    let cf = cpu.cf();
+    cpu.flags = (cpu.flags & !flags::CF) | cf as u64;
 }
 
 /// The chain stub and the offset of its second entry, which skips the checks of the vCPU
@@ -904,19 +1094,19 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             Kind::Nop => can_bail = false,
             Kind::MovRR(s) => {
                 load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
-                e.store64(RBX, gpr_disp(op.r1), RAX);
+                set_gpr(&mut e, op.r1, RAX, s);
                 can_bail = false;
             }
             Kind::MovRI(s) => {
-                e.mov_imm(RAX, if s == 8 { op.imm } else { op.imm & 0xffff_ffff });
-                e.store64(RBX, gpr_disp(op.r1), RAX);
+                e.mov_imm(RAX, op.imm & flags::mask(s));
+                set_gpr(&mut e, op.r1, RAX, s);
                 can_bail = false;
             }
             Kind::MovRM(s) => {
                 linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, false, bail);
                 load_sized(&mut e, RAX, RAX, 0, s);
-                e.store64(RBX, gpr_disp(op.r1), RAX);
+                set_gpr(&mut e, op.r1, RAX, s);
             }
             Kind::MovMR(s) => {
                 linear_address(&mut e, op, end);
@@ -944,7 +1134,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 }
                 match (alu::writes(o), to_mem) {
                     (false, _) => {}
-                    (true, false) => e.store64(RBX, gpr_disp(op.r1), RDX),
+                    (true, false) => set_gpr(&mut e, op.r1, RDX, s),
                     (true, true) => store_sized(&mut e, R15, 0, RDX, s),
                 }
                 can_bail = form != alu::RR && form != alu::RI;
@@ -994,11 +1184,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 operands(&mut e, op, s, form, b, end, false, bail);
                 // The host's flags are the guest's. A taken branch goes to code after the
                 // block's end that finishes the op there.
-                if s == 1 {
-                    e.alu_rr8(o, RAX, RCX);
-                } else {
-                    e.alu_rr(o, s == 8, RAX, RCX);
-                }
+                alu_sized(&mut e, o, s, RAX, RCX);
                 let to = e.label();
                 e.jcc(op.ext & 15, to);
                 record_compare(&mut e, o, s);
@@ -1055,6 +1241,67 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 let to = e.label();
                 e.jcc(op.ext & 15, to);
                 jumps.push((to, bail, k, at, end, op.imm));
+            }
+            Kind::Setcc => {
+                // The flags of an op before: see `Jit::translate`.
+                e.setcc(op.ext & 15, RAX);
+                set_gpr(&mut e, op.r2, RAX, 1);
+                can_bail = false;
+            }
+            Kind::Unary {
+                op: o,
+                s,
+                mem,
+                nf,
+                lock,
+            } => {
+                unary(&mut e, op, o, s, mem, nf, lock, end, bail);
+                can_bail = mem;
+            }
+            Kind::LockAlu { op: o, s, form } => {
+                let b = op.imm & flags::mask(s);
+                operands(&mut e, op, s, form, b, end, true, bail);
+                // RAX = the value in memory, RCX = the operand: replace RAX by the result
+                // unless another vCPU changed it first (then RAX holds its value: again).
+                let again = e.label();
+                e.bind(again);
+                let fop = compute(&mut e, o, s);
+                e.lock_cmpxchg(s, R15, 0, RDX);
+                e.jcc(CC_NE, again);
+                // The host's flags of the operation that took effect.
+                compute(&mut e, o, s);
+                record_lazy(&mut e, fop, s);
+            }
+            Kind::Cmpxchg(s) => {
+                linear_address(&mut e, op, end);
+                tlb_fast_path(&mut e, s, true, bail);
+                e.mov_rr(true, R15, RAX);
+                load_sized(&mut e, RCX, RBX, gpr_disp(op.r1), s);
+                load_sized(&mut e, RAX, RBX, gpr_disp(GUEST_RAX as u8), s);
+                e.mov_rr(true, RSI, RAX);
+                e.lock_cmpxchg(s, R15, 0, RCX);
+                // RAX = the value found (the accumulator when they matched, which stays).
+                let same = e.label();
+                e.jcc(CC_E, same);
+                set_gpr(&mut e, GUEST_RAX as u8, RAX, s);
+                e.bind(same);
+                // Flags as CMP accumulator, value found (the host's compare).
+                e.mov_rr(true, RDX, RSI);
+                alu_sized(&mut e, alu::SUB, s, RDX, RAX);
+                record_lazy_from(&mut e, flags::SUB, s, RDX, RSI, RAX);
+            }
+            Kind::Xadd(s) => {
+                linear_address(&mut e, op, end);
+                tlb_fast_path(&mut e, s, true, bail);
+                e.mov_rr(true, R15, RAX);
+                load_sized(&mut e, RCX, RBX, gpr_disp(op.r1), s);
+                e.mov_rr(true, RDX, RCX);
+                e.lock_xadd(s, R15, 0, RDX);
+                // RDX = the old value: to the register; flags of old + operand.
+                set_gpr(&mut e, op.r1, RDX, s);
+                e.mov_rr(true, RAX, RDX);
+                alu_sized(&mut e, alu::ADD, s, RAX, RCX);
+                record_lazy_from(&mut e, flags::ADD, s, RAX, RDX, RCX);
             }
             Kind::Pop => {
                 pop_to(&mut e, R15, bail);
