@@ -2046,6 +2046,46 @@ fn chained_translated_code_follows_a_remapped_page() {
     assert_eq!(m.r32(DATA), 50 + 2 * 50);
 }
 
+/// Translated loads and stores that cross from one page into the next, which maps to a
+/// physical page that is not the next one: both halves come from (go to) the right pages.
+#[test]
+fn translated_accesses_that_cross_a_page_use_both_translations() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    // Linear 0x20_9000 → physical 0x20_b000, linear 0x20_a000 → physical 0x20_9000.
+    let (lin, lo, hi) = (0x20_9000u64, 0x20_b000u64, 0x20_9000u64);
+    m.w64(PT + 9 * 8, lo | 0x7);
+    m.w64(PT + 10 * 8, hi | 0x7);
+    m.write(lo + 0xffc, &[1, 2, 3, 4]);
+    m.write(hi, &[5, 6, 7, 8]);
+    // What an access that stayed in the first page would find.
+    m.write(lo + 0x1000, &[0xee; 4]);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.mov(rbx, 0x1122_3344_5566_7788u64).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.mov(rax, qword_ptr(lin + 0xffc)).unwrap();
+        a.add(rdx, rax).unwrap();
+        a.mov(qword_ptr(lin + 0xffa), rbx).unwrap();
+        a.mov(word_ptr(lin + 0xfff), bx).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(qword_ptr(DATA), rdx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    // The first pass reads the original bytes, the later ones what the stores left.
+    assert_eq!(m.read(lo + 0xffa, 6), [0x88, 0x77, 0x66, 0x55, 0x44, 0x88]);
+    assert_eq!(m.read(hi, 4), [0x77, 0x11, 0x07, 0x08]);
+    assert_eq!(m.read(lo + 0x1000, 4), [0xee; 4], "nothing written past the first page");
+    let first = u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
+    let last = u64::from_le_bytes([0x66, 0x55, 0x44, 0x88, 0x77, 0x11, 0x07, 0x08]);
+    assert_eq!(m.r64(DATA), first.wrapping_add(last.wrapping_mul(99)));
+}
+
 /// A hot translated loop whose handler-run op (a byte store) faults in its last iteration:
 /// the fault has the op's RIP, and the ops before it in the block ran.
 #[test]

@@ -557,7 +557,9 @@ fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
     e.alu_imm(AND, false, RDX, (TLB_SIZE - 1) as i32);
     e.imul_imm(RDX, RDX, esz);
     e.add_rr(RDX, R14);
-    e.mov_rr(true, RCX, RAX);
+    // The page of the access's last byte: an access that crosses into the next page misses
+    // the tag of its first page (tags are page addresses, or never equal one).
+    e.lea(RCX, RAX, size as i32 - 1);
     e.alu_imm(AND, true, RCX, -(PAGE_SIZE as i32));
     let tag = if write {
         offset_of!(TlbEntry, tag_w)
@@ -566,10 +568,6 @@ fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
     };
     e.cmp_mem(RCX, RDX, tag as i32);
     e.jcc(CC_NE, miss);
-    e.mov_rr(false, RCX, RAX);
-    e.alu_imm(AND, false, RCX, 0xfff);
-    e.alu_imm(CMP, false, RCX, (PAGE_SIZE as i32) - size as i32);
-    e.jcc(CC_A, miss);
     if write {
         e.load32(RCX, RDX, offset_of!(TlbEntry, code) as i32);
         e.cmp_mem(RCX, R12, offset_of!(Ctx, code_len) as i32);
