@@ -576,6 +576,7 @@ fn diff_flags_skipped() {
         "neg r64; cmp", |a| { a.neg(rdx)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "shl r64,cl; cmp", |a| { a.shl(rax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
         "shr r32,cl; cmp", |a| { a.shr(eax, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(40);
+        "sar r64,cl; cmp", |a| { a.sar(rdx, cl)?; a.cmp(r14, r13) }, def(), Gen::Count(70);
         "sar r16,imm; cmp", |a| { a.sar(ax, 9)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "shl r64,imm; cmp", |a| { a.shl(rax, 13)?; a.cmp(r14, r13) }, def(), Gen::Any;
         "shr r32,imm; cmp", |a| { a.shr(ecx, 7)?; a.cmp(r14, r13) }, def(), Gen::Any;
@@ -1221,7 +1222,9 @@ fn narrow_jcc_form(cc: u8) -> Form {
         a.lock().sub(dword_ptr(r15 + 16), edi)?;
         skip(a, rbp)?;
         a.lock().xadd(qword_ptr(r15 + 24), r8)?;
-        skip(a, r9)
+        skip(a, r9)?;
+        a.test(bh, 0x81)?;
+        skip(a, rax)
     });
     cc_form(cc, "narrow", body)
 }
@@ -1294,6 +1297,47 @@ fn diff_atomics_narrow_moves_and_setcc() {
         "inc r64; setle; seto", |a| { a.inc(rax)?; a.setle(r9b)?; a.seto(cl) }, def(), Gen::Any;
         "dec r32; setbe", |a| { a.dec(eax)?; a.setbe(cl) }, def(), Gen::Any;
         "cmp r16,r16; seta; cmovg", |a| { a.cmp(ax, bx)?; a.seta(cl)?; a.cmovg(rdx, rsi) }, def(), Gen::Any;
+        "mov ah,bh; mov ch,0x5a; add dh,1; setne bh", |a| {
+            a.mov(ah, bh)?;
+            a.mov(ch, 0x5a)?;
+            a.add(dh, 1)?;
+            a.setne(bh)
+        }, def(), Gen::Any;
+        "add ah,dl; sub bh,ch; movzx esi,ah", |a| {
+            a.add(ah, dl)?;
+            a.sub(bh, ch)?;
+            a.movzx(esi, ah)
+        }, def(), Gen::Any;
+        "inc ch; dec ah; neg bh; not dh", |a| { a.inc(ch)?; a.dec(ah)?; a.neg(bh)?; a.not(dh) }, def(), Gen::Any;
+        "cdqe", |a| a.cdqe(), def(), Gen::Any;
+        "cwde", |a| a.cwde(), def(), Gen::Any;
+        "cbw", |a| a.cbw(), def(), Gen::Any;
+        "cqo", |a| a.cqo(), def(), Gen::Any;
+        "cdq", |a| a.cdq(), def(), Gen::Any;
+        "cwd", |a| a.cwd(), def(), Gen::Any;
+        "call r64", |a| {
+            let mut t = a.create_label();
+            let mut done = a.create_label();
+            a.lea(rax, ptr(t))?;
+            a.call(rax)?;
+            a.jmp(done)?;
+            a.set_label(&mut t)?;
+            a.add(rbx, 5)?;
+            a.ret()?;
+            a.set_label(&mut done)?;
+            // The code's address differs between the host and the guest.
+            a.mov(eax, 0)?;
+            a.add(rbx, rcx)
+        }, def(), Gen::Any;
+        "jmp r64", |a| {
+            let mut t = a.create_label();
+            a.lea(rcx, ptr(t))?;
+            a.jmp(rcx)?;
+            a.add(rbx, 1)?;
+            a.set_label(&mut t)?;
+            a.mov(ecx, 0)?;
+            a.add(rbx, 3)
+        }, def(), Gen::Any;
     ];
     check(forms, CASES, 0x5678_9abc_def0_1234);
 }
@@ -1367,4 +1411,27 @@ fn harness_detects_differences() {
     }];
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(wrong_memory, 50, 1)));
     assert!(r.is_err());
+}
+/// SETcc and CMOVcc right after a fused CMP+Jcc that was not taken: the JIT reads the host's
+/// flags, which the fused op's fall-through leaves as the compare set them. (A form of its
+/// own: its block is translated first there.)
+#[test]
+fn diff_flags_after_a_fused_compare() {
+    let forms = forms![
+        "cmp+jne; setl; cmovg (flags after a fused compare)", |a| {
+            let mut l = a.create_label();
+            a.cmp(rax, rbx)?;
+            a.jne(l)?;
+            a.mov(r8, 1u64)?;
+            a.set_label(&mut l)?;
+            let mut m = a.create_label();
+            a.cmp(ecx, edx)?;
+            a.je(m)?;
+            a.setl(r9b)?;
+            a.cmovg(r10, r11)?;
+            a.set_label(&mut m)?;
+            a.nop()
+        }, def(), Gen::Any;
+    ];
+    check(forms, CASES, 0x5678_9abc_def0_1234);
 }

@@ -2080,7 +2080,11 @@ fn translated_accesses_that_cross_a_page_use_both_translations() {
     // The first pass reads the original bytes, the later ones what the stores left.
     assert_eq!(m.read(lo + 0xffa, 6), [0x88, 0x77, 0x66, 0x55, 0x44, 0x88]);
     assert_eq!(m.read(hi, 4), [0x77, 0x11, 0x07, 0x08]);
-    assert_eq!(m.read(lo + 0x1000, 4), [0xee; 4], "nothing written past the first page");
+    assert_eq!(
+        m.read(lo + 0x1000, 4),
+        [0xee; 4],
+        "nothing written past the first page"
+    );
     let first = u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]);
     let last = u64::from_le_bytes([0x66, 0x55, 0x44, 0x88, 0x77, 0x11, 0x07, 0x08]);
     assert_eq!(m.r64(DATA), first.wrapping_add(last.wrapping_mul(99)));

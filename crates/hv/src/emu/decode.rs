@@ -1016,9 +1016,9 @@ impl Dec<'_> {
                     k if is_imm(k) => op.imm = i.immediate(1),
                     _ => return None,
                 }
-                if !mem && op.flags & F_CL == 0 {
+                if !mem {
                     // The JIT translates SHL/SHR/SAR of a register by an immediate, with or
-                    // without their flags.
+                    // without their flags, and by CL without them.
                     op.jit = tag::SHIFT;
                     op.jarg = match m {
                         M::Shl | M::Sal => shift::SHL,
@@ -1108,11 +1108,9 @@ impl Dec<'_> {
                     M::Cwde | M::Cdq => 4,
                     _ => 8,
                 };
-                op.h = if matches!(m, M::Cbw | M::Cwde | M::Cdqe) {
-                    data::cbw
-                } else {
-                    data::cwd
-                };
+                let widen = matches!(m, M::Cbw | M::Cwde | M::Cdqe);
+                op.h = if widen { data::cbw } else { data::cwd };
+                op.jit = if widen { tag::CBW } else { tag::CWD };
                 Some(false)
             }
             M::Xadd | M::Cmpxchg => {
@@ -1420,6 +1418,9 @@ impl Dec<'_> {
             OpKind::Register => {
                 op.r2 = self.gpr(0)?;
                 op.size = self.size(0)?;
+                if self.bits == 64 && op.size == 8 {
+                    op.jit = if call { tag::CALL_R } else { tag::JMP_R };
+                }
                 op.h = if call {
                     branch::call_rm
                 } else {

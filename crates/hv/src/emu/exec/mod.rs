@@ -126,7 +126,8 @@ pub mod tag {
     pub const JMP: u8 = 10;
     /// Does nothing (NOP, ENDBR64, prefetch, a CMP/TEST whose flags are dead).
     pub const NOP: u8 = 11;
-    /// SHL/SHR/SAR of a register by an immediate count (flags dead with `F_NF`); `jarg` =
+    /// SHL/SHR/SAR of a register by an immediate count or CL (`F_CL`; flags dead with
+    /// `F_NF`); `jarg` =
     /// `shift::SHL` ...
     pub const SHIFT: u8 = 12;
     /// Jcc rel in 64-bit mode (condition in `Op::ext`).
@@ -144,6 +145,12 @@ pub mod tag {
     /// atomically).
     pub const CMPXCHG: u8 = 18;
     pub const XADD: u8 = 19;
+    /// CBW/CWDE/CDQE and CWD/CDQ/CQO; the size in `Op::size`.
+    pub const CBW: u8 = 20;
+    pub const CWD: u8 = 21;
+    /// CALL / JMP through a 64-bit register (`Op::r2`) in 64-bit mode.
+    pub const CALL_R: u8 = 22;
+    pub const JMP_R: u8 = 23;
 }
 
 impl Op {

@@ -21,6 +21,7 @@ pub const R15: u8 = 15;
 pub const CC_AE: u8 = 0x3;
 pub const CC_E: u8 = 0x4;
 pub const CC_NE: u8 = 0x5;
+#[cfg(test)]
 pub const CC_A: u8 = 0x7;
 
 /// Group-1 immediate operations (`81 /n`).
@@ -240,7 +241,8 @@ impl Emit {
     /// SETcc r8 (AL, CL, DL or BL).
     pub fn setcc(&mut self, cc: u8, r: u8) {
         debug_assert!(r < 4);
-        self.buf.extend_from_slice(&[0x0f, 0x90 | (cc & 15), 0xc0 | (r & 3)]);
+        self.buf
+            .extend_from_slice(&[0x0f, 0x90 | (cc & 15), 0xc0 | (r & 3)]);
     }
 
     /// LOCK CMPXCHG [base + disp], `src` of `s` bytes (compares with AL/AX/EAX/RAX).
@@ -314,6 +316,11 @@ impl Emit {
     pub fn shift32(&mut self, op: u8, dst: u8, n: u8) {
         self.op_rr(0xc1, false, op, dst);
         self.buf.push(n);
+    }
+
+    /// SHL/SHR/SAR r64 (`w`) or r32 by CL.
+    pub fn shift_cl(&mut self, op: u8, w: bool, dst: u8) {
+        self.op_rr(0xd3, w, op, dst);
     }
 
     /// PUSHFQ.
@@ -552,7 +559,9 @@ mod tests {
                         e.lock_xadd(1, y, disp, x);
                         a.lock().xadd(byte_ptr(ry + disp), b8[x as usize]).unwrap();
                         e.lock_cmpxchg(1, y, disp, x);
-                        a.lock().cmpxchg(byte_ptr(ry + disp), b8[x as usize]).unwrap();
+                        a.lock()
+                            .cmpxchg(byte_ptr(ry + disp), b8[x as usize])
+                            .unwrap();
                     }
                     let got: Vec<_> = decode(&e.finish().unwrap()).iter().map(key).collect();
                     let want: Vec<_> = a.instructions().iter().map(key).collect();
@@ -614,6 +623,10 @@ mod tests {
             a.shl(reg32(x), 3).unwrap();
             e.shift32(SAR, x, 31);
             a.sar(reg32(x), 31).unwrap();
+            e.shift_cl(SHR, true, x);
+            a.shr(r, cl).unwrap();
+            e.shift_cl(SHL, false, x);
+            a.shl(reg32(x), cl).unwrap();
             e.pushfq();
             a.pushfq().unwrap();
             for s in [1u8, 2, 4, 8] {

@@ -17,7 +17,9 @@ use std::mem::offset_of;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, OnceLock};
 
-use super::cpu::{Cpu, Exc, FS, GS, R, RAX as GUEST_RAX, RSP as GUEST_RSP};
+use super::cpu::{
+    Cpu, Exc, FS, GS, R, RAX as GUEST_RAX, RCX as GUEST_RCX, RDX as GUEST_RDX, RSP as GUEST_RSP,
+};
 use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
@@ -237,11 +239,13 @@ enum Kind {
     Lea32,
     /// SHL/SHR/SAR (`k`) of a 4- or 8-byte register by `count`; `flags`: the arithmetic
     /// flags are set as `shift::shift` sets them (else they are dead).
+    /// `cl`: by CL instead (only with the flags dead).
     Shift {
         k: u8,
         s: u8,
         count: u8,
         flags: bool,
+        cl: bool,
     },
     /// CMP/TEST fused with a Jcc, in every form; a taken one finishes in code placed after
     /// the block's end and returns `TAKEN` (it ends the block).
@@ -275,11 +279,21 @@ enum Kind {
     Setcc,
     /// LOCK ADD/OR/AND/SUB/XOR with a flat memory destination (forms MR, MI), `s` bytes: a
     /// host compare-and-exchange loop.
-    LockAlu { op: u8, s: u8, form: u8 },
+    LockAlu {
+        op: u8,
+        s: u8,
+        form: u8,
+    },
     /// CMPXCHG / XADD of flat memory with a register, `s` bytes: the host's locked
     /// instruction.
     Cmpxchg(u8),
     Xadd(u8),
+    /// CBW/CWDE/CDQE (`Widen`) and CWD/CDQ/CQO (`SignFill`) of `s` bytes.
+    Widen(u8),
+    SignFill(u8),
+    /// CALL / JMP through a register in 64-bit mode: they end their block.
+    CallR,
+    JmpR,
     /// CALL rel32, RET (imm16), JMP rel in 64-bit mode: they end their block.
     Call,
     Ret,
@@ -302,7 +316,10 @@ enum HostFlags {
 impl Kind {
     /// The op sets RIP itself (a branch, last in its block).
     fn branches(self) -> bool {
-        matches!(self, Kind::Call | Kind::Ret | Kind::Jmp)
+        matches!(
+            self,
+            Kind::Call | Kind::Ret | Kind::Jmp | Kind::CallR | Kind::JmpR
+        )
     }
 
     /// The op reads the guest's flags from the host's (condition code `Op::ext`).
@@ -314,6 +331,7 @@ impl Kind {
     fn host_flags(self) -> HostFlags {
         match self {
             Kind::Alu { nf: false, .. }
+            | Kind::CmpJcc { .. }
             | Kind::LockAlu { .. }
             | Kind::Cmpxchg(_)
             | Kind::Xadd(_)
@@ -327,9 +345,12 @@ impl Kind {
                 nf: false,
                 ..
             } => HostFlags::NoCf,
-            Kind::Jcc | Kind::Cmov(_) | Kind::Setcc | Kind::MovRR(_) | Kind::MovRI(_) | Kind::Nop => {
-                HostFlags::Kept
-            }
+            Kind::Jcc
+            | Kind::Cmov(_)
+            | Kind::Setcc
+            | Kind::MovRR(_)
+            | Kind::MovRI(_)
+            | Kind::Nop => HostFlags::Kept,
             _ => HostFlags::Lost,
         }
     }
@@ -345,8 +366,14 @@ fn kind(op: &Op) -> Option<Kind> {
     // Flat, or FS:/GS: with 64-bit addressing (only 64-bit blocks are translated).
     let fs_gs = matches!(op.seg as usize, FS | GS) && op.asize == 8 && op.flags & F_MEM != 0;
     let flat = (op.flags & F_FLAT != 0 || fs_gs) && op.flags & F_LOCK == 0;
-    let regs = op.r1 < 16 && op.r2 < 16;
     let s = op.size;
+    let regs = op.r1 < 16 && op.r2 < 16;
+    // Byte operands may name AH, CH, DH or BH (16-19).
+    let regs_s = if s == 1 {
+        op.r1 < 20 && op.r2 < 20
+    } else {
+        regs
+    };
     let sized = matches!(s, 1 | 2 | 4 | 8);
     // Flat memory with LOCK: the atomic forms.
     let flat_locked = op.flags & F_FLAT != 0 || fs_gs;
@@ -354,7 +381,7 @@ fn kind(op: &Op) -> Option<Kind> {
     let mem_form = matches!(form, alu::RM | alu::MR | alu::MI);
     match op.jit {
         tag::NOP => Some(Kind::Nop),
-        tag::MOV if regs && sized => match op.jarg {
+        tag::MOV if regs_s && sized => match op.jarg {
             alu::RR => Some(Kind::MovRR(s)),
             alu::RI => Some(Kind::MovRI(s)),
             alu::RM if flat => Some(Kind::MovRM(s)),
@@ -367,7 +394,7 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::SHIFT
             if regs
                 && (s == 4 || s == 8)
-                && op.flags & F_CL == 0
+                && (op.flags & F_CL == 0 || op.flags & F_NF != 0)
                 && matches!(op.jarg, shift::SHL | shift::SHR | shift::SAR) =>
         {
             let count = (op.imm & if s == 8 { 0x3f } else { 0x1f }) as u8;
@@ -376,20 +403,29 @@ fn kind(op: &Op) -> Option<Kind> {
                 s,
                 count,
                 flags: op.flags & F_NF == 0,
+                cl: op.flags & F_CL != 0,
             })
         }
         tag::PUSH if regs => Some(Kind::Push),
         tag::POP if regs => Some(Kind::Pop),
         tag::CALL => Some(Kind::Call),
+        tag::CALL_R if op.r2 < 16 => Some(Kind::CallR),
+        tag::JMP_R if op.r2 < 16 => Some(Kind::JmpR),
+        tag::CBW if matches!(s, 2 | 4 | 8) => Some(Kind::Widen(s)),
+        tag::CWD if matches!(s, 2 | 4 | 8) => Some(Kind::SignFill(s)),
         tag::RET => Some(Kind::Ret),
         tag::JMP => Some(Kind::Jmp),
         tag::JCC if op.size == 8 => Some(Kind::Jcc),
         tag::CMOV if regs && (s == 4 || s == 8) => Some(Kind::Cmov(s)),
-        tag::SETCC if op.r2 < 16 => Some(Kind::Setcc),
-        tag::UNARY if regs && sized => {
+        tag::SETCC if op.r2 < 20 => Some(Kind::Setcc),
+        tag::UNARY if regs_s && sized => {
             let mem = op.flags & F_MEM != 0;
             let lock = op.flags & F_LOCK != 0;
-            let ok = if lock { mem && flat_locked } else { !mem || flat };
+            let ok = if lock {
+                mem && flat_locked
+            } else {
+                !mem || flat
+            };
             ok.then_some(Kind::Unary {
                 op: op.jarg,
                 s,
@@ -399,7 +435,7 @@ fn kind(op: &Op) -> Option<Kind> {
             })
         }
         tag::LOCK_ALU
-            if regs
+            if regs_s
                 && sized
                 && flat_locked
                 && matches!(form, alu::MR | alu::MI)
@@ -407,10 +443,10 @@ fn kind(op: &Op) -> Option<Kind> {
         {
             Some(Kind::LockAlu { op: opid, s, form })
         }
-        tag::CMPXCHG if regs && sized && flat_locked => Some(Kind::Cmpxchg(s)),
-        tag::XADD if regs && sized && flat_locked => Some(Kind::Xadd(s)),
+        tag::CMPXCHG if regs_s && sized && flat_locked => Some(Kind::Cmpxchg(s)),
+        tag::XADD if regs_s && sized && flat_locked => Some(Kind::Xadd(s)),
         tag::ALU
-            if regs
+            if regs_s
                 && sized
                 && (matches!(form, alu::RR | alu::RI) || (mem_form && flat))
                 && matches!(
@@ -426,7 +462,7 @@ fn kind(op: &Op) -> Option<Kind> {
             })
         }
         tag::CMP_JCC
-            if regs
+            if regs_s
                 && sized
                 && form <= alu::MI
                 && (opid == alu::CMP || opid == alu::TEST)
@@ -436,7 +472,12 @@ fn kind(op: &Op) -> Option<Kind> {
         }
         tag::MOVX => {
             let (src, signed, mem) = (op.jarg & 15, op.jarg & 0x10 != 0, op.jarg & 0x20 != 0);
-            let ok = regs && (s == 4 || s == 8) && matches!(src, 1 | 2 | 4) && (flat || !mem);
+            let src_reg = op.r2 < 16 || (src == 1 && op.r2 < 20);
+            let ok = op.r1 < 16
+                && src_reg
+                && (s == 4 || s == 8)
+                && matches!(src, 1 | 2 | 4)
+                && (flat || !mem);
             ok.then_some(Kind::Movx {
                 d: s,
                 s: src,
@@ -482,6 +523,16 @@ use emit::*;
 /// Displacement of guest register `r` from RBX (`gpr`).
 fn gpr_disp(r: u8) -> i32 {
     (r as i32 & 15) * 8
+}
+
+/// Displacement of the `s`-byte guest register `r` from RBX: for a byte, 16-19 are AH, CH,
+/// DH and BH (bits 15:8 of RAX ... RBX).
+fn reg_disp(r: u8, s: u8) -> i32 {
+    if s == 1 && (16..20).contains(&r) {
+        gpr_disp(r - 16) + 1
+    } else {
+        gpr_disp(r)
+    }
 }
 
 /// Displacement of field `offset` (`offset_of!(Cpu, ...)`) of the vCPU from RBX, which points
@@ -702,7 +753,7 @@ fn store_sized(e: &mut Emit, base: u8, disp: i32, src: u8, s: u8) {
 /// Vol. 1 §3.4.1.1).
 fn set_gpr(e: &mut Emit, r: u8, src: u8, s: u8) {
     match s {
-        1 | 2 => store_sized(e, RBX, gpr_disp(r), src, s),
+        1 | 2 => store_sized(e, RBX, reg_disp(r, s), src, s),
         _ => e.store64(RBX, gpr_disp(r), src),
     }
 }
@@ -730,20 +781,20 @@ fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, write: boo
     }
     match form {
         alu::RR => {
-            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
-            load_sized(e, RCX, RBX, gpr_disp(op.r2), s);
+            load_sized(e, RAX, RBX, reg_disp(op.r1, s), s);
+            load_sized(e, RCX, RBX, reg_disp(op.r2, s), s);
         }
         alu::RI => {
-            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+            load_sized(e, RAX, RBX, reg_disp(op.r1, s), s);
             e.mov_imm(RCX, b);
         }
         alu::RM => {
-            load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+            load_sized(e, RAX, RBX, reg_disp(op.r1, s), s);
             e.mov_rr(true, RCX, RSI);
         }
         alu::MR => {
             e.mov_rr(true, RAX, RSI);
-            load_sized(e, RCX, RBX, gpr_disp(op.r1), s);
+            load_sized(e, RCX, RBX, reg_disp(op.r1, s), s);
         }
         _ => {
             e.mov_rr(true, RAX, RSI);
@@ -796,13 +847,14 @@ fn compute(e: &mut Emit, o: u8, s: u8) -> u8 {
 }
 
 /// The rest of a fused CMP/TEST (`o`, `s` bytes) of RAX with RCX once its branch is decided:
-/// `Cpu::lazy` as `alu::compute` records it, and one more fused op counted. Uses RDX, RSI.
+/// one more fused op counted, and `Cpu::lazy` as `alu::compute` records it. The host's flags
+/// are then the compare's. Uses RDX, RSI.
 fn record_compare(e: &mut Emit, o: u8, s: u8) {
-    let fop = compute(e, o, s);
-    record_lazy(e, fop, s);
     e.load64(RSI, R12, offset_of!(Ctx, fused) as i32);
     e.alu_imm(ADD, true, RSI, 1);
     e.store64(R12, offset_of!(Ctx, fused) as i32, RSI);
+    let fop = compute(e, o, s);
+    record_lazy(e, fop, s);
 }
 
 /// After SHL/SHR/SAR (`k`, `s` bytes, a nonzero count) of RDX into RAX by the host: set the
@@ -847,7 +899,17 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
 /// guest's (but for CF after INC/DEC). To `bail` on a TLB miss, with nothing changed but CF
 /// frozen (which the interpreter does again).
 #[allow(clippy::too_many_arguments)]
-fn unary(e: &mut Emit, op: &Op, o: u8, s: u8, mem: bool, nf: bool, lock: bool, end: u32, bail: Label) {
+fn unary(
+    e: &mut Emit,
+    op: &Op,
+    o: u8,
+    s: u8,
+    mem: bool,
+    nf: bool,
+    lock: bool,
+    end: u32,
+    bail: Label,
+) {
     let host = match o {
         alu::INC => INC,
         alu::DEC => DEC,
@@ -865,7 +927,7 @@ fn unary(e: &mut Emit, op: &Op, o: u8, s: u8, mem: bool, nf: bool, lock: bool, e
         e.mov_rr(true, R15, RAX);
         load_sized(e, RAX, RAX, 0, s);
     } else {
-        load_sized(e, RAX, RBX, gpr_disp(op.r1), s);
+        load_sized(e, RAX, RBX, reg_disp(op.r1, s), s);
     }
     // RAX = the value (zero-extended), RDX = the result.
     if lock {
@@ -893,7 +955,15 @@ fn unary(e: &mut Emit, op: &Op, o: u8, s: u8, mem: bool, nf: bool, lock: bool, e
         record_lazy(e, flags::SUB, s);
     } else {
         e.mov_imm(RCX, 1);
-        record_lazy(e, if o == alu::INC { flags::INC } else { flags::DEC }, s);
+        record_lazy(
+            e,
+            if o == alu::INC {
+                flags::INC
+            } else {
+                flags::DEC
+            },
+            s,
+        );
     }
 }
 
@@ -1091,7 +1161,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         match kind {
             Kind::Nop => can_bail = false,
             Kind::MovRR(s) => {
-                load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+                load_sized(&mut e, RAX, RBX, reg_disp(op.r2, s), s);
                 set_gpr(&mut e, op.r1, RAX, s);
                 can_bail = false;
             }
@@ -1109,7 +1179,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             Kind::MovMR(s) => {
                 linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
-                e.load64(RCX, RBX, gpr_disp(op.r1));
+                load_sized(&mut e, RCX, RBX, reg_disp(op.r1, s), s);
                 store_sized(&mut e, RAX, 0, RCX, s);
             }
             Kind::Lea => {
@@ -1149,8 +1219,14 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 e.store64(RBX, gpr_disp(op.r1), RAX);
                 can_bail = false;
             }
-            Kind::Shift { k, s, count, flags } => {
-                load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+            Kind::Shift {
+                k,
+                s,
+                count,
+                flags,
+                cl,
+            } => {
+                load_sized(&mut e, RAX, RBX, reg_disp(op.r2, s), s);
                 if flags && k == shift::SHR {
                     // The value before, for SHR's OF.
                     e.mov_rr(true, RDX, RAX);
@@ -1160,7 +1236,11 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                     shift::SHR => SHR,
                     _ => SAR,
                 };
-                if count != 0 {
+                if cl {
+                    // The host masks the count as the guest does (flags are dead).
+                    e.load64(RCX, RBX, gpr_disp(GUEST_RCX as u8));
+                    e.shift_cl(host, s == 8, RAX);
+                } else if count != 0 {
                     if s == 8 {
                         e.shift(host, RAX, count);
                     } else {
@@ -1195,7 +1275,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                     tlb_fast_path(&mut e, s, false, bail);
                     load_sized(&mut e, RAX, RAX, 0, s);
                 } else {
-                    load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+                    load_sized(&mut e, RAX, RBX, reg_disp(op.r2, s), s);
                 }
                 if signed && s < 8 {
                     e.shift(SHL, RAX, 64 - 8 * s);
@@ -1225,11 +1305,44 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 branch_target(&mut e, RSI, end, op.imm, bail);
                 set_rip(&mut e, RSI);
             }
+            Kind::CallR | Kind::JmpR => {
+                // The target first (a non-canonical one is the interpreter's #GP), then the
+                // return address pushed.
+                e.load64(RSI, RBX, gpr_disp(op.r2));
+                canonical_or(&mut e, RSI, bail);
+                if kind == Kind::CallR {
+                    e.lea(R15, R13, end as i32);
+                    push_r15(&mut e, bail);
+                }
+                set_rip(&mut e, RSI);
+            }
+            Kind::Widen(s) | Kind::SignFill(s) => {
+                // The accumulator's low half (CBW ...) or all of it (CWD ...), sign-extended.
+                let from = if matches!(kind, Kind::Widen(_)) {
+                    s / 2
+                } else {
+                    s
+                };
+                load_sized(&mut e, RAX, RBX, gpr_disp(GUEST_RAX as u8), from);
+                e.shift(SHL, RAX, 64 - 8 * from);
+                e.shift(SAR, RAX, 64 - 8 * from);
+                let dst = if matches!(kind, Kind::Widen(_)) {
+                    GUEST_RAX
+                } else {
+                    e.shift(SAR, RAX, 63);
+                    GUEST_RDX
+                };
+                if s == 4 {
+                    e.mov_rr(false, RAX, RAX);
+                }
+                set_gpr(&mut e, dst as u8, RAX, s);
+                can_bail = false;
+            }
             Kind::Cmov(s) => {
                 // The flags of the ALU op just before: see `Jit::translate`. A 4-byte CMOVcc
                 // zero-extends its destination either way.
-                load_sized(&mut e, RAX, RBX, gpr_disp(op.r1), s);
-                load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
+                load_sized(&mut e, RAX, RBX, reg_disp(op.r1, s), s);
+                load_sized(&mut e, RCX, RBX, reg_disp(op.r2, s), s);
                 e.cmov(op.ext & 15, s == 8, RAX, RCX);
                 e.store64(RBX, gpr_disp(op.r1), RAX);
                 can_bail = false;
@@ -1274,7 +1387,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.mov_rr(true, R15, RAX);
-                load_sized(&mut e, RCX, RBX, gpr_disp(op.r1), s);
+                load_sized(&mut e, RCX, RBX, reg_disp(op.r1, s), s);
                 load_sized(&mut e, RAX, RBX, gpr_disp(GUEST_RAX as u8), s);
                 e.mov_rr(true, RSI, RAX);
                 e.lock_cmpxchg(s, R15, 0, RCX);
@@ -1292,7 +1405,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 linear_address(&mut e, op, end);
                 tlb_fast_path(&mut e, s, true, bail);
                 e.mov_rr(true, R15, RAX);
-                load_sized(&mut e, RCX, RBX, gpr_disp(op.r1), s);
+                load_sized(&mut e, RCX, RBX, reg_disp(op.r1, s), s);
                 e.mov_rr(true, RDX, RCX);
                 e.lock_xadd(s, R15, 0, RDX);
                 // RDX = the old value: to the register; flags of old + operand.
@@ -1514,6 +1627,7 @@ mod tests {
             s: 8,
             count: 3,
             flags: false,
+            cl: false,
         };
         // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
         let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
@@ -1529,9 +1643,51 @@ mod tests {
         assert_eq!(kind(&op(&[0x83, 0x00, 0x05])), Some(add_mem(alu::MI)));
         // GS-relative: the base is added at run time.
         assert_eq!(kind(&op(&[0x65, 0x48, 0x8b, 0x07])), Some(Kind::MovRM(8)));
-        // Not translated: 8-bit MOV, LOCK ADD, a GS-relative load with 32-bit addressing, ADC.
-        assert_eq!(kind(&op(&[0x88, 0xd8])), None);
-        assert_eq!(kind(&op(&[0xf0, 0x48, 0x01, 0x07])), None);
+        // Byte and word forms, AH too: MOV al, bl; TEST ah, 1; ADD WORD [rdi], 5.
+        assert_eq!(kind(&op(&[0x88, 0xd8])), Some(Kind::MovRR(1)));
+        let test_ah = Kind::Alu {
+            op: alu::TEST,
+            s: 1,
+            form: alu::RI,
+            nf: false,
+        };
+        assert_eq!(kind(&op(&[0xf6, 0xc4, 0x01])), Some(test_ah));
+        let add16 = Kind::Alu {
+            op: alu::ADD,
+            s: 2,
+            form: alu::MI,
+            nf: false,
+        };
+        assert_eq!(kind(&op(&[0x66, 0x83, 0x07, 0x05])), Some(add16));
+        // Atomics: LOCK ADD [rdi], rax; LOCK CMPXCHG [rdi], ecx; LOCK XADD [rdi], rax.
+        let lock_add = Kind::LockAlu {
+            op: alu::ADD,
+            s: 8,
+            form: alu::MR,
+        };
+        assert_eq!(kind(&op(&[0xf0, 0x48, 0x01, 0x07])), Some(lock_add));
+        assert_eq!(kind(&op(&[0xf0, 0x0f, 0xb1, 0x0f])), Some(Kind::Cmpxchg(4)));
+        assert_eq!(
+            kind(&op(&[0xf0, 0x48, 0x0f, 0xc1, 0x07])),
+            Some(Kind::Xadd(8))
+        );
+        // SETE al, CDQE, CALL rax, JMP rcx.
+        assert_eq!(kind(&op(&[0x0f, 0x94, 0xc0])), Some(Kind::Setcc));
+        assert_eq!(kind(&op(&[0x48, 0x98])), Some(Kind::Widen(8)));
+        assert_eq!(kind(&op(&[0xff, 0xd0])), Some(Kind::CallR));
+        assert_eq!(kind(&op(&[0xff, 0xe1])), Some(Kind::JmpR));
+        // SHR rax, cl only with the flags dead.
+        let i = Decoder::with_ip(64, &[0x48, 0xd3, 0xe8], 0, DecoderOptions::NONE).decode();
+        let shr_cl = Kind::Shift {
+            k: shift::SHR,
+            s: 8,
+            count: 0,
+            flags: false,
+            cl: true,
+        };
+        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr_cl));
+        assert_eq!(kind(&op(&[0x48, 0xd3, 0xe8])), None);
+        // Not translated: a GS-relative load with 32-bit addressing, ADC.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
     }
