@@ -983,6 +983,34 @@ fn diff_bits_and_moves() {
         "bts m32,r32 (bit string)", |a| a.bts(dword_ptr(r15), ebx), undef(bt), Gen::BitOff;
         "btr m16,r16 (bit string)", |a| a.btr(word_ptr(r15), bx), undef(bt), Gen::BitOff;
         "btc m64,imm", |a| a.btc(qword_ptr(r15 + 8), 63), undef(bt), Gen::Any;
+        "lock bts m32,imm", |a| a.lock().bts(dword_ptr(r15 + 4), 9), undef(bt), Gen::Any;
+        "lock btr m16,imm", |a| a.lock().btr(word_ptr(r15 + 2), 15), undef(bt), Gen::Any;
+        "bt m32,imm; jb", |a| {
+            let mut l = a.create_label();
+            a.bt(dword_ptr(r15 + 12), 3)?;
+            a.jb(l)?;
+            a.mov(r8, 1u64)?;
+            a.set_label(&mut l)?;
+            a.nop()
+        }, undef(bt), Gen::Any;
+        "bt r32,imm; je (ZF from before the BT)", |a| {
+            let mut l = a.create_label();
+            a.bt(ecx, 5)?;
+            a.je(l)?;
+            a.mov(r8, 1u64)?;
+            a.set_label(&mut l)?;
+            a.nop()
+        }, undef(bt), Gen::Any;
+        "bts r64,imm; jae; btr r32,r32; setb; cmovb", |a| {
+            let mut l = a.create_label();
+            a.bts(rax, 40)?;
+            a.jae(l)?;
+            a.mov(r8, 1u64)?;
+            a.set_label(&mut l)?;
+            a.btr(ecx, edx)?;
+            a.setb(r9b)?;
+            a.cmovb(r10, r11)
+        }, undef(bt), Gen::Any;
         "bsf r64,r64", |a| a.bsf(rax, rbx), undef(bs), Gen::Any;
         "bsf r32,r32", |a| a.bsf(eax, ebx), undef(bs), Gen::Any;
         "bsf r16,m16", |a| a.bsf(ax, word_ptr(r15)), undef(bs), Gen::Any;

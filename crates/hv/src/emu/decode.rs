@@ -1082,6 +1082,9 @@ impl Dec<'_> {
                     _ => return None,
                 }
                 op.h = bits::bt;
+                if self.bits == 64 && (!mem || op.ext & bits::BT_IMM != 0) {
+                    op.jit = tag::BT;
+                }
                 Some(false)
             }
             M::Bsf | M::Bsr | M::Popcnt => {

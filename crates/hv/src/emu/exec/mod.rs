@@ -151,6 +151,9 @@ pub mod tag {
     /// CALL / JMP through a 64-bit register (`Op::r2`) in 64-bit mode.
     pub const CALL_R: u8 = 22;
     pub const JMP_R: u8 = 23;
+    /// BT/BTS/BTR/BTC of a register (by an immediate or a register) or of memory by an
+    /// immediate, in 64-bit mode; `Op::ext` as `bits::bt` reads it.
+    pub const BT: u8 = 24;
 }
 
 impl Op {

@@ -258,6 +258,42 @@ impl Emit {
         self.mem(src, base, disp);
     }
 
+    /// BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte (2, 4, 8) register `r` by bit `imm`.
+    pub fn bt_imm(&mut self, k: u8, s: u8, r: u8, imm: u8) {
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        self.rex(s == 8, 0, r);
+        self.buf
+            .extend_from_slice(&[0x0f, 0xba, 0xc0 | (4 + (k & 3)) << 3 | (r & 7), imm]);
+    }
+
+    /// BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte register `dst` by the bit number in `src`.
+    pub fn bt_rr(&mut self, k: u8, s: u8, dst: u8, src: u8) {
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        self.op_rr(0x0f, s == 8, src, dst);
+        // `op_rr` wrote 0F and the ModR/M: put the second opcode byte between them.
+        let modrm = self.buf.pop().unwrap_or(0);
+        self.buf.push([0xa3, 0xab, 0xb3, 0xbb][(k & 3) as usize]);
+        self.buf.push(modrm);
+    }
+
+    /// [LOCK] BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte value at [base + disp] by bit `imm`.
+    pub fn bt_mem_imm(&mut self, lock: bool, k: u8, s: u8, base: u8, disp: i32, imm: u8) {
+        if lock {
+            self.buf.push(0xf0);
+        }
+        if s == 2 {
+            self.buf.push(0x66);
+        }
+        self.rex(s == 8, 0, base);
+        self.buf.extend_from_slice(&[0x0f, 0xba]);
+        self.mem(4 + (k & 3), base, disp);
+        self.buf.push(imm);
+    }
+
     /// LOCK XADD [base + disp], `src` of `s` bytes.
     pub fn lock_xadd(&mut self, s: u8, base: u8, disp: i32, src: u8) {
         self.buf.push(0xf0);
@@ -552,6 +588,18 @@ mod tests {
                         }
                         .unwrap();
                     }
+                    e.bt_mem_imm(true, 1, 4, y, disp, 5);
+                    a.lock().bts(dword_ptr(ry + disp), 5).unwrap();
+                    e.bt_mem_imm(false, 0, 8, y, disp, 63);
+                    a.bt(qword_ptr(ry + disp), 63).unwrap();
+                    e.bt_mem_imm(false, 2, 2, y, disp, 9);
+                    a.btr(word_ptr(ry + disp), 9).unwrap();
+                    e.bt_rr(3, 8, x, y);
+                    a.btc(rx, ry).unwrap();
+                    e.bt_rr(0, 4, x, y);
+                    a.bt(reg32(x), reg32(y)).unwrap();
+                    e.bt_rr(1, 2, x, y);
+                    a.bts(reg16(x), reg16(y)).unwrap();
                     if x < 4 {
                         let b8 = [al, cl, dl, bl];
                         e.store8(y, disp, x);
@@ -657,6 +705,12 @@ mod tests {
                     .unwrap();
                 }
             }
+            e.bt_imm(0, 8, x, 0);
+            a.bt(r, 0).unwrap();
+            e.bt_imm(1, 4, x, 31);
+            a.bts(reg32(x), 31).unwrap();
+            e.bt_imm(2, 2, x, 15);
+            a.btr(reg16(x), 15).unwrap();
             if x < 4 {
                 e.setcc(CC_NE, x);
                 a.setne([al, cl, dl, bl][x as usize]).unwrap();

@@ -20,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use super::cpu::{
     Cpu, Exc, FS, GS, R, RAX as GUEST_RAX, RCX as GUEST_RCX, RDX as GUEST_RDX, RSP as GUEST_RSP,
 };
-use super::exec::{alu, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
+use super::exec::{alu, bits, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
 use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
@@ -291,6 +291,16 @@ enum Kind {
     /// CBW/CWDE/CDQE (`Widen`) and CWD/CDQ/CQO (`SignFill`) of `s` bytes.
     Widen(u8),
     SignFill(u8),
+    /// BT/BTS/BTR/BTC (`k`) of `s` bytes: of a register by an immediate or a register, or
+    /// of flat memory by an immediate (`mem`, LOCK: `lock`). CF goes to the vCPU's flags
+    /// (`Cpu::set_arith`) and stays in the host's.
+    Bt {
+        k: u8,
+        s: u8,
+        mem: bool,
+        imm: bool,
+        lock: bool,
+    },
     /// CALL / JMP through a register in 64-bit mode: they end their block.
     CallR,
     JmpR,
@@ -309,6 +319,8 @@ enum HostFlags {
     All,
     /// The guest's flags except CF (after INC/DEC, which keep the guest's CF).
     NoCf,
+    /// The guest's CF only (after BT*).
+    CfOnly,
     /// Whatever they held before (the op changes neither the guest's nor the host's).
     Kept,
 }
@@ -345,6 +357,7 @@ impl Kind {
                 nf: false,
                 ..
             } => HostFlags::NoCf,
+            Kind::Bt { .. } => HostFlags::CfOnly,
             Kind::Jcc
             | Kind::Cmov(_)
             | Kind::Setcc
@@ -412,6 +425,18 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::CALL_R if op.r2 < 16 => Some(Kind::CallR),
         tag::JMP_R if op.r2 < 16 => Some(Kind::JmpR),
         tag::CBW if matches!(s, 2 | 4 | 8) => Some(Kind::Widen(s)),
+        tag::BT if regs && matches!(s, 2 | 4 | 8) => {
+            let mem = op.flags & F_MEM != 0;
+            let lock = op.flags & F_LOCK != 0;
+            let ok = !mem || if lock { flat_locked } else { flat };
+            ok.then_some(Kind::Bt {
+                k: op.ext & 3,
+                s,
+                mem,
+                imm: op.ext & bits::BT_IMM != 0,
+                lock,
+            })
+        }
         tag::CWD if matches!(s, 2 | 4 | 8) => Some(Kind::SignFill(s)),
         tag::RET => Some(Kind::Ret),
         tag::JMP => Some(Kind::Jmp),
@@ -692,6 +717,8 @@ impl Jit {
                 let good = match host {
                     HostFlags::All => true,
                     HostFlags::NoCf => !cc_reads_cf(op.ext),
+                    // B or AE.
+                    HostFlags::CfOnly => matches!(op.ext & 15, 2 | 3),
                     _ => false,
                 };
                 if kind.reads_host_flags() && !good {
@@ -1000,6 +1027,14 @@ fn record_lazy_from(e: &mut Emit, fop: u8, s: u8, res: u8, a: u8, b: u8) {
     e.store64(RBX, lazy_field(offset_of!(Lazy, b)), b);
 }
 
+/// After BT*: the vCPU's CF = `cf`, its other flags as they are (`Cpu::set_arith`). Called
+/// from translated code.
+extern "sysv64" fn set_cf(ctx: *mut Ctx, cf: u64) {
+    // SAFETY: as in `freeze_cf`.
+    let cpu = unsafe { &mut *(*ctx).cpu };
+    cpu.set_arith(flags::CF, cf & 1);
+}
+
 /// Before INC/DEC records its flags: CF as the current flags have it, kept in `Cpu::flags`
 /// (as `Cpu::set_lazy` does). Called from translated code.
 extern "sysv64" fn freeze_cf(ctx: *mut Ctx) {
@@ -1304,6 +1339,44 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             Kind::Jmp => {
                 branch_target(&mut e, RSI, end, op.imm, bail);
                 set_rip(&mut e, RSI);
+            }
+            Kind::Bt {
+                k,
+                s,
+                mem,
+                imm,
+                lock,
+            } => {
+                let bit = (op.imm & (s as u64 * 8 - 1)) as u8;
+                if mem {
+                    linear_address(&mut e, op, end);
+                    tlb_fast_path(&mut e, s, k != 0, bail);
+                    e.mov_rr(true, R15, RAX);
+                    e.mov_imm(RDX, 0);
+                    e.bt_mem_imm(lock, k, s, R15, 0, bit);
+                } else {
+                    load_sized(&mut e, RAX, RBX, gpr_disp(op.r2), s);
+                    e.mov_imm(RDX, 0);
+                    if imm {
+                        e.bt_imm(k, s, RAX, bit);
+                    } else {
+                        e.load64(RCX, RBX, gpr_disp(op.r1));
+                        e.bt_rr(k, s, RAX, RCX);
+                    }
+                    if k != 0 {
+                        // A 4-byte result zero-extends (the host's did).
+                        set_gpr(&mut e, op.r2, RAX, s);
+                    }
+                }
+                // CF to the vCPU (the other flags as they were), then back into the host's.
+                e.setcc(2, RDX);
+                e.mov_rr(true, RBP, RDX);
+                e.mov_rr(true, RDI, R12);
+                e.mov_rr(true, RSI, RDX);
+                e.mov_imm(RAX, set_cf as *const () as u64);
+                e.call(RAX);
+                e.bt_imm(0, 8, RBP, 0);
+                can_bail = mem;
             }
             Kind::CallR | Kind::JmpR => {
                 // The target first (a non-canonical one is the interpreter's #GP), then the
@@ -1687,6 +1760,24 @@ mod tests {
         };
         assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr_cl));
         assert_eq!(kind(&op(&[0x48, 0xd3, 0xe8])), None);
+        // BTS DWORD [rdi], 5 and BT rax, rcx; not BT [rdi], rcx (a bit string).
+        let bts = Kind::Bt {
+            k: 1,
+            s: 4,
+            mem: true,
+            imm: true,
+            lock: false,
+        };
+        assert_eq!(kind(&op(&[0x0f, 0xba, 0x2f, 0x05])), Some(bts));
+        let bt = Kind::Bt {
+            k: 0,
+            s: 8,
+            mem: false,
+            imm: false,
+            lock: false,
+        };
+        assert_eq!(kind(&op(&[0x48, 0x0f, 0xa3, 0xc8])), Some(bt));
+        assert_eq!(kind(&op(&[0x48, 0x0f, 0xa3, 0x0f])), None);
         // Not translated: a GS-relative load with 32-bit addressing, ADC.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
