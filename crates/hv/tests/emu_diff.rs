@@ -986,27 +986,16 @@ fn diff_bits_and_moves() {
         "lock bts m32,imm", |a| a.lock().bts(dword_ptr(r15 + 4), 9), undef(bt), Gen::Any;
         "lock btr m16,imm", |a| a.lock().btr(word_ptr(r15 + 2), 15), undef(bt), Gen::Any;
         "bt m32,imm; jb", |a| {
-            let mut l = a.create_label();
             a.bt(dword_ptr(r15 + 12), 3)?;
-            a.jb(l)?;
-            a.mov(r8, 1u64)?;
-            a.set_label(&mut l)?;
-            a.nop()
+            over_marker(a, |a, l| a.jb(l))
         }, undef(bt), Gen::Any;
         "bt r32,imm; je (ZF from before the BT)", |a| {
-            let mut l = a.create_label();
             a.bt(ecx, 5)?;
-            a.je(l)?;
-            a.mov(r8, 1u64)?;
-            a.set_label(&mut l)?;
-            a.nop()
+            over_marker(a, |a, l| a.je(l))
         }, undef(bt), Gen::Any;
         "bts r64,imm; jae; btr r32,r32; setb; cmovb", |a| {
-            let mut l = a.create_label();
             a.bts(rax, 40)?;
-            a.jae(l)?;
-            a.mov(r8, 1u64)?;
-            a.set_label(&mut l)?;
+            over_marker(a, |a, l| a.jae(l))?;
             a.btr(ecx, edx)?;
             a.setb(r9b)?;
             a.cmovb(r10, r11)
@@ -1171,6 +1160,18 @@ macro_rules! cc_body {
             _ => unreachable!(),
         }
     };
+}
+
+/// `jump` (a Jcc to the label it is given) over a marker `mov r8, 1`.
+fn over_marker(
+    a: &mut CodeAssembler,
+    jump: impl FnOnce(&mut CodeAssembler, CodeLabel) -> Result<(), IcedError>,
+) -> Result<(), IcedError> {
+    let mut l = a.create_label();
+    jump(a, l)?;
+    a.mov(r8, 1u64)?;
+    a.set_label(&mut l)?;
+    a.nop()
 }
 
 /// A form named `what+j<cc>` for condition code `cc`.
@@ -1447,11 +1448,8 @@ fn harness_detects_differences() {
 fn diff_flags_after_a_fused_compare() {
     let forms = forms![
         "cmp+jne; setl; cmovg (flags after a fused compare)", |a| {
-            let mut l = a.create_label();
             a.cmp(rax, rbx)?;
-            a.jne(l)?;
-            a.mov(r8, 1u64)?;
-            a.set_label(&mut l)?;
+            over_marker(a, |a, l| a.jne(l))?;
             let mut m = a.create_label();
             a.cmp(ecx, edx)?;
             a.je(m)?;

@@ -231,9 +231,7 @@ impl Emit {
             DEC => 1,
             d => d,
         };
-        if s == 2 {
-            self.buf.push(0x66);
-        }
+        self.prefixes(false, s);
         debug_assert!(s != 1 || r < 4);
         self.op_rr(opc, w, digit, r);
     }
@@ -245,24 +243,39 @@ impl Emit {
             .extend_from_slice(&[0x0f, 0x90 | (cc & 15), 0xc0 | (r & 3)]);
     }
 
-    /// LOCK CMPXCHG [base + disp], `src` of `s` bytes (compares with AL/AX/EAX/RAX).
-    pub fn lock_cmpxchg(&mut self, s: u8, base: u8, disp: i32, src: u8) {
-        self.buf.push(0xf0);
+    /// LOCK (when `lock`) and the operand-size prefix of an `s`-byte operand.
+    fn prefixes(&mut self, lock: bool, s: u8) {
+        if lock {
+            self.buf.push(0xf0);
+        }
         if s == 2 {
             self.buf.push(0x66);
         }
+    }
+
+    /// LOCK `0F opc` [base + disp], `src` of `s` bytes (`opc` for a byte, `opc + 1` else).
+    fn locked_rmw(&mut self, opc: u8, s: u8, base: u8, disp: i32, src: u8) {
+        self.prefixes(true, s);
         debug_assert!(s != 1 || src < 4);
         self.rex(s == 8, src, base);
         self.buf
-            .extend_from_slice(&[0x0f, if s == 1 { 0xb0 } else { 0xb1 }]);
+            .extend_from_slice(&[0x0f, if s == 1 { opc } else { opc + 1 }]);
         self.mem(src, base, disp);
+    }
+
+    /// LOCK CMPXCHG [base + disp], `src` of `s` bytes (compares with AL/AX/EAX/RAX).
+    pub fn lock_cmpxchg(&mut self, s: u8, base: u8, disp: i32, src: u8) {
+        self.locked_rmw(0xb0, s, base, disp, src);
+    }
+
+    /// LOCK XADD [base + disp], `src` of `s` bytes.
+    pub fn lock_xadd(&mut self, s: u8, base: u8, disp: i32, src: u8) {
+        self.locked_rmw(0xc0, s, base, disp, src);
     }
 
     /// BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte (2, 4, 8) register `r` by bit `imm`.
     pub fn bt_imm(&mut self, k: u8, s: u8, r: u8, imm: u8) {
-        if s == 2 {
-            self.buf.push(0x66);
-        }
+        self.prefixes(false, s);
         self.rex(s == 8, 0, r);
         self.buf
             .extend_from_slice(&[0x0f, 0xba, 0xc0 | (4 + (k & 3)) << 3 | (r & 7), imm]);
@@ -270,9 +283,7 @@ impl Emit {
 
     /// BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte register `dst` by the bit number in `src`.
     pub fn bt_rr(&mut self, k: u8, s: u8, dst: u8, src: u8) {
-        if s == 2 {
-            self.buf.push(0x66);
-        }
+        self.prefixes(false, s);
         self.op_rr(0x0f, s == 8, src, dst);
         // `op_rr` wrote 0F and the ModR/M: put the second opcode byte between them.
         let modrm = self.buf.pop().unwrap_or(0);
@@ -282,29 +293,11 @@ impl Emit {
 
     /// [LOCK] BT/BTS/BTR/BTC (`k` 0-3) of the `s`-byte value at [base + disp] by bit `imm`.
     pub fn bt_mem_imm(&mut self, lock: bool, k: u8, s: u8, base: u8, disp: i32, imm: u8) {
-        if lock {
-            self.buf.push(0xf0);
-        }
-        if s == 2 {
-            self.buf.push(0x66);
-        }
+        self.prefixes(lock, s);
         self.rex(s == 8, 0, base);
         self.buf.extend_from_slice(&[0x0f, 0xba]);
         self.mem(4 + (k & 3), base, disp);
         self.buf.push(imm);
-    }
-
-    /// LOCK XADD [base + disp], `src` of `s` bytes.
-    pub fn lock_xadd(&mut self, s: u8, base: u8, disp: i32, src: u8) {
-        self.buf.push(0xf0);
-        if s == 2 {
-            self.buf.push(0x66);
-        }
-        debug_assert!(s != 1 || src < 4);
-        self.rex(s == 8, src, base);
-        self.buf
-            .extend_from_slice(&[0x0f, if s == 1 { 0xc0 } else { 0xc1 }]);
-        self.mem(src, base, disp);
     }
 
     /// MOV BYTE [base + disp], imm8.
