@@ -1005,6 +1005,9 @@ impl Dec<'_> {
                         op.h = muldiv::imul;
                     }
                 }
+                if self.bits == 64 && op.ext >= 2 {
+                    op.jit = tag::IMUL;
+                }
                 Some(false)
             }
             M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {

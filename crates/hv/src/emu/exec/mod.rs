@@ -154,6 +154,8 @@ pub mod tag {
     /// BT/BTS/BTR/BTC of a register (by an immediate or a register) or of memory by an
     /// immediate, in 64-bit mode; `Op::ext` as `bits::bt` reads it.
     pub const BT: u8 = 24;
+    /// IMUL r, r/m (`Op::ext` 2) and IMUL r, r/m, imm (3) in 64-bit mode.
+    pub const IMUL: u8 = 25;
 }
 
 impl Op {

@@ -363,6 +363,20 @@ impl Emit {
         self.buf.extend_from_slice(&imm.to_le_bytes());
     }
 
+    /// IMUL r64, r/m64 (`w`) or IMUL r32, r/m32 with a register `src`.
+    pub fn imul_rr(&mut self, w: bool, dst: u8, src: u8) {
+        self.op_rr(0x0f, w, dst, src);
+        // `op_rr` wrote 0F and the ModR/M: put the second opcode byte between them.
+        let modrm = self.buf.pop().unwrap_or(0);
+        self.buf.extend_from_slice(&[0xaf, modrm]);
+    }
+
+    /// IMUL r32, r32, imm32.
+    pub fn imul_imm32(&mut self, dst: u8, src: u8, imm: i32) {
+        self.op_rr(0x69, false, dst, src);
+        self.buf.extend_from_slice(&imm.to_le_bytes());
+    }
+
     /// CALL r64.
     pub fn call(&mut self, r: u8) {
         self.op_rr(0xff, false, 2, r);
@@ -720,6 +734,12 @@ mod tests {
             a.pop(r).unwrap();
             e.imul_imm(x, 3, 24);
             a.imul_3(r, rbx, 24).unwrap();
+            e.imul_imm32(x, 6, -1000);
+            a.imul_3(reg32(x), esi, -1000).unwrap();
+            e.imul_rr(true, x, 9);
+            a.imul_2(r, r9).unwrap();
+            e.imul_rr(false, x, 2);
+            a.imul_2(reg32(x), edx).unwrap();
             let got = decode(&e.finish().unwrap());
             // iced picks the short immediate forms where they fit: compare what the
             // instructions do (mnemonic, registers, immediate value), not the opcodes.

@@ -302,6 +302,13 @@ enum Kind {
         imm: bool,
         lock: bool,
     },
+    /// IMUL r, r/m (`imm`: IMUL r, r/m, imm) of 4 or 8 bytes, from a register or flat memory;
+    /// flags as `muldiv::imul` sets them (CF/OF overflow, SF/ZF/PF of the result), eagerly.
+    Imul {
+        s: u8,
+        mem: bool,
+        imm: bool,
+    },
     /// CALL / JMP through a register in 64-bit mode: they end their block.
     CallR,
     JmpR,
@@ -426,6 +433,14 @@ fn kind(op: &Op) -> Option<Kind> {
         tag::CALL_R if op.r2 < 16 => Some(Kind::CallR),
         tag::JMP_R if op.r2 < 16 => Some(Kind::JmpR),
         tag::CBW if matches!(s, 2 | 4 | 8) => Some(Kind::Widen(s)),
+        tag::IMUL if regs && (s == 4 || s == 8) => {
+            let mem = op.flags & F_MEM != 0;
+            (!mem || flat).then_some(Kind::Imul {
+                s,
+                mem,
+                imm: op.ext == 3,
+            })
+        }
         tag::BT if regs && matches!(s, 2 | 4 | 8) => {
             let mem = op.flags & F_MEM != 0;
             let lock = op.flags & F_LOCK != 0;
@@ -914,6 +929,11 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     }
     e.shift(SHL, RDX, flags::OF.trailing_zeros() as u8);
     e.alu_rr(alu::OR, false, RCX, RDX);
+    set_arith_eagerly(&mut *e);
+}
+
+/// The vCPU's arithmetic flags = RCX (its other flags kept), recorded eagerly. Uses RDX.
+fn set_arith_eagerly(e: &mut Emit) {
     let rflags = cpu_field(offset_of!(Cpu, flags));
     e.load64(RDX, RBX, rflags);
     e.alu_imm(AND, true, RDX, !flags::ARITH as i32);
@@ -1379,6 +1399,38 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 e.bt_imm(0, 8, RBP, 0);
                 can_bail = mem;
             }
+            Kind::Imul { s, mem, imm } => {
+                if mem {
+                    linear_address(&mut e, op, end);
+                    tlb_fast_path(&mut e, s, false, bail);
+                    load_sized(&mut e, RCX, RAX, 0, s);
+                } else {
+                    load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
+                }
+                if imm {
+                    // The immediate is sign-extended to the operand size by the decoder.
+                    if s == 8 {
+                        e.imul_imm(RAX, RCX, op.imm as i32);
+                    } else {
+                        e.imul_imm32(RAX, RCX, op.imm as i32);
+                    }
+                } else {
+                    load_sized(&mut e, RAX, RBX, gpr_disp(op.r1), s);
+                    e.imul_rr(s == 8, RAX, RCX);
+                }
+                e.store64(RBX, gpr_disp(op.r1), RAX);
+                // CF and OF from the host's multiply, SF/ZF/PF of the result, AF clear.
+                e.pushfq();
+                e.pop(RDX);
+                e.alu_imm(AND, false, RDX, (flags::CF | flags::OF) as i32);
+                alu_sized(&mut e, alu::TEST, s, RAX, RAX);
+                e.pushfq();
+                e.pop(RCX);
+                e.alu_imm(AND, false, RCX, (flags::SF | flags::ZF | flags::PF) as i32);
+                e.alu_rr(alu::OR, false, RCX, RDX);
+                set_arith_eagerly(&mut e);
+                can_bail = mem;
+            }
             Kind::CallR | Kind::JmpR => {
                 // The target first (a non-canonical one is the interpreter's #GP), then the
                 // return address pushed.
@@ -1779,6 +1831,13 @@ mod tests {
         };
         assert_eq!(kind(&op(&[0x48, 0x0f, 0xa3, 0xc8])), Some(bt));
         assert_eq!(kind(&op(&[0x48, 0x0f, 0xa3, 0x0f])), None);
+        // IMUL eax, [rdi] and IMUL rax, rcx, 100.
+        let imul = |s, mem, imm| Kind::Imul { s, mem, imm };
+        assert_eq!(kind(&op(&[0x0f, 0xaf, 0x07])), Some(imul(4, true, false)));
+        assert_eq!(
+            kind(&op(&[0x48, 0x69, 0xc1, 100, 0, 0, 0])),
+            Some(imul(8, false, true))
+        );
         // Not translated: a GS-relative load with 32-bit addressing, ADC.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
