@@ -1338,12 +1338,6 @@ fn diff_atomics_narrow_moves_and_setcc() {
             a.movzx(esi, ah)
         }, def(), Gen::Any;
         "inc ch; dec ah; neg bh; not dh", |a| { a.inc(ch)?; a.dec(ah)?; a.neg(bh)?; a.not(dh) }, def(), Gen::Any;
-        "cdqe", |a| a.cdqe(), def(), Gen::Any;
-        "cwde", |a| a.cwde(), def(), Gen::Any;
-        "cbw", |a| a.cbw(), def(), Gen::Any;
-        "cqo", |a| a.cqo(), def(), Gen::Any;
-        "cdq", |a| a.cdq(), def(), Gen::Any;
-        "cwd", |a| a.cwd(), def(), Gen::Any;
         "call r64", |a| {
             let mut t = a.create_label();
             let mut done = a.create_label();
@@ -1442,8 +1436,7 @@ fn harness_detects_differences() {
     assert!(r.is_err());
 }
 /// SETcc and CMOVcc right after a fused CMP+Jcc that was not taken: the JIT reads the host's
-/// flags, which the fused op's fall-through leaves as the compare set them. (A form of its
-/// own: its block is translated first there.)
+/// flags, which the fused op's fall-through leaves as the compare set them.
 #[test]
 fn diff_flags_after_a_fused_compare() {
     let forms = forms![
