@@ -981,6 +981,9 @@ impl Dec<'_> {
                 } else {
                     muldiv::div
                 };
+                if m == M::Mul && self.bits == 64 {
+                    op.jit = tag::MUL1;
+                }
                 Some(false)
             }
             M::Imul => {
@@ -1005,8 +1008,8 @@ impl Dec<'_> {
                         op.h = muldiv::imul;
                     }
                 }
-                if self.bits == 64 && op.ext >= 2 {
-                    op.jit = tag::IMUL;
+                if self.bits == 64 {
+                    op.jit = if op.ext >= 2 { tag::IMUL } else { tag::MUL1 };
                 }
                 Some(false)
             }

@@ -156,6 +156,8 @@ pub mod tag {
     pub const BT: u8 = 24;
     /// IMUL r, r/m (`Op::ext` 2) and IMUL r, r/m, imm (3) in 64-bit mode.
     pub const IMUL: u8 = 25;
+    /// MUL r/m (`Op::ext` 0) and IMUL r/m (1): RDX:RAX = RAX * r/m, in 64-bit mode.
+    pub const MUL1: u8 = 26;
 }
 
 impl Op {

@@ -371,6 +371,11 @@ impl Emit {
         self.buf.extend_from_slice(&[0xaf, modrm]);
     }
 
+    /// MUL (`signed`: IMUL) of RAX (or EAX, without `w`) by register `src` into RDX:RAX.
+    pub fn mul1(&mut self, signed: bool, w: bool, src: u8) {
+        self.op_rr(0xf7, w, if signed { 5 } else { 4 }, src);
+    }
+
     /// IMUL r32, r32, imm32.
     pub fn imul_imm32(&mut self, dst: u8, src: u8, imm: i32) {
         self.op_rr(0x69, false, dst, src);
@@ -740,6 +745,10 @@ mod tests {
             a.imul_2(r, r9).unwrap();
             e.imul_rr(false, x, 2);
             a.imul_2(reg32(x), edx).unwrap();
+            e.mul1(false, true, x);
+            a.mul(r).unwrap();
+            e.mul1(true, false, x);
+            a.imul(reg32(x)).unwrap();
             let got = decode(&e.finish().unwrap());
             // iced picks the short immediate forms where they fit: compare what the
             // instructions do (mnemonic, registers, immediate value), not the opcodes.

@@ -309,6 +309,13 @@ enum Kind {
         mem: bool,
         imm: bool,
     },
+    /// MUL / IMUL (`signed`) r/m of 4 or 8 bytes into RDX:RAX, flags as `muldiv::mul1` sets
+    /// them.
+    Mul1 {
+        s: u8,
+        mem: bool,
+        signed: bool,
+    },
     /// CALL / JMP through a register in 64-bit mode: they end their block.
     CallR,
     JmpR,
@@ -439,6 +446,14 @@ fn kind(op: &Op) -> Option<Kind> {
                 s,
                 mem,
                 imm: op.ext == 3,
+            })
+        }
+        tag::MUL1 if regs && (s == 4 || s == 8) => {
+            let mem = op.flags & F_MEM != 0;
+            (!mem || flat).then_some(Kind::Mul1 {
+                s,
+                mem,
+                signed: op.ext == 1,
             })
         }
         tag::BT if regs && matches!(s, 2 | 4 | 8) => {
@@ -932,6 +947,21 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     set_arith_eagerly(&mut *e);
 }
 
+/// Right after a host multiply with the low half of the product in RAX: the vCPU's flags as
+/// `muldiv::mul_flags` sets them (CF and OF from the host's multiply, SF/ZF/PF of the low
+/// half, AF clear), eagerly. Uses RCX, RDX.
+fn multiply_flags(e: &mut Emit, s: u8) {
+    e.pushfq();
+    e.pop(RDX);
+    e.alu_imm(AND, false, RDX, (flags::CF | flags::OF) as i32);
+    alu_sized(e, alu::TEST, s, RAX, RAX);
+    e.pushfq();
+    e.pop(RCX);
+    e.alu_imm(AND, false, RCX, (flags::SF | flags::ZF | flags::PF) as i32);
+    e.alu_rr(alu::OR, false, RCX, RDX);
+    set_arith_eagerly(e);
+}
+
 /// The vCPU's arithmetic flags = RCX (its other flags kept), recorded eagerly. Uses RDX.
 fn set_arith_eagerly(e: &mut Emit) {
     let rflags = cpu_field(offset_of!(Cpu, flags));
@@ -1419,16 +1449,23 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                     e.imul_rr(s == 8, RAX, RCX);
                 }
                 e.store64(RBX, gpr_disp(op.r1), RAX);
-                // CF and OF from the host's multiply, SF/ZF/PF of the result, AF clear.
-                e.pushfq();
-                e.pop(RDX);
-                e.alu_imm(AND, false, RDX, (flags::CF | flags::OF) as i32);
-                alu_sized(&mut e, alu::TEST, s, RAX, RAX);
-                e.pushfq();
-                e.pop(RCX);
-                e.alu_imm(AND, false, RCX, (flags::SF | flags::ZF | flags::PF) as i32);
-                e.alu_rr(alu::OR, false, RCX, RDX);
-                set_arith_eagerly(&mut e);
+                multiply_flags(&mut e, s);
+                can_bail = mem;
+            }
+            Kind::Mul1 { s, mem, signed } => {
+                if mem {
+                    linear_address(&mut e, op, end);
+                    tlb_fast_path(&mut e, s, false, bail);
+                    load_sized(&mut e, RCX, RAX, 0, s);
+                } else {
+                    load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
+                }
+                load_sized(&mut e, RAX, RBX, gpr_disp(GUEST_RAX as u8), s);
+                // 4-byte halves zero-extend, as `Cpu::set_reg` writes them.
+                e.mul1(signed, s == 8, RCX);
+                e.store64(RBX, gpr_disp(GUEST_RAX as u8), RAX);
+                e.store64(RBX, gpr_disp(GUEST_RDX as u8), RDX);
+                multiply_flags(&mut e, s);
                 can_bail = mem;
             }
             Kind::CallR | Kind::JmpR => {
@@ -1838,6 +1875,10 @@ mod tests {
             kind(&op(&[0x48, 0x69, 0xc1, 100, 0, 0, 0])),
             Some(imul(8, false, true))
         );
+        // MUL QWORD [rdi] and IMUL ecx.
+        let mul1 = |s, mem, signed| Kind::Mul1 { s, mem, signed };
+        assert_eq!(kind(&op(&[0x48, 0xf7, 0x27])), Some(mul1(8, true, false)));
+        assert_eq!(kind(&op(&[0xf7, 0xe9])), Some(mul1(4, false, true)));
         // Not translated: a GS-relative load with 32-bit addressing, ADC.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
