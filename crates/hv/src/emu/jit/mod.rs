@@ -861,6 +861,28 @@ fn operands(e: &mut Emit, op: &Op, s: u8, form: u8, b: u64, end: u32, write: boo
     }
 }
 
+/// `dst` = the `s`-byte r/m operand of `op` (zero-extended): flat memory (`mem`, through the
+/// TLB fast path for a read, to `bail` on a miss with nothing changed) or register `op.r2`.
+/// Uses RAX, RCX, RDX for memory.
+#[allow(clippy::too_many_arguments)]
+fn load_rm(e: &mut Emit, op: &Op, dst: u8, s: u8, mem: bool, end: u32, bail: Label) {
+    if mem {
+        linear_address(e, op, end);
+        tlb_fast_path(e, s, false, bail);
+        load_sized(e, dst, RAX, 0, s);
+    } else {
+        load_sized(e, dst, RBX, reg_disp(op.r2, s), s);
+    }
+}
+
+/// Call the `extern "sysv64"` function at `f` with the context as its first argument (other
+/// arguments already in RSI, RDX). Clobbers the caller-saved registers.
+fn call_with_ctx(e: &mut Emit, f: u64) {
+    e.mov_rr(true, RDI, R12);
+    e.mov_imm(RAX, f);
+    e.call(RAX);
+}
+
 /// Push R15 onto the guest stack (64-bit): to `bail` with nothing changed when the TLB fast
 /// path misses.
 fn push_r15(e: &mut Emit, bail: Label) {
@@ -944,7 +966,7 @@ fn shift_flags(e: &mut Emit, k: u8, s: u8) {
     }
     e.shift(SHL, RDX, flags::OF.trailing_zeros() as u8);
     e.alu_rr(alu::OR, false, RCX, RDX);
-    set_arith_eagerly(&mut *e);
+    set_arith_eagerly(e);
 }
 
 /// Right after a host multiply with the low half of the product in RAX: the vCPU's flags as
@@ -995,9 +1017,7 @@ fn unary(
         _ => NEG,
     };
     if !nf && matches!(o, alu::INC | alu::DEC) {
-        e.mov_rr(true, RDI, R12);
-        e.mov_imm(RAX, freeze_cf as *const () as u64);
-        e.call(RAX);
+        call_with_ctx(e, freeze_cf as *const () as u64);
     }
     if mem {
         linear_address(e, op, end);
@@ -1231,11 +1251,9 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         end += op.len as u32;
         last_native = kind.is_some_and(|k| !k.branches());
         let Some(kind) = *kind else {
-            e.mov_rr(true, RDI, R12);
             e.mov_imm(RSI, op as *const Op as u64);
             e.lea(RDX, R13, end as i32);
-            e.mov_imm(RAX, call_op as *const () as u64);
-            e.call(RAX);
+            call_with_ctx(&mut e, call_op as *const () as u64);
             e.test32(RAX, RAX);
             let stop = e.label();
             e.jcc(CC_NE, stop);
@@ -1356,13 +1374,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 taken.push((to, bail, k, at, end, disp, o, s));
             }
             Kind::Movx { d, s, signed, mem } => {
-                if mem {
-                    linear_address(&mut e, op, end);
-                    tlb_fast_path(&mut e, s, false, bail);
-                    load_sized(&mut e, RAX, RAX, 0, s);
-                } else {
-                    load_sized(&mut e, RAX, RBX, reg_disp(op.r2, s), s);
-                }
+                load_rm(&mut e, op, RAX, s, mem, end, bail);
                 if signed && s < 8 {
                     e.shift(SHL, RAX, 64 - 8 * s);
                     e.shift(SAR, RAX, 64 - 8 * s);
@@ -1422,21 +1434,13 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 // CF to the vCPU (the other flags as they were), then back into the host's.
                 e.setcc(2, RDX);
                 e.mov_rr(true, RBP, RDX);
-                e.mov_rr(true, RDI, R12);
                 e.mov_rr(true, RSI, RDX);
-                e.mov_imm(RAX, set_cf as *const () as u64);
-                e.call(RAX);
+                call_with_ctx(&mut e, set_cf as *const () as u64);
                 e.bt_imm(0, 8, RBP, 0);
                 can_bail = mem;
             }
             Kind::Imul { s, mem, imm } => {
-                if mem {
-                    linear_address(&mut e, op, end);
-                    tlb_fast_path(&mut e, s, false, bail);
-                    load_sized(&mut e, RCX, RAX, 0, s);
-                } else {
-                    load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
-                }
+                load_rm(&mut e, op, RCX, s, mem, end, bail);
                 if imm {
                     // The immediate is sign-extended to the operand size by the decoder.
                     if s == 8 {
@@ -1453,13 +1457,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 can_bail = mem;
             }
             Kind::Mul1 { s, mem, signed } => {
-                if mem {
-                    linear_address(&mut e, op, end);
-                    tlb_fast_path(&mut e, s, false, bail);
-                    load_sized(&mut e, RCX, RAX, 0, s);
-                } else {
-                    load_sized(&mut e, RCX, RBX, gpr_disp(op.r2), s);
-                }
+                load_rm(&mut e, op, RCX, s, mem, end, bail);
                 load_sized(&mut e, RAX, RBX, gpr_disp(GUEST_RAX as u8), s);
                 // 4-byte halves zero-extend, as `Cpu::set_reg` writes them.
                 e.mul1(signed, s == 8, RCX);
