@@ -765,9 +765,25 @@ fn patch_after_two_calls(target: u64, off: u64) -> u32 {
 fn patch_after_calls(target: u64, off: u64, calls: u32, after: u32) -> u32 {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);
-    let code = asm64(CODE, |a| {
+    let code = calls_with_a_patch(target, calls, after, |a| {
+        a.mov(byte_ptr(target + off), 42).unwrap();
+    });
+    run_with_target(&m, v.as_mut(), &code, target)
+}
+
+/// Code that calls `target` `calls` times, summing EAX, and runs `patch` after call `after`;
+/// it stores the sum at DATA.
+fn calls_with_a_patch(
+    target: u64,
+    calls: u32,
+    after: u32,
+    patch: impl FnOnce(&mut CodeAssembler),
+) -> Vec<u8> {
+    asm64(CODE, |a| {
         let mut l = a.create_label();
         let mut skip = a.create_label();
+        // A first store to the page (no code there yet) lets a patching store take the fast
+        // path of stores.
         a.mov(byte_ptr(target + 0x10), 0).unwrap();
         a.xor(edx, edx).unwrap();
         a.mov(ecx, calls).unwrap();
@@ -776,14 +792,13 @@ fn patch_after_calls(target: u64, off: u64, calls: u32, after: u32) -> u32 {
         a.add(edx, eax).unwrap();
         a.cmp(ecx, calls - after + 1).unwrap();
         a.jne(skip).unwrap();
-        a.mov(byte_ptr(target + off), 42).unwrap();
+        patch(a);
         a.set_label(&mut skip).unwrap();
         a.sub(ecx, 1).unwrap();
         a.jnz(l).unwrap();
         a.mov(dword_ptr(DATA), edx).unwrap();
         exit(a);
-    });
-    run_with_target(&m, v.as_mut(), &code, target)
+    })
 }
 
 #[test]
@@ -1918,6 +1933,33 @@ fn chained_translated_code_runs_a_patched_block() {
         want,
         "other page"
     );
+}
+
+/// As [`chained_translated_code_runs_a_patched_block`], but the patch is a device's write
+/// (through `vm-memory`) during an `OUT`. Only an I/O exit moved the code epoch since the
+/// target's translation was last checked, so the chain stub checks the entry again itself
+/// (`relink`): the page's bit in the bitmap of VMM writes must send it back to the block loop,
+/// which finds the bytes changed.
+#[test]
+fn chained_translated_code_runs_a_block_a_device_patched_during_an_io_exit() {
+    let want = 0x1111_1111u32
+        .wrapping_mul(60)
+        .wrapping_add(0x1111_112au32.wrapping_mul(40));
+    for (target, name) in [(CODE + 0x100, "same page"), (CODE + 0x1000, "other page")] {
+        let m = Machine::new(1);
+        let mut v = m.vcpu(0);
+        let mem = m.mem.clone();
+        m.io.on_pio_write(0x80, move |_| {
+            use vm_memory::Bytes;
+            mem.write_slice(&[42], GuestAddress(target + 1)).unwrap();
+        });
+        let code = calls_with_a_patch(target, 100, 60, |a| a.out(0x80, al).unwrap());
+        assert_eq!(
+            run_with_target(&m, v.as_mut(), &code, target),
+            want,
+            "{name}"
+        );
+    }
 }
 
 /// A hot loop of SYSCALLs whose kernel side reads a supervisor-only page and SYSRETs: user

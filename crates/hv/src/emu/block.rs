@@ -541,8 +541,8 @@ impl BlockCache {
     }
 
     /// The jump cache of the JIT's chain stub (empty without a JIT).
-    pub fn links(&self) -> &[jit::Link] {
-        self.jit.as_ref().map_or(&[], |j| j.links())
+    pub fn links(&mut self) -> &mut [jit::Link] {
+        self.jit.as_mut().map_or(&mut [], |j| j.links())
     }
 
     /// Count a run of untranslated block `blk`; translate it on its [`jit::HOT`]th.

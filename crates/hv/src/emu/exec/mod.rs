@@ -453,8 +453,8 @@ pub fn run_blocks(x: &mut Exec<'_>, cache: &mut BlockCache, attention: &AtomicBo
             x.cpu.jit_chained += ran.chained;
             if ran.block != b {
                 (b, prev, start) = (ran.block, ran.block, ran.start);
-                ops = cache.get(b).0;
             }
+            ops = cache.get(b).0;
             match ran.exit {
                 jit::Exit::Done => from = ops.len(),
                 jit::Exit::Bail { k, at } => (from, next) = (k, start.wrapping_add(at)),

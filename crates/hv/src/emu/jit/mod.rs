@@ -77,7 +77,7 @@ struct Ctx {
     attention: *const AtomicBool,
     code_epoch: *const AtomicU64,
     user: u64,
-    links: *const Link,
+    links: *mut Link,
     /// Blocks the stub may still chain to before the block loop's time check.
     budget: u64,
     /// The jump-cache entry of the block running, once the stub chained (else null).
@@ -705,8 +705,8 @@ impl Jit {
     }
 
     /// The jump cache, for [`run`].
-    pub fn links(&self) -> &[Link] {
-        &self.links
+    pub fn links(&mut self) -> &mut [Link] {
+        &mut self.links
     }
 
     /// Let the chain stub find block `block` (translated at `native`; `ops` ops, `bytes`
@@ -1122,12 +1122,15 @@ extern "sysv64" fn freeze_cf(ctx: *mut Ctx) {
 /// the translation of the block at RIP goes on after its prologue, with R13, the context and
 /// the vCPU's instruction count and running-block bounds moved on to that block; RAX = 0
 /// (nothing changed) when the block loop must look first: the vCPU has something to attend to
-/// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the code
-/// epoch moved, the budget is spent, or the jump cache does not hold a block for RIP that
-/// is good now (same page translation, same epoch). Uses RAX, RCX, RDX, RSI.
+/// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the budget is
+/// spent, or the jump cache does not hold a block for RIP that is good now (same page
+/// translation, checked at this code epoch or passing [`relink`] after one). Uses RAX, RCX,
+/// RDX, RSI and, through `relink`, the other registers the System V ABI lets a callee change.
 fn chain_stub() -> Option<(Vec<u8>, usize)> {
     let mut e = Emit::new();
     let fail = e.label();
+    let stale = e.label();
+    let go = e.label();
     let ctx = |f: usize| f as i32;
     let link = ctx;
     // The full entry: a handler ran in the block, it may have changed the vCPU's state.
@@ -1151,12 +1154,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.load64(RAX, R12, ctx(offset_of!(Ctx, attention)));
     e.cmp_byte_zero(RAX, 0);
     e.jcc(CC_NE, fail);
-    // `Cpu::sync_epoch` would move the epoch.
-    e.load64(RAX, R12, ctx(offset_of!(Ctx, code_epoch)));
-    e.load64(RAX, RAX, 0);
-    e.cmp_mem(RAX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
-    e.jcc(CC_NE, fail);
-    // The jump cache entry for RIP (`link_slot`), checked at this epoch.
+    // The jump cache entry for RIP (`link_slot`).
     e.load64(RSI, RBX, cpu_field(offset_of!(Cpu, rip)));
     e.mov_rr(true, RAX, RSI);
     e.shift(SHR, RAX, 12);
@@ -1165,9 +1163,6 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.shift(SHL, RAX, std::mem::size_of::<Link>().trailing_zeros() as u8);
     e.add_mem(RAX, R12, ctx(offset_of!(Ctx, links)));
     e.cmp_mem(RSI, RAX, link(offset_of!(Link, rip)));
-    e.jcc(CC_NE, fail);
-    e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
-    e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
     e.jcc(CC_NE, fail);
     // RIP's page in the execute TLB, still at the block's physical page.
     e.load64(RDX, RAX, link(offset_of!(Link, tlb_off)));
@@ -1179,7 +1174,16 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.load64(RCX, RDX, offset_of!(TlbEntry, phys) as i32);
     e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
     e.jcc(CC_NE, fail);
+    // Checked at this code epoch, and `Cpu::sync_epoch` would not move it.
+    e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
+    e.load64(RCX, RCX, 0);
+    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
+    e.jcc(CC_NE, stale);
+    e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
+    e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
+    e.jcc(CC_NE, stale);
     // Go: what the block loop does before running a block.
+    e.bind(go);
     e.mov_rr(true, R13, RSI);
     e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
     e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
@@ -1192,10 +1196,51 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
     e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
+    // The epoch moved since the entry was checked: `relink` looks (RSP is 8 below a multiple
+    // of 16 here, the three pushes align it for the call).
+    e.bind(stale);
+    for r in [RAX, RDX, RSI] {
+        e.push(r);
+    }
+    e.mov_rr(true, RSI, RAX);
+    call_with_ctx(&mut e, relink as *const () as u64);
+    e.mov_rr(true, RCX, RAX);
+    for r in [RSI, RDX, RAX] {
+        e.pop(r);
+    }
+    e.alu_rr(alu::TEST, true, RCX, RCX);
+    e.jcc(CC_NE, go);
     e.bind(fail);
     e.mov_imm(RAX, 0);
     e.ret();
     Some((e.finish()?, fast))
+}
+
+/// The chain stub found jump-cache entry `link` for RIP, but checked at an older code epoch
+/// (or the VM's epoch moved): catch up with the VM's epoch and, when only I/O exits moved it
+/// since and the VMM has not written the block's page (RIP's execute-TLB entry is `entry`),
+/// stamp the entry with the current epoch, as `BlockCache::revalidate` stamps the block
+/// without comparing its bytes. Nonzero: the entry is good now. Called from the chain stub.
+extern "sysv64" fn relink(ctx: *mut Ctx, link: *mut Link, entry: *const TlbEntry) -> u64 {
+    // SAFETY: the chain stub passes the context `run` built on its stack (its `cpu` is the
+    // vCPU `run` was given, which nothing else touches during the call), an entry of the
+    // jump cache `run` was given mutably, and the entry of RIP in the vCPU's TLB.
+    let (cpu, link, entry) = unsafe { (&mut *(*ctx).cpu, &mut *link, &*entry) };
+    cpu.sync_epoch();
+    if link.epoch == cpu.epoch {
+        return 1;
+    }
+    let code = cpu.mmu.code();
+    let code_idx = entry.code as usize;
+    if link.epoch < cpu.hard_floor || code.logging() {
+        return 0;
+    }
+    code.set(code_idx);
+    if code.vmm_bit_set(code_idx) {
+        return 0;
+    }
+    link.epoch = cpu.epoch;
+    1
 }
 
 /// Take the ops in register `r` back from the instruction count: ops of a block that ended
@@ -1659,7 +1704,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
 
 /// Run translated block `code` (built for `x.cpu`'s mode) starting at RIP `rip`, and the
 /// translated blocks it chains to (`links`: the jump cache of the vCPU's [`Jit`]).
-pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &[Link]) -> Ran {
+pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &mut [Link]) -> Ran {
     let cpu: &mut Cpu = x.cpu;
     let user = cpu.tlb_user as u64;
     let code_epoch: *const AtomicU64 = &cpu.vm.code_epoch;
@@ -1677,7 +1722,7 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &[L
         attention: chain.attention,
         code_epoch,
         user,
-        links: links.as_ptr(),
+        links: links.as_mut_ptr(),
         budget: chain.budget as u64,
         link: std::ptr::null(),
     };
