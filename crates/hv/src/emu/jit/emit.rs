@@ -67,12 +67,19 @@ impl Emit {
 
     /// ModR/M (and SIB) for `[base + disp32]` with `reg` in the reg field.
     fn mem(&mut self, reg: u8, base: u8, disp: i32) {
-        self.buf.push(0x80 | (reg & 7) << 3 | (base & 7));
+        // Mod 01 (disp8) when the displacement fits, else mod 10 (disp32): shorter code.
+        let short = disp == disp as i8 as i32;
+        let md = if short { 0x40 } else { 0x80 };
+        self.buf.push(md | (reg & 7) << 3 | (base & 7));
         if base & 7 == RSP {
             // SIB: no index, base.
             self.buf.push(0x20 | (base & 7));
         }
-        self.buf.extend_from_slice(&disp.to_le_bytes());
+        if short {
+            self.buf.push(disp as u8);
+        } else {
+            self.buf.extend_from_slice(&disp.to_le_bytes());
+        }
     }
 
     /// `opc reg, [base + disp]` (or the other direction, by opcode).
@@ -306,6 +313,13 @@ impl Emit {
         self.buf.push(v);
     }
 
+    /// MOV WORD [base + disp], imm16.
+    pub fn store_imm16(&mut self, base: u8, disp: i32, v: u16) {
+        self.buf.push(0x66);
+        self.op_mem(0xc7, false, 0, base, disp);
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
     /// TEST r32, r32.
     pub fn test32(&mut self, a: u8, b: u8) {
         self.op_rr(0x85, false, b, a);
@@ -502,7 +516,7 @@ mod tests {
     fn every_form_decodes_to_the_intended_instruction() {
         for x in 0..16u8 {
             for y in 0..16u8 {
-                for disp in [0i32, 8, -8, 0x1234_5678] {
+                for disp in [0i32, 8, -8, 127, -128, 128, -129, 0x1234_5678] {
                     let mut e = Emit::new();
                     let mut a = CodeAssembler::new(64).unwrap();
                     let (rx, ry) = (reg64(x), reg64(y));
@@ -522,6 +536,8 @@ mod tests {
                     a.cmp(rx, qword_ptr(ry + disp)).unwrap();
                     e.cmp_byte_zero(y, disp);
                     a.cmp(byte_ptr(ry + disp), 0).unwrap();
+                    e.store_imm16(y, disp, 0x1234);
+                    a.mov(word_ptr(ry + disp), 0x1234).unwrap();
                     e.test_mem8(y, disp, 0x81);
                     a.test(byte_ptr(ry + disp), 0x81).unwrap();
                     e.alu_mem_imm8(CMP, y, disp, 0);

@@ -93,8 +93,8 @@ const NO_RIP: u64 = u64::MAX;
 /// A jump-cache entry: a translated block the chain stub may go on to without returning to
 /// the block loop, found by the linear RIP it ran at. It is good while that RIP's page still
 /// translates to `phys` for execution and the vCPU's code epoch is still `epoch` (the block
-/// was checked then).
-#[repr(C)]
+/// was checked then). One cache line, aligned: the stub reads fields at both ends.
+#[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub struct Link {
     rip: u64,
@@ -1091,8 +1091,13 @@ fn record_lazy(e: &mut Emit, fop: u8, s: u8) {
 
 /// `Cpu::lazy` = { `fop`, `s`, `res`, `a`, `b` } (registers). Leaves the host's flags alone.
 fn record_lazy_from(e: &mut Emit, fop: u8, s: u8, res: u8, a: u8, b: u8) {
-    e.store_imm8(RBX, lazy_field(offset_of!(Lazy, op)), fop);
-    e.store_imm8(RBX, lazy_field(offset_of!(Lazy, size)), s);
+    // `op` and `size` with one store.
+    const _: () = assert!(offset_of!(Lazy, size) == offset_of!(Lazy, op) + 1);
+    e.store_imm16(
+        RBX,
+        lazy_field(offset_of!(Lazy, op)),
+        u16::from_le_bytes([fop, s]),
+    );
     e.store64(RBX, lazy_field(offset_of!(Lazy, res)), res);
     e.store64(RBX, lazy_field(offset_of!(Lazy, a)), a);
     e.store64(RBX, lazy_field(offset_of!(Lazy, b)), b);
