@@ -555,7 +555,10 @@ impl BlockCache {
             return None;
         }
         let ops = ops.get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
-        jit.translate(ops)
+        let place = jit::Place {
+            page_off: (blk.key >> 7) as u32 & (PAGE_SIZE as u32 - 1),
+        };
+        jit.translate(ops, place)
     }
 
     /// The ops and byte length of the block for `key`, if it is in the index and valid at code

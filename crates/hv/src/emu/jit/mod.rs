@@ -736,9 +736,9 @@ impl Jit {
         }
     }
 
-    /// Translate `ops` (a block of 64-bit code); its entry address, or `None` when the arena
-    /// is full or nothing in the block is worth it.
-    pub fn translate(&mut self, ops: &[Op]) -> Option<usize> {
+    /// Translate `ops` (a block of 64-bit code at `place`); its entry address, or `None` when
+    /// the arena is full or nothing in the block is worth it.
+    pub fn translate(&mut self, ops: &[Op], place: Place) -> Option<usize> {
         let mut kinds: Vec<Option<Kind>> = ops.iter().map(kind).collect();
         // A Jcc, CMOVcc or SETcc is translated only where the host's flags are the guest's:
         // after a translated op that sets them, with only ops that keep them in between.
@@ -764,7 +764,7 @@ impl Jit {
         if kinds.iter().all(|k| k.is_none()) {
             return None;
         }
-        let code = assemble(ops, &kinds, self.stub)?;
+        let code = assemble(ops, &kinds, self.stub, place)?;
         let Some(at) = self.arena.push(&code) else {
             self.full = true;
             return None;
@@ -905,10 +905,26 @@ fn pop_to(e: &mut Emit, dst: u8, bail: Label) {
 
 /// `dst` = RIP `end` bytes into the block plus `rel` (a branch target); to `bail` when it is
 /// not canonical (the interpreter raises the #GP). Uses RCX.
-fn branch_target(e: &mut Emit, dst: u8, end: u32, rel: u64, bail: Label) {
-    e.mov_imm(dst, (end as u64).wrapping_add(rel));
-    e.add_rr(dst, R13);
-    canonical_or(e, dst, bail);
+fn branch_target(e: &mut Emit, at: Place, dst: u8, end: u32, rel: u64, bail: Label) {
+    let off = (end as u64).wrapping_add(rel);
+    if off as i64 == off as i32 as i64 {
+        e.lea(dst, R13, off as i32);
+    } else {
+        e.mov_imm(dst, off);
+        e.add_rr(dst, R13);
+    }
+    // A target in the block's own page is canonical, as the block's RIP is.
+    let in_page = (at.page_off as u64).wrapping_add(off);
+    if in_page >= PAGE_SIZE {
+        canonical_or(e, dst, bail);
+    }
+}
+
+/// Where a block is: the offset of its first byte in its page (the same in every linear
+/// mapping of the block, which is keyed by its physical address).
+#[derive(Clone, Copy, Default)]
+pub struct Place {
+    pub page_off: u32,
 }
 
 /// RDX = binary operation `o` (ADD, OR, AND, SUB, XOR, CMP, TEST) of RAX and RCX, `s` bytes;
@@ -1275,7 +1291,7 @@ fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Lab
 
 /// Host code for `ops` (classified as `kinds`); a block that runs to its end goes on through
 /// the chain stub (its shorter entry when every op is translated).
-fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
+fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> Option<Vec<u8>> {
     let mut e = Emit::new();
     let stub = if kinds.iter().all(|k| k.is_some()) {
         stub.native
@@ -1438,7 +1454,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
             Kind::Call => {
                 // Return address in R15, target in RSI (checked canonical), new RSP in RBP.
                 e.lea(R15, R13, end as i32);
-                branch_target(&mut e, RSI, end, op.imm, bail);
+                branch_target(&mut e, at_page, RSI, end, op.imm, bail);
                 push_r15(&mut e, bail);
                 set_rip(&mut e, RSI);
             }
@@ -1450,7 +1466,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
                 set_rip(&mut e, RSI);
             }
             Kind::Jmp => {
-                branch_target(&mut e, RSI, end, op.imm, bail);
+                branch_target(&mut e, at_page, RSI, end, op.imm, bail);
                 set_rip(&mut e, RSI);
             }
             Kind::Bt {
@@ -1685,7 +1701,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
     for (to, bail, k, at, end, disp) in jumps {
         // The target first (a non-canonical one faults at the Jcc, interpreted), then RIP.
         e.bind(to);
-        branch_target(&mut e, R10, end, disp, bail);
+        branch_target(&mut e, at_page, R10, end, disp, bail);
         set_rip(&mut e, R10);
         let skipped = (ops.len() - k - 1) as i32;
         chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
@@ -1695,7 +1711,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub) -> Option<Vec<u8>> {
         // the operands kept; then the flags, then RIP.
         e.bind(to);
         e.mov_rr(true, R11, RCX);
-        branch_target(&mut e, R10, end, disp, bail);
+        branch_target(&mut e, at_page, R10, end, disp, bail);
         e.mov_rr(true, RCX, R11);
         record_compare(&mut e, o, s);
         set_rip(&mut e, R10);
@@ -1783,6 +1799,30 @@ mod tests {
         decode::translate(&i, 64, true).0
     }
 
+    /// A direct branch whose target stays in the block's page needs no canonical check (the
+    /// block's RIP is canonical); one that leaves the page does.
+    #[test]
+    fn only_branches_out_of_the_page_check_the_target_is_canonical() {
+        let sars = |page_off: u32, bytes: &[u8]| {
+            let ops = [op(bytes)];
+            let kinds: Vec<_> = ops.iter().map(kind).collect();
+            let code = assemble(&ops, &kinds, Stub::default(), Place { page_off }).unwrap();
+            let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
+            d.iter()
+                .filter(|i| i.mnemonic() == iced_x86::Mnemonic::Sar)
+                .count()
+        };
+        // JMP rel32 +0x20 (5 bytes): the target is 0x25 bytes after the block's start.
+        let jmp = [0xe9, 0x20, 0, 0, 0];
+        assert_eq!(sars(0, &jmp), 0, "in the page");
+        assert_eq!(sars(0xfd0, &jmp), 0, "near the page's end");
+        assert_eq!(sars(0xfdb, &jmp), 1, "the next page");
+        // JMP rel32 -0x10: before the page.
+        let back = [0xe9, 0xf0, 0xff, 0xff, 0xff];
+        assert_eq!(sars(0x100, &back), 0);
+        assert_eq!(sars(0x8, &back), 1);
+    }
+
     #[test]
     fn a_full_arena_says_so_until_it_is_reset() {
         let pool = Arc::new(Pool::new(8192, 1).unwrap());
@@ -1794,14 +1834,17 @@ mod tests {
             op(&[0xc3]),
         ];
         let mut n = 0;
-        while jit.translate(&block).is_some() {
+        while jit.translate(&block, Place::default()).is_some() {
             n += 1;
             assert!(n < 1000, "an 8 KiB arena fills up");
         }
         assert!(n > 0 && jit.full);
         jit.reset();
         assert!(!jit.full);
-        assert!(jit.translate(&block).is_some(), "room again after a reset");
+        assert!(
+            jit.translate(&block, Place::default()).is_some(),
+            "room again after a reset"
+        );
     }
 
     #[test]
