@@ -2088,6 +2088,53 @@ fn chained_translated_code_follows_a_remapped_page() {
     assert_eq!(m.r32(DATA), 50 + 2 * 50);
 }
 
+/// A page with a hot loop whose blocks chain inside the page (the exits' memos) is mapped to
+/// one physical page, then another with different code, then the first again: each phase runs
+/// its own page's code. Translations are kept for both pages, so in the third phase the first
+/// page's blocks find memos naming the jump-cache entry last made for the second page's code:
+/// the exit's check of the entry's physical page must send them to the stub.
+#[test]
+fn chained_translated_code_in_a_remapped_page_runs_that_pages_code() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let (lin, p1, p2) = (0x20_9000u64, 0x20_a000u64, 0x20_b000u64);
+    // 40 turns of a loop of two blocks, `jmp` and `jnz` both to targets in the page; each
+    // block adds `val` to EDX.
+    let looped = |val: u32| {
+        asm64(lin, |a| {
+            let (mut top, mut t) = (a.create_label(), a.create_label());
+            a.mov(ecx, 40).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.add(edx, val).unwrap();
+            a.jmp(t).unwrap();
+            a.set_label(&mut t).unwrap();
+            a.add(edx, val).unwrap();
+            a.sub(ecx, 1).unwrap();
+            a.jnz(top).unwrap();
+            a.ret().unwrap();
+        })
+    };
+    m.write(p1, &looped(1));
+    m.write(p2, &looped(1000));
+    m.w64(PT + 9 * 8, p1 | 0x7);
+    let code = asm64(CODE, |a| {
+        a.xor(edx, edx).unwrap();
+        for p in [p1, p2, p1] {
+            a.mov(rax, p | 0x7).unwrap();
+            a.mov(qword_ptr(PT + 9 * 8), rax).unwrap();
+            a.invlpg(byte_ptr(lin)).unwrap();
+            for _ in 0..3 {
+                a.call(lin).unwrap();
+            }
+        }
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 240 + 240 * 1000 + 240);
+}
+
 /// Translated loads and stores that cross from one page into the next, which maps to a
 /// physical page that is not the next one: both halves come from (go to) the right pages.
 #[test]

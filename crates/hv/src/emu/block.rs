@@ -62,7 +62,7 @@ use super::cpu::{Exc, R};
 use super::decode;
 use super::exec::{fetch_cross, Exec, Op};
 use super::jit::{self, Jit};
-use super::mmu::{load, PAGE_SIZE};
+use super::mmu::{load, PAGE_MASK, PAGE_SIZE};
 use crate::GuestMemory;
 
 /// One flag per 4 KiB page of guest RAM, shared by all vCPUs: set while decoded blocks may
@@ -557,6 +557,7 @@ impl BlockCache {
         let ops = ops.get(blk.op_start as usize..blk.op_start as usize + blk.op_len as usize)?;
         let place = jit::Place {
             page_off: (blk.key >> 7) as u32 & (PAGE_SIZE as u32 - 1),
+            phys_page: (blk.key >> 7) & PAGE_MASK,
         };
         jit.translate(ops, place)
     }

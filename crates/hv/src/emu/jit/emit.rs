@@ -152,6 +152,17 @@ impl Emit {
         self.buf.push(imm as u8);
     }
 
+    /// `op QWORD [base + disp], imm32` (group 1 by `/digit`; the immediate sign-extended).
+    pub fn alu_mem_imm32(&mut self, op: u8, base: u8, disp: i32, imm: i32) {
+        self.op_mem(0x81, true, op, base, disp);
+        self.buf.extend_from_slice(&imm.to_le_bytes());
+    }
+
+    /// JMP QWORD [base + disp].
+    pub fn jmp_mem(&mut self, base: u8, disp: i32) {
+        self.op_mem(0xff, false, 4, base, disp);
+    }
+
     /// ADD QWORD [base + disp], r64.
     pub fn add_to_mem(&mut self, base: u8, disp: i32, src: u8) {
         self.op_mem(0x01, true, src, base, disp);
@@ -538,6 +549,12 @@ mod tests {
                     a.cmp(byte_ptr(ry + disp), 0).unwrap();
                     e.store_imm16(y, disp, 0x1234);
                     a.mov(word_ptr(ry + disp), 0x1234).unwrap();
+                    e.alu_mem_imm32(ADD, y, disp, 0x1234);
+                    a.add(qword_ptr(ry + disp), 0x1234).unwrap();
+                    e.alu_mem_imm32(SUB, y, disp, -0x1234);
+                    a.sub(qword_ptr(ry + disp), -0x1234).unwrap();
+                    e.jmp_mem(y, disp);
+                    a.jmp(qword_ptr(ry + disp)).unwrap();
                     e.test_mem8(y, disp, 0x81);
                     a.test(byte_ptr(ry + disp), 0x81).unwrap();
                     e.alu_mem_imm8(CMP, y, disp, 0);

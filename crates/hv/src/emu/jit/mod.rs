@@ -14,7 +14,7 @@ mod emit;
 
 use std::ffi::c_void;
 use std::mem::offset_of;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use super::cpu::{
@@ -82,6 +82,9 @@ struct Ctx {
     budget: u64,
     /// The jump-cache entry of the block running, once the stub chained (else null).
     link: *const Link,
+    /// Where the stub records the entry it chained through for exits without a memo
+    /// ([`Memos`]); never read.
+    memo_sink: u64,
 }
 
 /// Entries of a vCPU's jump cache (a power of two; 1 MiB). At 4096 the kernel's block and
@@ -169,6 +172,7 @@ impl Stub {
 pub struct Jit {
     arena: Arena,
     links: Box<[Link]>,
+    memos: Memos,
     /// The chain stub's entries in the arena (first in it): full, and for blocks without
     /// handler calls.
     stub: Stub,
@@ -694,6 +698,7 @@ impl Jit {
         let mut jit = Jit {
             arena: pool.take()?,
             links: vec![EMPTY_LINK; LINKS].into_boxed_slice(),
+            memos: Memos::new(),
             stub: Stub::default(),
             prologue: e.buf.len(),
             full: false,
@@ -764,7 +769,14 @@ impl Jit {
         if kinds.iter().all(|k| k.is_none()) {
             return None;
         }
-        let code = assemble(ops, &kinds, self.stub, place)?;
+        let first_link = self.links.as_ptr() as u64;
+        let code = assemble(
+            ops,
+            &kinds,
+            self.stub,
+            place,
+            Some((&mut self.memos, first_link)),
+        )?;
         let Some(at) = self.arena.push(&code) else {
             self.full = true;
             return None;
@@ -779,6 +791,7 @@ impl Jit {
         self.arena.reset();
         self.full = false;
         self.links.fill(EMPTY_LINK);
+        self.memos.next = 0;
         // The stub first again, where it was: it fitted before.
         if let Some(stub) = Stub::place(&mut self.arena) {
             self.stub = stub;
@@ -925,6 +938,53 @@ fn branch_target(e: &mut Emit, at: Place, dst: u8, end: u32, rel: u64, bail: Lab
 #[derive(Clone, Copy, Default)]
 pub struct Place {
     pub page_off: u32,
+    /// The block's guest-physical page.
+    pub phys_page: u64,
+}
+
+/// Memos per vCPU (8 bytes each): one per chain exit of a translated block to a fixed target
+/// in the block's own page. When they run out, new exits go through the stub only.
+const MEMOS: usize = 1 << 17;
+
+/// The exits' memos: each holds the jump-cache entry the exit last chained through, so the
+/// exit can check that entry and go on to its block without the stub (`chain_or_return`).
+/// Translated code reads and writes them; they live as long as the `Jit` and are handed out
+/// again after a reset (which drops every translation that had one).
+struct Memos {
+    slots: Box<[AtomicU64]>,
+    next: usize,
+}
+
+impl Memos {
+    fn new() -> Memos {
+        Memos {
+            slots: (0..MEMOS).map(|_| AtomicU64::new(0)).collect(),
+            next: 0,
+        }
+    }
+
+    /// The address of a fresh memo holding `link` (any jump-cache entry: the exit checks the
+    /// one it finds), or `None` when all are taken.
+    fn take(&mut self, link: u64) -> Option<u64> {
+        let m = self.slots.get(self.next)?;
+        m.store(link, Ordering::Relaxed);
+        self.next += 1;
+        Some(m.as_ptr() as u64)
+    }
+}
+
+/// An exit with a fixed target in the block's page, taken by a block of translated ops only:
+/// it goes on through its memo when that names the target's entry at the current epoch.
+#[derive(Clone, Copy)]
+struct Fast {
+    /// The memo's address.
+    memo: u64,
+    /// The register holding the target RIP.
+    target: u8,
+    /// The target's offset from the block's start RIP.
+    off: i32,
+    /// The block's (and so the target's) guest-physical page.
+    phys: u64,
 }
 
 /// RDX = binary operation `o` (ADD, OR, AND, SUB, XOR, CMP, TEST) of RAX and RCX, `s` bytes;
@@ -1145,7 +1205,8 @@ extern "sysv64" fn freeze_cf(ctx: *mut Ctx) {
 /// (nothing changed) when the block loop must look first: the vCPU has something to attend to
 /// (attention, a poll, an interrupt shadow, TF), the mode or privilege changed, the budget is
 /// spent, or the jump cache does not hold a block for RIP that is good now (same page
-/// translation, checked at this code epoch or passing [`relink`] after one). Uses RAX, RCX,
+/// translation, checked at this code epoch or passing [`relink`] after one). RDI = where to
+/// record the entry it chains through (an exit's memo, or `Ctx::memo_sink`). Uses RAX, RCX,
 /// RDX, RSI and, through `relink`, the other registers the System V ABI lets a callee change.
 fn chain_stub() -> Option<(Vec<u8>, usize)> {
     let mut e = Emit::new();
@@ -1207,6 +1268,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.bind(go);
     e.mov_rr(true, R13, RSI);
     e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
+    e.store64(RDI, 0, RAX);
     e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
     e.add_rr(RCX, RSI);
     e.store64(RBX, cpu_field(offset_of!(Cpu, blk_host)), RCX);
@@ -1218,15 +1280,17 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
     // The epoch moved since the entry was checked: `relink` looks (RSP is 8 below a multiple
-    // of 16 here, the three pushes align it for the call).
+    // of 16 here; four pushes and 8 bytes align it for the call).
     e.bind(stale);
-    for r in [RAX, RDX, RSI] {
+    for r in [RAX, RDX, RSI, RDI] {
         e.push(r);
     }
+    e.alu_imm(SUB, true, RSP, 8);
     e.mov_rr(true, RSI, RAX);
     call_with_ctx(&mut e, relink as *const () as u64);
     e.mov_rr(true, RCX, RAX);
-    for r in [RSI, RDX, RAX] {
+    e.alu_imm(ADD, true, RSP, 8);
+    for r in [RDI, RSI, RDX, RAX] {
         e.pop(r);
     }
     e.alu_rr(alu::TEST, true, RCX, RCX);
@@ -1273,7 +1337,63 @@ fn uncount(e: &mut Emit, r: u8) {
 /// A block's end with RIP set: go on to the next translated block through the chain stub at
 /// `stub` when it can, else return `exit` to the block loop. `skipped`: ops of the block that
 /// did not run (the block loop counted them as retired; it takes them back on a return).
-fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Label) {
+/// With `fast`, first the exit's memo: when it names the target's jump-cache entry, checked at
+/// this epoch and for this physical page, and neither the budget, the attention flag nor the
+/// VM's code epoch stops it, the exit does what the stub would, without it. The block's
+/// mapping cannot have changed (translated ops only), so the target's page (the block's own)
+/// needs no look in the TLB.
+fn chain_or_return(
+    e: &mut Emit,
+    stub: usize,
+    exit: u64,
+    skipped: i32,
+    done: Label,
+    fast: Option<Fast>,
+) {
+    let ctx = |f: usize| f as i32;
+    let link = ctx;
+    if let Some(f) = fast {
+        let slow = e.label();
+        if f.target != RSI {
+            e.mov_rr(true, RSI, f.target);
+        }
+        e.mov_imm(RAX, f.memo);
+        e.load64(RAX, RAX, 0);
+        e.cmp_mem(RSI, RAX, link(offset_of!(Link, rip)));
+        e.jcc(CC_NE, slow);
+        e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
+        e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
+        e.jcc(CC_NE, slow);
+        e.mov_imm(RCX, f.phys);
+        e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
+        e.jcc(CC_NE, slow);
+        e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
+        e.load64(RCX, RCX, 0);
+        e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
+        e.jcc(CC_NE, slow);
+        e.alu_mem_imm8(CMP, R12, ctx(offset_of!(Ctx, budget)), 0);
+        e.jcc(CC_E, slow);
+        e.load64(RCX, R12, ctx(offset_of!(Ctx, attention)));
+        e.cmp_byte_zero(RCX, 0);
+        e.jcc(CC_NE, slow);
+        // Go, as the stub does; the target's bytes are `off` after the block's.
+        e.mov_rr(true, R13, RSI);
+        e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
+        e.alu_mem_imm32(ADD, RBX, cpu_field(offset_of!(Cpu, blk_host)), f.off);
+        e.load64(RCX, RAX, link(offset_of!(Link, bytes)));
+        e.store64(RBX, cpu_field(offset_of!(Cpu, blk_len)), RCX);
+        e.load64(RCX, RAX, link(offset_of!(Link, ops)));
+        if skipped != 0 {
+            e.alu_imm(SUB, true, RCX, skipped);
+        }
+        e.add_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), RCX);
+        e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
+        e.jmp_mem(RAX, link(offset_of!(Link, code)));
+        e.bind(slow);
+        e.mov_imm(RDI, f.memo);
+    } else {
+        e.lea(RDI, R12, ctx(offset_of!(Ctx, memo_sink)));
+    }
     e.mov_imm(RAX, stub as u64);
     e.call(RAX);
     e.alu_rr(alu::TEST, true, RAX, RAX);
@@ -1291,12 +1411,32 @@ fn chain_or_return(e: &mut Emit, stub: usize, exit: u64, skipped: i32, done: Lab
 
 /// Host code for `ops` (classified as `kinds`); a block that runs to its end goes on through
 /// the chain stub (its shorter entry when every op is translated).
-fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> Option<Vec<u8>> {
+/// `memos`: where exits to fixed targets in the block's page get their memos, and the
+/// jump-cache entry a new memo names (`None`: every exit goes through the stub).
+fn assemble(
+    ops: &[Op],
+    kinds: &[Option<Kind>],
+    stub: Stub,
+    at_page: Place,
+    mut memos: Option<(&mut Memos, u64)>,
+) -> Option<Vec<u8>> {
     let mut e = Emit::new();
-    let stub = if kinds.iter().all(|k| k.is_some()) {
-        stub.native
-    } else {
-        stub.full
+    let native = kinds.iter().all(|k| k.is_some());
+    let stub = if native { stub.native } else { stub.full };
+    // The fast exit to `off` bytes after the block's start (RIP in register `target`): for
+    // blocks of translated ops only, to a target in the block's page.
+    let mut fast = |off: u64, target: u8| {
+        let in_page = (at_page.page_off as u64).wrapping_add(off);
+        if !native || in_page >= PAGE_SIZE {
+            return None;
+        }
+        let (m, first) = memos.as_mut()?;
+        Some(Fast {
+            memo: m.take(*first)?,
+            target,
+            off: off as i64 as i32,
+            phys: at_page.phys_page,
+        })
     };
     prologue(&mut e);
     let mut exits: Vec<(Label, u64)> = Vec::new();
@@ -1661,7 +1801,14 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> O
         e.lea(RAX, R13, end as i32);
         set_rip(&mut e, RAX);
     }
-    chain_or_return(&mut e, stub, DONE, 0, done);
+    let to = match (ops.last(), kinds.last()) {
+        _ if last_native => fast(end as u64, RAX),
+        (Some(op), Some(Some(Kind::Jmp | Kind::Call))) => {
+            fast((end as u64).wrapping_add(op.imm), RSI)
+        }
+        _ => None,
+    };
+    chain_or_return(&mut e, stub, DONE, 0, done, to);
     for (l, v) in exits {
         e.bind(l);
         e.mov_imm(RAX, v);
@@ -1682,6 +1829,7 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> O
         let (result, back) = (e.label(), e.label());
         e.alu_imm(CMP, false, RAX, ENDED as i32);
         e.jcc(CC_NE, result);
+        e.lea(RDI, R12, offset_of!(Ctx, memo_sink) as i32);
         e.mov_imm(RAX, stub as u64);
         e.call(RAX);
         e.alu_rr(alu::TEST, true, RAX, RAX);
@@ -1704,7 +1852,8 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> O
         branch_target(&mut e, at_page, R10, end, disp, bail);
         set_rip(&mut e, R10);
         let skipped = (ops.len() - k - 1) as i32;
-        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
+        let to = fast((end as u64).wrapping_add(disp), R10);
+        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done, to);
     }
     for (to, bail, k, at, end, disp, o, s) in taken {
         // The target first (a non-canonical one faults at the Jcc: the interpreter's), with
@@ -1716,7 +1865,8 @@ fn assemble(ops: &[Op], kinds: &[Option<Kind>], stub: Stub, at_page: Place) -> O
         record_compare(&mut e, o, s);
         set_rip(&mut e, R10);
         let skipped = (ops.len() - k - 1) as i32;
-        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done);
+        let to = fast((end as u64).wrapping_add(disp), R10);
+        chain_or_return(&mut e, stub, exit_value(TAKEN, k, at), skipped, done, to);
     }
     e.bind(done);
     epilogue(&mut e);
@@ -1746,6 +1896,7 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &mu
         links: links.as_mut_ptr(),
         budget: chain.budget as u64,
         link: std::ptr::null(),
+        memo_sink: 0,
     };
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
     // System V calling convention; it only touches the context and what its pointers reach
@@ -1806,7 +1957,17 @@ mod tests {
         let sars = |page_off: u32, bytes: &[u8]| {
             let ops = [op(bytes)];
             let kinds: Vec<_> = ops.iter().map(kind).collect();
-            let code = assemble(&ops, &kinds, Stub::default(), Place { page_off }).unwrap();
+            let code = assemble(
+                &ops,
+                &kinds,
+                Stub::default(),
+                Place {
+                    page_off,
+                    phys_page: 0,
+                },
+                None,
+            )
+            .unwrap();
             let mut d = Decoder::with_ip(64, &code, 0, DecoderOptions::NONE);
             d.iter()
                 .filter(|i| i.mnemonic() == iced_x86::Mnemonic::Sar)
