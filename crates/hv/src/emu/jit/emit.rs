@@ -89,6 +89,51 @@ impl Emit {
         self.mem(reg, base, disp);
     }
 
+    /// `opc reg, [base + index + disp]` (scale 1; `index` is not RSP).
+    fn op_mem_idx(&mut self, opc: u8, w: bool, reg: u8, base: u8, index: u8, disp: i32) {
+        let rex =
+            0x40 | (w as u8) << 3 | (reg >> 3 & 1) << 2 | (index >> 3 & 1) << 1 | (base >> 3 & 1);
+        if rex != 0x40 {
+            self.buf.push(rex);
+        }
+        self.buf.push(opc);
+        let short = disp == disp as i8 as i32;
+        self.buf
+            .push(if short { 0x44 } else { 0x84 } | (reg & 7) << 3);
+        self.buf.push((index & 7) << 3 | (base & 7));
+        if short {
+            self.buf.push(disp as u8);
+        } else {
+            self.buf.extend_from_slice(&disp.to_le_bytes());
+        }
+    }
+
+    /// CMP r64, [base + index + disp].
+    pub fn cmp_mem_idx(&mut self, dst: u8, base: u8, index: u8, disp: i32) {
+        self.op_mem_idx(0x3b, true, dst, base, index, disp);
+    }
+
+    /// ADD r64, [base + index + disp].
+    pub fn add_mem_idx(&mut self, dst: u8, base: u8, index: u8, disp: i32) {
+        self.op_mem_idx(0x03, true, dst, base, index, disp);
+    }
+
+    /// MOV r32, [base + index + disp].
+    pub fn load32_idx(&mut self, dst: u8, base: u8, index: u8, disp: i32) {
+        self.op_mem_idx(0x8b, false, dst, base, index, disp);
+    }
+
+    /// LEA r64, [r + r * 2]: three times `r` (`r` is not RSP).
+    pub fn times3(&mut self, r: u8) {
+        let rex = 0x48 | (r >> 3 & 1) << 2 | (r >> 3 & 1) << 1 | (r >> 3 & 1);
+        self.buf.push(rex);
+        self.buf.push(0x8d);
+        // Mod 01 with a zero disp8 (a base of RBP or R13 needs one).
+        self.buf.push(0x44 | (r & 7) << 3);
+        self.buf.push(0x40 | (r & 7) << 3 | (r & 7));
+        self.buf.push(0);
+    }
+
     /// `opc rm, reg` with a register `rm` (ModR/M mod = 11).
     fn op_rr(&mut self, opc: u8, w: bool, reg: u8, rm: u8) {
         self.rex(w, reg, rm);
@@ -555,6 +600,16 @@ mod tests {
                     a.sub(qword_ptr(ry + disp), -0x1234).unwrap();
                     e.jmp_mem(y, disp);
                     a.jmp(qword_ptr(ry + disp)).unwrap();
+                    if x != RSP {
+                        e.cmp_mem_idx(y, y, x, disp);
+                        a.cmp(ry, qword_ptr(ry + rx + disp)).unwrap();
+                        e.add_mem_idx(x, y, x, disp);
+                        a.add(rx, qword_ptr(ry + rx + disp)).unwrap();
+                        e.load32_idx(y, y, x, disp);
+                        a.mov(reg32(y), dword_ptr(ry + rx + disp)).unwrap();
+                        e.times3(x);
+                        a.lea(rx, qword_ptr(rx + rx * 2)).unwrap();
+                    }
                     e.test_mem8(y, disp, 0x81);
                     a.test(byte_ptr(ry + disp), 0x81).unwrap();
                     e.alu_mem_imm8(CMP, y, disp, 0);

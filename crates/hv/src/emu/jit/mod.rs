@@ -662,12 +662,12 @@ fn linear_address(e: &mut Emit, op: &Op, next: u32) {
 /// code, not armed for dirty logging) and the access stays in the page; jumps to `miss`
 /// otherwise. Uses RCX and RDX. The same test as `Exec::read` / `Exec::write`.
 fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
-    let esz = std::mem::size_of::<TlbEntry>() as i32;
+    // RDX = the entry's offset in the TLB at R14: the index times 16, then times 3.
+    const _: () = assert!(std::mem::size_of::<TlbEntry>() == 48);
     e.mov_rr(true, RDX, RAX);
-    e.shift(SHR, RDX, 12);
-    e.alu_imm(AND, false, RDX, (TLB_SIZE - 1) as i32);
-    e.imul_imm(RDX, RDX, esz);
-    e.add_rr(RDX, R14);
+    e.shift(SHR, RDX, 8);
+    e.alu_imm(AND, false, RDX, ((TLB_SIZE - 1) << 4) as i32);
+    e.times3(RDX);
     // The page of the access's last byte: an access that crosses into the next page misses
     // the tag of its first page (tags are page addresses, or never equal one).
     e.lea(RCX, RAX, size as i32 - 1);
@@ -677,17 +677,17 @@ fn tlb_fast_path(e: &mut Emit, size: u8, write: bool, miss: Label) {
     } else {
         offset_of!(TlbEntry, tag_r)
     };
-    e.cmp_mem(RCX, RDX, tag as i32);
+    e.cmp_mem_idx(RCX, R14, RDX, tag as i32);
     e.jcc(CC_NE, miss);
     if write {
-        e.load32(RCX, RDX, offset_of!(TlbEntry, code) as i32);
+        e.load32_idx(RCX, R14, RDX, offset_of!(TlbEntry, code) as i32);
         e.cmp_mem(RCX, R12, offset_of!(Ctx, code_len) as i32);
         e.jcc(CC_AE, miss);
         e.add_mem(RCX, R12, offset_of!(Ctx, code_flags) as i32);
         e.cmp_byte_zero(RCX, 0);
         e.jcc(CC_NE, miss);
     }
-    e.add_mem(RAX, RDX, offset_of!(TlbEntry, addend) as i32);
+    e.add_mem_idx(RAX, R14, RDX, offset_of!(TlbEntry, addend) as i32);
 }
 
 impl Jit {
