@@ -2135,6 +2135,105 @@ fn chained_translated_code_in_a_remapped_page_runs_that_pages_code() {
     assert_eq!(m.r32(DATA), 240 + 240 * 1000 + 240);
 }
 
+/// A block entered through an exit's memo stores into its own later instruction: the store
+/// must end the block (the exit moved the running block's bounds on, as the stub does), so
+/// the patched instruction runs in that very turn. The exit's block lies more than a block's
+/// length away, so bounds left at it would miss the store.
+#[test]
+fn chained_translated_code_sees_a_store_into_the_block_it_chained_to() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let code = asm64(CODE, |a| {
+        let (mut top, mut skip, mut tail) = (a.create_label(), a.create_label(), a.create_label());
+        a.xor(edx, edx).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.cmp(ecx, 40).unwrap();
+        a.jne(skip).unwrap();
+        // The immediate of the MOV below (its opcode is one byte, B8).
+        a.mov(byte_ptr(CODE + 0x15), 0x2a).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.mov(eax, 0x1111_1111).unwrap();
+        a.add(edx, eax).unwrap();
+        let mut w = a.create_label();
+        a.jmp(w).unwrap();
+        for _ in 0..0x100 {
+            a.int3().unwrap();
+        }
+        // A block with a handler call (PAUSE): it goes on to the tail through the stub, which
+        // sets the bounds to the tail's; the tail has translated ops only, so its exit to
+        // `top` uses its memo.
+        a.set_label(&mut w).unwrap();
+        a.pause().unwrap();
+        a.jmp(tail).unwrap();
+        let mut finish = a.create_label();
+        a.set_label(&mut tail).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(top).unwrap();
+        a.jmp(finish).unwrap();
+        a.set_label(&mut finish).unwrap();
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    assert_eq!(
+        &code[0x14..0x16],
+        &[0xb8, 0x11],
+        "the MOV's immediate is at CODE + 0x15"
+    );
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    let want = 0x1111_1111u32
+        .wrapping_mul(60)
+        .wrapping_add(0x1111_112au32.wrapping_mul(40));
+    assert_eq!(m.r32(DATA), want);
+}
+
+/// An exit's memo names a jump-cache entry; another RIP that hashes to the same entry, in a
+/// second mapping of the same physical page (so the entry's page and epoch still match),
+/// takes it over. The exit must see that the entry is not its target's and go through the
+/// stub, not run the other RIP's block.
+#[test]
+fn an_exit_memo_whose_entry_another_rip_took_over_is_not_taken() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    // One physical page, mapped at `l1` and `l2`: `l1 + 0x10` and `l2 + 0x14` share a
+    // jump-cache entry (`link_slot`: the page numbers differ in bit 2 only).
+    let (l1, l2, p) = (0x20_9000u64, 0x20_d000u64, 0x20_e000u64);
+    m.w64(PT + 9 * 8, p | 0x7);
+    m.w64(PT + 13 * 8, p | 0x7);
+    // 0x00: mov ecx, 4; 0x05 (top): add edx, 1; jmp 0x10
+    m.write(p, &[0xb9, 4, 0, 0, 0, 0x83, 0xc2, 0x01, 0xeb, 0x06]);
+    // 0x10: jmp 0x30; nop; nop; 0x14: mov eax, 0x5555; ret
+    m.write(
+        p + 0x10,
+        &[0xeb, 0x1e, 0x90, 0x90, 0xb8, 0x55, 0x55, 0, 0, 0xc3],
+    );
+    // 0x30: sub ecx, 1; jnz top; ret
+    m.write(p + 0x30, &[0x83, 0xe9, 0x01, 0x75, 0xd0, 0xc3]);
+    // 40 calls at `l1` (every block there hot and chaining through memos), 40 at `l2 + 0x14`
+    // (its block takes the entry over), one at `l1`: its first block's exit finds the memo.
+    let code = asm64(CODE, |a| {
+        let (mut l, mut k) = (a.create_label(), a.create_label());
+        a.xor(edx, edx).unwrap();
+        a.mov(esi, 40).unwrap();
+        a.set_label(&mut k).unwrap();
+        a.call(l1).unwrap();
+        a.sub(esi, 1).unwrap();
+        a.jnz(k).unwrap();
+        a.mov(esi, 40).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.call(l2 + 0x14).unwrap();
+        a.sub(esi, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.call(l1).unwrap();
+        a.mov(dword_ptr(DATA), edx).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r32(DATA), 41 * 4);
+}
+
 /// Translated loads and stores that cross from one page into the next, which maps to a
 /// physical page that is not the next one: both halves come from (go to) the right pages.
 #[test]
