@@ -765,18 +765,25 @@ fn patch_after_two_calls(target: u64, off: u64) -> u32 {
 fn patch_after_calls(target: u64, off: u64, calls: u32, after: u32) -> u32 {
     let m = Machine::new(1);
     let mut v = m.vcpu(0);
-    let code = calls_with_a_patch(target, calls, after, |a| {
-        a.mov(byte_ptr(target + off), 42).unwrap();
-    });
+    let code = calls_with_a_patch(
+        target,
+        calls,
+        after,
+        |_| {},
+        |a| {
+            a.mov(byte_ptr(target + off), 42).unwrap();
+        },
+    );
     run_with_target(&m, v.as_mut(), &code, target)
 }
 
-/// Code that calls `target` `calls` times, summing EAX, and runs `patch` after call `after`;
-/// it stores the sum at DATA.
+/// Code that calls `target` `calls` times, summing EAX, runs `every` after each call and
+/// `patch` after call `after`; it stores the sum at DATA.
 fn calls_with_a_patch(
     target: u64,
     calls: u32,
     after: u32,
+    every: impl FnOnce(&mut CodeAssembler),
     patch: impl FnOnce(&mut CodeAssembler),
 ) -> Vec<u8> {
     asm64(CODE, |a| {
@@ -790,6 +797,7 @@ fn calls_with_a_patch(
         a.set_label(&mut l).unwrap();
         a.call(target).unwrap();
         a.add(edx, eax).unwrap();
+        every(a);
         a.cmp(ecx, calls - after + 1).unwrap();
         a.jne(skip).unwrap();
         patch(a);
@@ -1945,7 +1953,15 @@ fn chained_translated_code_runs_a_block_a_device_patched_during_an_io_exit() {
     let want = 0x1111_1111u32
         .wrapping_mul(60)
         .wrapping_add(0x1111_112au32.wrapping_mul(40));
-    for (target, name) in [(CODE + 0x100, "same page"), (CODE + 0x1000, "other page")] {
+    // With an I/O exit after every call too (port 0x81, no device): the stub then checks
+    // the entries after each, and `relink` notes the pages it found clean at that epoch; the
+    // note must not outlive the epoch.
+    for (target, name, every) in [
+        (CODE + 0x100, "same page", false),
+        (CODE + 0x1000, "other page", false),
+        (CODE + 0x100, "same page, an I/O exit every turn", true),
+        (CODE + 0x1000, "other page, an I/O exit every turn", true),
+    ] {
         let m = Machine::new(1);
         let mut v = m.vcpu(0);
         let mem = m.mem.clone();
@@ -1953,7 +1969,17 @@ fn chained_translated_code_runs_a_block_a_device_patched_during_an_io_exit() {
             use vm_memory::Bytes;
             mem.write_slice(&[42], GuestAddress(target + 1)).unwrap();
         });
-        let code = calls_with_a_patch(target, 100, 60, |a| a.out(0x80, al).unwrap());
+        let code = calls_with_a_patch(
+            target,
+            100,
+            60,
+            |a| {
+                if every {
+                    a.out(0x81, al).unwrap();
+                }
+            },
+            |a| a.out(0x80, al).unwrap(),
+        );
         assert_eq!(
             run_with_target(&m, v.as_mut(), &code, target),
             want,

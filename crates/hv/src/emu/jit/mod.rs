@@ -85,7 +85,13 @@ struct Ctx {
     /// Where the stub records the entry it chained through for exits without a memo
     /// ([`Memos`]); never read.
     memo_sink: u64,
+    /// Code pages [`relink`] found unwritten by the VMM, and the epoch then (direct-mapped by
+    /// page): the page's other entries at that epoch need no second look.
+    clean: [(u32, u64); CLEAN],
 }
+
+/// Entries of `Ctx::clean`.
+const CLEAN: usize = 16;
 
 /// Entries of a vCPU's jump cache (a power of two; 1 MiB). At 4096 the kernel's block and
 /// network paths missed in it for a quarter of the chains that went back to the block loop.
@@ -1310,7 +1316,9 @@ extern "sysv64" fn relink(ctx: *mut Ctx, link: *mut Link, entry: *const TlbEntry
     // SAFETY: the chain stub passes the context `run` built on its stack (its `cpu` is the
     // vCPU `run` was given, which nothing else touches during the call), an entry of the
     // jump cache `run` was given mutably, and the entry of RIP in the vCPU's TLB.
-    let (cpu, link, entry) = unsafe { (&mut *(*ctx).cpu, &mut *link, &*entry) };
+    let (ctx, link, entry) = unsafe { (&mut *ctx, &mut *link, &*entry) };
+    // SAFETY: as above: `cpu` is the vCPU `run` was given.
+    let cpu = unsafe { &mut *ctx.cpu };
     cpu.sync_epoch();
     if link.epoch == cpu.epoch {
         return 1;
@@ -1320,9 +1328,18 @@ extern "sysv64" fn relink(ctx: *mut Ctx, link: *mut Link, entry: *const TlbEntry
     if link.epoch < cpu.hard_floor || code.logging() {
         return 0;
     }
-    code.set(code_idx);
-    if code.vmm_bit_set(code_idx) {
+    // A page found clean at this epoch stayed so: a store into it (which clears its flag)
+    // would have moved the epoch.
+    let seen = (code_idx as u32, cpu.epoch);
+    let Some(memo) = ctx.clean.get_mut(code_idx % CLEAN) else {
         return 0;
+    };
+    if *memo != seen {
+        code.set(code_idx);
+        if code.vmm_bit_set(code_idx) {
+            return 0;
+        }
+        *memo = seen;
     }
     link.epoch = cpu.epoch;
     1
@@ -1897,6 +1914,7 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &mu
         budget: chain.budget as u64,
         link: std::ptr::null(),
         memo_sink: 0,
+        clean: [(0, 0); CLEAN],
     };
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
     // System V calling convention; it only touches the context and what its pointers reach
