@@ -1961,6 +1961,8 @@ fn chained_translated_code_runs_a_block_a_device_patched_during_an_io_exit() {
         (CODE + 0x1000, "other page", false),
         (CODE + 0x100, "same page, an I/O exit every turn", true),
         (CODE + 0x1000, "other page, an I/O exit every turn", true),
+        // 16 pages on: the loop's page and the target's share a `Ctx::clean` entry.
+        (CODE + 0x10000, "16 pages on, an I/O exit every turn", true),
     ] {
         let m = Machine::new(1);
         let mut v = m.vcpu(0);

@@ -200,6 +200,11 @@ impl CodePages {
         self.logging.load(Ordering::Relaxed)
     }
 
+    /// The flag behind [`logging`](Self::logging), for translated code.
+    pub fn logging_flag(&self) -> *const AtomicBool {
+        &self.logging
+    }
+
     /// The VMM wrote page `i` since its bit was last taken (page 0, not RAM: true).
     #[inline]
     pub fn vmm_bit_set(&self, i: usize) -> bool {

@@ -1,6 +1,7 @@
 //! A small x86-64 encoder for the forms the translator uses (Intel SDM Vol. 2, §2.1-2.2:
-//! REX prefix, ModR/M and SIB). Memory operands are always `[base + disp32]`. Registers are
-//! numbered as in the SDM (RAX = 0 ... R15 = 15).
+//! REX prefix, ModR/M and SIB). Memory operands are `[base + disp]` or `[base + index + disp]`
+//! with an 8-bit displacement where it fits, else 32 bits. Registers are numbered as in the
+//! SDM (RAX = 0 ... R15 = 15).
 
 pub const RAX: u8 = 0;
 pub const RCX: u8 = 1;
@@ -10,6 +11,8 @@ pub const RSP: u8 = 4;
 pub const RBP: u8 = 5;
 pub const RSI: u8 = 6;
 pub const RDI: u8 = 7;
+pub const R8: u8 = 8;
+pub const R9: u8 = 9;
 pub const R10: u8 = 10;
 pub const R11: u8 = 11;
 pub const R12: u8 = 12;
@@ -18,6 +21,7 @@ pub const R14: u8 = 14;
 pub const R15: u8 = 15;
 
 /// Condition codes (the low nibble of `0F 8x`).
+pub const CC_B: u8 = 0x2;
 pub const CC_AE: u8 = 0x3;
 pub const CC_E: u8 = 0x4;
 pub const CC_NE: u8 = 0x5;
@@ -65,7 +69,7 @@ impl Emit {
         }
     }
 
-    /// ModR/M (and SIB) for `[base + disp32]` with `reg` in the reg field.
+    /// ModR/M (and SIB) for `[base + disp]` with `reg` in the reg field.
     fn mem(&mut self, reg: u8, base: u8, disp: i32) {
         // Mod 01 (disp8) when the displacement fits, else mod 10 (disp32): shorter code.
         let short = disp == disp as i8 as i32;

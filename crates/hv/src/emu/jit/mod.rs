@@ -86,12 +86,24 @@ struct Ctx {
     /// ([`Memos`]); never read.
     memo_sink: u64,
     /// Code pages [`relink`] found unwritten by the VMM, and the epoch then (direct-mapped by
-    /// page): the page's other entries at that epoch need no second look.
-    clean: [(u32, u64); CLEAN],
+    /// page): the page's other entries at that epoch need no second look (the stub reads it).
+    clean: [Clean; CLEAN],
+    /// `CodePages::logging`, for the stub.
+    logging: *const AtomicBool,
 }
 
-/// Entries of `Ctx::clean`.
+/// Entries of `Ctx::clean` (a power of two).
 const CLEAN: usize = 16;
+
+/// A code page (its `CodePages` index) found unwritten by the VMM at code epoch `epoch`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Clean {
+    page: u64,
+    epoch: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Clean>() == 16);
 
 /// Entries of a vCPU's jump cache (a power of two; 1 MiB), in sets of two (the entry
 /// [`link_slot`] names and the next). At 4096 direct-mapped entries the kernel's block and
@@ -1303,9 +1315,37 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
     e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
-    // The epoch moved since the entry was checked: `relink` looks (RSP is 8 below a multiple
-    // of 16 here; four pushes and 8 bytes align it for the call).
+    // The epoch moved since the entry was checked. When only I/O exits moved it and
+    // `Ctx::clean` has the page as unwritten at this epoch, stamp the entry here (what
+    // `relink` would do); else `relink` looks.
     e.bind(stale);
+    let call_relink = e.label();
+    e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
+    e.load64(RCX, RCX, 0);
+    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
+    e.jcc(CC_NE, call_relink);
+    e.load64(RCX, RAX, link(offset_of!(Link, epoch)));
+    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, hard_floor)));
+    e.jcc(CC_B, fail);
+    e.load64(RCX, R12, ctx(offset_of!(Ctx, logging)));
+    e.cmp_byte_zero(RCX, 0);
+    e.jcc(CC_NE, fail);
+    e.load32(R8, RDX, offset_of!(TlbEntry, code) as i32);
+    e.mov_rr(true, R9, R8);
+    e.alu_imm(AND, false, R9, (CLEAN - 1) as i32);
+    e.shift(SHL, R9, std::mem::size_of::<Clean>().trailing_zeros() as u8);
+    e.add_rr(R9, R12);
+    let clean = offset_of!(Ctx, clean);
+    e.cmp_mem(R8, R9, ctx(clean + offset_of!(Clean, page)));
+    e.jcc(CC_NE, call_relink);
+    e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
+    e.cmp_mem(RCX, R9, ctx(clean + offset_of!(Clean, epoch)));
+    e.jcc(CC_NE, call_relink);
+    e.store64(RAX, link(offset_of!(Link, epoch)), RCX);
+    e.jmp(go);
+    // `relink` (RSP is 8 below a multiple of 16 here; four pushes and 8 bytes align it for
+    // the call).
+    e.bind(call_relink);
     for r in [RAX, RDX, RSI, RDI] {
         e.push(r);
     }
@@ -1348,7 +1388,10 @@ extern "sysv64" fn relink(ctx: *mut Ctx, link: *mut Link, entry: *const TlbEntry
     }
     // A page found clean at this epoch stayed so: a store into it (which clears its flag)
     // would have moved the epoch.
-    let seen = (code_idx as u32, cpu.epoch);
+    let seen = Clean {
+        page: code_idx as u64,
+        epoch: cpu.epoch,
+    };
     let Some(memo) = ctx.clean.get_mut(code_idx % CLEAN) else {
         return 0;
     };
@@ -1916,6 +1959,7 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &mu
     let code_epoch: *const AtomicU64 = &cpu.vm.code_epoch;
     let tlb = cpu.mmu.tlb[cpu.tlb_user & 1].as_ptr();
     let (code_flags, code_len) = cpu.mmu.code().flags_raw();
+    let logging = cpu.mmu.code().logging_flag();
     let cpu: *mut Cpu = cpu;
     let mut ctx = Ctx {
         exec: x as *mut Exec<'_> as *mut c_void,
@@ -1932,7 +1976,8 @@ pub fn run(x: &mut Exec<'_>, code: usize, rip: u64, chain: Chain<'_>, links: &mu
         budget: chain.budget as u64,
         link: std::ptr::null(),
         memo_sink: 0,
-        clean: [(0, 0); CLEAN],
+        clean: [Clean::default(); CLEAN],
+        logging,
     };
     // SAFETY: `code` is the entry of a block `Jit::translate` assembled into the arena with the
     // System V calling convention; it only touches the context and what its pointers reach
