@@ -936,6 +936,50 @@ fn f(name: &'static str, body: Body, undef: Undef, gen: Gen) -> Form {
     }
 }
 
+/// Runs of PUSHes and POPs (translated as one stack access each), also across a page of the
+/// guest's stack (its RSP starts page-aligned: 0xff0 below it, three slots cross a page).
+/// R15 is the harness's pointer register: nothing pops into it.
+#[test]
+fn diff_push_and_pop_runs() {
+    let forms = forms![
+        "push3 pop3", |a| {
+            a.push(rax)?; a.push(rbx)?; a.push(rcx)?;
+            a.pop(rdx)?; a.pop(rsi)?; a.pop(rdi)
+        }, def(), Gen::Any;
+        "push2 pop2 swap", |a| {
+            a.push(rax)?; a.push(r9)?; a.pop(rax)?; a.pop(r9)
+        }, def(), Gen::Any;
+        "RSP after a run", |a| {
+            a.push(rax)?; a.push(rbx)?; a.push(rcx)?;
+            a.pop(rdx)?; a.pop(rsi)?;
+            a.mov(rdi, qword_ptr(rsp))?;
+            a.push(r8)?; a.push(r9)?;
+            a.mov(r10, qword_ptr(rsp + 16))?;
+            a.pop(r11)?; a.pop(r12)?; a.pop(r13)
+        }, def(), Gen::Any;
+        "a run below a pushed canary", |a| {
+            a.push(0x1234)?;
+            a.push(rax)?; a.push(rbx)?;
+            a.pop(rcx)?; a.pop(rdx)?; a.pop(rsi)
+        }, def(), Gen::Any;
+        "pop into one register twice", |a| {
+            a.push(rax)?; a.push(rbx)?; a.pop(rcx)?; a.pop(rcx)
+        }, def(), Gen::Any;
+        "push8 pop8", |a| {
+            for r in [rax, rbx, rcx, rdx, rsi, rdi, r8, r9] { a.push(r)?; }
+            for r in [r10, r11, r12, r13, r14, rbp, rdx, rcx] { a.pop(r)?; }
+            Ok(())
+        }, def(), Gen::Any;
+        "push3 pop3 across a page", |a| {
+            a.lea(rsp, qword_ptr(rsp - 0xff0))?;
+            a.push(rax)?; a.push(rbx)?; a.push(rcx)?;
+            a.pop(rdx)?; a.pop(rsi)?; a.pop(rdi)?;
+            a.lea(rsp, qword_ptr(rsp + 0xff0))
+        }, def(), Gen::Any;
+    ];
+    check(forms, CASES, 0x4567_89ab_cdef_0123);
+}
+
 #[test]
 fn diff_muldiv() {
     let mul = SF | ZF | AF | PF;

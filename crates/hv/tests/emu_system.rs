@@ -2306,6 +2306,57 @@ fn translated_accesses_that_cross_a_page_use_both_translations() {
     assert_eq!(m.r64(DATA), first.wrapping_add(last.wrapping_mul(99)));
 }
 
+/// A hot loop of PUSH and POP runs (each translated as one stack access) on a stack that
+/// crosses from one page into the next, which maps to a physical page that is not the next
+/// one: each slot lands in its own page.
+#[test]
+fn translated_push_and_pop_runs_across_a_page_use_both_translations() {
+    let m = Machine::new(1);
+    let mut v = m.vcpu(0);
+    let (lin, lo, hi) = (0x20_9000u64, 0x20_b000u64, 0x20_9000u64);
+    m.w64(PT + 9 * 8, lo | 0x7);
+    m.w64(PT + 10 * 8, hi | 0x7);
+    m.write(lo + 0x1000, &[0xee; 8]);
+    let code = asm64(CODE, |a| {
+        let mut l = a.create_label();
+        a.mov(rsp, lin + 0x1008).unwrap();
+        a.xor(r8d, r8d).unwrap();
+        a.mov(ecx, 100).unwrap();
+        a.mov(rax, 0x1111u64).unwrap();
+        a.mov(rbx, 0x2222u64).unwrap();
+        a.set_label(&mut l).unwrap();
+        a.push(rax).unwrap();
+        a.push(rbx).unwrap();
+        a.push(rcx).unwrap();
+        // The POPs in a block of their own: the PUSH run's block goes to the interpreter at
+        // the run (it crosses the page), this one must too.
+        let mut pops = a.create_label();
+        a.jmp(pops).unwrap();
+        a.set_label(&mut pops).unwrap();
+        a.pop(rdx).unwrap();
+        a.pop(rsi).unwrap();
+        a.pop(rdi).unwrap();
+        a.add(r8, rdx).unwrap();
+        a.add(r8, rsi).unwrap();
+        a.add(r8, rdi).unwrap();
+        a.sub(ecx, 1).unwrap();
+        a.jnz(l).unwrap();
+        a.mov(qword_ptr(DATA), r8).unwrap();
+        exit(a);
+    });
+    m.load_long(v.as_mut(), &code, CODE);
+    run_to_exit(v.as_mut(), &m.io);
+    assert_eq!(m.r64(hi), 0x1111, "the first slot, in the second page");
+    assert_eq!(m.r64(lo + 0xff8), 0x2222);
+    assert_eq!(m.r64(lo + 0xff0), 1, "RCX of the last turn");
+    assert_eq!(
+        m.read(lo + 0x1000, 8),
+        [0xee; 8],
+        "nothing past the first page"
+    );
+    assert_eq!(m.r64(DATA), 100 * (0x1111 + 0x2222) + 5050);
+}
+
 /// A hot translated loop whose handler-run op (a byte store) faults in its last iteration:
 /// the fault has the op's RIP, and the ops before it in the block ran.
 #[test]

@@ -929,6 +929,47 @@ fn call_with_ctx(e: &mut Emit, f: u64) {
 
 /// Push R15 onto the guest stack (64-bit): to `bail` with nothing changed when the TLB fast
 /// path misses.
+/// Consecutive PUSH (or POP) register ops from `k` on, none of RSP, at most 8: run as one,
+/// with one look in the TLB for all their stack slots.
+fn stack_run(ops: &[Op], kinds: &[Option<Kind>], k: usize, want: Kind) -> usize {
+    ops.iter()
+        .zip(kinds)
+        .skip(k)
+        .take(8)
+        .take_while(|(op, kind)| **kind == Some(want) && op.r1 != GUEST_RSP as u8)
+        .count()
+}
+
+/// PUSH of each register of `ops` in turn (a [`stack_run`]): one TLB look for the `8 * n`
+/// bytes below RSP; to `bail` with nothing done when it misses (or they cross a page).
+fn push_run(e: &mut Emit, ops: &[Op], bail: Label) {
+    let n = ops.len() as i32;
+    e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+    e.alu_imm(SUB, true, RAX, 8 * n);
+    e.mov_rr(true, RBP, RAX);
+    tlb_fast_path(e, 8 * n as u8, true, bail);
+    for (i, op) in ops.iter().enumerate() {
+        e.load64(R15, RBX, gpr_disp(op.r1));
+        e.store64(RAX, 8 * (n - 1 - i as i32), R15);
+    }
+    e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+}
+
+/// POP into each register of `ops` in turn (a [`stack_run`]): one TLB look for the `8 * n`
+/// bytes at RSP; to `bail` with nothing done when it misses (or they cross a page).
+fn pop_run(e: &mut Emit, ops: &[Op], bail: Label) {
+    let n = ops.len() as i32;
+    e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
+    e.mov_rr(true, RBP, RAX);
+    tlb_fast_path(e, 8 * n as u8, false, bail);
+    for (i, op) in ops.iter().enumerate() {
+        e.load64(R15, RAX, 8 * i as i32);
+        e.store64(RBX, gpr_disp(op.r1), R15);
+    }
+    e.alu_imm(ADD, true, RBP, 8 * n);
+    e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+}
+
 fn push_r15(e: &mut Emit, bail: Label) {
     e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
     e.alu_imm(SUB, true, RAX, 8);
@@ -1530,10 +1571,16 @@ fn assemble(
     let mut end = 0u32;
     // The last op was translated and is not a branch: RIP goes after it at the end.
     let mut last_native = false;
+    // Ops after this one that a run of PUSHes or POPs already did.
+    let mut covered = 0;
     for (k, (op, kind)) in ops.iter().zip(kinds).enumerate() {
         let at = end;
         end += op.len as u32;
         last_native = kind.is_some_and(|k| !k.branches());
+        if covered > 0 {
+            covered -= 1;
+            continue;
+        }
         let Some(kind) = *kind else {
             e.mov_imm(RSI, op as *const Op as u64);
             e.lea(RDX, R13, end as i32);
@@ -1575,11 +1622,17 @@ fn assemble(
                 e.store64(RBX, gpr_disp(op.r1), RAX);
                 can_bail = false;
             }
-            Kind::Push => {
-                // The value first: PUSH RSP pushes the old RSP.
-                e.load64(R15, RBX, gpr_disp(op.r1));
-                push_r15(&mut e, bail);
-            }
+            Kind::Push => match stack_run(ops, kinds, k, Kind::Push) {
+                n @ 2.. => {
+                    push_run(&mut e, &ops[k..k + n], bail);
+                    covered = n - 1;
+                }
+                _ => {
+                    // The value first: PUSH RSP pushes the old RSP.
+                    e.load64(R15, RBX, gpr_disp(op.r1));
+                    push_r15(&mut e, bail);
+                }
+            },
             Kind::Alu { op: o, s, form, nf } => {
                 let to_mem = matches!(form, alu::MR | alu::MI);
                 let b = op.imm & flags::mask(s);
@@ -1859,13 +1912,19 @@ fn assemble(
                 alu_sized(&mut e, alu::ADD, s, RAX, RCX);
                 record_lazy_from(&mut e, flags::ADD, s, RAX, RDX, RCX);
             }
-            Kind::Pop => {
-                pop_to(&mut e, R15, bail);
-                e.alu_imm(ADD, true, RBP, 8);
-                e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
-                // Last: POP RSP loads the popped value.
-                e.store64(RBX, gpr_disp(op.r1), R15);
-            }
+            Kind::Pop => match stack_run(ops, kinds, k, Kind::Pop) {
+                n @ 2.. => {
+                    pop_run(&mut e, &ops[k..k + n], bail);
+                    covered = n - 1;
+                }
+                _ => {
+                    pop_to(&mut e, R15, bail);
+                    e.alu_imm(ADD, true, RBP, 8);
+                    e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
+                    // Last: POP RSP loads the popped value.
+                    e.store64(RBX, gpr_disp(op.r1), R15);
+                }
+            },
         }
         if can_bail {
             exits.push((bail, exit_value(BAIL, k, at)));
