@@ -1334,10 +1334,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
     e.jcc(CC_NE, fail);
     // Checked at this code epoch, and `Cpu::sync_epoch` would not move it.
-    e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
-    e.load64(RCX, RCX, 0);
-    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
-    e.jcc(CC_NE, stale);
+    vm_epoch_moved(&mut e, stale);
     e.load64(RCX, RBX, cpu_field(offset_of!(Cpu, epoch)));
     e.cmp_mem(RCX, RAX, link(offset_of!(Link, epoch)));
     e.jcc(CC_NE, stale);
@@ -1361,10 +1358,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     // `relink` would do); else `relink` looks.
     e.bind(stale);
     let call_relink = e.label();
-    e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
-    e.load64(RCX, RCX, 0);
-    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
-    e.jcc(CC_NE, call_relink);
+    vm_epoch_moved(&mut e, call_relink);
     e.load64(RCX, RAX, link(offset_of!(Link, epoch)));
     e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, hard_floor)));
     e.jcc(CC_B, fail);
@@ -1404,6 +1398,15 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.mov_imm(RAX, 0);
     e.ret();
     Some((e.finish()?, fast))
+}
+
+/// To `moved` when the VM's code epoch moved since this vCPU last looked
+/// (`Cpu::sync_epoch` would move its own). Uses RCX.
+fn vm_epoch_moved(e: &mut Emit, moved: Label) {
+    e.load64(RCX, R12, offset_of!(Ctx, code_epoch) as i32);
+    e.load64(RCX, RCX, 0);
+    e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
+    e.jcc(CC_NE, moved);
 }
 
 /// The chain stub found jump-cache entry `link` for RIP, but checked at an older code epoch
@@ -1486,10 +1489,7 @@ fn chain_or_return(
         e.mov_imm(RCX, f.phys);
         e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
         e.jcc(CC_NE, slow);
-        e.load64(RCX, R12, ctx(offset_of!(Ctx, code_epoch)));
-        e.load64(RCX, RCX, 0);
-        e.cmp_mem(RCX, RBX, cpu_field(offset_of!(Cpu, seen_epoch)));
-        e.jcc(CC_NE, slow);
+        vm_epoch_moved(e, slow);
         e.alu_mem_imm8(CMP, R12, ctx(offset_of!(Ctx, budget)), 0);
         e.jcc(CC_E, slow);
         e.load64(RCX, R12, ctx(offset_of!(Ctx, attention)));
