@@ -63,7 +63,13 @@ impl Emit {
     }
 
     fn rex(&mut self, w: bool, reg: u8, base: u8) {
-        let rex = 0x40 | (w as u8) << 3 | (reg >> 3 & 1) << 2 | (base >> 3 & 1);
+        self.rex_x(w, reg, 0, base);
+    }
+
+    /// REX with the SIB index's high bit too.
+    fn rex_x(&mut self, w: bool, reg: u8, index: u8, base: u8) {
+        let rex =
+            0x40 | (w as u8) << 3 | (reg >> 3 & 1) << 2 | (index >> 3 & 1) << 1 | (base >> 3 & 1);
         if rex != 0x40 {
             self.buf.push(rex);
         }
@@ -71,13 +77,28 @@ impl Emit {
 
     /// ModR/M (and SIB) for `[base + disp]` with `reg` in the reg field.
     fn mem(&mut self, reg: u8, base: u8, disp: i32) {
-        // Mod 01 (disp8) when the displacement fits, else mod 10 (disp32): shorter code.
+        self.mem_sib(reg, base, None, disp);
+    }
+
+    /// ModR/M and SIB for `[base + index << scale + disp]` (`index`: (register, scale); not
+    /// RSP), or `[base + disp]` without one.
+    fn mem_sib(&mut self, reg: u8, base: u8, index: Option<(u8, u8)>, disp: i32) {
+        // Mod 01 (disp8) when the displacement fits, else mod 10 (disp32): shorter code. Mod 00
+        // is never used, so a base of RBP or R13 needs no special case.
         let short = disp == disp as i8 as i32;
         let md = if short { 0x40 } else { 0x80 };
-        self.buf.push(md | (reg & 7) << 3 | (base & 7));
-        if base & 7 == RSP {
-            // SIB: no index, base.
-            self.buf.push(0x20 | (base & 7));
+        match index {
+            Some((i, scale)) => {
+                self.buf.push(md | (reg & 7) << 3 | RSP);
+                self.buf.push(scale << 6 | (i & 7) << 3 | (base & 7));
+            }
+            None => {
+                self.buf.push(md | (reg & 7) << 3 | (base & 7));
+                if base & 7 == RSP {
+                    // SIB: no index, base.
+                    self.buf.push(0x20 | (base & 7));
+                }
+            }
         }
         if short {
             self.buf.push(disp as u8);
@@ -95,21 +116,9 @@ impl Emit {
 
     /// `opc reg, [base + index + disp]` (scale 1; `index` is not RSP).
     fn op_mem_idx(&mut self, opc: u8, w: bool, reg: u8, base: u8, index: u8, disp: i32) {
-        let rex =
-            0x40 | (w as u8) << 3 | (reg >> 3 & 1) << 2 | (index >> 3 & 1) << 1 | (base >> 3 & 1);
-        if rex != 0x40 {
-            self.buf.push(rex);
-        }
+        self.rex_x(w, reg, index, base);
         self.buf.push(opc);
-        let short = disp == disp as i8 as i32;
-        self.buf
-            .push(if short { 0x44 } else { 0x84 } | (reg & 7) << 3);
-        self.buf.push((index & 7) << 3 | (base & 7));
-        if short {
-            self.buf.push(disp as u8);
-        } else {
-            self.buf.extend_from_slice(&disp.to_le_bytes());
-        }
+        self.mem_sib(reg, base, Some((index, 0)), disp);
     }
 
     /// CMP r64, [base + index + disp].
@@ -129,13 +138,9 @@ impl Emit {
 
     /// LEA r64, [r + r * 2]: three times `r` (`r` is not RSP).
     pub fn times3(&mut self, r: u8) {
-        let rex = 0x48 | (r >> 3 & 1) << 2 | (r >> 3 & 1) << 1 | (r >> 3 & 1);
-        self.buf.push(rex);
+        self.rex_x(true, r, r, r);
         self.buf.push(0x8d);
-        // Mod 01 with a zero disp8 (a base of RBP or R13 needs one).
-        self.buf.push(0x44 | (r & 7) << 3);
-        self.buf.push(0x40 | (r & 7) << 3 | (r & 7));
-        self.buf.push(0);
+        self.mem_sib(r, r, Some((r, 1)), 0);
     }
 
     /// `opc rm, reg` with a register `rm` (ModR/M mod = 11).

@@ -927,10 +927,8 @@ fn call_with_ctx(e: &mut Emit, f: u64) {
     e.call(RAX);
 }
 
-/// Push R15 onto the guest stack (64-bit): to `bail` with nothing changed when the TLB fast
-/// path misses.
 /// Consecutive PUSH (or POP) register ops from `k` on, none of RSP, at most 8: run as one,
-/// with one look in the TLB for all their stack slots.
+/// with one look in the TLB for all their stack slots (0 for PUSH or POP RSP).
 fn stack_run(ops: &[Op], kinds: &[Option<Kind>], k: usize, want: Kind) -> usize {
     ops.iter()
         .zip(kinds)
@@ -970,6 +968,8 @@ fn pop_run(e: &mut Emit, ops: &[Op], bail: Label) {
     e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
 }
 
+/// Push R15 onto the guest stack (64-bit): to `bail` with nothing changed when the TLB fast
+/// path misses.
 fn push_r15(e: &mut Emit, bail: Label) {
     e.load64(RAX, RBX, gpr_disp(GUEST_RSP as u8));
     e.alu_imm(SUB, true, RAX, 8);
@@ -999,8 +999,7 @@ fn branch_target(e: &mut Emit, at: Place, dst: u8, end: u32, rel: u64, bail: Lab
         e.add_rr(dst, R13);
     }
     // A target in the block's own page is canonical, as the block's RIP is.
-    let in_page = (at.page_off as u64).wrapping_add(off);
-    if in_page >= PAGE_SIZE {
+    if !at.holds(off) {
         canonical_or(e, dst, bail);
     }
 }
@@ -1012,6 +1011,13 @@ pub struct Place {
     pub page_off: u32,
     /// The block's guest-physical page.
     pub phys_page: u64,
+}
+
+impl Place {
+    /// The byte `off` bytes after the block's first (wrapping) is in the block's page.
+    fn holds(self, off: u64) -> bool {
+        (self.page_off as u64).wrapping_add(off) < PAGE_SIZE
+    }
 }
 
 /// Memos per vCPU (8 bytes each): one per chain exit of a translated block to a fixed target
@@ -1303,11 +1309,7 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.jcc(CC_NE, fail);
     // The entry for blocks of translated ops only: those leave that state alone.
     let fast = e.buf.len();
-    e.alu_mem_imm8(CMP, R12, ctx(offset_of!(Ctx, budget)), 0);
-    e.jcc(CC_E, fail);
-    e.load64(RAX, R12, ctx(offset_of!(Ctx, attention)));
-    e.cmp_byte_zero(RAX, 0);
-    e.jcc(CC_NE, fail);
+    budget_spent_or_attention(&mut e, fail);
     // The jump cache entry for RIP (`link_slot`).
     e.load64(RSI, RBX, cpu_field(offset_of!(Cpu, rip)));
     e.mov_rr(true, RAX, RSI);
@@ -1340,17 +1342,11 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.jcc(CC_NE, stale);
     // Go: what the block loop does before running a block.
     e.bind(go);
-    e.mov_rr(true, R13, RSI);
-    e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
+    move_on(&mut e, 0);
     e.store64(RDI, 0, RAX);
     e.load64(RCX, RDX, offset_of!(TlbEntry, addend) as i32);
     e.add_rr(RCX, RSI);
     e.store64(RBX, cpu_field(offset_of!(Cpu, blk_host)), RCX);
-    e.load64(RCX, RAX, link(offset_of!(Link, bytes)));
-    e.store64(RBX, cpu_field(offset_of!(Cpu, blk_len)), RCX);
-    e.load64(RCX, RAX, link(offset_of!(Link, ops)));
-    e.add_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), RCX);
-    e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
     e.load64(RAX, RAX, link(offset_of!(Link, code)));
     e.ret();
     // The epoch moved since the entry was checked. When only I/O exits moved it and
@@ -1398,6 +1394,45 @@ fn chain_stub() -> Option<(Vec<u8>, usize)> {
     e.mov_imm(RAX, 0);
     e.ret();
     Some((e.finish()?, fast))
+}
+
+/// Before going on to the block of jump-cache entry RAX at RIP RSI: R13, `Ctx::link`, the
+/// running block's length, the instruction count (less `skipped` ops of the block that ends,
+/// which the block loop counted) and the budget moved on, as the block loop does; the caller
+/// sets `Cpu::blk_host`. Uses RCX.
+fn move_on(e: &mut Emit, skipped: i32) {
+    e.mov_rr(true, R13, RSI);
+    e.store64(R12, offset_of!(Ctx, link) as i32, RAX);
+    e.load64(RCX, RAX, offset_of!(Link, bytes) as i32);
+    e.store64(RBX, cpu_field(offset_of!(Cpu, blk_len)), RCX);
+    e.load64(RCX, RAX, offset_of!(Link, ops) as i32);
+    if skipped != 0 {
+        e.alu_imm(SUB, true, RCX, skipped);
+    }
+    e.add_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), RCX);
+    e.alu_mem_imm8(SUB, R12, offset_of!(Ctx, budget) as i32, 1);
+}
+
+/// Call the chain stub at `stub` with RDI = `memo` (an exit's memo, else `Ctx::memo_sink`),
+/// then test RAX (zero: the block loop must look).
+fn call_stub(e: &mut Emit, stub: usize, memo: Option<u64>) {
+    match memo {
+        Some(m) => e.mov_imm(RDI, m),
+        None => e.lea(RDI, R12, offset_of!(Ctx, memo_sink) as i32),
+    }
+    e.mov_imm(RAX, stub as u64);
+    e.call(RAX);
+    e.alu_rr(alu::TEST, true, RAX, RAX);
+}
+
+/// To `stop` when the chaining budget is spent or the block loop's attention flag is set.
+/// Uses RCX.
+fn budget_spent_or_attention(e: &mut Emit, stop: Label) {
+    e.alu_mem_imm8(CMP, R12, offset_of!(Ctx, budget) as i32, 0);
+    e.jcc(CC_E, stop);
+    e.load64(RCX, R12, offset_of!(Ctx, attention) as i32);
+    e.cmp_byte_zero(RCX, 0);
+    e.jcc(CC_NE, stop);
 }
 
 /// To `moved` when the VM's code epoch moved since this vCPU last looked
@@ -1490,32 +1525,14 @@ fn chain_or_return(
         e.cmp_mem(RCX, RAX, link(offset_of!(Link, phys)));
         e.jcc(CC_NE, slow);
         vm_epoch_moved(e, slow);
-        e.alu_mem_imm8(CMP, R12, ctx(offset_of!(Ctx, budget)), 0);
-        e.jcc(CC_E, slow);
-        e.load64(RCX, R12, ctx(offset_of!(Ctx, attention)));
-        e.cmp_byte_zero(RCX, 0);
-        e.jcc(CC_NE, slow);
+        budget_spent_or_attention(e, slow);
         // Go, as the stub does; the target's bytes are `off` after the block's.
-        e.mov_rr(true, R13, RSI);
-        e.store64(R12, ctx(offset_of!(Ctx, link)), RAX);
+        move_on(e, skipped);
         e.alu_mem_imm32(ADD, RBX, cpu_field(offset_of!(Cpu, blk_host)), f.off);
-        e.load64(RCX, RAX, link(offset_of!(Link, bytes)));
-        e.store64(RBX, cpu_field(offset_of!(Cpu, blk_len)), RCX);
-        e.load64(RCX, RAX, link(offset_of!(Link, ops)));
-        if skipped != 0 {
-            e.alu_imm(SUB, true, RCX, skipped);
-        }
-        e.add_to_mem(RBX, cpu_field(offset_of!(Cpu, icount)), RCX);
-        e.alu_mem_imm8(SUB, R12, ctx(offset_of!(Ctx, budget)), 1);
         e.jmp_mem(RAX, link(offset_of!(Link, code)));
         e.bind(slow);
-        e.mov_imm(RDI, f.memo);
-    } else {
-        e.lea(RDI, R12, ctx(offset_of!(Ctx, memo_sink)));
     }
-    e.mov_imm(RAX, stub as u64);
-    e.call(RAX);
-    e.alu_rr(alu::TEST, true, RAX, RAX);
+    call_stub(e, stub, fast.map(|f| f.memo));
     let back = e.label();
     e.jcc(CC_E, back);
     if skipped != 0 {
@@ -1545,8 +1562,7 @@ fn assemble(
     // The fast exit to `off` bytes after the block's start (RIP in register `target`): for
     // blocks of translated ops only, to a target in the block's page.
     let mut fast = |off: u64, target: u8| {
-        let in_page = (at_page.page_off as u64).wrapping_add(off);
-        if !native || in_page >= PAGE_SIZE {
+        if !native || !at_page.holds(off) {
             return None;
         }
         let (m, first) = memos.as_mut()?;
@@ -1623,12 +1639,12 @@ fn assemble(
                 can_bail = false;
             }
             Kind::Push => match stack_run(ops, kinds, k, Kind::Push) {
-                n @ 2.. => {
+                n @ 1.. => {
                     push_run(&mut e, &ops[k..k + n], bail);
                     covered = n - 1;
                 }
-                _ => {
-                    // The value first: PUSH RSP pushes the old RSP.
+                0 => {
+                    // PUSH RSP: the value first, it pushes the old RSP.
                     e.load64(R15, RBX, gpr_disp(op.r1));
                     push_r15(&mut e, bail);
                 }
@@ -1913,15 +1929,15 @@ fn assemble(
                 record_lazy_from(&mut e, flags::ADD, s, RAX, RDX, RCX);
             }
             Kind::Pop => match stack_run(ops, kinds, k, Kind::Pop) {
-                n @ 2.. => {
+                n @ 1.. => {
                     pop_run(&mut e, &ops[k..k + n], bail);
                     covered = n - 1;
                 }
-                _ => {
+                0 => {
+                    // POP RSP: RSP moved on first, then loaded with the popped value.
                     pop_to(&mut e, R15, bail);
                     e.alu_imm(ADD, true, RBP, 8);
                     e.store64(RBX, gpr_disp(GUEST_RSP as u8), RBP);
-                    // Last: POP RSP loads the popped value.
                     e.store64(RBX, gpr_disp(op.r1), R15);
                 }
             },
@@ -1966,10 +1982,7 @@ fn assemble(
         let (result, back) = (e.label(), e.label());
         e.alu_imm(CMP, false, RAX, ENDED as i32);
         e.jcc(CC_NE, result);
-        e.lea(RDI, R12, offset_of!(Ctx, memo_sink) as i32);
-        e.mov_imm(RAX, stub as u64);
-        e.call(RAX);
-        e.alu_rr(alu::TEST, true, RAX, RAX);
+        call_stub(&mut e, stub, None);
         e.jcc(CC_E, back);
         uncount(&mut e, R15);
         e.jmp_r(RAX);
