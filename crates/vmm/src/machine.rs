@@ -407,10 +407,12 @@ pub(crate) fn create_memory(cfg: &VmConfig) -> Result<GuestMemory, Error> {
         .into_iter()
         .map(|(start, len)| (GuestAddress(start), len as usize))
         .collect();
-    GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory {
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| Error::Memory {
         size: cfg.memory,
         reason: e.to_string(),
-    })
+    })?;
+    vireo_hv::advise_huge_pages(&mem);
+    Ok(mem)
 }
 
 /// Kernel, initrd, ACPI tables, boot page tables and zero page. Returns the entry point.
