@@ -413,8 +413,7 @@ impl Device {
             if Instant::now() >= until {
                 return None;
             }
-            // SAFETY: sched_yield takes no arguments and touches no memory of ours.
-            unsafe { libc::sched_yield() };
+            std::thread::yield_now(); // sched_yield
         }
     }
 }
