@@ -13,13 +13,11 @@
 //! others are submitted to Linux AIO one by one as they are taken). While the driver is
 //! expected to answer the interrupt it may poll for a short adaptive window (module `poll`);
 //! then it enables notifications again, serves whatever raced in and sleeps. One wake-up
-//! serves for at most 2 ms before going back through the event loop. A buffered transfer of
-//! 256 KiB or more is copied on two threads (module `split`).
+//! serves for at most 2 ms before going back through the event loop.
 
 mod aio;
 mod disk;
 mod poll;
-mod split;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,7 +37,6 @@ use crate::{
 };
 use aio::{Aio, Pending};
 use poll::PollWindow;
-use split::Splitter;
 use vireo_hv::GuestMemory;
 
 /// Feature bits (§5.2.3).
@@ -267,19 +264,6 @@ impl VirtioDevice for Block {
         } else {
             None
         };
-        // Buffered disks copy large transfers on two threads (module `split`).
-        let splitter = if self.disk.direct() {
-            None
-        } else {
-            Splitter::spawn(self.disk.clone(), format!("virtio-blk{}-cp", self.index))
-                .map_err(|e| {
-                    tracing::warn!(
-                        "virtio-blk {}: no transfer helper thread ({e}); one thread copies",
-                        self.disk.path().display()
-                    )
-                })
-                .ok()
-        };
         let handler = BlockQueues {
             server: RequestServer {
                 disk: self.disk.clone(),
@@ -287,7 +271,6 @@ impl VirtioDevice for Block {
                 log: self.log.clone(),
                 ranges: Vec::new(),
                 counters: self.counters.clone(),
-                splitter,
             },
             broken: vec![false; a.queues.len()],
             queues: a.queues,
@@ -650,8 +633,6 @@ pub struct RequestServer {
     log: Arc<LogOnce>,
     ranges: Vec<(GuestAddress, usize)>,
     counters: Arc<BlockCounters>,
-    /// The helper for large buffered transfers, if the disk has one.
-    splitter: Option<Splitter>,
 }
 
 impl RequestServer {
@@ -663,7 +644,6 @@ impl RequestServer {
             log: Arc::new(LogOnce::new()),
             ranges: Vec::new(),
             counters: Arc::new(BlockCounters::default()),
-            splitter: None,
         }
     }
 
@@ -858,13 +838,10 @@ impl RequestServer {
 
     /// Do the transfer `prepare` set up, now.
     fn transfer(&mut self, mem: &GuestMemory, write: bool, offset: u64) -> u8 {
-        let len: u64 = self.ranges.iter().map(|&(_, n)| n as u64).sum();
-        let r = match self.splitter.as_mut() {
-            Some(s) if len >= split::SPLIT_MIN => {
-                s.transfer(&self.disk, mem, &self.ranges, offset, len, write)
-            }
-            _ if write => self.disk.write_from(mem, &self.ranges, offset),
-            _ => self.disk.read_into(mem, &self.ranges, offset),
+        let r = if write {
+            self.disk.write_from(mem, &self.ranges, offset)
+        } else {
+            self.disk.read_into(mem, &self.ranges, offset)
         };
         match r {
             Ok(()) => VIRTIO_BLK_S_OK,
