@@ -348,3 +348,55 @@ pub fn advise_huge_pages(mem: &GuestMemory) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    /// The kernel records MADV_HUGEPAGE as the `hg` flag of the mapping that holds each
+    /// region (`/proc/self/smaps`).
+    #[test]
+    fn guest_ram_is_advised_huge_pages() {
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            eprintln!("skipped: this host kernel has no transparent huge pages");
+            return;
+        }
+        let mem = GuestMemory::from_ranges(&[
+            (vm_memory::GuestAddress(0), 4 << 20),
+            (vm_memory::GuestAddress(1 << 32), 4 << 20),
+        ])
+        .unwrap();
+        advise_huge_pages(&mem);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        // (start, end, VmFlags) of every mapping.
+        let mut maps = Vec::new();
+        let mut range = None;
+        for l in smaps.lines() {
+            if let Some(flags) = l.strip_prefix("VmFlags:") {
+                if let Some((a, b)) = range.take() {
+                    maps.push((a, b, flags.to_string()));
+                }
+            } else if let Some((a, rest)) = l.split_once('-') {
+                let b = rest.split_whitespace().next().unwrap_or("");
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    range = Some((a, b));
+                }
+            }
+        }
+        for r in mem.iter() {
+            let at = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap() as usize;
+            let (_, _, flags) = maps
+                .iter()
+                .find(|(a, b, _)| (*a..*b).contains(&at))
+                .unwrap_or_else(|| panic!("no mapping holds {at:#x}"));
+            assert!(
+                flags.split_whitespace().any(|f| f == "hg"),
+                "{at:#x}: {flags}"
+            );
+        }
+    }
+}
