@@ -1024,13 +1024,16 @@ impl Dec<'_> {
                 }
                 if !mem {
                     // The JIT translates SHL/SHR/SAR of a register by an immediate, with or
-                    // without their flags, and by CL without them.
+                    // without their flags, by CL without them, and ROL/ROR without them.
                     op.jit = tag::SHIFT;
                     op.jarg = match m {
                         M::Shl | M::Sal => shift::SHL,
                         M::Shr => shift::SHR,
                         M::Sar => shift::SAR,
-                        _ => 0,
+                        M::Rol => shift::ROL,
+                        M::Ror => shift::ROR,
+                        M::Rcl => shift::RCL,
+                        _ => shift::RCR,
                     };
                 }
                 op.h = if !mem && !self.need_flags {

@@ -126,8 +126,8 @@ pub mod tag {
     pub const JMP: u8 = 10;
     /// Does nothing (NOP, ENDBR64, prefetch, a CMP/TEST whose flags are dead).
     pub const NOP: u8 = 11;
-    /// SHL/SHR/SAR of a register by an immediate count or CL (`F_CL`; flags dead with
-    /// `F_NF`); `jarg` = `shift::SHL` ...
+    /// A shift or rotate of a register by an immediate count or CL (`F_CL`; flags dead with
+    /// `F_NF`); `jarg` = `shift::ROL` ... `shift::SAR`.
     pub const SHIFT: u8 = 12;
     /// Jcc rel in 64-bit mode (condition in `Op::ext`).
     pub const JCC: u8 = 13;

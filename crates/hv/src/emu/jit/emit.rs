@@ -34,7 +34,9 @@ pub const AND: u8 = 4;
 pub const SUB: u8 = 5;
 pub const CMP: u8 = 7;
 
-/// Shifts (`C1 /n ib`).
+/// Shifts and rotates (`C1 /n ib`).
+pub const ROL: u8 = 0;
+pub const ROR: u8 = 1;
 pub const SHL: u8 = 4;
 pub const SHR: u8 = 5;
 pub const SAR: u8 = 7;

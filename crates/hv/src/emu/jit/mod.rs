@@ -448,7 +448,9 @@ fn kind(op: &Op) -> Option<Kind> {
             if regs
                 && (s == 4 || s == 8)
                 && (op.flags & F_CL == 0 || op.flags & F_NF != 0)
-                && matches!(op.jarg, shift::SHL | shift::SHR | shift::SAR) =>
+                && (matches!(op.jarg, shift::SHL | shift::SHR | shift::SAR)
+                    // Rotates only when their flags (CF, OF) are dead.
+                    || (op.flags & F_NF != 0 && matches!(op.jarg, shift::ROL | shift::ROR))) =>
         {
             let count = (op.imm & if s == 8 { 0x3f } else { 0x1f }) as u8;
             Some(Kind::Shift {
@@ -1691,6 +1693,8 @@ fn assemble(
                 let host = match k {
                     shift::SHL => SHL,
                     shift::SHR => SHR,
+                    shift::ROL => ROL,
+                    shift::ROR => ROR,
                     _ => SAR,
                 };
                 if cl {
