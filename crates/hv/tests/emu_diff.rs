@@ -538,6 +538,17 @@ fn diff_alu() {
         "not r32", |a| a.not(eax), def(), Gen::Any;
         "not m8", |a| a.not(byte_ptr(r15 + 9)), def(), Gen::Any;
         "adc chain", |a| { a.add(rax, rbx)?; a.adc(rcx, rdx)?; a.adc(r8, r9) }, def(), Gen::Any;
+        // The carry in from the host's CF after BT, and computed after a store (which leaves
+        // the host's flags the TLB look's).
+        "bt; adc", |a| { a.bt(rax, 5)?; a.adc(rcx, rdx) }, def(), Gen::Any;
+        "add; store; adc r,imm", |a| {
+            a.add(rax, qword_ptr(r15 + 8))?; a.mov(qword_ptr(r15 + 16), rax)?; a.adc(rcx, 0)
+        }, def(), Gen::Any;
+        "adc r64,m64", |a| a.adc(rbx, qword_ptr(r15 + 8)), def(), Gen::Any;
+        "add; adc r,m", |a| { a.add(rax, rbx)?; a.adc(rcx, qword_ptr(r15 + 8)) }, def(), Gen::Any;
+        "sbb m32,r32", |a| a.sbb(dword_ptr(r15 + 4), ecx), def(), Gen::Any;
+        "adc ah,bh", |a| a.adc(ah, bh), def(), Gen::Any;
+        "inc; sbb r16,imm", |a| { a.inc(rdx)?; a.sbb(si, 0x1234) }, def(), Gen::Any;
         "sub r64,r64; cmovb", |a| { a.sub(rax, rbx)?; a.cmovb(rcx, rdx) }, def(), Gen::Any;
         "add r32,imm; cmovo", |a| { a.add(eax, 0x7fff_0000)?; a.cmovo(ecx, edx) }, def(), Gen::Any;
         "cmp r64,r64; cmovl", |a| { a.cmp(rsi, rdi)?; a.cmovl(r8, r9) }, def(), Gen::Any;

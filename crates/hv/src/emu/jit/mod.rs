@@ -259,6 +259,16 @@ enum Kind {
         form: u8,
         nf: bool,
     },
+    /// ADC or SBB (`op`): as `Alu`, with the guest's CF as carry in. `host_cf`: the host's CF
+    /// is the guest's when the op starts (a register form right after an op that left the
+    /// guest's flags or CF in the host's, see [`Jit::translate`]); else it is computed first.
+    Carry {
+        op: u8,
+        s: u8,
+        form: u8,
+        nf: bool,
+        host_cf: bool,
+    },
     /// MOV of an immediate to flat memory (4 or 8 bytes).
     MovMI(u8),
     /// LEA to a 32-bit register.
@@ -383,6 +393,7 @@ impl Kind {
     fn host_flags(self) -> HostFlags {
         match self {
             Kind::Alu { nf: false, .. }
+            | Kind::Carry { nf: false, .. }
             | Kind::CmpJcc { .. }
             | Kind::LockAlu { .. }
             | Kind::Cmpxchg(_)
@@ -542,6 +553,20 @@ fn kind(op: &Op) -> Option<Kind> {
                 s,
                 form,
                 nf: op.flags & F_NF != 0,
+            })
+        }
+        tag::ALU
+            if regs_s
+                && sized
+                && (matches!(form, alu::RR | alu::RI) || (mem_form && flat))
+                && matches!(opid, alu::ADC | alu::SBB) =>
+        {
+            Some(Kind::Carry {
+                op: opid,
+                s,
+                form,
+                nf: op.flags & F_NF != 0,
+                host_cf: false,
             })
         }
         tag::CMP_JCC
@@ -792,6 +817,12 @@ impl Jit {
                 };
                 if kind.reads_host_flags() && !good {
                     *k = None;
+                }
+                // ADC/SBB take the carry from the host's CF when it is the guest's and no
+                // memory operand's TLB look comes first (it changes the host's flags).
+                if let Some(Kind::Carry { form, host_cf, .. }) = k {
+                    *host_cf = matches!(host, HostFlags::All | HostFlags::CfOnly)
+                        && matches!(*form, alu::RR | alu::RI);
                 }
             }
             host = match k.map_or(HostFlags::Lost, Kind::host_flags) {
@@ -1663,6 +1694,40 @@ fn assemble(
                     (false, _) => {}
                     (true, false) => set_gpr(&mut e, op.r1, RDX, s),
                     (true, true) => store_sized(&mut e, R15, 0, RDX, s),
+                }
+                can_bail = form != alu::RR && form != alu::RI;
+            }
+            Kind::Carry {
+                op: o,
+                s,
+                form,
+                nf,
+                host_cf,
+            } => {
+                let to_mem = matches!(form, alu::MR | alu::MI);
+                let b = op.imm & flags::mask(s);
+                if !host_cf {
+                    // CF into `Cpu::flags` (before the operands: the call clobbers them).
+                    call_with_ctx(&mut e, freeze_cf as *const () as u64);
+                }
+                operands(&mut e, op, s, form, b, end, to_mem, bail);
+                if !host_cf {
+                    e.bt_mem_imm(false, 0, 8, RBX, cpu_field(offset_of!(Cpu, flags)), 0);
+                }
+                e.mov_rr(true, RDX, RAX);
+                alu_sized(&mut e, o, s, RDX, RCX);
+                if !nf {
+                    let fop = if o == alu::ADC {
+                        flags::ADC
+                    } else {
+                        flags::SBB
+                    };
+                    record_lazy(&mut e, fop, s);
+                }
+                if to_mem {
+                    store_sized(&mut e, R15, 0, RDX, s);
+                } else {
+                    set_gpr(&mut e, op.r1, RDX, s);
                 }
                 can_bail = form != alu::RR && form != alu::RI;
             }
