@@ -349,6 +349,27 @@ pub fn advise_huge_pages(mem: &GuestMemory) {
     }
 }
 
+/// The `VmFlags` of the mapping that holds host address `at` (`/proc/self/smaps`), for tests
+/// of `madvise`.
+#[cfg(test)]
+pub(crate) fn vm_flags_of(at: usize) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut holds = false;
+    for l in smaps.lines() {
+        if let Some(flags) = l.strip_prefix("VmFlags:") {
+            if holds {
+                return Some(flags.to_string());
+            }
+        } else if let Some((a, rest)) = l.split_once('-') {
+            let b = rest.split_whitespace().next().unwrap_or("");
+            if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                holds = (a..b).contains(&at);
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,31 +389,11 @@ mod tests {
         ])
         .unwrap();
         advise_huge_pages(&mem);
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        // (start, end, VmFlags) of every mapping.
-        let mut maps = Vec::new();
-        let mut range = None;
-        for l in smaps.lines() {
-            if let Some(flags) = l.strip_prefix("VmFlags:") {
-                if let Some((a, b)) = range.take() {
-                    maps.push((a, b, flags.to_string()));
-                }
-            } else if let Some((a, rest)) = l.split_once('-') {
-                let b = rest.split_whitespace().next().unwrap_or("");
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    range = Some((a, b));
-                }
-            }
-        }
         for r in mem.iter() {
             let at = r
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .unwrap() as usize;
-            let (_, _, flags) = maps
-                .iter()
-                .find(|(a, b, _)| (*a..*b).contains(&at))
-                .unwrap_or_else(|| panic!("no mapping holds {at:#x}"));
+            let flags = vm_flags_of(at).unwrap_or_else(|| panic!("no mapping holds {at:#x}"));
             assert!(
                 flags.split_whitespace().any(|f| f == "hg"),
                 "{at:#x}: {flags}"

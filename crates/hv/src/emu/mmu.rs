@@ -22,6 +22,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use super::block::{self, CodePages};
 use super::cpu::*;
 use super::exec::Exec;
+use super::huge::HugeSlice;
 use crate::GuestMemory;
 
 pub const PAGE_SIZE: u64 = 4096;
@@ -113,7 +114,7 @@ struct Walked {
 }
 
 pub struct Mmu {
-    pub tlb: Box<[[TlbEntry; TLB_SIZE]; 2]>,
+    pub tlb: HugeSlice<[TlbEntry; TLB_SIZE]>,
     ram: Vec<RamRegion>,
     mem: Option<GuestMemory>,
     /// The VM's code-page flags for this memory map.
@@ -133,7 +134,7 @@ pub fn tlb_index(lin: u64) -> usize {
 impl Mmu {
     pub fn new() -> Mmu {
         Mmu {
-            tlb: Box::new([[TlbEntry::EMPTY; TLB_SIZE]; 2]),
+            tlb: HugeSlice::new(2, |_| [TlbEntry::EMPTY; TLB_SIZE]),
             ram: Vec::new(),
             mem: None,
             code: Arc::new(CodePages::new(&GuestMemory::default())),

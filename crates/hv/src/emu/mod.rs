@@ -13,6 +13,7 @@ mod cpuid;
 mod decode;
 mod exec;
 mod flags;
+mod huge;
 mod interrupt;
 mod jit;
 mod mmu;

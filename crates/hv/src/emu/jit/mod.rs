@@ -22,6 +22,7 @@ use super::cpu::{
 };
 use super::exec::{alu, bits, shift, tag, Exec, Op, F_CL, F_FLAT, F_LOCK, F_MEM, F_NF, RIPREG};
 use super::flags::{self, Lazy};
+use super::huge::HugeSlice;
 use super::mmu::{tlb_index, TlbEntry, PAGE_MASK, PAGE_SIZE, TLB_SIZE};
 use arena::Arena;
 pub use arena::Pool;
@@ -192,7 +193,7 @@ impl Stub {
 /// One vCPU's translator: its arena, jump cache and statistics.
 pub struct Jit {
     arena: Arena,
-    links: Box<[Link]>,
+    links: HugeSlice<Link>,
     memos: Memos,
     /// The chain stub's entries in the arena (first in it): full, and for blocks without
     /// handler calls.
@@ -745,7 +746,7 @@ impl Jit {
         prologue(&mut e);
         let mut jit = Jit {
             arena: pool.take()?,
-            links: vec![EMPTY_LINK; LINKS].into_boxed_slice(),
+            links: HugeSlice::new(LINKS, |_| EMPTY_LINK),
             memos: Memos::new(),
             stub: Stub::default(),
             prologue: e.buf.len(),
@@ -1062,14 +1063,14 @@ const MEMOS: usize = 1 << 17;
 /// Translated code reads and writes them; they live as long as the `Jit` and are handed out
 /// again after a reset (which drops every translation that had one).
 struct Memos {
-    slots: Box<[AtomicU64]>,
+    slots: HugeSlice<AtomicU64>,
     next: usize,
 }
 
 impl Memos {
     fn new() -> Memos {
         Memos {
-            slots: (0..MEMOS).map(|_| AtomicU64::new(0)).collect(),
+            slots: HugeSlice::new(MEMOS, |_| AtomicU64::new(0)),
             next: 0,
         }
     }
@@ -2376,8 +2377,29 @@ mod tests {
         let mul1 = |s, mem, signed| Kind::Mul1 { s, mem, signed };
         assert_eq!(kind(&op(&[0x48, 0xf7, 0x27])), Some(mul1(8, true, false)));
         assert_eq!(kind(&op(&[0xf7, 0xe9])), Some(mul1(4, false, true)));
-        // Not translated: a GS-relative load with 32-bit addressing, ADC.
+        // ADC rax, rbx (the carry's source is decided by `Jit::translate`).
+        let adc = Kind::Carry {
+            op: alu::ADC,
+            s: 8,
+            form: alu::RR,
+            nf: false,
+            host_cf: false,
+        };
+        assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), Some(adc));
+        // ROR eax, 7 only with the flags dead; RCL never.
+        let i = Decoder::with_ip(64, &[0xc1, 0xc8, 7], 0, DecoderOptions::NONE).decode();
+        let ror = Kind::Shift {
+            k: shift::ROR,
+            s: 4,
+            count: 7,
+            flags: false,
+            cl: false,
+        };
+        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(ror));
+        assert_eq!(kind(&op(&[0xc1, 0xc8, 7])), None);
+        let i = Decoder::with_ip(64, &[0xc1, 0xd0, 7], 0, DecoderOptions::NONE).decode();
+        assert_eq!(kind(&decode::translate(&i, 64, false).0), None);
+        // Not translated: a GS-relative load with 32-bit addressing.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
-        assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), None);
     }
 }
