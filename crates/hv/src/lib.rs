@@ -352,7 +352,7 @@ pub fn advise_huge_pages(mem: &GuestMemory) {
 /// The `VmFlags` of the mapping that holds host address `at` (`/proc/self/smaps`), for tests
 /// of `madvise`.
 #[cfg(test)]
-pub(crate) fn vm_flags_of(at: usize) -> Option<String> {
+fn vm_flags_of(at: usize) -> Option<String> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let mut holds = false;
     for l in smaps.lines() {
@@ -370,6 +370,21 @@ pub(crate) fn vm_flags_of(at: usize) -> Option<String> {
     None
 }
 
+/// Assert that the mapping holding host address `at` carries MADV_HUGEPAGE (`hg` in its
+/// `VmFlags`), on a host kernel with transparent huge pages (else it says it skips).
+#[cfg(test)]
+pub(crate) fn assert_advised_huge(at: usize) {
+    if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        eprintln!("skipped: this host kernel has no transparent huge pages");
+        return;
+    }
+    let flags = vm_flags_of(at).unwrap_or_else(|| panic!("no mapping holds {at:#x}"));
+    assert!(
+        flags.split_whitespace().any(|f| f == "hg"),
+        "{at:#x}: {flags}"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,10 +394,6 @@ mod tests {
     /// region (`/proc/self/smaps`).
     #[test]
     fn guest_ram_is_advised_huge_pages() {
-        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
-            eprintln!("skipped: this host kernel has no transparent huge pages");
-            return;
-        }
         let mem = GuestMemory::from_ranges(&[
             (vm_memory::GuestAddress(0), 4 << 20),
             (vm_memory::GuestAddress(1 << 32), 4 << 20),
@@ -393,11 +404,7 @@ mod tests {
             let at = r
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .unwrap() as usize;
-            let flags = vm_flags_of(at).unwrap_or_else(|| panic!("no mapping holds {at:#x}"));
-            assert!(
-                flags.split_whitespace().any(|f| f == "hg"),
-                "{at:#x}: {flags}"
-            );
+            assert_advised_huge(at);
         }
     }
 }

@@ -1099,11 +1099,14 @@ struct Fast {
     phys: u64,
 }
 
-/// RDX = binary operation `o` (ADD, OR, AND, SUB, XOR, CMP, TEST) of RAX and RCX, `s` bytes;
-/// returns the `Lazy::op` that records it (as `alu::compute` does).
+/// RDX = binary operation `o` (ADD, OR, ADC, SBB, AND, SUB, XOR, CMP, TEST) of RAX and RCX,
+/// `s` bytes (ADC/SBB with the host's CF as carry in); returns the `Lazy::op` that records it
+/// (as `alu::compute` does).
 fn compute(e: &mut Emit, o: u8, s: u8) -> u8 {
     let (host, fop) = match o {
         alu::ADD => (alu::ADD, flags::ADD),
+        alu::ADC => (alu::ADC, flags::ADC),
+        alu::SBB => (alu::SBB, flags::SBB),
         alu::SUB | alu::CMP => (alu::SUB, flags::SUB),
         alu::TEST => (alu::AND, flags::LOGIC),
         o => (o, flags::LOGIC),
@@ -1715,14 +1718,8 @@ fn assemble(
                 if !host_cf {
                     e.bt_mem_imm(false, 0, 8, RBX, cpu_field(offset_of!(Cpu, flags)), 0);
                 }
-                e.mov_rr(true, RDX, RAX);
-                alu_sized(&mut e, o, s, RDX, RCX);
+                let fop = compute(&mut e, o, s);
                 if !nf {
-                    let fop = if o == alu::ADC {
-                        flags::ADC
-                    } else {
-                        flags::SBB
-                    };
                     record_lazy(&mut e, fop, s);
                 }
                 if to_mem {
