@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vireo_bench::{fmt, median};
+use vireo_hv::halt_poll::HaltPoll;
 use vireo_virtio::block::{
     Block, DiskImage, DiskOptions, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
@@ -177,79 +178,6 @@ const SLOT_SIZE: u64 = 0x1000 + (1 << 20);
 const MAX_DEPTH: u64 = 32;
 const MEM_SIZE: u64 = SLOTS_BASE + MAX_DEPTH * SLOT_SIZE;
 
-/// The driver's model of KVM halt polling (`kvm_vcpu_halt` in Linux's
-/// `virt/kvm/kvm_main.c`; `Documentation/virt/kvm/halt-polling.rst`): a vCPU that halts polls
-/// for a wake-up for up to its window before it gives up its CPU, and the window adapts to
-/// how long its halts last, up to the `halt_poll_ns` module parameter (200 µs by default on
-/// x86, which `--driver-poll-us 200` stands for). Here the driver thread, which plays the
-/// vCPU, polls the used ring for a completion, where KVM polls for the interrupt that the
-/// completion raises.
-///
-/// The window adapts as KVM's does rather than being fixed, because a fixed window only
-/// models KVM where every wait is shorter than it: where waits are longer (1 MiB requests, a
-/// slow disk) KVM soon stops polling, and a fixed window would charge each of them N µs of
-/// CPU for nothing. The rules are KVM's with its default parameters (halt_poll_ns_grow 2,
-/// halt_poll_ns_grow_start 10 µs, halt_poll_ns_shrink 2, which older kernels had at 0: reset
-/// to no polling), on the whole halt (polling and sleep):
-/// - the halt ended within the window (the polling found the completion): no change;
-/// - it lasted longer than the limit: the window halves, to 0 below 10 µs;
-/// - it was longer than the window but shorter than the limit: the window doubles, to
-///   10 µs at least and the limit at most.
-///
-/// KVM also stops polling as soon as another task wants its CPU (`need_resched`). A thread
-/// cannot see that, so the driver gives its CPU away (`sched_yield`) each time it reads the
-/// clock, and polls on when it gets it back. Without that, on a small busy host the spinning
-/// driver delays the device thread's own wake-up on the disk's completion, and polling makes
-/// QD1 slower, not faster (bench/disk measured 0.35-0.46x with a plain spin against
-/// 0.58-0.81x without polling, on 2 CPUs with other work running).
-#[derive(Debug)]
-struct HaltPoll {
-    /// The limit (`halt_poll_ns`); zero disables polling.
-    max: Duration,
-    /// The current window (`vcpu->halt_poll_ns`).
-    window: Duration,
-    /// Waits (halts) so far, and how many of them the polling ended.
-    waits: u64,
-    hits: u64,
-}
-
-impl HaltPoll {
-    /// `halt_poll_ns_grow_start`.
-    const GROW_START: Duration = Duration::from_micros(10);
-
-    fn new(max_us: u64) -> HaltPoll {
-        HaltPoll {
-            max: Duration::from_micros(max_us),
-            window: Duration::ZERO,
-            waits: 0,
-            hits: 0,
-        }
-    }
-
-    fn enabled(&self) -> bool {
-        !self.max.is_zero()
-    }
-
-    /// Adapt the window to a halt of `halt` (polling included); `hit` when the polling ended
-    /// it.
-    fn adapt(&mut self, halt: Duration, hit: bool) {
-        self.waits += 1;
-        self.hits += u64::from(hit);
-        if halt <= self.window {
-            // The window was long enough: kept.
-        } else if !self.window.is_zero() && halt > self.max {
-            // shrink_halt_poll_ns
-            self.window /= 2;
-            if self.window < Self::GROW_START {
-                self.window = Duration::ZERO;
-            }
-        } else if self.window < self.max && halt < self.max {
-            // grow_halt_poll_ns
-            self.window = (self.window * 2).max(Self::GROW_START).min(self.max);
-        }
-    }
-}
-
 struct Device {
     mem: GuestMemory,
     driver: SplitQueueDriver,
@@ -298,7 +226,7 @@ impl Device {
             _blk: blk,
             sectors,
             slot_of: std::collections::HashMap::new(),
-            poll: HaltPoll::new(poll_us),
+            poll: HaltPoll::new(Duration::from_micros(poll_us)),
         })
     }
 
@@ -373,8 +301,8 @@ impl Device {
             if self.poll.enabled() && halted.is_none() {
                 let start = Instant::now();
                 halted = Some(start);
-                if !self.poll.window.is_zero() {
-                    if let Some(used) = self.poll_used(start + self.poll.window) {
+                if !self.poll.window().is_zero() {
+                    if let Some(used) = self.poll_used(start + self.poll.window()) {
                         hit = true;
                         break used;
                     }
@@ -399,22 +327,10 @@ impl Device {
     }
 
     /// Spin until a used element comes (taken and returned) or `until` passes. `pop_used`
-    /// takes nothing while the used ring is empty, so it doubles as the check; every few
-    /// checks the clock is read and the CPU offered to anything else runnable on it (KVM's
-    /// `need_resched` check, see [`HaltPoll`]).
+    /// takes nothing while the used ring is empty, so it doubles as the check.
     fn poll_used(&mut self, until: Instant) -> Option<(u16, u32)> {
-        loop {
-            for _ in 0..16 {
-                if let Some(used) = self.driver.pop_used(&self.mem) {
-                    return Some(used);
-                }
-                std::hint::spin_loop();
-            }
-            if Instant::now() >= until {
-                return None;
-            }
-            std::thread::yield_now(); // sched_yield
-        }
+        let (driver, mem) = (&mut self.driver, &self.mem);
+        HaltPoll::poll(until, || driver.pop_used(mem))
     }
 }
 
@@ -477,7 +393,9 @@ fn overhead(a: &Args) -> Result<(), String> {
     if dev.poll.enabled() {
         println!(
             "driver polling up to {} µs: {} of {} waits ended by polling",
-            a.driver_poll_us, dev.poll.hits, dev.poll.waits
+            a.driver_poll_us,
+            dev.poll.counts().1,
+            dev.poll.counts().0
         );
     }
     println!(
@@ -519,8 +437,8 @@ fn run(a: &Args) -> Result<(), String> {
     // Per row: the driver's waits, and how many of them its polling ended.
     let mut polled = [(0u64, 0u64); 4];
     let mut count_polls = |i: usize, dev: &Device, before: (u64, u64)| {
-        polled[i].0 += dev.poll.waits - before.0;
-        polled[i].1 += dev.poll.hits - before.1;
+        polled[i].0 += dev.poll.counts().0 - before.0;
+        polled[i].1 += dev.poll.counts().1 - before.1;
     };
     for run in 0..a.runs {
         eprint!("run {}/{}\r", run + 1, a.runs);
@@ -533,7 +451,7 @@ fn run(a: &Args) -> Result<(), String> {
             if let Some(v) = host_dd(&a.file, seq_mib, write) {
                 s[i][0].push((v, (children_cpu() - c) / seq_mib as f64));
             }
-            let (c, p) = (own_cpu(), (dev.poll.waits, dev.poll.hits));
+            let (c, p) = (own_cpu(), dev.poll.counts());
             let v = device_seq(&mut dev, seq_mib, write)?;
             s[i][1].push((v, (own_cpu() - c) / seq_mib as f64));
             count_polls(i, &dev, p);
@@ -548,7 +466,7 @@ fn run(a: &Args) -> Result<(), String> {
                     s[i][0].push((v, (children_cpu() - c) / (v * a.seconds)));
                 }
             }
-            let (c, p) = (own_cpu(), (dev.poll.waits, dev.poll.hits));
+            let (c, p) = (own_cpu(), dev.poll.counts());
             let (v, ios) = device_rand(&mut dev, u64::from(depth), a.seconds)?;
             s[i][1].push((v, (own_cpu() - c) / ios.max(1) as f64));
             count_polls(i, &dev, p);
@@ -630,36 +548,4 @@ fn children_cpu() -> f64 {
 /// CPU seconds of this process (the driver thread and the device thread).
 fn own_cpu() -> f64 {
     rusage_cpu(libc::RUSAGE_SELF)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn halt_poll_window_adapts_as_kvm() {
-        let us = Duration::from_micros;
-        let mut p = HaltPoll::new(200);
-        // Short halts grow the window from 10 µs, doubling, up to the limit.
-        let mut windows = Vec::new();
-        for _ in 0..6 {
-            p.adapt(us(190), false);
-            windows.push(p.window.as_micros());
-        }
-        assert_eq!(windows, [10, 20, 40, 80, 160, 200]);
-        // A halt within the window leaves it, as one the polling ended does.
-        p.adapt(us(150), false);
-        assert_eq!(p.window, us(200));
-        // A halt the polling ended leaves it.
-        p.adapt(us(30), true);
-        assert_eq!(p.window, us(200));
-        // Long halts halve it, to nothing below 10 µs.
-        let mut windows = Vec::new();
-        for _ in 0..6 {
-            p.adapt(us(1000), false);
-            windows.push(p.window.as_micros());
-        }
-        assert_eq!(windows, [100, 50, 25, 12, 0, 0]);
-        assert_eq!((p.waits, p.hits), (14, 1));
-    }
 }

@@ -5,6 +5,7 @@
 //! [`kvm`] (hardware-assisted, VT-x / AMD-V through `/dev/kvm`).
 
 pub mod emu;
+pub mod halt_poll;
 pub mod host;
 pub mod irqchip;
 pub mod kvm;

@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use block::CodePages;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use crate::halt_poll::DEFAULT_HALT_POLL;
 use crate::irqchip::{GuestClock, UserIrqChip};
 use crate::state::CpuidEntry;
 use crate::{
@@ -53,13 +55,18 @@ pub struct EmuHypervisor {
     /// Code memory for translating hot blocks to host code (`jit`), when on. Mapped here, as
     /// the VMM starts and before its seccomp filters, which refuse executable mappings.
     jit: Option<Arc<jit::Pool>>,
+    /// The limit of a halted vCPU's polling for a wake-up ([`crate::halt_poll::HaltPoll`]).
+    halt_poll: Duration,
 }
 
 impl EmuHypervisor {
-    /// The backend, with its JIT when [`prepare_jit`] mapped code memory for it.
+    /// The backend, with its JIT when [`prepare_jit`] mapped code memory for it, and halt
+    /// polling up to KVM's default 200 µs (`VIREO_EMU_HALT_POLL_US=N` sets it, 0 turns it
+    /// off).
     pub fn new() -> EmuHypervisor {
         EmuHypervisor {
             jit: jit::prepared(),
+            halt_poll: halt_poll_from_env(),
         }
     }
 
@@ -68,8 +75,28 @@ impl EmuHypervisor {
     pub fn with_jit(on: bool) -> EmuHypervisor {
         EmuHypervisor {
             jit: if on { jit::pool() } else { None },
+            halt_poll: halt_poll_from_env(),
         }
     }
+
+    /// The same backend with halted vCPUs polling for up to `max` (zero: not at all).
+    pub fn with_halt_poll(self, max: Duration) -> EmuHypervisor {
+        EmuHypervisor {
+            halt_poll: max,
+            ..self
+        }
+    }
+}
+
+/// `VIREO_EMU_HALT_POLL_US` (µs), else KVM's default.
+fn halt_poll_from_env() -> Duration {
+    let Ok(v) = std::env::var("VIREO_EMU_HALT_POLL_US") else {
+        return DEFAULT_HALT_POLL;
+    };
+    v.parse().map(Duration::from_micros).unwrap_or_else(|_| {
+        tracing::warn!("VIREO_EMU_HALT_POLL_US={v:?} is not a number of µs: using 200");
+        DEFAULT_HALT_POLL
+    })
 }
 
 impl Hypervisor for EmuHypervisor {
@@ -110,6 +137,7 @@ impl Hypervisor for EmuHypervisor {
                 vcpus: params.vcpus,
                 vcpu_shared: Mutex::new(Vec::new()),
                 jit: self.jit.clone(),
+                halt_poll: self.halt_poll,
             }),
         }))
     }
@@ -152,6 +180,8 @@ pub struct VmShared {
     pub(crate) vcpu_shared: Mutex<Vec<Arc<vcpu::VcpuShared>>>,
     /// Code memory when vCPUs translate hot blocks to host code.
     pub(crate) jit: Option<Arc<jit::Pool>>,
+    /// Each vCPU's halt-polling limit.
+    pub(crate) halt_poll: Duration,
 }
 
 impl VmShared {
@@ -466,6 +496,7 @@ pub(crate) mod tests {
             vcpus,
             vcpu_shared: Mutex::new(Vec::new()),
             jit: None,
+            halt_poll: Duration::ZERO,
         })
     }
 

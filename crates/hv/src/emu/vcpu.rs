@@ -10,6 +10,7 @@ use super::cpu::*;
 use super::exec::{run_blocks, Exec, Stop};
 use super::interrupt::{self, Event};
 use super::VmShared;
+use crate::halt_poll::HaltPoll;
 use crate::irqchip::CpuEvent;
 use crate::state::*;
 use crate::{Error, IoHandler, Kicker, Result, Vcpu, VmExit};
@@ -95,6 +96,8 @@ pub struct EmuVcpu {
     cache: BlockCache,
     shared: Arc<VcpuShared>,
     kicker: Arc<EmuKicker>,
+    /// Polling before sleeping in HLT, as a KVM vCPU does.
+    halt_poll: HaltPoll,
 }
 
 impl Drop for EmuVcpu {
@@ -114,6 +117,8 @@ impl Drop for EmuVcpu {
             jit_native_ops = self.cache.jit.as_ref().map_or(0, |j| j.native_ops),
             jit_entered = self.cpu.jit_entered,
             jit_chained = self.cpu.jit_chained,
+            halts = self.halt_poll.counts().0,
+            halts_polled = self.halt_poll.counts().1,
             code_pages_watched = self.cpu.mmu.code().watched(),
             "emu: block cache statistics"
         );
@@ -131,6 +136,7 @@ impl EmuVcpu {
         vm.irqchip
             .attach_vcpu(id, Arc::new(EventWaker(shared.clone())));
         let mut v = EmuVcpu {
+            halt_poll: HaltPoll::new(vm.halt_poll),
             cpu: Cpu::new(id, vm, table),
             cache: BlockCache::new(),
             kicker: Arc::new(EmuKicker(shared.clone())),
@@ -294,16 +300,36 @@ impl EmuVcpu {
         interrupt::deliver(&mut x, ev)
     }
 
-    /// Sleep while halted or waiting for SIPI, until an event, the timer or a kick.
+    /// Sleep while halted or waiting for SIPI, until an event, the timer or a kick. A halt
+    /// first polls for the wake-up for up to the [`HaltPoll`] window, as KVM's
+    /// `kvm_vcpu_halt` does: an interrupt that comes within it (a disk's completion) finds
+    /// the vCPU running rather than asleep.
     fn wait(&mut self) {
-        let deadline = if self.cpu.mp_state == MpState::Halted {
+        let halted = self.cpu.mp_state == MpState::Halted;
+        let deadline = if halted {
             self.cpu.vm.irqchip.next_deadline(self.cpu.id)
         } else {
             None
         };
         // A deadline that is already due but produced no event must not make us spin.
         let deadline = deadline.map(|d| d.max(Instant::now() + Duration::from_micros(200)));
-        self.shared.sleep_until(deadline);
+        if halted && self.halt_poll.enabled() {
+            let start = Instant::now();
+            let mut hit = false;
+            if !self.halt_poll.window().is_zero() {
+                let end = start + self.halt_poll.window();
+                let until = deadline.map_or(end, |d| d.min(end));
+                let attention = &self.shared.attention;
+                hit = HaltPoll::poll(until, || attention.load(Ordering::SeqCst).then_some(()))
+                    .is_some();
+            }
+            if !hit {
+                self.shared.sleep_until(deadline);
+            }
+            self.halt_poll.adapt(start.elapsed(), hit);
+        } else {
+            self.shared.sleep_until(deadline);
+        }
         self.cpu.poll = true;
     }
 }
@@ -562,6 +588,41 @@ impl Vcpu for EmuVcpu {
 mod tests {
     use super::*;
     use crate::emu::tests::dummy_vm;
+
+    #[test]
+    fn a_halt_polls_for_its_wake_up_and_the_window_adapts() {
+        let mut v = EmuVcpu::new(0, dummy_vm());
+        // The dummy VM does not poll; give this vCPU KVM's limit and a 10 µs window.
+        v.halt_poll = HaltPoll::new(Duration::from_micros(200));
+        v.halt_poll.adapt(Duration::from_micros(50), false);
+        assert_eq!(v.halt_poll.window(), HaltPoll::GROW_START);
+
+        // A wake-up already there ends the halt in the polling, without sleeping.
+        v.cpu.mp_state = MpState::Halted;
+        v.shared.attention.store(true, Ordering::SeqCst);
+        v.wait();
+        assert_eq!(v.halt_poll.counts(), (2, 1));
+        assert!(v.cpu.poll);
+
+        // One that comes long after the window ends the sleep; the long halt shrinks the
+        // window (10 µs halves to nothing).
+        v.shared.attention.store(false, Ordering::SeqCst);
+        let shared = v.shared.clone();
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            shared.wake();
+        });
+        v.wait();
+        waker.join().unwrap();
+        assert_eq!(v.halt_poll.counts(), (3, 1));
+        assert_eq!(v.halt_poll.window(), Duration::ZERO);
+
+        // Waiting for SIPI never polls.
+        v.cpu.mp_state = MpState::InitReceived;
+        v.halt_poll.adapt(Duration::from_micros(50), false);
+        v.wait();
+        assert_eq!(v.halt_poll.counts(), (4, 1));
+    }
 
     #[test]
     fn state_round_trips_through_a_fresh_vcpu() {
