@@ -429,6 +429,9 @@ fn run(a: &Args) -> Result<(), String> {
         return overhead(a);
     }
     let have_fio = Command::new("fio").arg("--version").output().is_ok();
+    if !have_fio {
+        eprintln!("note: fio is not installed (apt-get install fio): no host figures for the random reads");
+    }
     let mut dev = Device::new(&a.file, true, a.driver_poll_us)?;
     let seq_mib = a.size_mib.min(512);
     // [host, device] samples of: seq read, seq write, rand QD1, rand QD32; each (rate, CPU

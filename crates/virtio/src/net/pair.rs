@@ -20,8 +20,8 @@
 //!
 //! Interrupts (§2.7.10): each pass publishes its used entries, then interrupts once if the
 //! driver asked for it (EVENT_IDX). Interrupt moderation ([`Moderation`]) holds an interrupt
-//! for transmit completions or for small received frames (acknowledgements) back until the
-//! queue's gap since its previous interrupt has passed; the loop's wait is bounded by that
+//! for completions of transmitted data or for small received frames (acknowledgements) back
+//! until the queue's gap since its previous interrupt has passed; the loop's wait is bounded by that
 //! deadline, and a stopping thread sends what it held back.
 
 use std::collections::VecDeque;
@@ -513,6 +513,7 @@ impl Worker {
         // serve_queue decides whether the driver wants an interrupt (EVENT_IDX); when it
         // comes is up to the moderation.
         let wanted = Wanted::default();
+        let mut largest = 0;
         let r = serve_queue(
             q,
             &ctx.mem,
@@ -522,6 +523,7 @@ impl Worker {
             |chain, _| {
                 match send_frame(&ctx.mem, chain, ctx.features, fd, ranges, iov) {
                     Ok(len) => {
+                        largest = largest.max(len);
                         ctx.shared.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
                         ctx.shared
                             .stats
@@ -552,7 +554,9 @@ impl Worker {
             Err(e) => self.broke(&e),
         }
         if wanted.0.load(Ordering::Relaxed) {
-            self.signal(Dir::Tx, true, false);
+            // Completions of small frames only (the guest's acknowledgements of data it
+            // receives) go out at once: held back, they halved a host→guest stream.
+            self.signal(Dir::Tx, true, largest <= VNET_HDR_LEN + SMALL_FRAME);
         }
     }
 
