@@ -78,14 +78,6 @@ impl EmuHypervisor {
             halt_poll: halt_poll_from_env(),
         }
     }
-
-    /// The same backend with halted vCPUs polling for up to `max` (zero: not at all).
-    pub fn with_halt_poll(self, max: Duration) -> EmuHypervisor {
-        EmuHypervisor {
-            halt_poll: max,
-            ..self
-        }
-    }
 }
 
 /// `VIREO_EMU_HALT_POLL_US` (µs), else KVM's default.
