@@ -50,7 +50,7 @@ pub fn prepare_jit() {
 pub const MAX_VCPUS: u32 = 64;
 
 /// The software CPU backend (`--accel emu`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EmuHypervisor {
     /// Code memory for translating hot blocks to host code (`jit`), when on. Mapped here, as
     /// the VMM starts and before its seccomp filters, which refuse executable mappings.
@@ -77,6 +77,13 @@ impl EmuHypervisor {
             jit: if on { jit::pool() } else { None },
             halt_poll: halt_poll_from_env(),
         }
+    }
+}
+
+impl Default for EmuHypervisor {
+    /// As [`EmuHypervisor::new`].
+    fn default() -> EmuHypervisor {
+        EmuHypervisor::new()
     }
 }
 
