@@ -112,4 +112,15 @@ fn main() {
     if let [(Some(vr), Some(vw)), (Some(qr), Some(qw))] = med[..] {
         println!("| vireo/qemu | {:.2} | {:.2} |", vr / qr, vw / qw);
     }
+    // Every run, in the order run (vireo and QEMU alternate).
+    println!();
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for ((name, _), (r, w)) in vmms.iter().zip(&results) {
+        println!("{name} runs: read {}; write {}", list(r), list(w));
+    }
 }
