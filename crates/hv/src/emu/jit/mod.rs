@@ -1686,10 +1686,22 @@ fn assemble(
                     push_r15(&mut e, bail);
                 }
             },
-            Kind::Alu { op: o, s, form, nf } => {
+            Kind::Alu { op: o, s, form, nf }
+            | Kind::Carry {
+                op: o, s, form, nf, ..
+            } => {
                 let to_mem = matches!(form, alu::MR | alu::MI);
                 let b = op.imm & flags::mask(s);
+                // ADC/SBB whose carry in is not in the host's CF: `Cpu::flags` gets the
+                // guest's CF (before the operands: the call clobbers them), then the host's.
+                let freeze = matches!(kind, Kind::Carry { host_cf: false, .. });
+                if freeze {
+                    call_with_ctx(&mut e, freeze_cf as *const () as u64);
+                }
                 operands(&mut e, op, s, form, b, end, to_mem && alu::writes(o), bail);
+                if freeze {
+                    e.bt_mem_imm(false, 0, 8, RBX, cpu_field(offset_of!(Cpu, flags)), 0);
+                }
                 let fop = compute(&mut e, o, s);
                 if !nf {
                     record_lazy(&mut e, fop, s);
@@ -1698,34 +1710,6 @@ fn assemble(
                     (false, _) => {}
                     (true, false) => set_gpr(&mut e, op.r1, RDX, s),
                     (true, true) => store_sized(&mut e, R15, 0, RDX, s),
-                }
-                can_bail = form != alu::RR && form != alu::RI;
-            }
-            Kind::Carry {
-                op: o,
-                s,
-                form,
-                nf,
-                host_cf,
-            } => {
-                let to_mem = matches!(form, alu::MR | alu::MI);
-                let b = op.imm & flags::mask(s);
-                if !host_cf {
-                    // CF into `Cpu::flags` (before the operands: the call clobbers them).
-                    call_with_ctx(&mut e, freeze_cf as *const () as u64);
-                }
-                operands(&mut e, op, s, form, b, end, to_mem, bail);
-                if !host_cf {
-                    e.bt_mem_imm(false, 0, 8, RBX, cpu_field(offset_of!(Cpu, flags)), 0);
-                }
-                let fop = compute(&mut e, o, s);
-                if !nf {
-                    record_lazy(&mut e, fop, s);
-                }
-                if to_mem {
-                    store_sized(&mut e, R15, 0, RDX, s);
-                } else {
-                    set_gpr(&mut e, op.r1, RDX, s);
                 }
                 can_bail = form != alu::RR && form != alu::RI;
             }
@@ -2166,8 +2150,13 @@ mod tests {
 
     /// The op the decoder makes of `bytes` (64-bit code).
     fn op(bytes: &[u8]) -> Op {
+        op_flags(bytes, true)
+    }
+
+    /// The same, `need_flags` saying whether its flags are read later (`op` assumes they are).
+    fn op_flags(bytes: &[u8], need_flags: bool) -> Op {
         let i = Decoder::with_ip(64, bytes, 0, DecoderOptions::NONE).decode();
-        decode::translate(&i, 64, true).0
+        decode::translate(&i, 64, need_flags).0
     }
 
     /// A direct branch whose target stays in the block's page needs no canonical check (the
@@ -2288,8 +2277,7 @@ mod tests {
             cl: false,
         };
         // SHR rax, 3 as the decoder makes it when a later instruction overwrites the flags.
-        let i = Decoder::with_ip(64, &[0x48, 0xc1, 0xe8, 3], 0, DecoderOptions::NONE).decode();
-        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr));
+        assert_eq!(kind(&op_flags(&[0x48, 0xc1, 0xe8, 3], false)), Some(shr));
         // ALU to memory: ADD [rax], ecx and ADD DWORD [rax], 5.
         let add_mem = |form| Kind::Alu {
             op: alu::ADD,
@@ -2335,7 +2323,6 @@ mod tests {
         assert_eq!(kind(&op(&[0xff, 0xd0])), Some(Kind::CallR));
         assert_eq!(kind(&op(&[0xff, 0xe1])), Some(Kind::JmpR));
         // SHR rax, cl only with the flags dead.
-        let i = Decoder::with_ip(64, &[0x48, 0xd3, 0xe8], 0, DecoderOptions::NONE).decode();
         let shr_cl = Kind::Shift {
             k: shift::SHR,
             s: 8,
@@ -2343,7 +2330,7 @@ mod tests {
             flags: false,
             cl: true,
         };
-        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(shr_cl));
+        assert_eq!(kind(&op_flags(&[0x48, 0xd3, 0xe8], false)), Some(shr_cl));
         assert_eq!(kind(&op(&[0x48, 0xd3, 0xe8])), None);
         // BTS DWORD [rdi], 5 and BT rax, rcx; not BT [rdi], rcx (a bit string).
         let bts = Kind::Bt {
@@ -2384,7 +2371,6 @@ mod tests {
         };
         assert_eq!(kind(&op(&[0x48, 0x11, 0xd8])), Some(adc));
         // ROR eax, 7 only with the flags dead; RCL never.
-        let i = Decoder::with_ip(64, &[0xc1, 0xc8, 7], 0, DecoderOptions::NONE).decode();
         let ror = Kind::Shift {
             k: shift::ROR,
             s: 4,
@@ -2392,10 +2378,9 @@ mod tests {
             flags: false,
             cl: false,
         };
-        assert_eq!(kind(&decode::translate(&i, 64, false).0), Some(ror));
+        assert_eq!(kind(&op_flags(&[0xc1, 0xc8, 7], false)), Some(ror));
         assert_eq!(kind(&op(&[0xc1, 0xc8, 7])), None);
-        let i = Decoder::with_ip(64, &[0xc1, 0xd0, 7], 0, DecoderOptions::NONE).decode();
-        assert_eq!(kind(&decode::translate(&i, 64, false).0), None);
+        assert_eq!(kind(&op_flags(&[0xc1, 0xd0, 7], false)), None);
         // Not translated: a GS-relative load with 32-bit addressing.
         assert_eq!(kind(&op(&[0x65, 0x67, 0x48, 0x8b, 0x07])), None);
     }
