@@ -301,11 +301,11 @@ impl Device {
             if self.poll.enabled() && halted.is_none() {
                 let start = Instant::now();
                 halted = Some(start);
-                if !self.poll.window().is_zero() {
-                    if let Some(used) = self.poll_used(start + self.poll.window()) {
-                        hit = true;
-                        break used;
-                    }
+                // `pop_used` takes nothing while the used ring is empty: it is the check.
+                let (driver, mem) = (&mut self.driver, &self.mem);
+                if let Some(used) = self.poll.poll_window(start, None, || driver.pop_used(mem)) {
+                    hit = true;
+                    break used;
                 }
             }
             // Blocks until the device interrupts (a non-blocking eventfd would spin: this one
@@ -324,13 +324,6 @@ impl Device {
             return Err(format!("request failed with status {status}"));
         }
         Ok(slot)
-    }
-
-    /// Spin until a used element comes (taken and returned) or `until` passes. `pop_used`
-    /// takes nothing while the used ring is empty, so it doubles as the check.
-    fn poll_used(&mut self, until: Instant) -> Option<(u16, u32)> {
-        let (driver, mem) = (&mut self.driver, &self.mem);
-        HaltPoll::poll(until, || driver.pop_used(mem))
     }
 }
 

@@ -85,6 +85,21 @@ impl HaltPoll {
         }
     }
 
+    /// Poll `ready` (as [`HaltPoll::poll`]) for the current window from `start`, the halt's
+    /// beginning, stopping early at `deadline`; `None` at once when the window is zero.
+    pub fn poll_window<T>(
+        &self,
+        start: Instant,
+        deadline: Option<Instant>,
+        ready: impl FnMut() -> Option<T>,
+    ) -> Option<T> {
+        if self.window.is_zero() {
+            return None;
+        }
+        let end = start + self.window;
+        Self::poll(deadline.map_or(end, |d| d.min(end)), ready)
+    }
+
     /// Adapt the window to a halt of `halt` (polling included); `hit` when the polling ended
     /// it.
     pub fn adapt(&mut self, halt: Duration, hit: bool) {
@@ -153,5 +168,13 @@ mod tests {
         let none: Option<()> = HaltPoll::poll(start + Duration::from_millis(2), || None);
         assert!(none.is_none());
         assert!(start.elapsed() >= Duration::from_millis(2));
+        // A zero window does not poll at all; a window does, and ends at the deadline.
+        let mut p = HaltPoll::new(Duration::from_micros(200));
+        assert_eq!(p.poll_window(Instant::now(), None, || Some(1)), None);
+        p.adapt(Duration::from_micros(50), false);
+        assert_eq!(p.poll_window(Instant::now(), None, || Some(1)), Some(1));
+        let start = Instant::now();
+        let none: Option<()> = p.poll_window(start, Some(start), || None);
+        assert!(none.is_none());
     }
 }

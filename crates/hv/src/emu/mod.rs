@@ -93,7 +93,10 @@ fn halt_poll_from_env() -> Duration {
         return DEFAULT_HALT_POLL;
     };
     v.parse().map(Duration::from_micros).unwrap_or_else(|_| {
-        tracing::warn!("VIREO_EMU_HALT_POLL_US={v:?} is not a number of µs: using 200");
+        tracing::warn!(
+            "VIREO_EMU_HALT_POLL_US={v:?} is not a number of µs: using {}",
+            DEFAULT_HALT_POLL.as_micros()
+        );
         DEFAULT_HALT_POLL
     })
 }

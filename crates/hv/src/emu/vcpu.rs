@@ -315,14 +315,13 @@ impl EmuVcpu {
         let deadline = deadline.map(|d| d.max(Instant::now() + Duration::from_micros(200)));
         if halted && self.halt_poll.enabled() {
             let start = Instant::now();
-            let mut hit = false;
-            if !self.halt_poll.window().is_zero() {
-                let end = start + self.halt_poll.window();
-                let until = deadline.map_or(end, |d| d.min(end));
-                let attention = &self.shared.attention;
-                hit = HaltPoll::poll(until, || attention.load(Ordering::SeqCst).then_some(()))
-                    .is_some();
-            }
+            let attention = &self.shared.attention;
+            let hit = self
+                .halt_poll
+                .poll_window(start, deadline, || {
+                    attention.load(Ordering::SeqCst).then_some(())
+                })
+                .is_some();
             if !hit {
                 self.shared.sleep_until(deadline);
             }
