@@ -37,10 +37,10 @@ pub use tap::{NetBackend, SocketPairBackend, Tap, TapError};
 pub const QUEUE_SIZE: u16 = 256;
 /// Interrupt moderation for a guest on the emulator ([`Net::set_interrupt_moderation`]): at
 /// most one interrupt per millisecond per queue for completions of transmitted data and for
-/// received frames no larger than a TCP acknowledgement. On an emulated CPU each interrupt costs the
-/// guest tens of microseconds of kernel work and a bulk transfer completes frames faster
-/// than the guest's NAPI re-enables interrupts; with this gap a guest→host stream took ~11
-/// interrupts per MiB instead of ~31 and ~10% less vCPU time per MiB (bench/net). The first
+/// received frames no larger than a TCP acknowledgement. On an emulated CPU each interrupt
+/// costs the guest tens of microseconds of kernel work and a bulk transfer completes frames
+/// faster than the guest's NAPI re-enables interrupts; with this gap a guest→host stream took
+/// ~11 interrupts per MiB instead of ~31 and ~10% less vCPU time per MiB (bench/net). The first
 /// interrupt after a quiet spell goes out at once (a lone ping is not delayed), and neither
 /// received data nor the completions of the guest's own acknowledgements are held back (a
 /// guest waiting for data would sit idle: held, they halved a host→guest stream).

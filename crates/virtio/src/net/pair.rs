@@ -21,8 +21,8 @@
 //! Interrupts (§2.7.10): each pass publishes its used entries, then interrupts once if the
 //! driver asked for it (EVENT_IDX). Interrupt moderation ([`Moderation`]) holds an interrupt
 //! for completions of transmitted data or for small received frames (acknowledgements) back
-//! until the queue's gap since its previous interrupt has passed; the loop's wait is bounded by that
-//! deadline, and a stopping thread sends what it held back.
+//! until the queue's gap since its previous interrupt has passed; the loop's wait is bounded
+//! by that deadline, and a stopping thread sends what it held back.
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -46,9 +46,16 @@ use vireo_hv::{EventFd, GuestMemory};
 
 /// Largest receive: header and frame.
 const MAX_RX: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
-/// Received frames up to this size (without the virtio-net header) may wait for the
-/// interrupt moderation gap: pure TCP acknowledgements (66-100 bytes with options), ARP.
+/// Frames up to this size (without the virtio-net header) are acknowledgement-sized: pure
+/// TCP acknowledgements (66-100 bytes with options), ARP ([`acknowledgement_sized`]).
 const SMALL_FRAME: usize = 128;
+
+/// Whether a frame of `len` bytes (without the virtio-net header) is acknowledgement-sized.
+/// The interrupt moderation holds back the interrupt of a receive pass of such frames only,
+/// and that of a transmit pass of anything larger (see [`Worker::signal`]).
+fn acknowledgement_sized(len: usize) -> bool {
+    len <= SMALL_FRAME
+}
 /// Frames received per pass before the loop looks at its other sources.
 pub(crate) const RX_BUDGET: usize = 64;
 /// Buffers a transmit or control chain may have.
@@ -556,7 +563,7 @@ impl Worker {
         if wanted.0.load(Ordering::Relaxed) {
             // Completions of small frames only (the guest's acknowledgements of data it
             // receives) go out at once: held back, they halved a host→guest stream.
-            self.signal(Dir::Tx, true, largest <= VNET_HDR_LEN + SMALL_FRAME);
+            self.signal(Dir::Tx, true, acknowledgement_sized(largest));
         }
     }
 
@@ -647,7 +654,7 @@ impl Worker {
                 let wanted = q.queue.needs_notification(&self.ctx.mem).unwrap_or(true);
                 // Only small frames (acknowledgements of what the guest sends) wait for the
                 // moderation gap: a guest waiting for data would sit idle meanwhile.
-                let urgent = self.rx_largest > VNET_HDR_LEN + SMALL_FRAME;
+                let urgent = !acknowledgement_sized(self.rx_largest.saturating_sub(VNET_HDR_LEN));
                 self.signal(Dir::Rx, wanted, urgent);
             }
         }
@@ -1151,6 +1158,16 @@ mod tests {
     use super::*;
     use crate::driver::SplitQueueDriver;
     use crate::test_util::*;
+
+    #[test]
+    fn acknowledgement_sized_counts_the_frame_without_its_header() {
+        // A 66-byte pure ACK and the limit are; one byte more is not, on either queue (the
+        // receive side passes the length without the header it read).
+        assert!(acknowledgement_sized(66));
+        assert!(acknowledgement_sized(SMALL_FRAME));
+        assert!(!acknowledgement_sized(SMALL_FRAME + 1));
+        assert!(!acknowledgement_sized(SMALL_FRAME + VNET_HDR_LEN));
+    }
 
     #[test]
     fn moderation_holds_back_inside_the_gap_only() {
